@@ -1,0 +1,67 @@
+"""Install the Kimi K2 reference: flat modules, plus the optional fused CUDA expert kernel.
+
+    pip install -e ".[dev]"                                   # CPU: pure Python, always works
+    KIMI_BUILD_CUDA=1 pip install --no-build-isolation -e .   # GPU: also build kernels.cu (needs nvcc + CUDA torch)
+
+KIMI_BUILD_CUDA = "1" (must build), "0" (skip), unset/"auto" (build only if nvcc and a CUDA build of torch are both
+present). The kernel is optional at build time and obvious at run time: moe.pick_expert_impl says which path runs.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+MODULES = ["model", "attention", "moe", "muonclip", "tokenizer", "generate", "tools", "train", "serve"]
+
+
+def cuda_extension():
+    """Return ([ext_modules], {cmdclass}) for kernels.cu, or empty ones, and print one line saying why."""
+    mode = os.environ.get("KIMI_BUILD_CUDA", "auto")
+    try:  # pip's isolated build env has no torch: then nothing can be built, which is fine on CPU
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        torch_cuda = torch.version.cuda
+    except ImportError:
+        torch_cuda, CUDA_HOME = None, None
+    can = CUDA_HOME is not None and torch_cuda is not None and os.path.exists("kernels.cu")
+    if mode == "1" and not can:
+        sys.exit("KIMI_BUILD_CUDA=1 but nvcc or a CUDA build of torch is missing "
+                 f"(CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch_cuda}); install them, or unset the variable")
+    build = mode == "1" or (mode == "auto" and can)
+    print(f"kimi-k2: CUDA kernels {'ON' if build else 'OFF'} (KIMI_BUILD_CUDA={mode}, "
+          f"nvcc {'found' if CUDA_HOME else 'missing'}, torch CUDA {torch_cuda or 'absent'})")
+    if not build:
+        return [], {}
+    ext = CUDAExtension(
+        name="kimi_k2_kernels",
+        sources=["kernels_binding.cpp", "kernels.cu"],
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
+                                     "-gencode=arch=compute_90,code=sm_90"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="kimi-k2-reference",
+    version="0.1.0",
+    description="Educational reference implementation of Kimi K2 (MLA + MoE + MuonClip) in PyTorch",
+    python_requires=">=3.10",
+    py_modules=[m for m in MODULES if os.path.exists(f"{m}.py")],
+    # torch: a range that 2.13.0 satisfies and that stops there, so a fresh CPU machine takes the local CPU wheel
+    # instead of downloading a several-GB CUDA build of a newer release.
+    install_requires=["torch>=2.6,<=2.13.0", "numpy", "tiktoken>=0.7", "safetensors>=0.4"],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "transformers>=5.0,<6",      # the independent DeepseekV3 reference for parity tests
+            "hypothesis>=6",             # property tests of the tokenizer round trip
+            "regex>=2023.0",             # independent pre-tokenizer (V1 mode) for the tokenizer tests
+            "jinja2>=3.1",               # renders the official chat template in tests
+        ],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
