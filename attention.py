@@ -1,0 +1,269 @@
+"""Multi-head Latent Attention (MLA) with decoupled RoPE and YaRN, as in Kimi K2 / DeepSeek-V3.
+
+How it differs from textbook multi-head attention:
+* Keys and values are rebuilt from a small per-token latent c_kv (kv_lora_rank = 512 numbers) plus ONE rotary key
+  k_pe (qk_rope_head_dim = 64) shared by all heads, so the cache holds 576 numbers per token and layer instead of
+  H·(Dn+Dr) + H·Dv = 20,480 (SPEC §1.4: 35.6x less for K2). Queries also go through a low-rank bottleneck (q_lora_rank).
+* Each head's query/key is split into a "nope" part (no position) and a "rope" part (rotated). RoPE is applied only
+  to the rope parts; the rope key is shared (MQA-like), the nope key and value are per head.
+* RoPE uses INTERLEAVED pairs (x_2i, x_2i+1), the layout of the released weights (SPEC §2.5); rotating half-split
+  pairs (x_i, x_i+32) on these weights silently breaks the model.
+* YaRN (arXiv 2309.00071) stretches the low-frequency pairs by `factor` and puts its whole temperature correction
+  into the softmax scale: scale = qk_head_dim^-0.5 · m², m = 0.1·mscale_all_dim·ln(factor) + 1, at every length.
+
+Two formulations of the same function, tests/test_attention.py keeps them equal:
+* "naive"   : up-project the latent into per-head k_nope and v (the definition; cheaper for long prefill).
+* "absorb"  : fold W^UK into the query and W^UV into the output, attend directly against the cached latent
+              (DeepSeek's `attn_impl="absorb"`; reads 576 numbers per cached token — the fast decode path).
+Both read the same latent cache (`KVCache`): c_kv AFTER kv_a_layernorm, k_pe AFTER RoPE (SPEC §2.4).
+
+References: DeepSeek-V2 §2.1 (arXiv 2405.04434) for MLA, DeepSeek-V3 (arXiv 2412.19437), YaRN (arXiv 2309.00071),
+Kimi K2 (arXiv 2507.20534) §2.1 for QK-Clip, whose per-head max logit is recorded here (`record_max_logits`).
+
+Shapes: B batch, T new tokens, S key/cache length, D hidden, H heads, Dn/Dr/Dv nope/rope/value head dims,
+Cq/Ckv query/KV latent ranks. Paper symbols ↔ names: W^DQ q_a_proj, W^UQ+W^QR q_b_proj, W^DKV+W^KR
+kv_a_proj_with_mqa, W^UK+W^UV kv_b_proj, W^O o_proj, c^KV c_kv, k^R k_pe, q^C q_nope, q^R q_pe.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from model import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """y = w · cast_back(x / sqrt(mean(x²) + eps)), statistics in fp32 (SPEC §2.2, HF order). x (..., dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()  # fp32 statistics: a mean of D squares is too coarse in bf16
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)  # cast back first, then the weight (HF order)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE with YaRN
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature m(s) = 0.1·mscale·ln(s) + 1 for s > 1 (YaRN §3.4; DeepSeek `yarn_get_mscale`)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_parameters(args: "ModelArgs") -> tuple[Tensor, float]:
+    """Inverse frequencies (Dr/2,) fp32 and the cos/sin multiplier for `args.rope_scaling` (None or YaRN).
+
+    YaRN (SPEC §2.6): pair i keeps its base frequency if its wavelength fits in the original context many times
+    (beta_fast), is divided by `factor` if it fits less than beta_slow times, and is blended linearly in between.
+    K2 (base 50000, L0 4096, factor 32, beta_fast = beta_slow = 1): a hard step — pairs 0..19 keep the base
+    frequency, pairs 20..31 are divided by 32.
+    """
+    d, base = args.qk_rope_head_dim, args.rope_theta
+    freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (Dr/2,) the plain RoPE frequencies
+    rs = args.rope_scaling
+    if rs is None:
+        return freq, 1.0
+    s, L0 = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast", 32.0), rs.get("beta_slow", 1.0)  # YaRN paper defaults (§3.3)
+
+    def correction_dim(n_rot: float) -> float:  # pair index whose wavelength makes n_rot turns over L0 tokens
+        return d * math.log(L0 / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(correction_dim(beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(beta_slow)), d - 1)
+    if lo == hi:
+        hi += 0.001  # avoid 0/0 in the ramp (same guard as HF and DeepSeek)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # 0: keep, 1: interpolate
+    inv_freq = freq * (1 - ramp) + (freq / s) * ramp
+    # cos/sin multiplier: mscale / mscale_all_dim; 1.0 for K2 and DeepSeek-V3, whose YaRN temperature lives
+    # entirely in the softmax scale (see softmax_scale). Same rule as HF `_compute_yarn_parameters`.
+    if rs.get("attention_factor") is not None:
+        mult = float(rs["attention_factor"])
+    elif rs.get("mscale") and rs.get("mscale_all_dim"):
+        mult = yarn_get_mscale(s, rs["mscale"]) / yarn_get_mscale(s, rs["mscale_all_dim"])
+    else:
+        mult = yarn_get_mscale(s)
+    return inv_freq, mult
+
+
+def softmax_scale(args: "ModelArgs") -> float:
+    """qk_head_dim^-0.5 · m², m = yarn_get_mscale(factor, mscale_all_dim) when YaRN sets mscale_all_dim (SPEC §2.3).
+
+    K2: 192^-0.5 · (1 + 0.1·ln 32)² = 0.13086080, at every sequence length (not only beyond 4096 tokens).
+    """
+    scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
+    rs = args.rope_scaling
+    if rs is not None and rs.get("mscale_all_dim"):
+        scale *= yarn_get_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+    return scale
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, mult: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of positions·inv_freq, (T, Dr/2) each, in fp32 (angles up to 128K·1 rad need fp32 at least)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, Dr/2)
+    return angles.cos() * mult, angles.sin() * mult
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x_2i, x_2i+1) by angle θ_i (DeepSeek `apply_rotary_emb`). x (B, T, ..., Dr); cos/sin (T, Dr/2).
+
+    y_2i = x_2i cos θ_i − x_2i+1 sin θ_i,   y_2i+1 = x_2i sin θ_i + x_2i+1 cos θ_i.
+    """
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)  # broadcast over B and any head dim
+    cos, sin = cos.view(shape), sin.view(shape)
+    x32 = x.float().unflatten(-1, (-1, 2))  # (..., Dr/2, 2) fp32: rotation in the precision of the tables
+    x0, x1 = x32[..., 0], x32[..., 1]
+    y = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (..., Dr/2, 2)
+    return y.flatten(-2).to(x.dtype)  # (..., Dr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The latent KV cache
+
+
+class KVCache:
+    """MLA's cache: per layer, the normed latent c_kv (B, S, Ckv) and the rotated shared key k_pe (B, S, Dr).
+
+    That is kv_lora_rank + qk_rope_head_dim = 576 numbers per token per layer for K2 (SPEC §1.4), read by both the
+    naive and the absorbed formulation. `pos` is the number of tokens already cached; the model writes the new
+    tokens at [pos, pos+T) in every layer and then advances `pos` once. Set `pos` back to rewind (e.g. to reuse a
+    shared prompt prefix).
+    """
+
+    def __init__(self, args: "ModelArgs", batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        L, Ckv, Dr = args.num_hidden_layers, args.kv_lora_rank, args.qk_rope_head_dim
+        if max_len > args.max_position_embeddings:
+            raise ValueError(f"KVCache max_len={max_len} exceeds max_position_embeddings="
+                             f"{args.max_position_embeddings}; ask for a shorter cache")
+        self.c_kv = torch.zeros(L, batch_size, max_len, Ckv, device=device, dtype=dtype)  # (L, B, S, Ckv)
+        self.k_pe = torch.zeros(L, batch_size, max_len, Dr, device=device, dtype=dtype)  # (L, B, S, Dr)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.c_kv.shape[1]
+
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens of one layer at [pos, pos+T); return that layer's whole cache so far (B, pos+T, ·)."""
+        end = self.pos + c_kv.shape[1]
+        self.c_kv[layer, :, self.pos:end] = c_kv
+        self.k_pe[layer, :, self.pos:end] = k_pe
+        return self.c_kv[layer, :, :end], self.k_pe[layer, :, :end]
+
+    def nbytes(self) -> int:
+        return self.c_kv.nbytes + self.k_pe.nbytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attention itself
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, start: int,
+           max_logits: Tensor | None = None) -> Tensor:
+    """Causal softmax attention. q (B, H, T, E), k (B, Hk, S, E), v (B, Hk, S, Ev) with Hk in {1, H}; -> (B, H, T, Ev).
+
+    Query t sits at absolute position start + t and may see keys 0..start+t (S = start + T). With `max_logits`
+    (H,) given, the explicit path runs and folds each head's largest unmasked logit into it (QK-Clip's S_max);
+    otherwise PyTorch's fused scaled_dot_product_attention runs (its kernels keep the softmax in fp32).
+    """
+    T, S = q.shape[2], k.shape[2]
+    mask = None
+    if T > 1:  # key s is visible to query t iff s <= start + t
+        mask = torch.arange(S, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
+    if max_logits is None:
+        if k.shape[1] != q.shape[1]:
+            k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # shared latent: views
+        if start == 0 and T > 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, T, S) fp32 pre-softmax logits
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    with torch.no_grad():  # QK-Clip statistic, max over batch and all visible (t, s) pairs; never differentiated
+        max_logits.copy_(torch.maximum(max_logits, logits.amax(dim=(0, 2, 3))))
+    probs = torch.softmax(logits, dim=-1)  # fp32 softmax
+    return torch.matmul(probs.to(v.dtype), v)  # (B, H, T, Ev)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention of one layer. Module names are the Hugging Face checkpoint's (SPEC §2.3)."""
+
+    def __init__(self, args: "ModelArgs"):
+        super().__init__()
+        D, H = args.hidden_size, args.num_attention_heads
+        self.num_heads = H
+        self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
+            args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim)
+        qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.q_lora_rank is None:  # Moonlight: a plain query projection
+            self.q_proj = nn.Linear(D, H * qk_head_dim, bias=False)
+        else:  # K2 / DeepSeek-V3: low-rank query, per head rows [q_nope Dn | q_pe Dr]
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)  # always 1e-6: HF builds it without eps (SPEC §2.2)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_head_dim, bias=False)
+        # output rows [c_kv Ckv | k_pe Dr]: the latent and the one rope key shared by all heads
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)  # on c_kv only, never on k_pe
+        # per head rows [k_nope Dn | v Dv]: W^UK and W^UV stacked
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=False)
+        self.softmax_scale = softmax_scale(args)
+        # QK-Clip bookkeeping (muonclip.qk_clip_): when recording, the largest logit per head since the last reset
+        self.record_max_logits = False
+        self.register_buffer("max_logits", torch.full((H,), float("-inf")), persistent=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0,
+                impl: str = "naive") -> Tensor:
+        """x (B, T, D) at positions cache.pos.. (or 0..); cos/sin (T, Dr/2); impl "naive" | "absorb". -> (B, T, D)."""
+        B, T, _ = x.shape
+        H, Dn, Dr, Dv, Ckv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # low-rank query (DeepSeek-V2 §2.1.2)
+        q_nope, q_pe = q.view(B, T, H, Dn + Dr).split([Dn, Dr], dim=-1)  # (B, T, H, Dn), (B, T, H, Dr)
+        q_pe = apply_rope(q_pe, cos, sin)
+        # low-rank KV joint compression plus the decoupled rope key (DeepSeek-V2 §2.1.2-2.1.3)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([Ckv, Dr], dim=-1)  # (B, T, Ckv), (B, T, Dr)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe, cos, sin)  # one rotary key per token, shared by all heads
+        start = 0
+        if cache is not None:  # cache what the next step needs: the normed latent and the ROTATED rope key
+            start = cache.pos
+            c_kv, k_pe = cache.update(layer, c_kv, k_pe)  # (B, S, Ckv), (B, S, Dr), S = start + T
+        S = c_kv.shape[1]
+        rec = self.max_logits if self.record_max_logits else None
+        if impl == "naive":
+            kv = self.kv_b_proj(c_kv).view(B, S, H, Dn + Dv)  # up-project every cached token: per-head keys/values
+            k_nope, v = kv.split([Dn, Dv], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
+            k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, Dr)], dim=-1)  # (B, S, H, Dn+Dr)
+            qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
+            o = attend(qh, k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, start, rec)  # (B, H, T, Dv)
+        elif impl == "absorb":
+            w = self.kv_b_proj.weight.view(H, Dn + Dv, Ckv)
+            w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, Ckv), (H, Dv, Ckv)
+            # q_nope·k_nope = q_nope·(W^UK c) = (W^UKᵀ q_nope)·c: the query moves into the latent space
+            q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, Ckv)
+            qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, Ckv+Dr)
+            kh = torch.cat([c_kv, k_pe], dim=-1)[:, None]  # (B, 1, S, Ckv+Dr): one key for all heads (MQA-like)
+            z = attend(qh, kh, c_kv[:, None], self.softmax_scale, start, rec)  # (B, H, T, Ckv) attention-mixed latent
+            o = torch.einsum("bhtc,hvc->bhtv", z, w_uv)  # (B, H, T, Dv): W^UV applied after the mixing
+        else:
+            raise ValueError(f"attention impl must be 'naive' or 'absorb', got {impl!r}")
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv))  # (B, T, D)

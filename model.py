@@ -1,0 +1,634 @@
+"""Kimi K2: the configuration, the whole network, and Hugging Face checkpoint I/O.
+
+Kimi K2 is architecturally DeepSeek-V3 (`architectures: ["DeepseekV3ForCausalLM"]`, SPEC §1): a pre-norm decoder
+of 61 blocks, each Multi-head Latent Attention (attention.py) followed by an FFN that is a dense SwiGLU MLP for the
+first `first_k_dense_replace` = 1 layer and a Mixture-of-Experts (moe.py: 384 routed experts, 8 per token, plus 1
+shared) for the other 60. Then a final RMSNorm and an untied lm_head. No biases, no dropout, no embedding scaling.
+What differs from DeepSeek-V3 is configuration only: 64 heads instead of 128, 384 experts instead of 256, one
+dense layer instead of three, a single expert group, rope_theta 50000, YaRN factor 32, vocab 163,840.
+
+This file:
+* `ModelArgs`: the config, field names = the HF `config.json` keys, so a real config loads directly.
+  `PRESETS`: the real models (kimi-k2, deepseek-v3, moonlight-16b-a3b) and scaled-down ones (tiny, cpu-small, gpu-small).
+* `Transformer`: embedding -> blocks -> norm -> head; `model(tokens)` gives fp32 logits, `model(tokens, cache)`
+  decodes incrementally against MLA's latent cache (attention.KVCache).
+* `Transformer.from_pretrained` / `save_pretrained`: the HF safetensors layout (sharded, with an index; FP8 block-scaled
+  weights are dequantized on load). Module names ARE the checkpoint names, except that the routed experts are stored
+  stacked (E, ·, ·) here and one by one on disk: `mlp.experts.{e}.gate_proj.weight` is row e of `mlp.experts.gate_proj`.
+* `python model.py --config kimi-k2` prints parameter counts and KV-cache sizes, on the meta device (no memory).
+
+References: DeepSeek-V3 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534), Kimi-K2-Instruct config.json (SPEC §1).
+Shapes: B batch, T tokens, D hidden, V vocab, L layers, E routed experts, K experts per token.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attention import MLA, KVCache, RMSNorm, apply_rope, rope_cos_sin, rope_parameters  # noqa: F401 (re-exported)
+from moe import MLP, MoE, pick_expert_impl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    """Kimi K2's configuration. Defaults are the Kimi-K2-Instruct `config.json` (HF, July 2025; SPEC §1.1)."""
+    # --- trunk
+    vocab_size: int = 163840  # 163,584 BPE ranks + 256 special/reserved ids (SPEC §5)
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 1  # layer 0 is a dense SwiGLU MLP; layers 1..60 are MoE (DeepSeek-V3: 3)
+    moe_layer_freq: int = 1  # layer l is MoE iff l >= first_k_dense_replace and l % moe_layer_freq == 0
+    intermediate_size: int = 18432  # dense MLP width
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False  # untied lm_head
+    # --- MLA attention
+    num_attention_heads: int = 64  # DeepSeek-V3 has 128; K2 halved them for long-context inference cost (report §2.1)
+    q_lora_rank: int | None = 1536  # None = plain q_proj (Moonlight)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    max_position_embeddings: int = 131072  # 128K context
+    rope_theta: float = 50000.0
+    rope_scaling: dict | None = field(default_factory=lambda: {  # YaRN to 128K from a 4K pretraining context
+        "type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+        "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    # --- MoE
+    n_routed_experts: int = 384
+    num_experts_per_tok: int = 8  # sparsity 384 / 8 = 48
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 2048
+    routed_scaling_factor: float = 2.827
+    n_group: int = 1  # one group = plain top-k (DeepSeek-V3: 8 groups, keep topk_group = 4)
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"  # sigmoid scores + correction bias for selection (aux-loss-free)
+    aux_loss_alpha: float = 0.001  # config value; the reference's optional sequence loss uses 1e-4 (SPEC §3.2)
+    seq_aux: bool = True
+    # --- bookkeeping kept for a faithful round trip of config.json
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 163584  # [BOS]
+    eos_token_id: int | list | None = 163585  # [EOS]
+    pad_token_id: int | None = None
+    num_nextn_predict_layers: int = 0  # MTP modules in the checkpoint (DeepSeek-V3: 1, ignored on load)
+    model_type: str = "kimi_k2"
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict | None = None
+
+    def __post_init__(self):
+        def bad(name: str, rule: str, fix: str):
+            raise ValueError(f"config: {name}={getattr(self, name)!r} {rule}; {fix}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
+                     "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "max_position_embeddings",
+                     "n_group", "topk_group", "moe_layer_freq"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer", "fix the value")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            bad("q_lora_rank", "must be a positive integer or null", "use null for a plain q_proj")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)", "use an even number")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            bad("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]", "lower it")
+        if self.n_shared_experts < 0:
+            bad("n_shared_experts", "must be >= 0", "fix the value")
+        if not self.num_experts_per_tok <= self.n_routed_experts:
+            bad("num_experts_per_tok", f"must be <= n_routed_experts={self.n_routed_experts}",
+                "lower it or add experts")
+        if self.n_routed_experts % self.n_group:
+            bad("n_group", f"must divide n_routed_experts={self.n_routed_experts}", "use a divisor, or 1")
+        if not self.topk_group <= self.n_group:
+            bad("topk_group", f"must be <= n_group={self.n_group}", "lower it")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            bad("n_group", "leaves fewer than 2 experts per group (a group's score is its 2 best experts)", "lower it")
+        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            bad("num_experts_per_tok", f"exceeds the experts in the kept groups "
+                f"({self.topk_group} x {self.n_routed_experts // self.n_group})", "raise topk_group or lower top-k")
+        for name, allowed in (("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+            if getattr(self, name) != allowed:
+                bad(name, f"is not supported (this reference implements {allowed!r} only)", f"use {allowed!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if getattr(self, name):
+                bad(name, "is not supported (Kimi K2 / DeepSeek-V3 have none)", "set it to false")
+        if self.attention_dropout:
+            bad("attention_dropout", "is not supported", "set it to 0.0")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("type", rs.get("rope_type"))
+            if kind != "yarn":
+                bad("rope_scaling", "must be null or YaRN ({'type': 'yarn', ...})", "use YaRN or remove it")
+            for key in ("factor", "original_max_position_embeddings"):
+                if key not in rs:
+                    bad("rope_scaling", f"lacks {key!r}", f"add {key!r} (K2: factor 32, original 4096)")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    # keys a real or HF-written config.json carries that do not change the network (or are derived from fields)
+    IGNORED_KEYS = frozenset({
+        "architectures", "auto_map", "transformers_version", "dtype", "use_cache", "pretraining_tp", "ep_size",
+        "num_key_value_heads", "output_router_logits", "rope_interleave", "head_dim", "qk_head_dim",
+        "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
+        "is_encoder_decoder", "tie_encoder_decoder", "problem_type", "id2label", "label2id"})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+        """Build from a config.json dict (Kimi K2, DeepSeek-V3, Moonlight, or one written by transformers v5).
+        Unknown keys are an error that names them."""
+        d = dict(d)
+        if "rope_parameters" in d:  # transformers v5 writes RoPE settings here (rope_theta inside)
+            rp = dict(d.pop("rope_parameters") or {})
+            if "rope_theta" in rp:
+                d["rope_theta"] = rp.pop("rope_theta")
+            kind = rp.pop("rope_type", rp.pop("type", "default"))
+            d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
+        if "num_mtp_layers" in d:  # transformers v5 alias
+            d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
+        if d.get("rope_interleave") is False:
+            raise ValueError("config: rope_interleave=false is not supported; the released weights use interleaved "
+                             "RoPE pairs (SPEC §2.5)")
+        if d.get("qk_head_dim") not in (None, d.get("qk_nope_head_dim", 128) + d.get("qk_rope_head_dim", 64)):
+            raise ValueError(f"config: qk_head_dim={d['qk_head_dim']} != qk_nope_head_dim + qk_rope_head_dim")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; remove them or check their spelling "
+                             f"(known keys: the fields of model.ModelArgs)")
+        rs = d.get("rope_scaling")
+        if isinstance(rs, dict) and "rope_type" in rs and "type" not in rs:
+            rs = dict(rs)
+            rs["type"] = rs.pop("rope_type")
+            d["rope_scaling"] = rs
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelArgs":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}; pass a checkpoint directory or a config.json path")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF config.json form (legacy rope_scaling + rope_theta, which transformers v4 and v5 both read)."""
+        d = {"architectures": ["DeepseekV3ForCausalLM"], **dataclasses.asdict(self)}
+        if d["quantization_config"] is None:
+            del d["quantization_config"]
+        return d
+
+
+# Small presets keep K2's structure (one dense layer first, one shared expert, sigmoid routing with scaling 2.827,
+# YaRN factor 32 with beta 1/1, theta 50000, nope/rope/value = 2:1:2) at sizes that fit their purpose.
+_SMALL = dict(rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "beta_fast": 1.0,
+                            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}, bos_token_id=None,
+              eos_token_id=None, torch_dtype="float32")
+
+
+def _small(**overrides) -> ModelArgs:
+    return ModelArgs(**{**_SMALL, **overrides})
+
+PRESETS: dict[str, Callable[[], ModelArgs]] = {
+    # the real 1T model: the shapes for loading the official weights (about 2 TB in bf16)
+    "kimi-k2": lambda: ModelArgs(),
+    # DeepSeek-V3 (671B), config.json / inference/configs/config_671B.json (SPEC §1.1): group-limited routing
+    "deepseek-v3": lambda: ModelArgs(
+        vocab_size=129280, num_attention_heads=128, first_k_dense_replace=3, max_position_embeddings=163840,
+        rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        n_routed_experts=256, routed_scaling_factor=2.5, n_group=8, topk_group=4, bos_token_id=0, eos_token_id=1,
+        num_nextn_predict_layers=1, model_type="deepseek_v3"),
+    # Moonlight-16B-A3B-Instruct (SPEC §1.1): plain q_proj, 2 shared experts, no YaRN, rms_norm_eps 1e-5
+    "moonlight-16b-a3b": lambda: ModelArgs(
+        hidden_size=2048, num_hidden_layers=27, intermediate_size=11264, num_attention_heads=16, q_lora_rank=None,
+        max_position_embeddings=8192, rope_scaling=None, n_routed_experts=64, num_experts_per_tok=6,
+        n_shared_experts=2, moe_intermediate_size=1408, routed_scaling_factor=2.446, rms_norm_eps=1e-5,
+        eos_token_id=163586, model_type="deepseek_v3"),
+    # one GPU (about 2.3B total / 0.83B active, 4.6 GB in bf16): exercises the CUDA expert kernel; random init, no
+    # released weights. K2's head dims and vocab; 64 experts top-8.
+    "gpu-small": lambda: _small(rope_scaling=dict(_SMALL["rope_scaling"], original_max_position_embeddings=4096),
+                                 vocab_size=163840, hidden_size=1536, num_hidden_layers=12, intermediate_size=4608,
+                                 num_attention_heads=12, q_lora_rank=512, kv_lora_rank=256,
+                                 max_position_embeddings=131072, n_routed_experts=64, num_experts_per_tok=8,
+                                 moe_intermediate_size=512, torch_dtype="bfloat16"),
+    # laptop CPU (about 5M parameters): the shipped demo model is trained from this in minutes; vocab fits the
+    # shipped 4,096-rank tokenizer (+256 specials)
+    "cpu-small": lambda: _small(vocab_size=4352, hidden_size=192, num_hidden_layers=4,
+                                 intermediate_size=512, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
+                                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=4096,
+                                 n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=96),
+    # tests only: 2 layers (1 dense + 1 MoE), 8 experts top-2; the whole CPU suite in seconds
+    "tiny": lambda: _small(vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                            num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                            qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048, n_routed_experts=8,
+                            num_experts_per_tok=2, moe_intermediate_size=32),
+}
+
+
+def load_args(name_or_path: str) -> ModelArgs:
+    """A preset name, a config.json path, or a checkpoint directory."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    if os.path.exists(name_or_path):
+        return ModelArgs.from_json(name_or_path)
+    raise ValueError(f"unknown config {name_or_path!r}: use a preset ({', '.join(PRESETS)}) or a config.json path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then x + FFN(norm(x)); FFN is a dense MLP or the MoE."""
+
+    def __init__(self, layer: int, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = MLA(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int, attn_impl: str) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, attn_impl)  # (B, T, D)
+        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, D)
+
+
+class Transformer(nn.Module):
+    """Kimi K2 / DeepSeek-V3 decoder. State-dict names are the HF checkpoint's (`model.layers.3.self_attn.q_a_proj.weight`)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
+            layers=nn.ModuleList(Block(i, args) for i in range(args.num_hidden_layers)),
+            norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)  # untied from embed_tokens
+        inv_freq, self.rope_mult = rope_parameters(args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dr/2,) recomputed, never loaded
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init as HF DeepseekV3: N(0, initializer_range) for every matrix, norms 1, routing bias 0."""
+        std = self.args.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the buffers that are never stored in a checkpoint (RoPE frequencies, training statistics)."""
+        self.inv_freq.copy_(rope_parameters(self.args)[0])
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.max_logits.fill_(float("-inf"))
+            elif isinstance(m, MoE):
+                m.expert_load.zero_()
+
+    def set_expert_impl(self, impl: str) -> str:
+        """Choose the routed-expert path for every MoE layer ("auto" | "reference" | "grouped" | "cuda"); returns why."""
+        impl, why = pick_expert_impl(impl, next(self.parameters()).device)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.impl = impl
+        return f"{impl} ({why})"
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attn_impl: str | None = None,
+                last_only: bool = False) -> Tensor:
+        """input_ids (B, T) int -> logits (B, T, V) fp32 (or (B, 1, V) with last_only).
+
+        Without a cache the T tokens sit at positions 0..T-1. With a cache they continue it at cache.pos.., their
+        latents are appended and cache.pos advances by T. attn_impl: "naive" | "absorb"; default absorbed for
+        single-token decode against a cache (reads only the latent), naive otherwise (cheaper for many queries).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {tuple(input_ids.shape)} "
+                             f"{input_ids.dtype}")
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids is empty: pass at least one token")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={self.args.vocab_size}), got [{lo}, {hi}]; "
+                             "is the tokenizer the one this model was trained with?")
+        start = 0 if cache is None else cache.pos
+        if start + T > self.args.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_position_embeddings="
+                             f"{self.args.max_position_embeddings}; shorten the input")
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds batch {cache.batch_size}, input has batch {B}")
+            if start + T > cache.max_len:
+                raise ValueError(f"cache is full: {start} cached + {T} new > max_len {cache.max_len}; "
+                                 "allocate a longer KVCache")
+        if attn_impl is None:
+            attn_impl = "absorb" if cache is not None and T == 1 else "naive"
+        positions = torch.arange(start, start + T, device=input_ids.device)  # absolute positions
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_mult)  # (T, Dr/2) fp32
+        h = self.model.embed_tokens(input_ids)  # (B, T, D), no sqrt(D) scaling
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, cache, i, attn_impl)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h)).float()  # (B, T, V) fp32 logits for the loss and for sampling
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty latent cache on this model's device and dtype (default length: the whole context)."""
+        p = self.lm_head.weight
+        return KVCache(self.args, batch_size, max_len or self.args.max_position_embeddings, p.device, p.dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hugging Face checkpoint I/O
+
+    def checkpoint_names(self) -> dict[str, tuple[str, int | None]]:
+        """Map every checkpoint tensor name to (our state-dict name, expert index or None)."""
+        names = {}
+        for name, t in self.state_dict().items():
+            if ".mlp.experts." in name:  # stacked here, one tensor per expert on disk
+                prefix, proj = name.rsplit(".", 1)
+                for e in range(t.shape[0]):
+                    names[f"{prefix}.{e}.{proj}.weight"] = (name, e)
+            else:
+                names[name] = (name, None)
+        return names
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "Transformer":
+        """Load a HF-format directory: config.json + model.safetensors, or shards with model.safetensors.index.json.
+
+        Tensors are read one at a time (never the whole file), FP8 e4m3 weights are dequantized with their 128x128
+        block `weight_scale_inv`, `*.rotary_emb.inv_freq` and MTP layers (index >= num_hidden_layers) are ignored.
+        Any missing, unexpected or mis-shaped tensor is an error that names all of them. dtype: default = the
+        checkpoint's embedding dtype.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        args = ModelArgs.from_json(path)
+        files = _checkpoint_files(path)
+        with torch.device("meta"):
+            model = cls(args)
+        expected = model.checkpoint_names()
+        located: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    located[key] = f
+        if dtype is None:
+            with safe_open(str(located.get("model.embed_tokens.weight", files[0])), framework="pt") as sf:
+                dtype = sf.get_slice("model.embed_tokens.weight").get_dtype() if "model.embed_tokens.weight" in \
+                    sf.keys() else "F32"
+            dtype = _SAFETENSORS_DTYPES.get(dtype, torch.float32)
+        problems = []
+        missing = sorted(k for k in expected if k not in located)
+        unexpected = sorted(k for k in located if k not in expected and not _ignorable(k, located, args))
+        if missing:
+            problems.append(f"missing tensors: {missing}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {unexpected}")
+        model = model.to_empty(device=device).to(dtype)
+        state = model.state_dict()
+        by_file: dict[Path, list[str]] = {}
+        for key in expected:
+            if key in located:
+                by_file.setdefault(located[key], []).append(key)
+        shape_errors = []
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as sf:
+                for key in keys:
+                    t = sf.get_tensor(key)
+                    if t.dtype == torch.float8_e4m3fn:
+                        scale_key = key + "_scale_inv"
+                        if scale_key not in located:
+                            problems.append(f"{key} is FP8 but {scale_key} is missing")
+                            continue
+                        with safe_open(str(located[scale_key]), framework="pt") as sf2:
+                            t = dequantize_fp8(t, sf2.get_tensor(scale_key))
+                    name, e = expected[key]
+                    target = state[name] if e is None else state[name][e]
+                    if tuple(t.shape) != tuple(target.shape):
+                        shape_errors.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(target.shape)}")
+                        continue
+                    with torch.no_grad():
+                        target.copy_(t)
+        if shape_errors:
+            problems.append("shape mismatches: " + "; ".join(shape_errors))
+        if problems:
+            raise ValueError(f"cannot load {path}: " + " | ".join(problems))
+        model.reset_buffers()
+        for m in model.modules():  # the routing bias stays fp32 whatever the model dtype (see moe.Gate._apply)
+            if isinstance(m, MoE):
+                m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 2 << 30,
+                        extra: Callable[[Path], None] | None = None) -> None:
+        """Write config.json + safetensors (sharded with an index above max_shard_bytes), atomically.
+
+        Everything is written into a temporary sibling directory first (`extra(tmp_dir)` may add files, e.g. the
+        optimizer state), then swapped in with renames, so an interrupted save never leaves a half-written
+        checkpoint at `path`. Files already in `path` that this call does not write (a tokenizer) are carried over.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = self.state_dict()
+        tensors = {}
+        for key, (name, e) in self.checkpoint_names().items():
+            t = state[name] if e is None else state[name][e]
+            tensors[key] = t.detach().to("cpu").contiguous()
+        shards, size = [[]], 0
+        for key in tensors:
+            nbytes = tensors[key].nbytes
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += nbytes
+        if len(shards) == 1:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, keys in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in keys})
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        cfg = self.args.to_dict()
+        cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if extra is not None:
+            extra(tmp)
+        if path.exists():
+            for f in path.iterdir():  # carry over files we do not own (tokenizer, README, ...)
+                if not (tmp / f.name).exists() and not _is_weight_file(f.name):
+                    if f.is_dir():
+                        shutil.copytree(f, tmp / f.name)
+                    else:
+                        shutil.copy2(f, tmp / f.name)
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)  # from here on `path` is the new, complete checkpoint
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name in ("model.safetensors.index.json", "config.json")
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise FileNotFoundError(f"{index} names shard files that are missing: {absent}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files
+
+
+def _ignorable(key: str, located: dict, args: ModelArgs) -> bool:
+    """Checkpoint tensors that are legitimately not loaded (SPEC §7.3)."""
+    if key.endswith("rotary_emb.inv_freq") or key.endswith(".weight_scale_inv"):
+        return True
+    parts = key.split(".")
+    if parts[:2] == ["model", "layers"] and int(parts[2]) >= args.num_hidden_layers:
+        return args.num_nextn_predict_layers > 0  # DeepSeek-V3's MTP module (model.layers.61.*)
+    return False
+
+
+def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int = 128) -> Tensor:
+    """W = float(W_fp8) · scale_inv[i // 128, j // 128] (DeepSeek `weight_dequant`, SPEC §7.2). -> fp32 (out, in)."""
+    out, inp = w.shape
+    s = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:out, :inp]  # (out, in)
+    return w.float() * s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter and cache accounting (python model.py --config kimi-k2)
+
+
+def param_report(args: ModelArgs) -> dict[str, int]:
+    """Count parameters by kind on the meta device (no memory). Includes the routing-bias buffers (SPEC §1.3)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    kinds = dict(embedding=0, attention=0, norms=0, dense_mlp=0, router=0, routed_experts=0, shared_experts=0, head=0)
+    for name, t in model.state_dict().items():
+        n = t.numel()
+        if name.startswith("model.embed_tokens"):
+            kinds["embedding"] += n
+        elif name.startswith("lm_head"):
+            kinds["head"] += n
+        elif ".self_attn." in name:
+            kinds["attention"] += n  # includes the two latent norms
+        elif ".mlp.experts." in name:
+            kinds["routed_experts"] += n
+        elif ".mlp.shared_experts." in name:
+            kinds["shared_experts"] += n
+        elif ".mlp.gate." in name:
+            kinds["router"] += n
+        elif ".mlp." in name:
+            kinds["dense_mlp"] += n
+        else:
+            kinds["norms"] += n  # input/post-attention norms and the final norm
+    total = sum(kinds.values())
+    # a token uses K of the E routed experts in each MoE layer; everything else is always active
+    active_experts = kinds["routed_experts"] * args.num_experts_per_tok // args.n_routed_experts
+    return dict(kinds, total=total, active=total - kinds["routed_experts"] + active_experts,
+                active_routed_experts=active_experts)
+
+
+def kv_cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> tuple[int, int]:
+    """(MLA latent cache, equivalent multi-head K/V cache) bytes per token over all layers (SPEC §1.4)."""
+    mla = (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers * bytes_per_value
+    mha = (args.num_attention_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
+           * args.num_hidden_layers * bytes_per_value)
+    return mla, mha
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.2f} {unit}" if unit != "B" else f"{int(n):,} B"
+        n /= 1024
+    return ""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Print a Kimi K2 config's parameter counts and KV-cache sizes "
+                                            "(built on the meta device: no memory is allocated).")
+    p.add_argument("--config", default="kimi-k2", help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
+    p.add_argument("--context", type=int, default=131072, help="context length for the KV-cache sizes")
+    a = p.parse_args()
+    args = load_args(a.config)
+    r = param_report(args)
+    print(f"config: {a.config}  ({args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+          f"{args.num_attention_heads} heads, {args.n_routed_experts} experts top-{args.num_experts_per_tok} "
+          f"+ {args.n_shared_experts} shared, vocab {args.vocab_size})")
+    print(f"{'parameters':<34}{'total':>20}{'activated per token':>22}")
+    rows = [("embedding", r["embedding"], r["embedding"]), ("attention (MLA, incl. latent norms)", r["attention"],
+            r["attention"]), ("block + final norms", r["norms"], r["norms"]),
+            ("dense MLP", r["dense_mlp"], r["dense_mlp"]), ("router (weight + bias)", r["router"], r["router"]),
+            ("routed experts", r["routed_experts"], r["active_routed_experts"]),
+            ("shared experts", r["shared_experts"], r["shared_experts"]), ("lm_head", r["head"], r["head"])]
+    for name, tot, act in rows:
+        print(f"  {name:<32}{tot:>20,}{act:>22,}")
+    print(f"  {'TOTAL':<32}{r['total']:>20,}{r['active']:>22,}")
+    emb = r["embedding"] + r["head"]
+    print(f"  {'excluding embedding + head':<32}{r['total'] - emb:>20,}{r['active'] - emb:>22,}")
+    print(f"weights in bf16: {_fmt_bytes(2 * r['total'])}  (FP8 e4m3: about {_fmt_bytes(r['total'])} + block scales)")
+    mla, mha = kv_cache_bytes_per_token(args)
+    print(f"KV cache, bf16, all layers:    per token         at {a.context:,} tokens")
+    print(f"  MLA latent (c_kv + k_pe)     {_fmt_bytes(mla):>14}   {_fmt_bytes(mla * a.context):>14}")
+    print(f"  multi-head K/V equivalent    {_fmt_bytes(mha):>14}   {_fmt_bytes(mha * a.context):>14}"
+          f"   ({mha / mla:.1f}x the latent)")
+    if a.config == "kimi-k2":
+        print("Moonshot states 1T total / 32B activated (README) and 1.04T / 32.6B (tech report); neither reproduces "
+              "from the released config.json under any embedding/head convention (see README, 'Parameter counts').")
+
+
+if __name__ == "__main__":
+    main()

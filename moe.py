@@ -1,0 +1,213 @@
+"""Mixture-of-Experts feed-forward of Kimi K2 (DeepSeekMoE with the aux-loss-free sigmoid router).
+
+How it differs from a dense transformer FFN, in the order the forward pass runs:
+1. Router (`Gate`): sigmoid affinities s = σ(x W_gᵀ) in fp32; a per-expert correction bias b (not trained by
+   gradients; moved by muonclip.update_routing_bias_ to balance load) is added ONLY to choose the top-k experts;
+   the chosen experts are weighted by their UNBIASED scores, renormalised to sum to 1 and multiplied by
+   routed_scaling_factor (K2 2.827). DeepSeek-V3 first keeps the topk_group best of n_group expert groups
+   (group-limited routing); K2 and Moonlight use one group, i.e. a plain top-k. (DeepSeek-V3 §2.1.2, SPEC §2.7.)
+2. Routed experts (`Experts`): n_routed_experts small SwiGLU MLPs, stored stacked (E, I, D) so they can be run as
+   grouped matmuls and orthogonalised by Muon in one batched call. Each token visits num_experts_per_tok of them.
+3. Shared expert(s) (`shared_experts`): one SwiGLU MLP every token always goes through, weight 1.
+   y = Σ_{j∈topk} w_j · Expert_j(x) + Shared(x).
+
+Dispatch — three implementations of one contract (x (N, D), weights (N, K), idx (N, K) -> (N, D)):
+* `moe_reference`: the definition, a loop over the experts that received tokens (the plain twin).
+* `moe_grouped`:   sort the (token, slot) pairs by expert, then grouped matmuls over contiguous segments.
+* "cuda":          the fused kernel from kernels.cu, when built and on a CUDA device.
+`pick_expert_impl` is the single place that chooses between them and says why.
+
+References: DeepSeekMoE (arXiv 2401.06066), DeepSeek-V3 §2.1.2 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534).
+Shapes: N tokens (B·T flattened), D hidden, E routed experts, K experts per token, I expert intermediate size,
+G expert groups, M = N·K (token, slot) pairs.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from model import ModelArgs
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) ⊙ up(x)). Dense layers (I = intermediate_size) and the shared expert."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)  # w1 in DeepSeek's naming
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)  # w3
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)  # w2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The router
+
+
+class Gate(nn.Module):
+    """Sigmoid top-k router with the aux-loss-free correction bias. HF names: `mlp.gate.weight`, `.e_score_correction_bias`."""
+
+    def __init__(self, args: "ModelArgs"):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = args.norm_topk_prob, args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))  # (E, D) expert centroids
+        # fp32 buffer, not a parameter: no gradient, no optimizer; moved only by the balancing rule (SPEC §3.1).
+        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the bias: steps of 1e-3 would vanish in bf16 (SPEC §9.8)
+        super()._apply(fn, recurse)
+        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, D) -> weights (N, K) fp32, idx (N, K) int64 (best first), scores (N, E) fp32 sigmoid affinities."""
+        # fp32: bf16 rounding must not decide which experts win top-k (HF casts x and W_g to fp32 as well)
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, E)
+        choice = scores + self.e_score_correction_bias  # bias used ONLY to choose experts
+        if self.n_group > 1:  # group-limited routing (DeepSeek-V3): keep topk_group groups, the rest -> -inf
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G) sum of each group's 2 best
+            keep = group_score.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
+            # -inf, not 0.0: biased scores can be negative, a 0.0 from a dropped group could win (SPEC §2.7)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, E)
+        idx = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, idx)  # (N, K) UNBIASED scores of the chosen experts
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # HF's epsilon
+        return weights * self.routed_scaling_factor, idx, scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The routed experts and the three dispatch paths
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored stacked. HF checkpoints store them one by one as
+    `mlp.experts.{e}.{gate,up,down}_proj.weight`; model.py maps slice [e] of these stacks to those names."""
+
+    def __init__(self, num_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))  # (E, I, D)
+        self.up_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))  # (E, I, D)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))  # (E, D, I)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_proj.shape[0]
+
+
+def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
+    """The definition: each token's output is the weighted sum of its K experts. x (N, D), weights/idx (N, K) -> (N, D)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # fp32: sums K expert outputs per token (HF)
+    for e in range(experts.num_experts):
+        tok, slot = (idx == e).nonzero(as_tuple=True)  # which tokens chose expert e, and in which slot
+        if tok.numel() == 0:  # experts may receive no tokens at all
+            continue
+        h = x[tok]  # (n_e, D)
+        y = F.linear(F.silu(F.linear(h, experts.gate_proj[e])) * F.linear(h, experts.up_proj[e]), experts.down_proj[e])
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(x.dtype)
+
+
+def _grouped_matmul(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of `a` (M, In) sorted by group, group g has counts[g] rows; w (G, Out, In). -> (M, Out), row r @ w[g(r)]ᵀ."""
+    if hasattr(torch, "_grouped_mm") and (a.device.type == "cpu" or a.dtype == torch.bfloat16):
+        offs = counts.cumsum(0).to(torch.int32)  # end offset of every group (empty groups repeat an offset)
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    # fallback: one matmul per contiguous segment (no gathers: the rows are already sorted)
+    parts = torch.split(a, counts.tolist())
+    return torch.cat([p @ w[g].T for g, p in enumerate(parts)], dim=0)
+
+
+def moe_grouped(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
+    """Same contract as moe_reference; sorts (token, slot) pairs by expert and runs grouped matmuls over the segments."""
+    N, K = idx.shape
+    flat = idx.reshape(-1)  # (M,) expert of each (token, slot) pair, M = N·K
+    order = flat.argsort(stable=True)  # (M,) pairs grouped by expert, token order kept inside a group
+    counts = torch.bincount(flat, minlength=experts.num_experts)  # (E,) tokens per expert, zeros allowed
+    h = x[order // K]  # (M, D) gathered input rows, expert-sorted
+    act = F.silu(_grouped_matmul(h, experts.gate_proj, counts)) * _grouped_matmul(h, experts.up_proj, counts)  # (M, I)
+    y = _grouped_matmul(act, experts.down_proj, counts)  # (M, D)
+    y = y.float() * weights.reshape(-1)[order, None]  # routing weight per pair, fp32 accumulation as the reference
+    out = torch.zeros(N * K, x.shape[1], dtype=torch.float32, device=x.device)
+    out[order] = y  # back to (token, slot) order; each row written once, so the sum below is deterministic
+    return out.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
+
+
+# The fused CUDA kernel (kernels.cu, built by setup.py when nvcc and a CUDA torch are present). Tried once, here.
+try:
+    import kimi_k2_kernels as _ext
+    _EXT_WHY = "CUDA kernels built"
+except ImportError as err:
+    _ext, _EXT_WHY = None, f"CUDA kernels not built ({err})"
+
+EXPERT_IMPLS = ("reference", "grouped", "cuda")
+
+
+def pick_expert_impl(requested: str, device: torch.device) -> tuple[str, str]:
+    """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "cuda";
+    the environment variable KIMI_EXPERT_IMPL overrides "auto". Returns (impl, reason)."""
+    if requested == "auto":
+        requested = os.environ.get("KIMI_EXPERT_IMPL", "auto")
+    if requested not in EXPERT_IMPLS + ("auto",):
+        raise ValueError(f"expert impl must be one of auto, {', '.join(EXPERT_IMPLS)}; got {requested!r}")
+    if requested == "cuda" and (_ext is None or device.type != "cuda"):
+        why = _EXT_WHY if _ext is None else f"device is {device.type}"
+        raise RuntimeError(f"expert impl 'cuda' requested, but {why}; rebuild with KIMI_BUILD_CUDA=1 on a GPU machine")
+    if requested != "auto":
+        return requested, "requested explicitly"
+    if device.type == "cuda" and _ext is not None:
+        return "cuda", "kernels built and device is CUDA"
+    return "grouped", _EXT_WHY if device.type == "cuda" else f"device is {device.type}"
+
+
+def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
+    """Dispatch to the chosen implementation; all share the contract of moe_reference."""
+    if impl == "reference":
+        return moe_reference(x, weights, idx, experts)
+    if impl == "grouped":
+        return moe_grouped(x, weights, idx, experts)
+    if impl == "cuda":
+        raise NotImplementedError("the fused CUDA expert path is not wired in yet (issue 7)")
+    raise ValueError(f"unknown expert impl {impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The MoE layer
+
+
+class MoE(nn.Module):
+    """Router + routed experts + shared expert(s) of one layer. HF names: `mlp.gate`, `mlp.experts`, `mlp.shared_experts`."""
+
+    def __init__(self, args: "ModelArgs"):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        # the shared experts are one MLP of width I·S (Moonlight: 2 × 1408 = 2816)
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+        self.impl = "auto"  # see pick_expert_impl; set per model with Transformer.set_expert_impl
+        # tokens routed to each expert during training forwards since the last reset (read by the bias update)
+        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, idx, _ = self.gate(x)  # (N, K), (N, K)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).float()
+        impl = self.impl if self.impl != "auto" else pick_expert_impl("auto", x.device)[0]
+        y = run_experts(impl, x, weights, idx, self.experts) + self.shared_experts(x)  # shared expert: weight 1
+        return y.view(shape)
