@@ -151,6 +151,14 @@ class ModelArgs:
         "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
         "is_encoder_decoder", "tie_encoder_decoder", "problem_type", "id2label", "label2id"})
 
+    # transformers' DeepseekV3Config defaults, for keys a config.json may omit
+    HF_DEFAULTS = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                       num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+                       routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                       v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+                       first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, rope_scaling=None, bos_token_id=0, eos_token_id=1, model_type="deepseek_v3")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
         """Build from a config.json dict (Kimi K2, DeepSeek-V3, Moonlight, or one written by transformers v5).
@@ -170,6 +178,9 @@ class ModelArgs:
         if d.get("qk_head_dim") not in (None, d.get("qk_nope_head_dim", 128) + d.get("qk_rope_head_dim", 64)):
             raise ValueError(f"config: qk_head_dim={d['qk_head_dim']} != qk_nope_head_dim + qk_rope_head_dim")
         names = {f.name for f in dataclasses.fields(cls)}
+        # a key the file leaves out means what transformers would assume, not K2's value (Moonlight has no
+        # rope_scaling key: plain RoPE, not K2's YaRN)
+        d = {**{k: v for k, v in cls.HF_DEFAULTS.items() if k not in d}, **d}
         unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS)
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; remove them or check their spelling "
@@ -193,6 +204,7 @@ class ModelArgs:
     def to_dict(self) -> dict[str, Any]:
         """The HF config.json form (legacy rope_scaling + rope_theta, which transformers v4 and v5 both read)."""
         d = {"architectures": ["DeepseekV3ForCausalLM"], **dataclasses.asdict(self)}
+        d["num_key_value_heads"] = self.num_attention_heads  # nominal under MLA; transformers' default 128 breaks eager
         if d["quantization_config"] is None:
             del d["quantization_config"]
         return d
@@ -392,8 +404,8 @@ class Transformer(nn.Module):
         from safetensors import safe_open
 
         path = Path(path)
-        args = ModelArgs.from_json(path)
         files = _checkpoint_files(path)
+        args = ModelArgs.from_json(path)
         with torch.device("meta"):
             model = cls(args)
         expected = model.checkpoint_names()

@@ -1,0 +1,176 @@
+"""Protects MoE routing and dispatch: the correction bias picks experts but never weights them (DeepSeek-V3 §2.1.2),
+dropped groups are masked with -inf, weights are renormalised and scaled, and moe_grouped equals moe_reference.
+Compares against: a dense all-experts MoE written here (every expert on every token, masked by the routing weights),
+a router written here from SPEC §2.7 in float64, and hand-made 4-expert cases.
+Tolerances: fp32 1e-5 relative; bf16 paths within 2x the bf16 reference's own error against fp64.
+Run: pytest tests/test_moe.py -q   (CPU, seconds)"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe as MOE
+from conftest import random_model, tiny_args
+
+
+def make_moe(kind="k2", seed=0, **overrides) -> MOE.MoE:
+    args = tiny_args(kind, **overrides)
+    torch.manual_seed(seed)
+    m = MOE.MoE(args)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+        m.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+def dense_all_experts(x, weights, idx, experts):
+    """Independent twin: run EVERY expert on EVERY token in float64, then keep each token's routed ones."""
+    x = x.double()
+    g = torch.einsum("nd,eid->nei", x, experts.gate_proj.double())
+    u = torch.einsum("nd,eid->nei", x, experts.up_proj.double())
+    y = torch.einsum("nei,edi->ned", F.silu(g) * u, experts.down_proj.double())  # (N, E, D)
+    w = torch.zeros(x.shape[0], experts.num_experts, dtype=torch.float64)
+    w.scatter_add_(1, idx, weights.double())  # (N, E) routing weight, 0 for experts not chosen
+    return (w[..., None] * y).sum(1)
+
+
+def router_reference(x, weight, bias, n_group, topk_group, k, scale):
+    """SPEC §2.7 in float64, group by group with Python loops."""
+    s = torch.sigmoid(x.double() @ weight.double().T)
+    c = s + bias.double()
+    N, E = c.shape
+    idx = []
+    for n in range(N):
+        size = E // n_group
+        groups = sorted(range(n_group), key=lambda j: -c[n, j * size:(j + 1) * size].topk(2).values.sum().item())
+        allowed = [e for j in groups[:topk_group] for e in range(j * size, (j + 1) * size)]
+        idx.append(sorted(allowed, key=lambda e: -c[n, e].item())[:k])
+    idx = torch.tensor(idx)
+    w = s.gather(1, idx)
+    return w / w.sum(-1, keepdim=True) * scale, idx
+
+
+@pytest.mark.parametrize("kind", ["k2", "deepseek"])
+def test_router_matches_spec_reference(kind):
+    m = make_moe(kind, seed=1)
+    x = torch.randn(64, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    w, idx, scores = m.gate(x)
+    rw, ridx = router_reference(x, m.gate.weight, m.gate.e_score_correction_bias, m.gate.n_group,
+                                m.gate.topk_group, m.gate.top_k, m.gate.routed_scaling_factor)
+    assert torch.equal(idx.sort(-1).values, ridx.sort(-1).values)
+    order_ours, order_ref = idx.argsort(-1), ridx.argsort(-1)
+    torch.testing.assert_close(w.gather(1, order_ours).double(), rw.gather(1, order_ref), rtol=1e-6, atol=1e-7)
+    # normalised weights sum to routed_scaling_factor
+    torch.testing.assert_close(w.sum(-1), torch.full((64,), m.gate.routed_scaling_factor), rtol=1e-6, atol=0)
+
+
+def test_bias_selects_but_never_weights():
+    """Hand-made 4 experts, top-2: a huge bias forces expert 3 in, but its weight is its unbiased sigmoid score."""
+    args = tiny_args("k2", n_routed_experts=4, num_experts_per_tok=2, hidden_size=64)
+    gate = MOE.Gate(args)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor([2.0, 1.0, 0.0, -3.0])  # logits = x0 · these
+        gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    x = torch.zeros(1, 64)
+    x[0, 0] = 1.0
+    w, idx, s = gate(x)
+    assert sorted(idx[0].tolist()) == [0, 3]  # without the bias it would be [0, 1]
+    s0, s3 = torch.sigmoid(torch.tensor(2.0)), torch.sigmoid(torch.tensor(-3.0))
+    expect = torch.tensor([s0, s3]) / (s0 + s3) * args.routed_scaling_factor
+    torch.testing.assert_close(w[0][idx[0].argsort()], expect, rtol=1e-6, atol=0)
+
+
+def test_dropped_groups_are_minus_inf_not_zero():
+    """2 groups of 2, keep 1. Biased scores of the kept group are negative; a 0.0 fill would let a dropped expert win."""
+    args = tiny_args("k2", n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, hidden_size=64)
+    gate = MOE.Gate(args)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor([3.0, 2.0, -3.0, -4.0])
+        gate.e_score_correction_bias.copy_(torch.tensor([-2.0, -2.0, -0.5, -0.5]))
+    x = torch.zeros(1, 64)
+    x[0, 0] = 1.0
+    # biased: [0.953-2, 0.881-2, 0.047-0.5, 0.018-0.5] = [-1.05, -1.12, -0.45, -0.48]: group 1 wins (sum -0.93)
+    # keep group 1 = experts {2, 3}; with a 0.0 fill experts 0/1 (0.0 > -0.45) would be picked instead
+    _, idx, _ = gate(x)
+    assert sorted(idx[0].tolist()) == [2, 3]
+
+
+@pytest.mark.parametrize("kind", ["k2", "deepseek", "moonlight"])
+@pytest.mark.parametrize("n", [1, 7, 129])
+def test_reference_and_grouped_match_dense(kind, n):
+    m = make_moe(kind, seed=n)
+    x = torch.randn(n, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(n))
+    w, idx, _ = m.gate(x)
+    ref = dense_all_experts(x, w, idx, m.experts)
+    for fn in (MOE.moe_reference, MOE.moe_grouped):
+        out = fn(x, w, idx, m.experts)
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_experts_with_no_tokens_and_skewed_routing():
+    m = make_moe("k2", seed=3)
+    x = torch.randn(50, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    idx = torch.stack([torch.zeros(50, dtype=torch.long), torch.full((50,), 5)], 1)  # only experts 0 and 5 used
+    w = torch.rand(50, 2, generator=torch.Generator().manual_seed(4))
+    ref = dense_all_experts(x, w, idx, m.experts)
+    for fn in (MOE.moe_reference, MOE.moe_grouped):
+        torch.testing.assert_close(fn(x, w, idx, m.experts).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_grouped_gradients_equal_reference():
+    m = make_moe("k2", seed=9)
+    x = torch.randn(33, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(9), requires_grad=True)
+    grads = []
+    for fn in (MOE.moe_reference, MOE.moe_grouped):
+        m.zero_grad()
+        x.grad = None
+        w, idx, _ = m.gate(x)
+        (fn(x, w, idx, m.experts) * torch.linspace(-1, 1, x.shape[1])).sum().backward()
+        grads.append([x.grad.clone(), m.gate.weight.grad.clone()] + [p.grad.clone() for p in m.experts.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_paths_within_twice_reference_error():
+    m = make_moe("k2", seed=2)
+    x = torch.randn(200, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(2))
+    w, idx, _ = m.gate(x)
+    ref64 = dense_all_experts(x, w, idx, m.experts)
+    mb = make_moe("k2", seed=2).to(torch.bfloat16)
+    xb = x.bfloat16()
+    err_ref = (MOE.moe_reference(xb, w, idx, mb.experts).double() - ref64).abs().max()
+    err_grp = (MOE.moe_grouped(xb, w, idx, mb.experts).double() - ref64).abs().max()
+    assert err_grp <= 2 * err_ref + 1e-6, f"grouped {err_grp:.2e} vs reference {err_ref:.2e}"
+
+
+def test_routing_bias_stays_fp32_and_load_is_counted():
+    model = random_model(tiny_args("k2"), seed=0).to(torch.bfloat16)
+    moe = model.model.layers[1].mlp
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert moe.gate.weight.dtype == torch.bfloat16
+    model.train()
+    ids = torch.randint(0, 320, (2, 10))
+    model(ids)
+    assert moe.expert_load.sum().item() == 2 * 10 * moe.gate.top_k
+    model.eval()
+    model(ids)  # eval forwards do not count
+    assert moe.expert_load.sum().item() == 2 * 10 * moe.gate.top_k
+
+
+def test_impl_choice_is_explicit():
+    impl, why = MOE.pick_expert_impl("auto", torch.device("cpu"))
+    assert impl == "grouped" and "cpu" in why
+    with pytest.raises(RuntimeError, match="cuda"):
+        MOE.pick_expert_impl("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="expert impl"):
+        MOE.pick_expert_impl("fast", torch.device("cpu"))
+    model = random_model(tiny_args("k2"))
+    ids = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        model.set_expert_impl("reference")
+        a = model(ids)
+        model.set_expert_impl("grouped")
+        b = model(ids)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
