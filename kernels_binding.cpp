@@ -43,7 +43,7 @@ void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype
 // x (N, D) bf16, idx (N, K) int32/int64, weights (N, K) fp32, gate/up (E, I, D) bf16, down (E, D, I) bf16
 // -> out (N, D) bf16 = Σ_k weights[:, k] · down_e(silu(gate_e x) ⊙ up_e x), e = idx[:, k]
 torch::Tensor moe_forward(torch::Tensor x, torch::Tensor idx, torch::Tensor weights, torch::Tensor gate,
-                          torch::Tensor up, torch::Tensor down, int64_t config) {
+                          torch::Tensor up, torch::Tensor down, int64_t config, bool poison) {
   check_tensor(x, "x", torch::kBFloat16, 2, x);
   TORCH_CHECK(idx.scalar_type() == torch::kInt64 || idx.scalar_type() == torch::kInt32,
               "moe_forward: idx must be int64 or int32 expert ids, got ", idx.scalar_type());
@@ -78,6 +78,7 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor idx, torch::Tensor weig
   auto idx32 = idx.to(torch::kInt32).contiguous();  // (N, K)
   const size_t ws_bytes = kimi_moe_workspace_bytes(N, (int)K, (int)E, (int)D, (int)I, (int)config);
   auto workspace = torch::empty({(int64_t)ws_bytes}, x.options().dtype(torch::kUInt8));
+  if (poison) workspace.fill_(0xFF);  // tests: 0xFF bytes are NaN in bf16 and fp32, so a row never written shows up
   const int err = kimi_moe_forward(x.data_ptr(), idx32.data_ptr<int32_t>(), weights.data_ptr<float>(),
                                    gate.data_ptr(), up.data_ptr(), down.data_ptr(), out.data_ptr(), N, (int)K, (int)E,
                                    (int)D, (int)I, workspace.data_ptr(), ws_bytes, (int)config,
@@ -95,9 +96,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused routed-expert kernels for Kimi K2 (kernels.cu); reference: moe.moe_reference";
   m.def("moe_forward", &moe_forward,
         "Fused routed experts, forward only: x (N, D) bf16, idx (N, K) int, weights (N, K) fp32, gate/up (E, I, D) "
-        "bf16, down (E, D, I) bf16 -> (N, D) bf16. config: 0 auto, 1 small, 2 medium, 3 large tiles.",
+        "bf16, down (E, D, I) bf16 -> (N, D) bf16. config: 0 auto, 1 small, 2 medium, 3 large tiles. "
+        "poison: fill the workspace with NaN first (tests: catches rows the kernels fail to write).",
         py::arg("x"), py::arg("idx"), py::arg("weights"), py::arg("gate"), py::arg("up"), py::arg("down"),
-        py::arg("config") = 0);
+        py::arg("config") = 0, py::arg("poison") = false);
   m.def("pick_config", &pick_config, "Name of the tile configuration config=0 picks for N tokens, top-K, E experts",
         py::arg("N"), py::arg("K"), py::arg("E"));
 }
