@@ -205,6 +205,9 @@ class ModelArgs:
         """The HF config.json form (legacy rope_scaling + rope_theta, which transformers v4 and v5 both read)."""
         d = {"architectures": ["DeepseekV3ForCausalLM"], **dataclasses.asdict(self)}
         d["num_key_value_heads"] = self.num_attention_heads  # nominal under MLA; transformers' default 128 breaks eager
+        # transformers has no "kimi_k2" model type (the real K2 repo ships remote code for it); writing the
+        # architecture's own type lets DeepseekV3ForCausalLM load our checkpoints and fuse the per-expert tensors
+        d["model_type"] = "deepseek_v3"
         if d["quantization_config"] is None:
             del d["quantization_config"]
         return d

@@ -52,6 +52,22 @@ def test_save_pretrained_loads_in_transformers(kind, tmp_path):
         _close(ours(ids), ref)
 
 
+@pytest.mark.parametrize("kind", ["k2", "moonlight"])
+def test_fresh_model_saved_by_us_loads_in_transformers(kind, tmp_path):
+    """A model created here (not first written by transformers) loads in DeepseekV3ForCausalLM unchanged."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from conftest import random_model
+
+    args = tiny_args(kind)
+    ours = random_model(args, seed=12)
+    ours.save_pretrained(tmp_path)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(0, args.vocab_size, (2, 90), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        _close(ours(ids), hf(ids).logits)
+
+
 def test_routing_bias_is_loaded_and_matters(tmp_path):
     """Guards the test itself: with the bias zeroed the logits must change, so parity above covers the bias."""
     args = tiny_args("k2")
