@@ -54,11 +54,24 @@
  *         nvcc -cubin -O3 -arch=sm_90 -Xptxas -v kernels.cu -o /tmp/kernels.cubin && nvdisasm /tmp/kernels.cubin | grep -c HMMA
  * Versions: written against nvcc 13.0 (V13.0.88), torch 2.13.0 (CPU build here); sm_80 and sm_90 targets.
  *
+ * Expected costs, by arithmetic (not measured): K2 decode (T=1, 8 experts) must stream 8 · 3·D·I bf16 = 705 MB of
+ * weights, 164 us at 4.3 TB/s; the six launches and the binding's int32 cast of idx add a few us each. At
+ * gpu-small T=16384 (D 1536, I 512, 64 experts, top-8) the useful work is 0.62 TFLOP, 0.78 ms at 788 TFLOP/s, and
+ * the fp32 y buffer is written and read once (2 × 0.8 GB, about 0.37 ms at 4.3 TB/s): a visible share there.
+ * Tuning leads for the first GPU session, largest expected gain first (measure each with bench_moe.py --configs):
+ *   - the config thresholds in pick_config (24 and 96 rows per expert) are guesses;
+ *   - y in bf16 instead of fp32 halves the combine traffic (vLLM's fused MoE keeps this buffer in the activation
+ *     dtype); the error stays below the PyTorch bf16 path's, which rounds every expert output to bf16 anyway;
+ *   - decode: one fused sort kernel when M <= 2048 (a single chunk), and a down-GEMM grid that fits one wave;
+ *   - prefill: wgmma + TMA on sm_90a (the stretch), or BK 64 with 3 stages for the large tile.
+ *
  * Version log (no speed figures until measured on a GPU; bench_moe.py is the command that will measure them):
  *   v1  2026-11: histogram/scan/stable-scatter sort, gather-GEMM with SiLU·up epilogue, weighted down GEMM into a
  *       per-slot buffer, fixed-order combine; mma.sync m16n8k16 + ldmatrix + cp.async, three tile configs.
  *       Compiled for sm_80 and sm_90 with nvcc 13.0 and inspected (HMMA present, 0 spills, see
- *       tests/test_kernels.py), but NOT yet run on a GPU: correctness and speed are unverified.
+ *       tests/test_kernels.py); the sort, the tile schedule, the swizzle and the ldmatrix/mma fragment mapping were
+ *       checked against numpy by a line-by-line CPU emulation (PTX-documented fragment layouts, small odd shapes,
+ *       all three configs). NOT yet run on a GPU: correctness on hardware and speed are unverified.
  *       Stretch not attempted: wgmma/TMA on sm_90a.
  */
 #include <cuda_bf16.h>
