@@ -15,13 +15,17 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}  # the device image's python3 is the one that holds its CUDA torch
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# torch guesses CUDA_HOME as nvcc's grandparent folder, wrong when nvcc on PATH is a symlink (e.g. /usr/local/bin)
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME
+fi
 status() { echo "== $1: $2" | tee -a "$OUT/summary.txt"; }
 : >"$OUT/summary.txt"
 
 # --- 0. what machine this is
 {
   date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
-  nvcc --version | tail -2; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"; nvcc --version | tail -2; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git log --oneline -1
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
