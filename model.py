@@ -327,7 +327,8 @@ class Transformer(nn.Module):
 
     def set_expert_impl(self, impl: str) -> str:
         """Choose the routed-expert path for every MoE layer ("auto" | "reference" | "grouped" | "cuda"); returns why."""
-        impl, why = pick_expert_impl(impl, next(self.parameters()).device)
+        p = self.lm_head.weight
+        impl, why = pick_expert_impl(impl, p.device, p.dtype)
         for m in self.modules():
             if isinstance(m, MoE):
                 m.impl = impl

@@ -155,7 +155,7 @@ except ImportError as err:
 EXPERT_IMPLS = ("reference", "grouped", "cuda")
 
 
-def pick_expert_impl(requested: str, device: torch.device) -> tuple[str, str]:
+def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "cuda";
     the environment variable KIMI_EXPERT_IMPL overrides "auto". Returns (impl, reason)."""
     if requested == "auto":
@@ -168,8 +168,36 @@ def pick_expert_impl(requested: str, device: torch.device) -> tuple[str, str]:
     if requested != "auto":
         return requested, "requested explicitly"
     if device.type == "cuda" and _ext is not None:
-        return "cuda", "kernels built and device is CUDA"
+        if dtype != torch.bfloat16:
+            return "grouped", f"the fused kernel is bf16-only and the model is {str(dtype).removeprefix('torch.')}"
+        return "cuda", "kernels built, device is CUDA, dtype bf16"
     return "grouped", _EXT_WHY if device.type == "cuda" else f"device is {device.type}"
+
+
+class FusedExperts(torch.autograd.Function):
+    """Forward: the fused kernel of kernels.cu (bf16 in/out, fp32 accumulation, deterministic).
+    Backward: recompute moe_grouped under autograd from the saved inputs — the PyTorch path defines the gradient,
+    so training on a GPU can use the kernel without a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, weights, idx, gate_proj, up_proj, down_proj):
+        ctx.save_for_backward(x, weights, idx, gate_proj, up_proj, down_proj)
+        return _ext.moe_forward(x.contiguous(), idx, weights.float().contiguous(), gate_proj, up_proj, down_proj)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weights, idx, gate, up, down = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] for i in (0, 1, 3, 4, 5)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip((x, weights, gate, up, down), needs)]
+            stand_in = Experts.__new__(Experts)  # the same three stacks, as leaves of this small graph
+            nn.Module.__init__(stand_in)
+            stand_in.gate_proj, stand_in.up_proj, stand_in.down_proj = leaves[2], leaves[3], leaves[4]
+            out = moe_grouped(leaves[0], leaves[1], idx, stand_in)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+        gx, gw, gg, gu, gd = (next(grads) if t.requires_grad else None for t in leaves)
+        return gx, gw, None, gg, gu, gd
 
 
 def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
@@ -179,7 +207,7 @@ def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Exp
     if impl == "grouped":
         return moe_grouped(x, weights, idx, experts)
     if impl == "cuda":
-        raise NotImplementedError("the fused CUDA expert path is not wired in yet (issue 7)")
+        return FusedExperts.apply(x, weights, idx, experts.gate_proj, experts.up_proj, experts.down_proj)
     raise ValueError(f"unknown expert impl {impl!r}")
 
 
@@ -208,6 +236,6 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).float()
-        impl = self.impl if self.impl != "auto" else pick_expert_impl("auto", x.device)[0]
+        impl = self.impl if self.impl != "auto" else pick_expert_impl("auto", x.device, x.dtype)[0]
         y = run_experts(impl, x, weights, idx, self.experts) + self.shared_experts(x)  # shared expert: weight 1
         return y.view(shape)

@@ -52,13 +52,15 @@ setup(
     py_modules=[m for m in MODULES if os.path.exists(f"{m}.py")],
     # torch: a range that 2.13.0 satisfies and that stops there, so a fresh CPU machine takes the local CPU wheel
     # instead of downloading a several-GB CUDA build of a newer release.
-    install_requires=["torch>=2.6,<=2.13.0", "numpy", "tiktoken>=0.7", "safetensors>=0.4"],
+    # regex: the BPE trainer's pre-tokenizer needs \p{..} classes and && intersections (tiktoken depends on it too)
+    install_requires=["torch>=2.6,<=2.13.0", "numpy", "tiktoken>=0.7", "safetensors>=0.4", "regex>=2023.0"],
     extras_require={
         "dev": [
             "pytest>=8",
             "transformers>=5.0,<6",      # the independent DeepseekV3 reference for parity tests
             "hypothesis>=6",             # property tests of the tokenizer round trip
-            "regex>=2023.0",             # independent pre-tokenizer (V1 mode) for the tokenizer tests
+            # disassembles the compiled kernels to check for tensor-core instructions (tests/test_kernels.py)
+            "nvidia-cuda-nvdisasm>=13.0,<14; platform_system == 'Linux'",
             "jinja2>=3.1",               # renders the official chat template in tests
         ],
     },

@@ -174,3 +174,32 @@ def test_impl_choice_is_explicit():
         model.set_expert_impl("grouped")
         b = model(ids)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
+
+
+def test_fused_autograd_wrapper_with_a_stand_in_kernel(monkeypatch):
+    """The autograd wrapper around the CUDA kernel, on CPU: a stand-in `moe_forward` (the reference in fp32) checks
+    that forward passes the right tensors and that backward (recomputed through moe_grouped) gives the reference's
+    gradients. The real kernel is compared in tests/test_kernels.py on a GPU."""
+    class StandIn:
+        @staticmethod
+        def moe_forward(x, idx, weights, gate, up, down):
+            stack = MOE.Experts(gate.shape[0], gate.shape[2], gate.shape[1])
+            stack.gate_proj.data, stack.up_proj.data, stack.down_proj.data = gate, up, down
+            return MOE.moe_reference(x, weights, idx, stack)
+
+    monkeypatch.setattr(MOE, "_ext", StandIn)
+    m = make_moe("k2", seed=10)
+    x = torch.randn(21, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(10), requires_grad=True)
+    results = []
+    for impl in ("reference", "cuda"):
+        m.zero_grad()
+        x.grad = None
+        w, idx, _ = m.gate(x)
+        out = MOE.run_experts(impl, x, w, idx, m.experts)
+        (out * torch.linspace(-1, 1, x.shape[1])).sum().backward()
+        results.append([out.detach(), x.grad.clone(), m.gate.weight.grad.clone()]
+                       + [p.grad.clone() for p in m.experts.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    impl, why = MOE.pick_expert_impl("auto", torch.device("cuda"), torch.float32)
+    assert impl == "grouped" and "bf16-only" in why

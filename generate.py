@@ -1,0 +1,320 @@
+"""Text generation for Kimi K2: sampling, the cached decode loop, streaming, and the command line.
+
+How generation works here (the same loop a serving engine runs, minus batching tricks):
+1. Prefill: the whole prompt goes through the model in ONE forward pass, which fills MLA's latent cache
+   (attention.KVCache: 576 numbers per token and layer for K2) and gives the logits of the next token.
+2. Decode: one token at a time. Each step feeds only the newest token; attention reads the cached latents with the
+   weight-absorbed formulation (no per-head keys or values are ever rebuilt). `use_cache=False` instead recomputes
+   the whole sequence every step — the plain twin the tests compare against.
+3. Sampling (`sample`): temperature (default 0.6, the value Moonshot recommends for Kimi-K2-Instruct; 0 = greedy),
+   then top-k, then top-p, from fp32 logits, with an explicit torch.Generator so a seed reproduces a run.
+4. Stop on <|im_end|> or [EOS] (K2's two stop tokens, SPEC §5), on a user stop string, or at max_new_tokens.
+
+`python generate.py` loads the shipped demo model (demo/: Hugging Face format + tiktoken.model) and completes a
+default prompt; `--chat` opens a REPL with the chat template, `--tools` lets the model call the built-in tools.
+Shapes: B batch, T tokens, V vocab.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from model import Transformer
+from tokenizer import Tokenizer
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (MoonshotAI/Kimi-K2 README)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row. logits (B, V) -> ids (B,) int64.
+
+    temperature 0 = argmax. Otherwise logits/temperature, keep the top_k largest (0 = all), then the smallest set of
+    most likely tokens whose probability reaches top_p (1.0 = all; the most likely token is always kept).
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    logits = logits.float()  # fp32: sampling from bf16 logits would distort small probabilities
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token if the tokens before it already reach top_p (so the first token is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decode loop
+
+
+@dataclass
+class SamplingParams:
+    """What a caller may ask of one generation (the OpenAI request fields map onto these)."""
+    max_new_tokens: int = 64
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)  # stop strings (not included in the output)
+
+
+def check_context(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
+    """A clear error when prompt + requested tokens do not fit the model's context."""
+    limit = model.args.max_position_embeddings
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{prompt_len + max_new_tokens} exceeds the model's context of {limit} tokens; "
+                         f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompt: Tensor, max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
+                    top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                    stop_ids: Sequence[int] = (), use_cache: bool = True) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has hit a stop id.
+
+    prompt (B, T) int64 (rows of equal length). Rows that stopped keep yielding their stop id. With use_cache the
+    prompt is prefilled once and each step feeds one token; without, the whole sequence is recomputed every step.
+    """
+    B, T = prompt.shape
+    check_context(model, T, max_new_tokens)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=prompt.device)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    seq = prompt
+    logits = model(prompt, cache, last_only=True)[:, -1]  # (B, V) prefill: one forward over the whole prompt
+    for step in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(done, seq[:, -1] if step else nxt, nxt)  # finished rows repeat their stop token
+        done |= torch.isin(nxt, stop)
+        yield nxt
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T + step + 1)
+        if use_cache:
+            logits = model(nxt[:, None], cache)[:, -1]  # (B, V) decode: one token against the latent cache
+        else:
+            logits = model(seq, last_only=True)[:, -1]  # the plain twin: recompute everything
+
+
+class TextStream:
+    """Stream text from one prompt: iterate to get text pieces as they are produced.
+
+    After iteration: `text` (the whole completion, stop string or stop token excluded), `finish_reason` ("stop" on a
+    stop token or string, "length" at max_new_tokens), `prompt_tokens`, `completion_tokens`, `seconds`.
+    Multi-byte characters split across tokens are held back until complete (tokenizer.StreamDecoder), and so is text
+    that might be the start of a stop string.
+    """
+
+    def __init__(self, model: Transformer, tok: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams):
+        check_context(model, len(prompt_ids), params.max_new_tokens)
+        self.model, self.tok, self.prompt_ids, self.params = model, tok, list(prompt_ids), params
+        self.text, self.finish_reason = "", None
+        self.prompt_tokens, self.completion_tokens, self.seconds = len(self.prompt_ids), 0, 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        p, tok = self.params, self.tok
+        device = self.model.lm_head.weight.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(p.seed if p.seed is not None else torch.seed())
+        prompt = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
+        dec, pending, t0 = tok.stream_decoder(), "", time.perf_counter()
+        self.finish_reason = "length"
+        for ids in generate_tokens(self.model, prompt, p.max_new_tokens, p.temperature, p.top_k, p.top_p, gen,
+                                   stop_ids=tok.stop_ids):
+            self.completion_tokens += 1
+            token = int(ids[0])
+            if token in tok.stop_ids:
+                self.finish_reason = "stop"
+                break
+            pending += dec.feed(token)
+            hit = min((i for i in (pending.find(s) for s in p.stop if s) if i >= 0), default=-1)
+            if hit >= 0:  # a stop string appeared: emit what precedes it and end
+                self.text += pending[:hit]
+                yield pending[:hit]
+                self.finish_reason, pending = "stop", ""
+                break
+            safe = len(pending) - _held_back(pending, p.stop)
+            if safe:
+                self.text += pending[:safe]
+                yield pending[:safe]
+                pending = pending[safe:]
+        tail = pending + (dec.flush() if self.finish_reason == "length" else "")
+        if tail:
+            self.text += tail
+            yield tail
+        self.seconds = time.perf_counter() - t0
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string (it may still become one)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and device choice
+
+
+def pick_device(requested: str = "") -> tuple[torch.device, str]:
+    """Empty = autodetect: cuda, then mps, then cpu. Returns (device, reason)."""
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested} asked for, but torch sees no CUDA device; use --device cpu")
+        return torch.device(requested), "requested with --device"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), f"CUDA device found ({torch.cuda.get_device_name()})"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps"), "Apple GPU (MPS) found"
+    return torch.device("cpu"), "no CUDA or MPS device found"
+
+
+def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """Empty = bf16 on a GPU that supports it, fp32 otherwise. Returns (dtype, reason)."""
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if requested:
+        if requested not in names:
+            raise ValueError(f"--dtype must be one of {sorted(names)}, got {requested!r}")
+        return names[requested], "requested with --dtype"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "GPU supports bf16 (half the memory and bandwidth of fp32)"
+    return torch.float32, f"{device.type}: bf16 matmuls are slow or unsupported there, fp32 is the safe choice"
+
+
+def load(ckpt: str | Path = DEMO_DIR, device: torch.device | str = "cpu",
+         dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    """A Hugging Face-format directory with config.json, safetensors weights and tiktoken.model."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "tiktoken.model").exists():
+        raise FileNotFoundError(f"{ckpt} has no tiktoken.model; a checkpoint directory needs its tokenizer beside "
+                                f"the weights (see README: 'The demo model')")
+    tok = Tokenizer.load(ckpt / "tiktoken.model")
+    model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype).eval()
+    if tok.n_vocab > model.args.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} ids but the model only {model.args.vocab_size} rows")
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+DEFAULT_PROMPT = "Hello! Who are you?"
+
+
+def _print_stream(stream: TextStream) -> None:
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+
+
+def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_tools: bool) -> None:
+    """Read user turns from stdin; /exit, /clear (forget the conversation), /tools (list the tools)."""
+    import tools as T
+
+    registry = T.default_registry() if use_tools else None
+    messages: list[dict] = []
+    print("chat: type a message; /exit to quit, /clear to start over, /tools to list the tools", flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/clear":
+            messages = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if line == "/tools":
+            print("\n".join(f"  {s['function']['name']}: {s['function'].get('description', '')}"
+                            for s in registry.schemas()) if registry else "  (no tools: start with --tools)")
+            continue
+        messages.append({"role": "user", "content": line})
+
+        def complete(msgs: list[dict], tool_schemas: list[dict] | None) -> str:
+            ids, _ = tok.encode_chat(msgs, tool_schemas, add_generation_prompt=True)
+            stream = TextStream(model, tok, ids, params)
+            print("assistant: ", end="", flush=True)
+            _print_stream(stream)
+            return stream.text
+
+        if registry is None:
+            messages.append({"role": "assistant", "content": complete(messages, None)})
+        else:
+            messages = T.run_agent(complete, messages, registry, on_event=lambda kind, text: print(
+                f"[{kind}] {text}", flush=True))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Generate text with a Kimi K2 checkpoint (default: the shipped demo model).")
+    # --- what to run
+    p.add_argument("--ckpt", default=str(DEMO_DIR), help="Hugging Face-format checkpoint directory with tiktoken.model")
+    p.add_argument("--prompt", default=None, help="user message (chat-formatted); default: a greeting")
+    p.add_argument("--raw", action="store_true", help="complete --prompt as plain text, without the chat template")
+    p.add_argument("--chat", action="store_true", help="interactive chat on stdin (/exit, /clear, /tools)")
+    p.add_argument("--tools", action="store_true", help="in --chat, let the model call the built-in tools")
+    # --- sampling
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy; K2 recommends 0.6")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    # --- hardware
+    p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
+    p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
+    a = p.parse_args(argv)
+    try:
+        device, why_device = pick_device(a.device)
+        dtype, why_dtype = pick_dtype(a.dtype, device)
+        print(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype})")
+        model, tok = load(a.ckpt, device, dtype)
+        params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
+        check_context(model, 1, a.max_new_tokens)
+        if a.chat:
+            return chat_repl(model, tok, params, a.tools)
+        if a.tools:
+            print("--tools applies to --chat; generating without tools")
+        prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+        if a.raw:
+            ids = tok.encode(prompt)
+        else:
+            ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        stream = TextStream(model, tok, ids, params)
+        print(f"prompt: {prompt!r}\n---")
+        _print_stream(stream)
+        print(f"--- {stream.completion_tokens} tokens in {stream.seconds:.2f} s "
+              f"({stream.completion_tokens / max(stream.seconds, 1e-9):.1f} tokens/s), finish: {stream.finish_reason}")
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

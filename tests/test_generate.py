@@ -1,0 +1,119 @@
+"""Protects generation: sampling (seeded reproducibility, temperature 0 = argmax, the exact token sets top-k/top-p
+keep), cached decode == recomputing the whole sequence, stop tokens / stop strings / length, streaming text equal to
+decoding all ids, and the context-length error.
+Compares against: hand-computed distributions, argmax, and the cache-free twin (use_cache=False).
+Run: pytest tests/test_generate.py -q   (CPU, seconds)"""
+import math
+
+import pytest
+import torch
+
+import generate as G
+from conftest import random_model, tiny_args
+from tokenizer import Tokenizer
+
+PROBS = torch.tensor([0.5, 0.25, 0.15, 0.1])
+
+
+def _freqs(n=20000, **kw):
+    logits = PROBS.log().expand(n, 4)  # n independent draws from one distribution
+    ids = G.sample(logits, generator=torch.Generator().manual_seed(0), **kw)
+    return torch.bincount(ids, minlength=4).float() / n
+
+
+@pytest.mark.parametrize("kw,keep", [
+    (dict(temperature=1.0), [0, 1, 2, 3]),
+    (dict(temperature=1.0, top_k=3), [0, 1, 2]),
+    (dict(temperature=1.0, top_k=1), [0]),
+    (dict(temperature=1.0, top_p=0.7), [0, 1]),  # 0.5 < 0.7, then 0.75 >= 0.7: stop after token 1
+    (dict(temperature=1.0, top_p=0.75), [0, 1]),  # exactly reaching p is enough
+    (dict(temperature=1.0, top_p=0.76), [0, 1, 2]),
+    (dict(temperature=1.0, top_p=0.3), [0]),  # the most likely token is always kept
+    # top-k first: {.5, .25, .15} renormalised -> .556, .278, .167; before token 2 the mass is .833
+    (dict(temperature=1.0, top_k=3, top_p=0.9), [0, 1, 2]),
+    (dict(temperature=1.0, top_k=3, top_p=0.8), [0, 1]),
+])
+def test_top_k_top_p_keep_exactly_the_right_tokens(kw, keep):
+    f = _freqs(**kw)
+    expect = torch.zeros(4)
+    expect[keep] = PROBS[keep] / PROBS[keep].sum()
+    assert set(f.nonzero().flatten().tolist()) == set(keep)
+    torch.testing.assert_close(f, expect, rtol=0, atol=0.015)
+
+
+def test_temperature_reshapes_and_zero_is_argmax():
+    f = _freqs(temperature=0.5)  # p^(1/T) = p^2 renormalised
+    expect = PROBS ** 2 / (PROBS ** 2).sum()
+    torch.testing.assert_close(f, expect, rtol=0, atol=0.015)
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(G.sample(logits, temperature=0), logits.argmax(-1))
+
+
+def test_seed_reproducibility():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(2))
+    a = [G.sample(logits, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    b = G.sample(logits, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], a[1]) and not torch.equal(a[0], b)
+
+
+def test_bad_sampling_arguments():
+    with pytest.raises(ValueError, match="top_p"):
+        G.sample(torch.zeros(1, 4), top_p=0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cached_generation_equals_recomputation(temperature):
+    args = tiny_args("k2")
+    model = random_model(args, seed=3)
+    prompt = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(5)
+        runs.append(torch.stack(list(G.generate_tokens(model, prompt, 40, temperature=temperature, generator=g,
+                                                       use_cache=use_cache)), 1))
+    assert runs[0].shape == (2, 40) and torch.equal(runs[0], runs[1])
+
+
+def test_context_limit_is_a_clear_error():
+    model = random_model(tiny_args("k2", max_position_embeddings=64))
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds .* 64"):
+        next(G.generate_tokens(model, torch.zeros(1, 60, dtype=torch.long), 10))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load()
+
+
+def _model_for(tok, seed=0):
+    return random_model(tiny_args("k2", vocab_size=tok.n_vocab), seed=seed)
+
+
+def test_stream_text_equals_decoded_ids_and_reports_length(tok):
+    model = _model_for(tok)
+    ids, _ = tok.encode_chat([{"role": "user", "content": "héllo ünïcode 你好"}])
+    s = G.TextStream(model, tok, ids, G.SamplingParams(max_new_tokens=30, temperature=1.0, seed=4))
+    pieces = list(s)
+    raw = torch.stack(list(G.generate_tokens(model, torch.tensor([ids]), 30, temperature=1.0,
+                                             generator=torch.Generator().manual_seed(4), stop_ids=tok.stop_ids)))
+    raw = raw[:, 0].tolist()
+    cut = next((i for i, t in enumerate(raw) if t in tok.stop_ids), len(raw))
+    assert "".join(pieces) == s.text == tok.decode(raw[:cut])
+    assert s.completion_tokens == min(cut + 1, 30)
+    assert s.finish_reason == ("stop" if cut < len(raw) else "length")
+
+
+def test_stop_token_and_stop_string(tok):
+    model = _model_for(tok, seed=1)
+    def favour_im_end(module, inputs, out):  # <|im_end|> becomes the most likely token: greedy stops at once
+        out[..., tok.im_end_id] += 1e4
+    model.lm_head.register_forward_hook(favour_im_end)
+    s = G.TextStream(model, tok, [1, 2, 3], G.SamplingParams(max_new_tokens=10, temperature=0))
+    assert list(s) == [] and s.finish_reason == "stop" and s.completion_tokens == 1
+    model = _model_for(tok, seed=2)
+    full = G.TextStream(model, tok, [5, 6, 7], G.SamplingParams(max_new_tokens=40, temperature=0))
+    text = "".join(full)
+    stop = text[10:13]
+    assert len(stop) == 3 and stop not in text[:10]
+    cut = G.TextStream(model, tok, [5, 6, 7], G.SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))
+    assert "".join(cut) == text[:text.index(stop)] and cut.finish_reason == "stop"
