@@ -1,0 +1,413 @@
+"""MuonClip: the Muon optimizer with QK-Clip, and the training-time load balancing of Kimi K2.
+
+One training step of K2 (SPEC §4.3, algorithm summary) uses this file in this order:
+    forward (every MLA layer records its per-head max pre-softmax logit) -> backward -> MuonClip.step():
+      1. Muon on every hidden matrix, AdamW on the rest, decoupled weight decay 0.1 on both   (muon_update, adamw_update)
+      2. aux-loss-free routing-bias update from the expert loads counted in that step           (update_routing_bias_)
+      3. QK-Clip: shrink the query/key rows of every head whose max logit exceeded tau          (qk_clip_)
+The three pieces are plain functions; MuonClip only loops over parameters and calls them in that order.
+
+How it differs from a textbook optimizer:
+- Muon replaces the update of a matrix by the orthogonal factor U Vᵀ of its Nesterov momentum (every singular value
+  ~1), computed with 5 Newton-Schulz steps in bf16 instead of an SVD. Moonshot rescales it by 0.2·sqrt(max(A, B)) so
+  its RMS matches AdamW's, which lets Muon reuse AdamW's learning rate and weight decay (Moonlight §2.2).
+- Routed experts are stored stacked, (E, I, D). Each expert is its own matrix: the whole stack is orthogonalised in
+  one batched call, never flattened into one big matrix (SPEC §4.1) and never looped over in Python.
+- QK-Clip is not an optimizer rule: after the step it rescales weights so that no head's logit can exceed tau for the
+  inputs of that step. For MLA it scales q^C and k^C by sqrt(gamma), q^R by gamma, and leaves the shared k^R alone.
+- The routing bias e_score_correction_bias is a buffer that no optimizer sees: a sign rule moves it toward balanced load.
+Single process only: with data parallelism, all-reduce expert_load (SUM) and max_logits (MAX) before step().
+
+References: Muon, K. Jordan 2024 (kellerjordan.github.io/posts/muon; code KellerJordan/Muon muon.py);
+Moonlight "Muon is Scalable for LLM Training", arXiv 2502.16982 §2.2 (update RMS), §2.1 (weight decay), App. C (bias);
+MoonshotAI/Moonlight examples/toy_train.py (param split, momentum, AdamW settings); Kimi K2, arXiv 2507.20534 §2.1
+(MuonClip, QK-Clip); DeepSeek-V3, arXiv 2412.19437 §2.1.2 (aux-loss-free balancing, sequence-wise loss);
+Wang et al., "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664 (bias rule, MaxVio).
+
+Shapes: A, B rows and columns of one weight matrix (SPEC §4.1's names); E routed experts, I expert intermediate,
+D hidden; H heads, Dn/Dr/Dv nope/rope/value head dims, Cq/Ckv query/KV latent ranks; N sequences, T tokens per
+sequence, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+# Newton-Schulz quintic coefficients, tuned by K. Jordan to maximise the slope at 0 (KellerJordan/Muon muon.py; the
+# same in Moonlight toy_train.py and torch.optim.Muon; SPEC §4.1). They trade exact convergence for speed: see below.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5            # Moonlight toy_train.py ns_steps=5; SPEC §4.1
+NS_EPS = 1e-7           # Frobenius-norm guard, KellerJordan/Muon and Moonlight
+MUON_RMS = 0.2          # target update RMS, "matches AdamW's typical 0.2-0.4" (Moonlight §2.2); SPEC §4.1
+QK_CLIP_TAU = 100.0     # K2 report §2.1 / SPEC §4.3: tau = 100
+BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3 §4.2 (gamma = 0.001 for the first 14.3T tokens); SPEC §3.1
+SEQ_AUX_ALPHA = 1e-4    # DeepSeek-V3 §4.2 (alpha = 0.0001); the configs' aux_loss_alpha = 0.001 differs (SPEC §3.2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon: pure functions
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
+    """Approximate orthogonal polar factor U Vᵀ of every matrix in G (..., A, B), returned in bf16 with G's shape.
+
+    Each NS step maps every singular value x through p(x) = a·x + b·x³ + c·x⁵ and keeps the singular vectors, so the
+    output is U·S'·Vᵀ with S' = p⁵(S / ‖G‖_F). The coefficients push the slope at 0 to 3.44 at the price of not
+    converging to 1: for S/‖G‖_F ≥ 3e-3, S' lands in [0.68, 1.21] (fp64 iteration of p; K. Jordan's notes say
+    "~Uniform(0.5, 1.5)"), which does not hurt training (Muon post). Works on any leading batch dims, e.g. (E, I, D).
+    """
+    assert G.ndim >= 2, f"Newton-Schulz needs matrices, got shape {tuple(G.shape)}"
+    a, b, c = NS_COEFFICIENTS
+    # bf16 on purpose (SPEC §4.1): NS is stable in bf16 and the result only needs to be near-orthogonal
+    X = G.bfloat16()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:                       # iterate on the wide side so the Gram matrix X Xᵀ is the small one
+        X = X.mT                         # (..., A, B) with A <= B
+    # Frobenius norm >= spectral norm, so after this every singular value is <= 1, inside p's basin
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])     # (N, A, B): N = product of the leading dims, 1 for a single matrix
+    for _ in range(steps):
+        Gram = X @ X.mT                                       # (N, A, A)
+        # baddbmm(C, M1, M2, beta, alpha) = beta·C + alpha·M1 M2 with one bf16 rounding at the end (torch.optim.Muon
+        # uses addmm the same way). Keller's `b * Gram + c * Gram @ Gram` rounds three times: measured on 64x256
+        # Gaussians, 3.6% relative error against fp64 NS vs 1.5% here.
+        P = torch.baddbmm(Gram, Gram, Gram, beta=b, alpha=c)  # (N, A, A); b·X Xᵀ + c·(X Xᵀ)²
+        X = torch.baddbmm(X, P, X, beta=a)                    # (N, A, B); a·X + b·X Xᵀ X + c·(X Xᵀ)² X
+    X = X.reshape(*batch_shape, *X.shape[-2:])                # (..., A, B)
+    if transposed:
+        X = X.mT                         # back to G's orientation
+    return X
+
+
+def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
+    """Moonshot's update scale 0.2·sqrt(max(A, B)) for a matrix of shape (..., A, B); the same for every expert slice."""
+    A, B = shape[-2], shape[-1]
+    # Why: an A×B matrix with min(A, B) unit singular values has RMS sqrt(1/max(A, B)), so raw Muon updates get smaller
+    # as matrices grow. Multiplying by sqrt(max(A, B)) gives RMS ~1 for every shape, and 0.2 matches the update RMS of
+    # AdamW (0.2-0.4), so AdamW's lr and weight decay carry over unchanged (Moonlight §2.2, Lemma 1; SPEC §4.1).
+    # Keller Jordan's max(1, A/B)^0.5 is a different rule (torch.optim.Muon adjust_lr_fn="original").
+    return MUON_RMS * math.sqrt(max(A, B))
+
+
+def muon_update(grad: Tensor, momentum_buffer: Tensor, beta: float = 0.95, nesterov: bool = True,
+                ns_steps: int = NS_STEPS) -> Tensor:
+    """Muon update for one matrix or a stack of matrices: grad (..., A, B) -> update (..., A, B), fp32, RMS ~0.2 each.
+
+    Updates momentum_buffer in place: M <- beta·M + G (Moonlight's accumulating buffer, SPEC §4.1). The caller does
+    W <- W·(1 - lr·wd) - lr·update. Every leading index (an expert of an (E, I, D) stack) is its own matrix.
+    """
+    momentum_buffer.mul_(beta).add_(grad)                                   # M_t = μ·M_{t-1} + G_t  (Moonlight toy_train.py)
+    # Nesterov: look one momentum step ahead, U_t = G_t + μ·M_t. (KellerJordan/Muon and torch.optim.Muon keep an EMA
+    # instead, M = μM + (1-μ)G; that is this buffer times (1-μ), a factor NS's normalisation removes; SPEC §4.1.)
+    U = grad.add(momentum_buffer, alpha=beta) if nesterov else momentum_buffer
+    O = zeropower_via_newtonschulz5(U, ns_steps)                            # (..., A, B) bf16, near-orthogonal
+    return O.float().mul_(muon_scale(grad.shape))                           # fp32: applied to fp32 master weights
+
+
+def adamw_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> Tensor:
+    """Bias-corrected Adam direction m̂ / (sqrt(v̂) + eps), same shape as grad; updates both moments in place.
+
+    Same formula as torch.optim.AdamW (eps added after the bias correction). Moonlight's toy_train.py adds eps before
+    it, m / (sqrt(v) + eps) · sqrt(1-β2^t)/(1-β1^t), which differs only while sqrt(v) ~ eps.
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)                                          # m = β1·m + (1-β1)·g
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)            # v = β2·v + (1-β2)·g²
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)   # sqrt(v̂) + eps, in place: one temporary
+    return torch.div(exp_avg, denom, out=denom).div_(bias_correction1)      # m̂ / (sqrt(v̂) + eps), reusing denom
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which parameter goes where (SPEC §4.2, Moonlight toy_train.py get_optimizer)
+
+
+def uses_muon(name: str, p: Tensor) -> bool:
+    """Moonshot's split: Muon for every matrix (ndim >= 2) except the token embedding and the output head."""
+    # Muon is meant for hidden layers; the embedding (a lookup of one-hot inputs) and the head train better with
+    # AdamW, an empirical finding (KellerJordan/Muon docstring and post) that Moonlight keeps (toy_train.py, SPEC §4.2).
+    # The router gate.weight (E, D) is a matrix and goes to Muon under this rule; K2's exact split is UNVERIFIED.
+    return p.ndim >= 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(muon, adamw) lists of (name, parameter) over the model's trainable parameters, by `uses_muon`."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("e_score_correction_bias"):
+            raise ValueError(f"{name} is an nn.Parameter, but the routing bias must be a buffer: it is moved by "
+                             "update_routing_bias_, never by a gradient (SPEC §3.1); register it with register_buffer")
+        if p.ndim > 3:
+            raise ValueError(f"{name} has shape {tuple(p.shape)}: Muon handles matrices (A, B) and expert stacks "
+                             "(E, A, B) only; reshape it or route it to AdamW explicitly")
+        (muon if uses_muon(name, p) else adamw).append((name, p))
+    return muon, adamw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer
+
+
+class MuonClip(torch.optim.Optimizer):
+    """Muon + AdamW in one optimizer, then the routing-bias update and QK-Clip (SPEC §4.3 algorithm summary).
+
+    Param groups carry `use_muon` (True: Muon, for (A, B) matrices and (E, A, B) expert stacks; False: AdamW).
+    Both kinds get decoupled weight decay W <- W·(1 - lr·wd) with the unadjusted lr (Moonlight toy_train.py).
+    If `model` is given, step() also calls update_routing_bias_(model, bias_update_speed) and
+    qk_clip_(model, qk_clip_tau) (tau None: report and reset the max logits, clip nothing), and keeps their
+    statistics in `last_stats` for logging. Build it with MuonClip.from_model or build_optimizer.
+    """
+
+    def __init__(self, param_groups: Iterable[dict], *, lr: float = 2e-4, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = NS_STEPS,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, model: nn.Module | None = None,
+                 qk_clip_tau: float | None = QK_CLIP_TAU, bias_update_speed: float = BIAS_UPDATE_SPEED,
+                 bias_update_rule: str = "deepseek") -> None:
+        # defaults: lr 2e-4 is K2's peak lr (SPEC §4.4); momentum 0.95, Nesterov, betas (0.9, 0.95), eps 1e-8 and
+        # weight decay 0.1 are Moonlight toy_train.py's values (SPEC §4.1-4.2)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        betas=betas, eps=eps)
+        param_groups = [dict(g) for g in param_groups]
+        for i, g in enumerate(param_groups):
+            if not isinstance(g.get("use_muon"), bool):
+                raise ValueError(f"param group {i} needs use_muon=True (Muon) or False (AdamW), got {g.get('use_muon')!r}")
+        if qk_clip_tau is not None and not qk_clip_tau > 0:
+            raise ValueError(f"qk_clip_tau={qk_clip_tau} must be > 0 (K2 uses 100), or None to turn QK-Clip off")
+        if bias_update_rule not in ("deepseek", "moonlight"):
+            raise ValueError(f"bias_update_rule={bias_update_rule!r}; use 'deepseek' or 'moonlight'")
+        super().__init__(param_groups, defaults)
+        self._check_param_groups(model)
+        self.model = model
+        self.qk_clip_tau = qk_clip_tau
+        self.bias_update_speed = bias_update_speed
+        self.bias_update_rule = bias_update_rule
+        self.last_stats: dict = {}
+
+    @classmethod
+    def from_model(cls, model: nn.Module, lr: float, *, weight_decay: float = 0.1, momentum: float = 0.95,
+                   nesterov: bool = True, ns_steps: int = NS_STEPS, betas: tuple[float, float] = (0.9, 0.95),
+                   eps: float = 1e-8, qk_clip_tau: float | None = QK_CLIP_TAU,
+                   bias_update_speed: float = BIAS_UPDATE_SPEED, bias_update_rule: str = "deepseek",
+                   use_muon: bool = True) -> "MuonClip":
+        """MuonClip over all trainable parameters of `model`, split by Moonshot's rule (uses_muon).
+
+        use_muon=False puts every parameter on AdamW (the baseline of the paper's comparison); qk_clip_tau=None turns
+        QK-Clip off (plain Muon). Turns on max-logit recording in every attention module, which QK-Clip and the
+        logs read; the routing-bias update runs in every mode, because balancing is part of the model, not of Muon.
+        """
+        muon, adamw = split_params(model)
+        if not use_muon:
+            muon, adamw = [], muon + adamw
+        groups = [dict(params=ps, use_muon=flag) for ps, flag in ((muon, True), (adamw, False)) if ps]
+        for attn in _attention_modules(model):
+            attn.record_max_logits = True
+        return cls(groups, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                   ns_steps=ns_steps, betas=betas, eps=eps, model=model, qk_clip_tau=qk_clip_tau,
+                   bias_update_speed=bias_update_speed, bias_update_rule=bias_update_rule)
+
+    def _check_param_groups(self, model: nn.Module | None) -> None:
+        """Every Muon tensor is a matrix or a stack of matrices; with a model, every trainable parameter is in
+        exactly one group and nothing else is (torch already rejects a tensor listed in two groups)."""
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        seen: set[int] = set()
+        for i, g in enumerate(self.param_groups):
+            labels = g.get("param_names") or [names.get(id(p), f"group {i} param {j}") for j, p in enumerate(g["params"])]
+            for label, p in zip(labels, g["params"]):
+                if id(p) in seen:
+                    raise ValueError(f"{label} is listed twice in param group {i}; list each parameter once")
+                seen.add(id(p))
+                if g["use_muon"] and p.ndim not in (2, 3):
+                    raise ValueError(f"{label} has shape {tuple(p.shape)} but is in a Muon group: Muon needs a matrix "
+                                     "(A, B) or an expert stack (E, A, B); put it in a use_muon=False group")
+                if not p.is_floating_point():
+                    raise ValueError(f"{label} has dtype {p.dtype}; only floating-point tensors can be optimized")
+        if model is None:
+            return
+        trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [n for k, n in trainable.items() if k not in seen]
+        extra = [i for i in seen if i not in trainable]
+        if missing:
+            raise ValueError(f"{len(missing)} trainable parameters are in no param group, e.g. {missing[:3]}; "
+                             "add them, or set requires_grad=False to freeze them")
+        if extra:
+            raise ValueError(f"{len(extra)} tensors in the param groups are not trainable parameters of the model "
+                             "(frozen, or from another module); remove them")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter with a gradient, then (with a model) the bias update and QK-Clip."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:          # e.g. an expert stack no token reached: no gradient, no decay this step
+                    continue
+                state = self.state[p]
+                if group["use_muon"]:
+                    if not state:           # optimizer state in the parameter's dtype: keep master weights fp32
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    update = muon_update(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                                         group["ns_steps"])
+                else:
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    update = adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                          group["betas"], group["eps"])
+                # decoupled weight decay with the UNadjusted lr, on every parameter incl. norms (Moonlight App. D, §2.1)
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+        if self.model is not None:
+            # SPEC §4.3: optimizer step -> bias update -> QK-Clip, on the weights the step just produced
+            stats = update_routing_bias_(self.model, self.bias_update_speed, self.bias_update_rule)
+            stats.update(qk_clip_(self.model, self.qk_clip_tau))
+            self.last_stats = stats
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> MuonClip:
+    """The three optimizers of the paper's comparison: 'muonclip' (K2), 'muon' (no QK-Clip), 'adamw' (no Muon)."""
+    if name == "muonclip":
+        return MuonClip.from_model(model, lr, **kwargs)
+    if name == "muon":
+        return MuonClip.from_model(model, lr, **{**kwargs, "qk_clip_tau": None})
+    if name == "adamw":
+        return MuonClip.from_model(model, lr, **{**kwargs, "qk_clip_tau": None, "use_muon": False})
+    raise ValueError(f"optimizer {name!r} is not one of 'muonclip', 'muon', 'adamw'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QK-Clip (Kimi K2 §2.1; SPEC §4.3)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """MLA modules, found by the attributes of the attention contract (max_logits buffer, kv_b_proj)."""
+    return [m for m in model.modules() if hasattr(m, "max_logits") and hasattr(m, "kv_b_proj")]
+
+
+def _moe_modules(model: nn.Module) -> list[nn.Module]:
+    """MoE modules, found by the expert_load buffer and the gate's correction bias."""
+    return [m for m in model.modules()
+            if hasattr(m, "expert_load") and hasattr(getattr(m, "gate", None), "e_score_correction_bias")]
+
+
+def qk_clip_gamma(max_logits: Tensor, tau: float) -> Tensor:
+    """Per-head factor gamma = min(1, tau / S_max): max_logits (H,) -> gamma (H,) fp32; exactly 1.0 where S_max <= tau."""
+    S = max_logits.float()                                                  # fp32: the recorded logits are fp32
+    # where(), not min(1, tau/S): a head that recorded nothing has S = -inf, and tau / -inf = -0.0 would zero it
+    return torch.where(S > tau, tau / S, torch.ones_like(S))
+
+
+@torch.no_grad()
+def qk_clip_(model: nn.Module, tau: float | None = QK_CLIP_TAU) -> dict:
+    """Rescale the q/k rows of every head whose recorded max logit exceeded tau, then reset the records.
+
+    Per head h with gamma_h < 1 (SPEC §4.3 table): q_b_proj (or q_proj) rows of q^C x sqrt(gamma_h), rows of q^R
+    x gamma_h; kv_b_proj rows of k^C x sqrt(gamma_h); v rows, kv_a_proj_with_mqa (the shared k^R), q_a_proj, norms and
+    o_proj untouched. Every logit of head h is then exactly gamma_h times what it was, so for this step's inputs the
+    largest one becomes tau. Heads at or under tau are bit-identical (multiplied by exactly 1.0).
+    tau=None only reads and resets. Returns {"max_logit": per-layer max over heads (before clipping),
+    "clipped_heads": total count, "clipped_per_layer": per-layer counts}.
+    """
+    max_per_layer, clipped_per_layer = [], []
+    for attn in _attention_modules(model):
+        if tau is not None and not attn.record_max_logits:
+            raise RuntimeError("QK-Clip needs the max logits of the forward pass, but record_max_logits is False on "
+                               f"{type(attn).__name__}; set it True (MuonClip.from_model does) or pass qk_clip_tau=None")
+        S = attn.max_logits                                                 # (H,) fp32, max since the last reset
+        max_per_layer.append(S.max().item())
+        if tau is not None:
+            gamma = qk_clip_gamma(S, tau)                                   # (H,)
+            clipped = int((gamma < 1).sum())
+            clipped_per_layer.append(clipped)
+            if clipped:
+                _scale_qk_rows_(attn, gamma)
+        attn.max_logits.fill_(float("-inf"))                                # next step records afresh
+    return {"max_logit": max_per_layer, "clipped_heads": sum(clipped_per_layer), "clipped_per_layer": clipped_per_layer}
+
+
+def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
+    """Apply per-head gamma (H,) to the query and key rows of one MLA module, in the checkpoint's row layout."""
+    H, Dn, Dr = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    root = gamma.sqrt()                                                     # (H,); sqrt(1.0) == 1.0 exactly
+    q = (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight  # (H·(Dn+Dr), Cq or D)
+    qh = q.view(H, Dn + Dr, q.size(-1))                                     # (H, Dn+Dr, Cq); per head [q^C | q^R]
+    # q^C·k^C gets sqrt·sqrt = gamma; q^R·k^R gets gamma from q^R alone, because k^R is shared by all heads (SPEC §4.3)
+    qh[:, :Dn].mul_(root.to(q.dtype)[:, None, None])
+    qh[:, Dn:].mul_(gamma.to(q.dtype)[:, None, None])
+    kv = attn.kv_b_proj.weight                                              # (H·(Dn+Dv), Ckv)
+    kvh = kv.view(H, -1, kv.size(-1))                                       # (H, Dn+Dv, Ckv); per head [k^C | v]
+    kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])                      # v rows untouched: values are not logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Load balancing (DeepSeek-V3 §2.1.2, §2.3; SPEC §3)
+
+
+def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Tensor:
+    """Change of the routing bias for one MoE layer: load (E,) tokens per expert -> delta (E,) fp32.
+
+    'deepseek' (DeepSeek-V3 §2.1.2; Wang et al. 2408.15664): delta_i = speed · sign(mean_load - load_i), so
+    over-loaded experts get less attractive and under-loaded ones more. 'moonlight' (Moonlight App. C):
+    delta_i = speed · (sign(e_i) - mean_j sign(e_j)), the same minus its mean, which keeps sum(b) from drifting and
+    changes no top-k choice. Which rule K2 used is UNVERIFIED (SPEC §3.1).
+    """
+    load = load.float()                                                     # fp32: the bias is fp32 (SPEC §2.7)
+    # mean_load = T·K/E in SPEC §3.1; equal to load.mean() because every token is routed to exactly K experts
+    err = load.mean() - load                                                # (E,), > 0 for under-loaded experts
+    direction = torch.sign(err)
+    if rule == "moonlight":
+        direction = direction - direction.mean()
+    elif rule != "deepseek":
+        raise ValueError(f"rule={rule!r}; use 'deepseek' or 'moonlight'")
+    return speed * direction
+
+
+@torch.no_grad()
+def update_routing_bias_(model: nn.Module, speed: float = BIAS_UPDATE_SPEED, rule: str = "deepseek") -> dict:
+    """Move every MoE layer's e_score_correction_bias toward balanced load, then zero expert_load.
+
+    Uses the tokens counted since the last call (all micro-batches of the step). speed 0 only measures and resets
+    (DeepSeek-V3 sets gamma = 0 for its last 500B tokens). Returns {"load_maxvio": per layer (max_i load_i - mean) /
+    mean, 0 = perfect balance (MaxVio, arXiv 2408.15664 §4.1)}; layers that routed no token report 0.
+    """
+    maxvio = []
+    for moe in _moe_modules(model):
+        load = moe.expert_load.float()                                      # (E,)
+        mean = load.mean()
+        maxvio.append(((load.max() - mean) / mean).item() if mean > 0 else 0.0)
+        if speed and mean > 0:
+            moe.gate.e_score_correction_bias.add_(routing_bias_delta(load, speed, rule))
+        moe.expert_load.zero_()
+    return {"load_maxvio": maxvio}
+
+
+def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, top_k: int,
+                          alpha: float = SEQ_AUX_ALPHA) -> Tensor:
+    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.3, Eqs. 17-20; SPEC §3.2), averaged over sequences.
+
+    scores (N, T, E): unbiased sigmoid router scores (fp32, with grad); idx (N, T, K): the experts each token was
+    routed to. L = alpha · Σ_i f_i·P_i with f_i = E/(K·T)·#{t: i in idx_t} (no gradient) and P_i the mean over t of
+    the scores renormalised over all E experts. Equals alpha at perfect balance. Off by default in the reference.
+    """
+    N, T, E = scores.shape
+    assert E == n_experts and idx.shape == (N, T, top_k), f"scores {tuple(scores.shape)}, idx {tuple(idx.shape)}"
+    s = scores.float()                                                      # fp32: a mean over E·T small numbers
+    P = (s / s.sum(-1, keepdim=True)).mean(1)                               # (N, E)
+    counts = torch.zeros(N, E, device=s.device).scatter_add_(
+        1, idx.reshape(N, T * top_k), torch.ones(N, T * top_k, device=s.device))  # (N, E) tokens per expert
+    f = counts * (E / (top_k * T))                                          # (N, E), 1 everywhere at perfect balance
+    return alpha * (f * P).sum(-1).mean()
