@@ -16,7 +16,7 @@ import time
 import torch
 
 import model as kimi
-from muonclip import MuonClip, zeropower_via_newtonschulz5
+from muonclip import NS_STEPS, MuonClip, split_params, zeropower_via_newtonschulz5
 
 
 def sync(device: torch.device) -> None:
@@ -72,6 +72,17 @@ def optimizer_table(preset: str, device: torch.device, repeats: int) -> None:
     print(f"{'optimizer':44s} {'ms/step':>9s} {'x AdamW':>8s}")
     for name, ms in rows:
         print(f"{name:44s} {ms:9.2f} {ms / base:8.2f}")
+    # Why Muon costs more: per (A, B) matrix with a <= b, each NS step does X Xᵀ (a²b), P = bΓ + cΓ² (a³) and P X
+    # (a²b) multiply-adds, while AdamW does ~10 flops per parameter and is memory bound.
+    muon, _ = split_params(m)
+    flops = 0
+    for _, p in muon:
+        a, b = sorted(p.shape[-2:])
+        flops += p[..., 0, 0].numel() * NS_STEPS * 2 * (2 * a * a * b + a ** 3)
+    X = torch.randn(1024, 1024, device=device, dtype=torch.bfloat16)
+    rate = 2 * 1024 ** 3 / time_it(lambda: X @ X, device, repeats) / 1e6  # GFLOP/s of a large bf16 matmul
+    print(f"Newton-Schulz work: {flops / 1e9:.2f} GFLOP per step; at this device's bf16 matmul rate ({rate:.0f} GFLOP/s, "
+          f"1024^3) that alone takes >= {flops / 1e6 / rate:.1f} ms, {flops / 1e6 / rate / base:.1f}x the AdamW step")
 
 
 def expert_table(device: torch.device, repeats: int, shapes: list[tuple[int, int, int]]) -> None:

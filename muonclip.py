@@ -18,10 +18,15 @@ How it differs from a textbook optimizer:
 - The routing bias e_score_correction_bias is a buffer that no optimizer sees: a sign rule moves it toward balanced load.
 Single process only: with data parallelism, all-reduce expert_load (SUM) and max_logits (MAX) before step().
 
+Checked against (tests/test_muonclip.py): Newton-Schulz vs the SVD polar factor U Vᵀ and the fp64 NS polynomial;
+the batched expert stack vs a per-matrix loop; the Muon part vs torch.optim.Muon and the AdamW part vs
+torch.optim.AdamW, step for step; QK-Clip vs max logits recomputed in fp64 from the weights.
+
 References: Muon, K. Jordan 2024 (kellerjordan.github.io/posts/muon; code KellerJordan/Muon muon.py);
-Moonlight "Muon is Scalable for LLM Training", arXiv 2502.16982 §2.2 (update RMS), §2.1 (weight decay), App. C (bias);
+Moonlight "Muon is Scalable for LLM Training", arXiv 2502.16982 §2.2 (weight decay; update RMS, Lemma 1), App. C
+(bias rule), App. D (decaying norm weights);
 MoonshotAI/Moonlight examples/toy_train.py (param split, momentum, AdamW settings); Kimi K2, arXiv 2507.20534 §2.1
-(MuonClip, QK-Clip); DeepSeek-V3, arXiv 2412.19437 §2.1.2 (aux-loss-free balancing, sequence-wise loss);
+(MuonClip, QK-Clip); DeepSeek-V3, arXiv 2412.19437 §2.1.2 (aux-loss-free balancing, sequence-wise loss), §4.2 (values);
 Wang et al., "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664 (bias rule, MaxVio).
 
 Shapes: A, B rows and columns of one weight matrix (SPEC §4.1's names); E routed experts, I expert intermediate,
@@ -251,7 +256,7 @@ class MuonClip(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:          # e.g. an expert stack no token reached: no gradient, no decay this step
+                if p.grad is None:          # the loss did not reach it: no update and no decay, as in torch.optim
                     continue
                 state = self.state[p]
                 if group["use_muon"]:
@@ -267,7 +272,7 @@ class MuonClip(torch.optim.Optimizer):
                     state["step"] += 1
                     update = adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                           group["betas"], group["eps"])
-                # decoupled weight decay with the UNadjusted lr, on every parameter incl. norms (Moonlight App. D, §2.1)
+                # decoupled weight decay with the UNadjusted lr, on every parameter incl. norms (Moonlight §2.2, App. D)
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr)
         if self.model is not None:
@@ -319,7 +324,9 @@ def qk_clip_(model: nn.Module, tau: float | None = QK_CLIP_TAU) -> dict:
     x gamma_h; kv_b_proj rows of k^C x sqrt(gamma_h); v rows, kv_a_proj_with_mqa (the shared k^R), q_a_proj, norms and
     o_proj untouched. Every logit of head h is then exactly gamma_h times what it was, so for this step's inputs the
     largest one becomes tau. Heads at or under tau are bit-identical (multiplied by exactly 1.0).
-    tau=None only reads and resets. Returns {"max_logit": per-layer max over heads (before clipping),
+    S_max is the logit as fed to softmax, YaRN's m² included; the report writes q·k/sqrt(d), and which of the two
+    K2 clips is UNVERIFIED (SPEC §4.3). tau=None only reads and resets.
+    Returns {"max_logit": per-layer max over heads (before clipping),
     "clipped_heads": total count, "clipped_per_layer": per-layer counts}.
     """
     max_per_layer, clipped_per_layer = [], []
@@ -354,7 +361,7 @@ def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Load balancing (DeepSeek-V3 §2.1.2, §2.3; SPEC §3)
+# Load balancing (DeepSeek-V3 §2.1.2; SPEC §3)
 
 
 def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Tensor:
@@ -382,7 +389,7 @@ def update_routing_bias_(model: nn.Module, speed: float = BIAS_UPDATE_SPEED, rul
 
     Uses the tokens counted since the last call (all micro-batches of the step). speed 0 only measures and resets
     (DeepSeek-V3 sets gamma = 0 for its last 500B tokens). Returns {"load_maxvio": per layer (max_i load_i - mean) /
-    mean, 0 = perfect balance (MaxVio, arXiv 2408.15664 §4.1)}; layers that routed no token report 0.
+    mean, 0 = perfect balance (MaxVio of arXiv 2408.15664)}; layers that routed no token report 0.
     """
     maxvio = []
     for moe in _moe_modules(model):
@@ -397,7 +404,7 @@ def update_routing_bias_(model: nn.Module, speed: float = BIAS_UPDATE_SPEED, rul
 
 def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, top_k: int,
                           alpha: float = SEQ_AUX_ALPHA) -> Tensor:
-    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.3, Eqs. 17-20; SPEC §3.2), averaged over sequences.
+    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.1.2; SPEC §3.2), averaged over the N sequences.
 
     scores (N, T, E): unbiased sigmoid router scores (fp32, with grad); idx (N, T, K): the experts each token was
     routed to. L = alpha · Σ_i f_i·P_i with f_i = E/(K·T)·#{t: i in idx_t} (no gradient) and P_i the mean over t of

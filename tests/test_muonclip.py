@@ -476,7 +476,7 @@ def test_sequence_balance_loss_against_a_loop():
     idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N * T)]).view(N, T, K)
     loss = sequence_balance_loss(scores, idx, E, K, alpha)
     ref = 0.0
-    for n in range(N):                                       # DeepSeek-V3 Eqs. 17-20, one sequence at a time
+    for n in range(N):                                       # SPEC §3.2 (DeepSeek-V3 §2.1.2), one sequence at a time
         for i in range(E):
             f = E / (K * T) * sum(int(i in idx[n, t].tolist()) for t in range(T))
             P = sum(scores[n, t, i] / scores[n, t].sum() for t in range(T)) / T
