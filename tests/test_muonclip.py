@@ -407,6 +407,32 @@ def test_qk_clip_bounds_every_head_and_leaves_the_rest_bit_identical(q_lora_rank
     assert stats["max_logit"] == pytest.approx([r.max().item() for r in recorded])
 
 
+def test_step_order_is_update_then_bias_then_clip():
+    # SPEC §4.3: optimizer step -> bias update -> QK-Clip. Replay the three by hand on a copy and compare bitwise.
+    m = tiny_model(seed=16)
+    ids = torch.randint(0, m.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(17))
+    opt = MuonClip.from_model(m, lr=1e-2, qk_clip_tau=0.02, bias_update_speed=1e-3)   # tau 0.02: clips every head
+    m(ids).logsumexp(-1).mean().backward()
+    m2 = copy.deepcopy(m)
+    opt2 = MuonClip.from_model(m2, lr=1e-2, qk_clip_tau=None, bias_update_speed=0.0)   # the update alone
+    for p, p2 in zip(m.parameters(), m2.parameters()):
+        p2.grad = p.grad.clone()
+    recorded = [layer.self_attn.max_logits.clone() for layer in m2.model.layers]
+    load = m2.model.layers[1].mlp.expert_load.clone()
+    opt.step()
+    opt2.step()                                              # 1. Muon/AdamW update with weight decay
+    m2.model.layers[1].mlp.expert_load.copy_(load)
+    update_routing_bias_(m2, 1e-3)                           # 2. bias update from this step's loads
+    for layer, S in zip(m2.model.layers, recorded):
+        layer.self_attn.max_logits.copy_(S)
+    qk_clip_(m2, 0.02)                                       # 3. QK-Clip on the updated weights
+    for (n, p), p2 in zip(m.named_parameters(), m2.parameters()):
+        assert torch.equal(p, p2), n
+    for (n, b), b2 in zip(m.named_buffers(), m2.buffers()):
+        assert torch.equal(b, b2), n
+    assert opt.last_stats["clipped_heads"] == 2 * m.args.num_attention_heads
+
+
 def test_qk_clip_gamma_edge_cases():
     S = torch.tensor([float("-inf"), 50.0, 100.0, 400.0])
     assert torch.equal(qk_clip_gamma(S, 100.0), torch.tensor([1.0, 1.0, 1.0, 0.25]))   # -inf: nothing recorded
