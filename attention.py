@@ -248,7 +248,7 @@ class MLA(nn.Module):
             start = cache.pos
             c_kv, k_pe = cache.update(layer, c_kv, k_pe)  # (B, S, Ckv), (B, S, Dr), S = start + T
         S = c_kv.shape[1]
-        rec = self.max_logits if self.record_max_logits else None
+        rec = self.max_logits if self.record_max_logits and self.training else None  # eval passes never feed QK-Clip
         if impl == "naive":
             kv = self.kv_b_proj(c_kv).view(B, S, H, Dn + Dv)  # up-project every cached token: per-head keys/values
             k_nope, v = kv.split([Dn, Dv], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)

@@ -227,15 +227,23 @@ class MoE(nn.Module):
         self.impl = "auto"  # see pick_expert_impl; set per model with Transformer.set_expert_impl
         # tokens routed to each expert during training forwards since the last reset (read by the bias update)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
+        # optional complementary sequence-wise balance loss (SPEC §3.2): off by default; 1e-4 (DeepSeek-V3) when on.
+        # The trainer sets seq_aux_alpha and adds up `aux_loss` over the MoE layers.
+        self.seq_aux_alpha, self.aux_loss = 0.0, None
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, D) -> (B, T, D)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, idx, _ = self.gate(x)  # (N, K), (N, K)
+        weights, idx, scores = self.gate(x)  # (N, K), (N, K), (N, E)
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).float()
+            if self.seq_aux_alpha > 0:
+                from muonclip import sequence_balance_loss  # training-only dependency, imported where it is used
+                B, T = shape[0], shape[1]
+                self.aux_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), scores.shape[-1],
+                                                      idx.shape[-1], self.seq_aux_alpha)
         impl = self.impl if self.impl != "auto" else pick_expert_impl("auto", x.device, x.dtype)[0]
         y = run_experts(impl, x, weights, idx, self.experts) + self.shared_experts(x)  # shared expert: weight 1
         return y.view(shape)

@@ -103,11 +103,15 @@ def test_mla_matches_reference_from_weights(kind, impl):
     ref, ref_max = reference_mla(attn, x, model.inv_freq, args)
     with torch.no_grad():
         out = attn(x, cos, sin, impl=impl)
-        attn.record_max_logits = True  # the explicit path that also records QK-Clip's S_max
-        out_rec = attn(x, cos, sin, impl=impl)
+        attn.record_max_logits = True  # the explicit path that also records QK-Clip's S_max (training forwards only)
+        out_rec = attn.train()(x, cos, sin, impl=impl)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(out_rec.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(attn.max_logits.double(), ref_max, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        attn.max_logits.fill_(float("-inf"))
+        attn.eval()(x, cos, sin, impl=impl)  # an evaluation pass leaves the statistic alone
+    assert attn.max_logits.max() == float("-inf")
 
 
 # ---------------------------------------------------------------- the latent cache
