@@ -1,0 +1,863 @@
+"""Training Kimi K2 on one machine: pretraining on real text, supervised fine-tuning on chats, MuonClip, resumable.
+
+What one run does, top to bottom of this file:
+1. Data. Pretraining tokenizes a corpus (default: the Python standard library's own source, tokenizer.read_corpus;
+   or any files/folders given with --data) ONCE into a flat binary token file (uint16 when the vocabulary fits,
+   else uint32) cached under data/, named by hashes of the tokenizer file and of the text, so changing either
+   re-tokenizes. Training windows of --seq-len+1 tokens are drawn at random offsets by a seeded NumPy generator; the
+   last --val-fraction of the tokens is held out for validation. `--sft` instead encodes conversations
+   (chat_data.conversations, or a JSONL file) with tokenizer.encode_chat, packs whole conversations into rows of
+   --seq-len+1 tokens (the rest padded) and keeps the loss mask: only what the assistant wrote is trained on.
+2. The loop. LR: linear warmup, constant, then cosine decay to 10% of the peak, the shape of K2's schedule
+   (2e-4 constant for 10T tokens, cosine to 2e-5 over 5.5T; SPEC §4.4) given as fractions of the run's steps.
+   Gradient accumulation; bf16 autocast on a GPU (fp32 on CPU, and the reason is printed); optional gradient
+   clipping; MuonClip / Muon / AdamW (muonclip.build_optimizer), whose step also moves the routing bias and applies
+   QK-Clip; the optional sequence-wise balance loss. Every step appends one JSON line to log.jsonl: loss, lr,
+   grad norm, per-layer max attention logit, clipped heads, per-layer expert-load imbalance (MaxVio), tokens/s,
+   and the validation loss when measured.
+3. Checkpoints: the Hugging Face layout of model.save_pretrained (so transformers' DeepseekV3ForCausalLM and
+   `python generate.py --ckpt DIR` load it) plus optimizer.pt, trainer_state.json (step, data-sampler and torch
+   RNG states, log position, the run's flags) and a copy of tiktoken.model, all written through save_pretrained's
+   atomic `extra=` hook. Ctrl-C saves and exits; `--resume` reproduces the uninterrupted run's losses bit for bit
+   (same device and thread count: CPU kernels are deterministic, GPU ones need not be).
+4. `python train.py plot LOG... --out curves.png` (or --plot) draws loss and max-logit curves of several runs.
+
+How this differs from a textbook training loop: the optimizer step is three things in a fixed order (Muon/AdamW
+update -> routing-bias update from the step's expert loads -> QK-Clip of the heads whose logits exceeded tau;
+SPEC §4.3), which is why the attention layers record their max logits during training forwards and the MoE layers
+count tokens per expert; and the loss of a step is normalised by the number of target tokens of the WHOLE step
+(all micro-batches), so gradient accumulation and SFT masks weigh every supervised token equally.
+
+The paper's comparison at toy scale (a few minutes each on a laptop CPU; plot with the last command):
+    python train.py --optimizer adamw    --out runs/adamw
+    python train.py --optimizer muon     --out runs/muon
+    python train.py --optimizer muonclip --out runs/muonclip --qk-clip-tau 30
+    python train.py plot runs/adamw/log.jsonl runs/muon/log.jsonl runs/muonclip/log.jsonl --out runs/compare.png
+At this scale the max logits stay far below K2's tau = 100 (the logit growth of SPEC §4.3 appears in large models
+trained long), so a lower tau (here 30) shows the clip acting; `python bench_train.py` runs a shorter version.
+The demo model (demo/): see README "Training the demo model" for the two commands (pretraining, then --sft --init).
+
+References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 / SPEC §4.4 (schedule); Moonlight (arXiv 2502.16982)
+for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2 (balancing), §4.2 (gradient clipping 1.0).
+Shapes: B batch (sequences per micro-batch), T tokens per sequence (--seq-len), V vocab, N tokens in the corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model as M
+import tokenizer as tk
+from generate import pick_device, pick_dtype
+from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _attention_modules, _moe_modules, build_optimizer
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"  # token cache; gitignored (/data/)
+# K2's schedule (SPEC §4.4): 2e-4 constant for 10T of 15.5T tokens, then cosine to 2e-5 over the last 5.5T
+K2_DECAY_FRAC = 5.5 / 15.5  # = 0.355 of the run decays
+K2_FINAL_LR_FRAC = 2e-5 / 2e-4  # = 0.1: decay ends at 10% of the peak
+GRAD_CLIP = 1.0  # DeepSeek-V3 §4.2: "the gradient clipping norm is set to 1.0"; K2's value is not published
+# Toy-scale peak lr. K2's 2e-4 goes with 67M-token batches; a 5M-parameter model on 1K-token batches learns far too
+# slowly with it. 2e-3 was the best of {5e-4, 1e-3, 2e-3, 4e-3} for cpu-small after 300 steps (see README numbers).
+DEFAULT_LR = 2e-3
+STATE_VERSION = 1  # trainer_state.json format
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss); the message says at which step and what to try."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Pretraining data: corpus -> cached token file -> random windows
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename over `path`: readers see the old file or the complete new one, never a prefix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 when every id fits (half the disk and memory), else uint32 (K2's 163,840 ids do not fit 16 bits)."""
+    return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
+
+
+def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None = None,
+                   max_bytes: int | None = None, cache_dir: str | os.PathLike = DATA_DIR) -> tuple[np.ndarray, dict]:
+    """Tokenize the corpus once and cache it; returns (tokens (N,) uint16/uint32 memmap, info dict).
+
+    The cache file's name holds hashes of the tokenizer file's bytes and of the corpus text, so any change to either
+    re-tokenizes, and two corpora never share a file. The text is read every time (a few seconds for the default
+    corpus) because hashing it is the only reliable way to notice an edit. Raises ValueError / FileNotFoundError
+    naming the problem for a missing or empty corpus.
+    """
+    tok_bytes = Path(tokenizer_path).read_bytes()
+    text = tk.read_corpus(data, max_bytes=max_bytes)  # raises for missing paths and empty corpora
+    tok_hash, text_hash = _sha256(tok_bytes)[:8], _sha256(text.encode("utf-8", "surrogatepass"))[:12]
+    label = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}" if data is None else "custom"
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{label}-{Path(tokenizer_path).stem}{tok_hash}-{text_hash}"
+    bin_path, meta_path = cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json"
+    if bin_path.exists() and meta_path.exists():
+        info = json.loads(meta_path.read_text())
+        dtype = np.dtype(info["dtype"])
+        if bin_path.stat().st_size == info["n_tokens"] * dtype.itemsize:
+            info.update(path=str(bin_path), cached=True)
+            return np.memmap(bin_path, dtype=dtype, mode="r"), info
+    tok = tk.Tokenizer.load(tokenizer_path)
+    t0 = time.perf_counter()
+    ids = np.asarray(tok.encode(text), dtype=np.int64)
+    if ids.size == 0:
+        raise ValueError("the corpus encodes to zero tokens; give files with text in them")
+    dtype = token_dtype(tok.n_vocab)
+    arr = ids.astype(dtype)
+    _atomic_write(bin_path, lambda p: arr.tofile(p))  # the data first, then the metadata that vouches for it
+    info = dict(n_tokens=int(arr.size), dtype=dtype.name, n_vocab=tok.n_vocab, tokenizer=str(tokenizer_path),
+                tokenizer_sha256=_sha256(tok_bytes), text_sha256=_sha256(text.encode("utf-8", "surrogatepass")),
+                chars=len(text), corpus=label if data is None else [str(p) for p in data], max_bytes=max_bytes,
+                python=sys.version.split()[0], seconds=round(time.perf_counter() - t0, 2))
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
+    info.update(path=str(bin_path), cached=False)
+    return np.memmap(bin_path, dtype=dtype, mode="r"), info
+
+
+class TokenWindows:
+    """Training windows from a flat token array: train split = all but the last val_fraction, sampled at uniformly
+    random offsets by a seeded NumPy generator (its state is the sampler state a checkpoint saves); validation =
+    fixed non-overlapping windows of the held-out tail, the same every time."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, val_fraction: float, seed: int,
+                 val_batches: int):
+        n, T = len(tokens), seq_len
+        n_val = int(round(n * val_fraction))
+        if n_val < T + 1 or n - n_val < T + 1:
+            raise ValueError(
+                f"--seq-len {T} needs at least {T + 1} tokens in each split, but the corpus has {n:,} tokens: "
+                f"{n - n_val:,} for training and {n_val:,} for validation (--val-fraction {val_fraction}); "
+                "give more text (--data), lower --seq-len, or change --val-fraction")
+        self.train, self.val = tokens[:n - n_val], tokens[n - n_val:]
+        self.T, self.B = T, batch_size
+        self.rng = np.random.default_rng(seed)
+        n_windows = min((len(self.val) - 1) // T, val_batches * batch_size)
+        self.val_starts = np.arange(n_windows) * T  # stride T: every validation target is scored once
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One micro-batch: inputs x (B, T), targets y (B, T) = x shifted by one, weights w (B, T) all 1."""
+        starts = self.rng.integers(0, len(self.train) - self.T, size=self.B)  # (B,) last valid start: n - T - 1
+        rows = np.stack([self.train[s:s + self.T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:], torch.ones(self.B, self.T)
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.val_starts), self.B):
+            rows = np.stack([self.val[s:s + self.T + 1] for s in self.val_starts[i:i + self.B]]).astype(np.int64)
+            rows = torch.from_numpy(rows)  # (b, T+1)
+            yield rows[:, :-1], rows[:, 1:], torch.ones(rows.shape[0], self.T)
+
+    def state(self) -> dict:
+        return {"kind": "windows", "rng": self.rng.bit_generator.state}
+
+    def load_state(self, s: dict) -> None:
+        self.rng.bit_generator.state = s["rng"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Supervised fine-tuning data: conversations -> packed rows with a loss mask
+
+
+def load_conversations(path: str | None, n: int, seed: int) -> list[tuple[list[dict], list[dict] | None]]:
+    """(messages, tools-or-None) pairs: from a JSONL file of {"messages": [...], "tools": [...]} or, without a path,
+    chat_data.conversations(n, seed) (the demo model's synthetic chats)."""
+    if path is None:
+        import chat_data
+        return chat_data.conversations(n, seed)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--data {p} does not exist; with --sft give a JSONL file of "
+                                '{"messages": [...], "tools": [...]} lines, or no --data for the built-in chats')
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}:{i} is not JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+            raise ValueError(f'{p}:{i} needs an object with a "messages" list, got {line[:80]!r}')
+        out.append((rec["messages"], rec.get("tools") or None))
+    if not out:
+        raise ValueError(f"{p} holds no conversations")
+    return out
+
+
+def pack_conversations(encoded: Sequence[tuple[list[int], list[int]]], row_len: int, pad_id: int,
+                       pack: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """Whole conversations into rows of row_len tokens, first fit in order; the rest of a row is pad_id with mask 0.
+
+    Returns (ids (R, row_len) int64, mask (R, row_len) int8, dropped): conversations longer than a row are dropped
+    (cutting one would train the model on answers without their question), and so are ones with no supervised token.
+    Packing lets a conversation attend to the one before it in its row; each starts with its own system turn, which
+    is the usual simplification (no per-document attention mask). pack=False: one conversation per row.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    dropped = 0
+    for ids, mask in encoded:
+        if len(ids) > row_len or not any(mask):
+            dropped += 1
+            continue
+        target = next((r for r in rows if len(r[0]) + len(ids) <= row_len), None) if pack else None
+        if target is None:
+            target = ([], [])
+            rows.append(target)
+        target[0].extend(ids)
+        target[1].extend(mask)
+    out_ids = np.full((len(rows), row_len), pad_id, dtype=np.int64)
+    out_mask = np.zeros((len(rows), row_len), dtype=np.int8)
+    for r, (ids, mask) in enumerate(rows):
+        out_ids[r, :len(ids)] = ids
+        out_mask[r, :len(mask)] = mask
+    return out_ids, out_mask, dropped
+
+
+class ChatRows:
+    """SFT batches: rows of packed conversations drawn with replacement by a seeded generator. The target of input
+    position t is token t+1 and its weight is mask[t+1], so the loss covers exactly the assistant's tokens; padding
+    has mask 0 and never counts."""
+
+    def __init__(self, tok: tk.Tokenizer, convs: Sequence, seq_len: int, batch_size: int, val_fraction: float,
+                 seed: int, pack: bool = True):
+        n_val = max(1, int(round(len(convs) * val_fraction)))
+        if len(convs) < 2:
+            raise ValueError(f"--sft needs at least 2 conversations (one held out for validation), got {len(convs)}")
+        encoded = [tok.encode_chat(m, t, add_generation_prompt=True) for m, t in convs]
+        longest = max(len(ids) for ids, _ in encoded)
+        self.train_ids, self.train_mask, dropped = pack_conversations(encoded[:-n_val], seq_len + 1, tok.pad_id, pack)
+        self.val_ids, self.val_mask, dropped_val = pack_conversations(encoded[-n_val:], seq_len + 1, tok.pad_id, pack)
+        if len(self.train_ids) == 0 or len(self.val_ids) == 0:
+            raise ValueError(f"no conversation fits --seq-len {seq_len} (+1 for the shifted targets): the longest has "
+                             f"{longest} tokens; raise --seq-len")
+        self.dropped = dropped + dropped_val
+        self.B, self.T = batch_size, seq_len
+        self.rng = np.random.default_rng(seed)
+        self.n_train_convs, self.n_val_convs = len(convs) - n_val, n_val
+        self.fingerprint = _sha256(self.train_ids.tobytes() + self.train_mask.tobytes())[:16]
+
+    @staticmethod
+    def _split(ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)  # (b, T+1)
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:].float()  # x, y, w: w[t] says whether y[t] is trained on
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = self.rng.integers(0, len(self.train_ids), size=self.B)  # (B,) rows, with replacement
+        return self._split(self.train_ids[r], self.train_mask[r])
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.val_ids), self.B):
+            yield self._split(self.val_ids[i:i + self.B], self.val_mask[i:i + self.B])
+
+    def state(self) -> dict:
+        return {"kind": "chat", "rng": self.rng.bit_generator.state}
+
+    def load_state(self, s: dict) -> None:
+        self.rng.bit_generator.state = s["rng"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Learning-rate schedule and loss
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float, decay_frac: float = K2_DECAY_FRAC,
+          final_frac: float = K2_FINAL_LR_FRAC) -> float:
+    """LR of update `step` (0-based) of `total`: linear warmup to `peak` over the first warmup_frac of the steps,
+    constant, then cosine from peak to final_frac·peak over the last decay_frac (K2's shape, SPEC §4.4).
+    The first update uses peak/warmup_steps (never 0) and the last one exactly final_frac·peak."""
+    warmup = round(warmup_frac * total)
+    decay = round(decay_frac * total)
+    decay_start = total - decay
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start + 1) / decay  # (0, 1], 1 at the last step
+    final = final_frac * peak
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t · CE(logits_t, y_t): logits (B, T, V) fp32, targets (B, T), weights (B, T) -> scalar fp32.
+    The caller divides by the number of target tokens of the whole step."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B·T,) fp32 loss
+    return (ce * weights.flatten().to(ce.device)).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Checkpoints
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory for --resume/--init: PATH itself, or PATH/ckpt for a run directory. If a crash hit
+    save_pretrained between its two renames (old checkpoint moved aside, new one not yet in place), the complete
+    moved-aside copy `.NAME.old-PID` is put back."""
+    p = Path(path)
+    for cand in (p, p / "ckpt"):
+        if (cand / "config.json").exists():
+            return cand
+        olds = sorted(cand.parent.glob(f".{cand.name}.old-*")) if cand.parent.exists() else []
+        if not cand.exists() and olds:
+            os.rename(olds[-1], cand)  # the last complete checkpoint, left aside by an interrupted save
+            print(f"recovered {cand} from {olds[-1].name} (a save was interrupted between its renames)")
+            return cand
+    raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
+
+
+@contextmanager
+def defer_sigint():
+    """Hold Ctrl-C until the block ends, then raise it: an optimizer step, a log line or a checkpoint is never left
+    half done. (Signals can only be caught in the main thread; elsewhere the block runs unprotected.)"""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit = []
+    old = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The trainer
+
+# Flags that do not change what is computed, so a resumed run may change them; every other flag comes from the
+# checkpoint. Changing device, dtype or thread count is allowed but breaks bit-identity (a note is printed).
+FREE_ON_RESUME = {"out", "resume", "log_every", "save_every", "eval_every", "plot", "device", "dtype", "threads",
+                  "data_cache", "steps"}
+
+
+class Trainer:
+    """Everything a run needs, built from parsed flags: `Trainer(args).run()`. Split from main() so tests can build
+    one, look at its optimizer, and stop it at a chosen step (on_step)."""
+
+    def __init__(self, args: argparse.Namespace, given: set[str] | None = None):
+        given = set() if given is None else given
+        resume_dir = None
+        if args.resume:
+            resume_dir = find_checkpoint(args.resume)
+            saved = json.loads((resume_dir / "trainer_state.json").read_text())
+            args = _merge_resume_args(args, saved["args"], given)
+            if not given & {"out"}:
+                args.out = str(resume_dir.parent)
+        self.args = a = args
+        self.out = Path(a.out)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        self.device, why_device = pick_device(a.device)
+        amp_dtype, why_dtype = pick_dtype(a.dtype, self.device)
+        if amp_dtype == torch.float16:
+            raise ValueError("fp16 training needs loss scaling, which train.py does not do; use --dtype bf16 or fp32")
+        self.amp_dtype = amp_dtype
+        self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype != torch.float32
+                         else nullcontext())
+        amp_note = "; autocast, weights and optimizer state stay fp32" if amp_dtype != torch.float32 else ""
+        print(f"device: {self.device} ({why_device}); compute dtype: {str(amp_dtype).removeprefix('torch.')} "
+              f"({why_dtype}){amp_note}; {torch.get_num_threads()} CPU thread(s)")
+
+        # --- the model: a preset/config, a checkpoint to start from (--init), or the checkpoint to resume
+        torch.manual_seed(a.seed)
+        if resume_dir is not None or a.init:
+            src = resume_dir or find_checkpoint(a.init)
+            self.model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
+            print(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
+        else:
+            margs = M.load_args(a.config)
+            margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
+            with torch.device(self.device):
+                self.model = M.Transformer(margs)
+        self.model.train()
+        margs = self.model.args
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
+              f"{margs.n_routed_experts} experts top-{margs.num_experts_per_tok}; experts: "
+              f"{self.model.set_expert_impl('auto')}")
+        if a.seq_len > margs.max_position_embeddings:
+            raise ValueError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings="
+                             f"{margs.max_position_embeddings}; lower --seq-len or use a config with a longer context")
+
+        # --- the tokenizer: --tokenizer, else the one inside --init/--resume, else the shipped demo tokenizer
+        tok_path = a.tokenizer
+        if tok_path is None:
+            inside = (resume_dir or (find_checkpoint(a.init) if a.init else None))
+            tok_path = (inside / "tiktoken.model") if inside and (inside / "tiktoken.model").exists() \
+                else tk.DEMO_RANK_FILE
+        self.tokenizer_path = Path(tok_path)
+        self.tok = tk.Tokenizer.load(self.tokenizer_path)
+        if self.tok.n_vocab > margs.vocab_size:
+            raise ValueError(f"the tokenizer {self.tokenizer_path} has {self.tok.n_vocab} ids but the model only "
+                             f"vocab_size={margs.vocab_size} embedding rows; use a config with vocab_size >= "
+                             f"{self.tok.n_vocab} or a smaller tokenizer")
+
+        # --- data
+        if a.sft:
+            convs = load_conversations(a.data[0] if a.data else None, a.sft_conversations, a.seed)
+            self.data = ChatRows(self.tok, convs, a.seq_len, a.batch_size, a.val_fraction, a.seed, pack=not a.no_pack)
+            fill = self.data.train_mask.mean()
+            self.data_id = f"sft:{self.data.fingerprint}"
+            print(f"data: {self.data.n_train_convs} training / {self.data.n_val_convs} held-out conversations "
+                  f"in {len(self.data.train_ids)} + {len(self.data.val_ids)} rows of {a.seq_len + 1} tokens "
+                  f"({fill:.1%} of positions supervised; {self.data.dropped} dropped as longer than a row)")
+            if self.data.dropped > 0.1 * len(convs):
+                print(f"note: {self.data.dropped} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
+                      "and are never trained on; raise --seq-len to keep them")
+        else:
+            tokens, info = prepare_tokens(self.tokenizer_path, a.data, a.data_max_bytes, a.data_cache)
+            self.data = TokenWindows(tokens, a.seq_len, a.batch_size, a.val_fraction, a.seed, a.val_batches)
+            self.data_id = f"tokens:{info['tokenizer_sha256'][:8]}-{info['text_sha256'][:12]}"
+            corpus = info["corpus"] if isinstance(info["corpus"], str) else "custom"
+            print(f"data: {info['n_tokens']:,} tokens ({corpus}; {'cached' if info['cached'] else 'tokenized now'}: "
+                  f"{info['path']}); "
+                  f"{len(self.data.train):,} train / {len(self.data.val):,} validation")
+
+        # --- the optimizer and the training-time pieces of the MoE
+        kw = dict(weight_decay=a.weight_decay, bias_update_speed=a.bias_update_speed,
+                  bias_update_rule=a.bias_update_rule)
+        if a.optimizer == "muonclip":
+            kw["qk_clip_tau"] = a.qk_clip_tau
+        self.opt = build_optimizer(a.optimizer, self.model, a.lr, **kw)
+        self.moes = _moe_modules(self.model)
+        for m in self.moes:
+            m.seq_aux_alpha = a.seq_aux_alpha
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step = 0
+        self.tokens_seen = 0
+        self.log_path = self.out / "log.jsonl"
+        self.ckpt_dir = self.out / "ckpt"
+        self.last_val: float | None = None
+        self.elapsed_before = 0.0  # training seconds of the run before a resume (for the ETA and the log)
+        self._t_start = self._t_step = time.perf_counter()
+
+        if a.warmup_frac + a.decay_frac > 1:
+            raise ValueError(f"--warmup-frac {a.warmup_frac} + --decay-frac {a.decay_frac} > 1; they are fractions "
+                             "of the same run")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume_dir is not None:
+            self._load_state(resume_dir, saved)
+
+    # -- resume
+    def _load_state(self, ckpt: Path, saved: dict) -> None:
+        if saved.get("version") != STATE_VERSION:
+            raise ValueError(f"{ckpt}/trainer_state.json has format {saved.get('version')}, expected {STATE_VERSION}")
+        if saved["data_id"] != self.data_id:
+            raise ValueError(f"the data differs from the checkpoint's ({self.data_id} vs {saved['data_id']}): the "
+                             "corpus or tokenizer changed, so the run cannot continue identically; use --init to "
+                             "start a new run from this checkpoint instead")
+        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.data.load_state(saved["data_state"])
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8))
+        if saved.get("cuda_rng") and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                          for s in saved["cuda_rng"]])
+        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
+        self.last_val, self.elapsed_before = saved.get("val_loss"), saved.get("elapsed_s", 0.0)
+        # the log keeps exactly the lines written up to the checkpoint; later ones belong to the lost steps
+        old_log = ckpt.parent / "log.jsonl"
+        if old_log.exists() and old_log.resolve() != self.log_path.resolve():
+            with open(old_log, "rb") as f:
+                self.log_path.write_bytes(f.read(saved["log_bytes"]))
+        if self.log_path.exists():
+            with open(self.log_path, "r+b") as f:
+                f.truncate(saved["log_bytes"])
+        print(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
+
+    # -- checkpoints
+    def save(self) -> None:
+        """model.save_pretrained with everything else written inside its atomic `extra` hook."""
+        def extra(tmp: Path) -> None:
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model")  # generate.py --ckpt reads it from here
+            state = dict(version=STATE_VERSION, step=self.step, tokens_seen=self.tokens_seen, data_id=self.data_id,
+                         data_state=self.data.state(), log_bytes=self.log_bytes(), val_loss=self.last_val,
+                         elapsed_s=self.elapsed(), args=vars(self.args),
+                         torch_rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                         cuda_rng=[base64.b64encode(s.numpy().tobytes()).decode()
+                                   for s in torch.cuda.get_rng_state_all()] if self.device.type == "cuda" else None)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+        with defer_sigint():
+            self.model.save_pretrained(self.ckpt_dir, extra=extra)
+
+    def log_bytes(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._t_start
+
+    def _log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- one step
+    def _set_lr(self) -> float:
+        a = self.args
+        lr = lr_at(self.step, a.steps, a.lr, a.warmup_frac, a.decay_frac, a.final_lr_frac)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def train_step(self) -> dict:
+        """Forward/backward over grad_accum micro-batches (interruptible), then the update and its log line (not)."""
+        a = self.args
+        lr = self._set_lr()
+        batches = [self.data.sample() for _ in range(a.grad_accum)]
+        n_targets = float(sum(w.sum() for _, _, w in batches))  # every supervised target of the step weighs the same
+        loss_sum, aux_sum = 0.0, 0.0
+        for x, y, w in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast:
+                logits = self.model(x)  # (B, T, V) fp32
+            loss = weighted_ce_sum(logits, y, w) / n_targets
+            aux = sum(m.aux_loss for m in self.moes if m.aux_loss is not None) if a.seq_aux_alpha > 0 else None
+            if not torch.isfinite(loss):
+                raise TrainingError(self._nonfinite_message(f"loss is {loss.item()}"))
+            total = loss if aux is None else loss + aux / a.grad_accum  # balance loss: mean over micro-batches
+            total.backward()
+            loss_sum += loss.item()
+            if aux is not None:
+                aux_sum += aux.item() / a.grad_accum
+        if a.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, a.grad_clip).item()
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
+        if not math.isfinite(gnorm):
+            raise TrainingError(self._nonfinite_message(f"the gradient norm is {gnorm}"))
+        with defer_sigint():  # from here the step either completes (update + log line) or has not started
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += a.grad_accum * a.batch_size * a.seq_len
+            st = self.opt.last_stats
+            rec = dict(step=self.step, loss=loss_sum, lr=lr, grad_norm=gnorm,
+                       max_logit=st.get("max_logit", []), clipped_heads=st.get("clipped_heads", 0),
+                       clipped_per_layer=st.get("clipped_per_layer", []), load_maxvio=st.get("load_maxvio", []),
+                       tokens=self.tokens_seen, target_tokens=int(n_targets))
+            if a.seq_aux_alpha > 0:
+                rec["aux_loss"] = aux_sum
+            # throughput of the training step itself (validation and saving below are not counted)
+            rec["tokens_per_s"] = a.grad_accum * a.batch_size * a.seq_len / (time.perf_counter() - self._t_step)
+            rec["elapsed_s"] = self.elapsed()
+            if self.step % a.eval_every == 0 or self.step == a.steps:
+                rec["val_loss"] = self.last_val = self.evaluate()
+            self._log(rec)
+            if self.step % a.save_every == 0 or self.step == a.steps:
+                self.save()
+        return rec
+
+    def _nonfinite_message(self, what: str) -> str:
+        a = self.args
+        hints = [f"lower --lr (now {a.lr:g})"]
+        if a.optimizer != "muonclip":
+            hints.append("use --optimizer muonclip (QK-Clip caps attention logits)")
+        elif a.qk_clip_tau > 30:
+            hints.append(f"a lower --qk-clip-tau (now {a.qk_clip_tau:g})")
+        if a.grad_clip <= 0 or a.grad_clip > 1:
+            hints.append("clip gradients with --grad-clip 1.0")
+        if self.amp_dtype != torch.float32:
+            hints.append("--dtype fp32")
+        if self.step > 0:
+            hints.append(f"restart from the last checkpoint ({self.ckpt_dir}) with those changes via --init")
+        return f"step {self.step + 1}: {what}; training stopped. Try: " + "; ".join(hints)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean CE over the fixed validation windows/rows (supervised targets only). Eval mode: no max-logit
+        recording, no expert-load counting, so validation never changes QK-Clip or the routing bias."""
+        self.model.eval()
+        total, count = 0.0, 0.0
+        for x, y, w in self.data.val_batches():
+            with self.autocast:
+                logits = self.model(x.to(self.device))
+            total += weighted_ce_sum(logits, y.to(self.device), w).item()
+            count += float(w.sum())
+        self.model.train()
+        return total / count
+
+    # -- the loop
+    def run(self, on_step: Callable[["Trainer", dict], None] | None = None) -> int:
+        """Train until --steps; returns 0, or 130 after a Ctrl-C (a checkpoint of the last completed step is saved)."""
+        a = self.args
+        if self.step == 0:
+            self.log_path.write_text("")  # a fresh run starts a fresh log
+        self._log(dict(event="resume" if self.step else "config", step=self.step, args=vars(a),
+                       model=self.model.args.to_dict(), device=str(self.device),
+                       dtype=str(self.amp_dtype).removeprefix("torch."), data=self.data_id))
+        self._t_start = time.perf_counter()
+        step0, t_print, tok_print = self.step, time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < a.steps:
+                snapshot = (self.data.state(), torch.get_rng_state(), self.step)
+                self._t_step = time.perf_counter()
+                try:
+                    rec = self.train_step()
+                except KeyboardInterrupt:
+                    if self.step == snapshot[2]:  # interrupted in forward/backward: the step never happened
+                        self.data.load_state(snapshot[0])
+                        torch.set_rng_state(snapshot[1])
+                        self.opt.zero_grad(set_to_none=True)
+                    raise
+                if self.step % a.log_every == 0 or self.step in (step0 + 1, a.steps):
+                    now = time.perf_counter()
+                    tps = (self.tokens_seen - tok_print) / max(now - t_print, 1e-9)
+                    eta = (now - self._t_start) / (self.step - step0) * (a.steps - self.step)
+                    ml = max(rec["max_logit"]) if rec["max_logit"] else float("nan")
+                    val = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                    print(f"step {self.step:>5}/{a.steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
+                          f"gnorm {rec['grad_norm']:.3f} | max logit {ml:6.2f} | clipped {rec['clipped_heads']} | "
+                          f"{tps:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+                    t_print, tok_print = now, self.tokens_seen
+                if on_step is not None:
+                    on_step(self, rec)
+        except KeyboardInterrupt:
+            if not (self.ckpt_dir / "trainer_state.json").exists() or self._saved_step() != self.step:
+                self.save()
+            print(f"\ninterrupted: saved step {self.step} to {self.ckpt_dir}; continue with "
+                  f"`python train.py --resume {self.out}`", flush=True)
+            return 130
+        try_cmd = f"python generate.py --ckpt {self.ckpt_dir}" + ("" if a.sft else ' --raw --prompt "def "')
+        val = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
+        print(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
+              f"final val loss {val}; checkpoint {self.ckpt_dir} (try: {try_cmd})")
+        if a.plot:
+            plot_logs([self.log_path], self.out / "curves.png")
+        return 0
+
+    def _saved_step(self) -> int:
+        return json.loads((self.ckpt_dir / "trainer_state.json").read_text())["step"]
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) -> argparse.Namespace:
+    """The checkpoint's flags, except the FREE_ON_RESUME ones given on this command line. Giving a flag that would
+    change the computation is an error rather than silently ignored."""
+    conflicts = [k for k in given - FREE_ON_RESUME if k in saved and getattr(cli, k) != saved[k]]
+    if conflicts:
+        raise ValueError("--resume continues the saved run with its own settings, but "
+                         + ", ".join(f"--{k.replace('_', '-')} {getattr(cli, k)} (saved: {saved[k]})"
+                                     for k in conflicts)
+                         + " differ; drop them, or start a new run from the checkpoint with --init")
+    merged = argparse.Namespace(**{**vars(cli), **saved})
+    for k in given & FREE_ON_RESUME:
+        setattr(merged, k, getattr(cli, k))
+    if given & {"device", "dtype", "threads", "steps"}:
+        print("note: --device/--dtype/--threads/--steps changed on resume; the losses will not be bit-identical "
+              "to an uninterrupted run" + (" (--steps rescales the lr schedule)" if "steps" in given else ""))
+    merged.resume = cli.resume
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Plots (matplotlib is imported only here)
+
+
+def read_log(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(config record, step records) of a log.jsonl; a resumed run's later records replace earlier same-step ones."""
+    config, steps = {}, {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "config":
+            config = rec
+        elif "event" not in rec:
+            steps[rec["step"]] = rec
+    return config, [steps[k] for k in sorted(steps)]
+
+
+def plot_logs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, smooth: float = 0.9) -> Path:
+    """Training loss (EMA-smoothed, raw faint), validation loss, and the max attention logit over all layers per step,
+    one curve per log, with QK-Clip's tau drawn for runs that used it. Writes a PNG and returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, path in enumerate(paths):
+        config, recs = read_log(path)
+        if not recs:
+            raise ValueError(f"{path} has no step records")
+        args = config.get("args", {})
+        name = args.get("optimizer", Path(path).parent.name)
+        tau = args.get("qk_clip_tau") if name == "muonclip" else None
+        label = f"{name} (tau {tau:g})" if tau else name
+        color = f"C{i}"
+        steps = [r["step"] for r in recs]
+        loss = [r["loss"] for r in recs]
+        ema, s = [], loss[0]
+        for v in loss:  # exponential moving average: the per-step loss is noisy at batch sizes this small
+            s = smooth * s + (1 - smooth) * v
+            ema.append(s)
+        ax_loss.plot(steps, loss, color=color, alpha=0.2, lw=0.8)
+        ax_loss.plot(steps, ema, color=color, label=f"{label} train")
+        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        if val:
+            ax_loss.plot(*zip(*val), "o--", color=color, ms=4, label=f"{label} val")
+        logit = [(r["step"], max(r["max_logit"])) for r in recs if r.get("max_logit")]
+        if logit:
+            ax_logit.plot(*zip(*logit), color=color, label=label)
+        if tau:
+            ax_logit.axhline(tau, color=color, ls=":", lw=1, label=f"tau = {tau:g}")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax_logit.set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)", title="max attention logit")
+    for ax in (ax_loss, ax_logit):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Command line
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a Kimi K2-architecture model (pretraining or --sft) with MuonClip; "
+                    "`python train.py plot LOG... --out FILE.png` draws curves of finished runs.")
+    # --- model
+    p.add_argument("--config", default="cpu-small", help=f"a preset ({', '.join(M.PRESETS)}) or a config.json path")
+    p.add_argument("--init", default=None, help="start from the weights of this checkpoint (new optimizer and "
+                                                "schedule); the config comes from it")
+    p.add_argument("--tokenizer", default=None, help="tiktoken.model rank file; default: the one in --init/--resume, "
+                                                     "else demo/tiktoken.model")
+    # --- data
+    p.add_argument("--data", nargs="+", default=None, help="text files/folders to pretrain on (default: the Python "
+                                                           "standard library source); with --sft, one JSONL file")
+    p.add_argument("--data-max-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
+    p.add_argument("--data-cache", default=str(DATA_DIR), help="folder for the tokenized corpus (gitignored data/)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out fraction: the last tokens of the corpus, "
+                                                                    "or the last conversations with --sft")
+    p.add_argument("--val-batches", type=int, default=8, help="validation windows = this many batches (pretraining)")
+    # --- supervised fine-tuning
+    p.add_argument("--sft", action="store_true", help="fine-tune on conversations; loss only on assistant tokens")
+    p.add_argument("--sft-conversations", type=int, default=4000, help="how many chat_data conversations to generate")
+    p.add_argument("--no-pack", action="store_true", help="one conversation per row (padded) instead of packing")
+    # --- schedule
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (the training context)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (K2: 2e-4 at 67M-token batches)")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of steps of linear warmup")
+    p.add_argument("--decay-frac", type=float, default=round(K2_DECAY_FRAC, 3),
+                   help="fraction of steps of cosine decay at the end (K2: 5.5T of 15.5T tokens)")
+    p.add_argument("--final-lr-frac", type=float, default=K2_FINAL_LR_FRAC, help="decay ends at this times the peak "
+                                                                                 "(K2: 2e-5 / 2e-4 = 0.1)")
+    # --- optimizer
+    p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip",
+                   help="muonclip (K2), muon (no QK-Clip), adamw (every parameter on AdamW, no QK-Clip)")
+    p.add_argument("--qk-clip-tau", type=float, default=QK_CLIP_TAU, help="QK-Clip threshold tau (K2: 100)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (K2, Moonlight: 0.1)")
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="clip the global grad norm (0 = off)")
+    p.add_argument("--bias-update-speed", type=float, default=BIAS_UPDATE_SPEED,
+                   help="routing-bias step per update (DeepSeek-V3: 0.001; 0 = frozen)")
+    p.add_argument("--bias-update-rule", choices=("deepseek", "moonlight"), default="deepseek",
+                   help="sign rule of DeepSeek-V3, or Moonlight's mean-centred variant")
+    p.add_argument("--seq-aux-alpha", type=float, default=0.0,
+                   help=f"sequence-wise balance loss weight (0 = off; DeepSeek-V3 uses {SEQ_AUX_ALPHA:g})")
+    # --- run, logging, checkpoints
+    p.add_argument("--out", default="runs/train", help="run directory: log.jsonl, ckpt/, curves.png")
+    p.add_argument("--resume", default=None, help="continue the run in this directory (or checkpoint) exactly")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data sampler")
+    p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="checkpoint every N steps (and at the end, and on Ctrl-C)")
+    p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    p.add_argument("--plot", action="store_true", help="write OUT/curves.png at the end (needs matplotlib)")
+    # --- hardware
+    p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
+    p.add_argument("--dtype", default="",
+                   help="fp32 | bf16 compute (autocast); empty = bf16 on a capable GPU, else fp32")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default, all cores). On a machine shared with other "
+                   "jobs, 1 can be many times faster: waiting OpenMP threads stall every op")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """(flags, names of the flags given explicitly): a resumed run needs to know which ones the user typed."""
+    args = make_parser().parse_args(argv)
+    probe = make_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
+    for name, ok in (("steps", args.steps > 0), ("batch_size", args.batch_size > 0),
+                     ("grad_accum", args.grad_accum > 0), ("seq_len", args.seq_len > 0), ("lr", args.lr > 0),
+                     ("eval_every", args.eval_every > 0), ("save_every", args.save_every > 0),
+                     ("log_every", args.log_every > 0), ("val_fraction", 0 < args.val_fraction < 1)):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range "
+                             f"({'a fraction in (0, 1)' if name == 'val_fraction' else 'must be > 0'})")
+    if args.init and "config" in given:
+        raise ValueError("--init takes the model config from the checkpoint; drop --config")
+    if args.sft and args.data and len(args.data) != 1:
+        raise ValueError("with --sft, --data is one JSONL file of conversations")
+    return args, given
+
+
+def plot_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="train.py plot", description="Loss and max-logit curves of training logs.")
+    p.add_argument("logs", nargs="+", help="log.jsonl files (or run directories) written by train.py")
+    p.add_argument("--out", default="runs/curves.png", help="PNG to write")
+    a = p.parse_args(argv)
+    logs = [Path(x) / "log.jsonl" if Path(x).is_dir() else Path(x) for x in a.logs]
+    plot_logs(logs, a.out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["plot"]:
+            return plot_main(argv[1:])
+        args, given = parse_args(argv)
+        return Trainer(args, given).run()
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
