@@ -1,0 +1,911 @@
+"""An OpenAI-compatible chat server for Kimi K2: the seed document's `openai` client code runs unchanged against it.
+
+`python serve.py` serves the shipped demo model on http://127.0.0.1:8000/v1 under the name `kimi-k2-instruct`:
+  GET  /v1/models              the one served model, in OpenAI's list shape
+  POST /v1/chat/completions    OpenAI's chat wire format: every role incl. `tool` and assistant `tool_calls`; `tools`
+                               (flat or wrapped schemas) and `tool_choice`; temperature, top_p, max_tokens, stop,
+                               seed; `stream: true` (server-sent events); usage; finish_reason stop/length/tool_calls
+
+What differs from a textbook "wrap generate() in a web handler":
+1. Tool calls. The model writes K2's tool-call section as text (SPEC §6.5):
+   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}...`.
+   A K2 deployment (vLLM/SGLang with the `kimi_k2` parser, SPEC §8) returns that as structured `tool_calls`: the id
+   as the model wrote it (K2 numbers its calls on from those already in the history; ids made up for botched calls,
+   and the forced ones of point 3, count the same way), type function, the name, the arguments as a JSON string;
+   `content` is the text before the section (null if empty), and finish_reason is "tool_calls" (SPEC §6.6), or
+   "length" if the token limit cut the section off. We do the same with tools.parse_assistant. A call the model
+   botched (broken JSON, a bad id) is still returned, with arguments "{}" so that the client can send the turn back
+   (tokenizer.encode_chat accepts only JSON-object arguments); what was wrong is written to the server log.
+2. Streaming without leaking markers. Text is held back while it may be the start of a tool-call section; inside a
+   section each call is sent as soon as its id is complete (index, id, type, name) and its arguments once the call
+   is closed, as one fragment, because only then is it known whether they are JSON (`ToolCallStreamer`). So the
+   concatenated deltas equal the non-streamed answer, always (tests/test_serve.py checks it).
+3. tool_choice (OpenAI's four forms), done by shaping the prompt, as constrained engines do:
+   - "auto" (the default when tools are given): tools declared; the model decides.
+   - "none" (the default without tools): tools are NOT rendered into the prompt (a model shown tools is primed to
+     call them), and `<|tool_calls_section_begin|>` is a stop string, so no call can come out: the text before it
+     is the answer, finish_reason "stop".
+   - "required": tools declared, and `<|tool_calls_section_begin|><|tool_call_begin|>` is prefilled after the
+     generation prompt, so the model's first tokens are a function name.
+   - {"type": "function", "function": {"name": N}}: prefill up to the arguments,
+     `...<|tool_call_begin|>functions.N:IDX<|tool_call_argument_begin|>`, so the model writes only N's arguments.
+   The prefill is returned as part of the answer (it is what the assistant said) but counted in prompt_tokens,
+   since the model did not sample it; max_tokens bounds the sampled tokens only. The model may still add calls
+   after a forced one (no grammar constrains it); parallel_tool_calls is accepted and not enforced.
+4. One model, one request at a time. `Worker` is the only thread that touches the model: HTTP threads validate and
+   tokenize a request, put it on a FIFO queue, and relay what the worker produces. Each request gets its own KV
+   cache (generate.TextStream builds one), and in eval mode a forward writes nothing into the model, so the queue
+   is less about corruption than about keeping it that way whatever the model grows (a kernel workspace, a shared
+   cache) and about predictability: each request runs at full speed with the whole CPU/GPU, and gets exactly the
+   answer it would get alone with its seed. No batching: with 8 clients the 8th waits for 7 answers
+   (bench_serve.py measures it); continuous batching is what vLLM and SGLang add.
+
+Why the standard library's http.server.ThreadingHTTPServer and not FastAPI/uvicorn: it is well known, has zero
+dependencies, and is enough for an educational single-model server whose throughput is bound by the model anyway;
+server-sent events are plain chunked writes.
+
+Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key),
+temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC §8), max_tokens when absent = min(256,
+what is left of the context) (--default-max-tokens), request bodies up to 4 MiB (--max-body-bytes).
+
+Not supported, and answered with a 400 rather than ignored: n > 1, logprobs, logit_bias, response_format other
+than text, non-zero frequency/presence penalties. Unknown fields are ignored (as vLLM does). Images are refused by
+the tokenizer (K2-Instruct has no vision input).
+
+References: OpenAI API reference, Chat Completions (create, the chat.completion and chat.completion.chunk objects,
+streaming, error codes); MoonshotAI/Kimi-K2 docs/tool_call_guidance.md and deploy_guidance.md (SPEC §6.5, §6.6,
+§8); vLLM's `kimi_k2` tool parser (id handling). No tensors in this file, so no shape legend.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import generate as G
+from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_ID_RE, CALL_RE, ROLES, SECTION_BEGIN, SECTION_END,
+                       Tokenizer, normalize_tools)
+from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
+
+DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the name the seed document's client code asks for
+DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (MoonshotAI/Kimi-K2 README; SPEC §8)
+DEFAULT_MAX_TOKENS = 256  # ours: OpenAI's default is "the rest of the context", too slow on a CPU for a default
+# ours: a full 128K-token context is ~0.5 MB of text; 4 MiB leaves room for JSON escaping and tool schemas, and
+# still stops a runaway client before it costs memory
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read and discarded, so the client sees the 413
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Errors in OpenAI's shape
+# ---------------------------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error response: {"error": {"message", "type", "param", "code"}} with an HTTP status (OpenAI's shape)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 invalid_request_error."""
+    return APIError(400, message, param, code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The request: validation and the prompt
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ChatRequest:
+    """A validated /v1/chat/completions body."""
+    messages: list[dict]
+    tools: list[dict] | None  # wrapped form (tokenizer.normalize_tools); None = no tools
+    tool_choice: str  # "auto" | "none" | "required" | "function" (then `function` names it)
+    function: str | None
+    max_tokens: int | None  # None = the server's default
+    max_tokens_param: str  # which field set it, for error messages
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_request(body: Any, served_name: str) -> ChatRequest:
+    """Check a request body against OpenAI's rules (and ours); raises APIError naming the bad field."""
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("you must provide a model parameter (a string); this server serves "
+                  f"{served_name!r}", "model")
+    if model != served_name:  # OpenAI answers an unknown model with 404 model_not_found
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it. This server "
+                            f"serves `{served_name}` (GET /v1/models).", "model", "model_not_found")
+    messages = body.get("messages")
+    if messages is None:
+        raise bad("'messages' is a required property", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty array of message objects", "messages")
+    msgs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"messages[{i}] must be an object with a string 'role', got {json.dumps(m)[:120]}",
+                      f"messages[{i}]")
+        if m["role"] == "developer":  # OpenAI's newer name for the system role
+            m = {**m, "role": "system"}
+        if m["role"] == "tool" and isinstance(m.get("content"), list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in m["content"]):  # OpenAI allows text parts here; the template wants one string
+            m = {**m, "content": "".join(p["text"] for p in m["content"])}
+        if m["role"] not in ROLES:
+            raise bad(f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)} (or developer)",
+                      f"messages[{i}].role")
+        msgs.append(m)
+
+    def number(name: str, default: float, ok: Callable[[float], bool], rule: str) -> float:
+        v = body.get(name)
+        if v is None:
+            return default
+        if not _is_number(v) or not ok(v):
+            raise bad(f"{name} must be a number {rule}, got {json.dumps(v)}", name)
+        return float(v)
+
+    temperature = number("temperature", DEFAULT_TEMPERATURE, lambda t: 0 <= t <= 2, "in [0, 2]")
+    top_p = number("top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]")
+    top_k = body.get("top_k")  # not OpenAI's; vLLM's extension (-1 or 0 = off)
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise bad(f"top_k must be an integer >= -1 (-1 or 0 = off), got {json.dumps(top_k)}", "top_k")
+    max_tokens, max_param = None, "max_tokens"
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given (as vLLM)
+        v = body.get(name)
+        if v is not None:
+            if not _is_int(v) or v < 1:
+                raise bad(f"{name} must be an integer >= 1, got {json.dumps(v)}", name)
+            max_tokens, max_param = v, name
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad(f"stop must be a string or an array of strings, got {json.dumps(body.get('stop'))[:120]}", "stop")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise bad(f"seed must be an integer in [-2**63, 2**64), got {json.dumps(seed)[:40]}", "seed")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad(f"n must be 1: this server returns one choice per request (run n requests with different seeds "
+                  f"instead), got {json.dumps(n)}", "n")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad(f"stream must be true or false, got {json.dumps(stream)}", "stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+    if options is not None and (not isinstance(options, dict) or
+                                not isinstance(options.get("include_usage", False), bool)):
+        raise bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    _refuse_unsupported(body)
+    tools, tool_choice, function = _parse_tools(body.get("tools"), body.get("tool_choice"))
+    return ChatRequest(msgs, tools, tool_choice, function, max_tokens, max_param, temperature, top_p,
+                       max(top_k or 0, 0), seed, stop, stream, include_usage)
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Fields that would change the answer if honoured: refuse them instead of silently ignoring them."""
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise bad(f"{name} is not supported by this server (only 0)", name)
+    if body.get("logprobs") or body.get("top_logprobs") is not None:
+        raise bad("logprobs are not supported by this server", "logprobs")
+    if body.get("logit_bias"):
+        raise bad("logit_bias is not supported by this server", "logit_bias")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+                  "response_format")
+    if body.get("parallel_tool_calls") not in (None, True, False):
+        raise bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+
+
+def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str | None]:
+    """-> (wrapped tools or None, tool_choice mode, the forced function's name). Module docstring, point 3."""
+    if tools is not None and not isinstance(tools, list):
+        raise bad(f"tools must be an array of tool objects, got {json.dumps(tools)[:120]}", "tools")
+    wrapped = None
+    if tools:
+        try:
+            wrapped = normalize_tools(tools)
+        except ValueError as err:
+            raise bad(str(err), "tools") from None
+        names = set()
+        for i, t in enumerate(wrapped):
+            fn = t["function"]
+            name = fn.get("name")
+            if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
+                # the model names a tool only through the id functions.NAME:IDX, whose regex allows [\w.] (SPEC §6.5)
+                raise bad(f"tools[{i}]: function name {name!r} must be letters, digits, '_' or '.' (K2's call id "
+                          f"functions.NAME:IDX cannot carry other characters)", f"tools[{i}].function.name")
+            if name in names:
+                raise bad(f"tools[{i}]: duplicate function name {name!r}", f"tools[{i}].function.name")
+            names.add(name)
+            if "parameters" in fn and not isinstance(fn["parameters"], dict):
+                raise bad(f"tools[{i}]: parameters must be a JSON Schema object", f"tools[{i}].function.parameters")
+            if "description" in fn and not isinstance(fn["description"], str):
+                raise bad(f"tools[{i}]: description must be a string", f"tools[{i}].function.description")
+    if choice is None:
+        return wrapped, ("auto" if wrapped else "none"), None  # OpenAI's defaults
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise bad(f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": \"function\", \"function\": "
+                      f"{{\"name\": ...}}}}, got {choice!r}", "tool_choice")
+        if choice == "required" and not wrapped:
+            raise bad("tool_choice 'required' needs tools: the request declares none", "tool_choice")
+        return wrapped, (choice if wrapped else "none"), None
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise bad(f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": \"function\", \"function\": "
+                  f"{{\"name\": ...}}}}, got {json.dumps(choice)[:120]}", "tool_choice")
+    declared = [t["function"]["name"] for t in wrapped or []]
+    if name not in declared:
+        raise bad(f"tool_choice names function {name!r}, which is not among the declared tools "
+                  f"({', '.join(declared) or 'none'})", "tool_choice")
+    return wrapped, "function", name
+
+
+@dataclass
+class Prompt:
+    """What the model is fed: ids (template + prefill), and the prefill as text (it is part of the answer)."""
+    ids: list[int]
+    prefill: str
+    first_index: int  # tool calls already in the history: the IDX of the next one (SPEC §6.5)
+
+
+def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
+    """The 0905 chat template with the generation prompt, plus the tool_choice prefill (module docstring, point 3)."""
+    first_index = count_tool_calls(req.messages)
+    try:
+        ids, _ = tok.encode_chat(req.messages, req.tools if req.tool_choice != "none" else None,
+                                 add_generation_prompt=True)
+    except ValueError as err:  # bad roles, content, tool_calls, tool results: the tokenizer says what and where
+        raise bad(str(err), "tools" if str(err).startswith("tools") else "messages") from None
+    prefill, extra = "", []
+    if req.tool_choice in ("required", "function"):
+        prefill, extra = SECTION_BEGIN + CALL_BEGIN, [tok.tool_calls_section_begin_id, tok.tool_call_begin_id]
+        if req.tool_choice == "function":
+            call_id = f"functions.{req.function}:{first_index}"
+            prefill += call_id + CALL_ARG_BEGIN
+            extra += tok.encode(call_id) + [tok.tool_call_argument_begin_id]
+    return Prompt(ids + extra, prefill, first_index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The engine (the model behind a small interface, so tests can put a scripted stand-in behind the same server)
+# ---------------------------------------------------------------------------------------------------------------
+
+class TextStreamLike(Protocol):
+    """generate.TextStream's contract: iterate for text pieces; afterwards finish_reason ("stop"/"length"),
+    prompt_tokens and completion_tokens."""
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __iter__(self) -> Iterator[str]: ...
+
+
+class Engine(Protocol):
+    tok: Tokenizer
+    context: int  # prompt + completion tokens the model can hold
+    description: str
+
+    def stream(self, prompt_ids: Sequence[int], params: G.SamplingParams) -> TextStreamLike: ...
+
+
+class ModelEngine:
+    """A model and its tokenizer; stream() is generate.TextStream (cached decode, stop tokens and strings, length).
+    Tests put a scripted stand-in model here, so the same engine code runs behind the same server."""
+
+    def __init__(self, model: Any, tok: Tokenizer, description: str = ""):
+        self.model, self.tok = model, tok
+        self.context = model.args.max_position_embeddings
+        self.description = description or type(model).__name__
+
+    @classmethod
+    def load(cls, ckpt: str | Path, device: str = "", dtype: str = "") -> "ModelEngine":
+        """A checkpoint directory (config.json, safetensors, tiktoken.model) via generate.load; device and dtype
+        empty = autodetect, and the reason is part of the description printed at start."""
+        dev, why_dev = G.pick_device(device)
+        dt, why_dt = G.pick_dtype(dtype, dev)
+        model, tok = G.load(ckpt, dev, dt)
+        n = sum(p.numel() for p in model.parameters())
+        return cls(model, tok, f"{ckpt} ({n / 1e6:,.1f} M parameters, context {model.args.max_position_embeddings})"
+                               f"; device {dev} ({why_dev}); dtype {str(dt).removeprefix('torch.')} ({why_dt})")
+
+    def stream(self, prompt_ids: Sequence[int], params: G.SamplingParams) -> TextStreamLike:
+        return G.TextStream(self.model, self.tok, prompt_ids, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The worker: the one thread that drives the model, FIFO
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One generation. The worker puts ("text", piece), then ("done", stream) or ("error", exception) on `events`."""
+    prompt_ids: list[int]
+    params: G.SamplingParams
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away: stop generating
+
+
+class Worker:
+    """Owns the engine; runs jobs one at a time in arrival order (queue.Queue is FIFO)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.current: Job | None = None
+        self.thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.jobs.put(job)
+        return job
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the running job, let the thread finish, and wait for it (a daemon, so exit never hangs on it)."""
+        if self.current is not None:
+            self.current.cancelled.set()
+        self.jobs.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            self.current = job
+            try:
+                stream = self.engine.stream(job.prompt_ids, job.params)
+                for piece in stream:
+                    job.events.put(("text", piece))
+                    if job.cancelled.is_set():  # closing the generator ends the decode loop
+                        break
+                job.events.put(("done", stream))
+            except Exception as err:  # reported to that request; the worker keeps serving the others
+                job.events.put(("error", err))
+            finally:
+                self.current = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Model text -> OpenAI message and stream deltas
+# ---------------------------------------------------------------------------------------------------------------
+
+def finish_reason(text: str, stream_reason: str | None) -> str:
+    """SPEC §6.6: "tool_calls" when the completion holds a tool-call section, except "length" when the token limit
+    cut that section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
+    start = text.find(SECTION_BEGIN)
+    if start < 0:
+        return stream_reason or "stop"
+    if stream_reason == "length" and SECTION_END not in text[start:]:
+        return "length"
+    return "tool_calls"
+
+
+def assistant_message(text: str, first_index: int) -> tuple[dict, list[str]]:
+    """The whole completion -> ({"role", "content", ["tool_calls"]}, problems for the log)."""
+    turn = parse_assistant(text, None, first_index)
+    # content: the text before the section; null when there is none but there are calls (as K2 deployments do)
+    msg: dict[str, Any] = {"role": "assistant", "content": turn.content if turn.content or not turn.calls else None}
+    if turn.calls:
+        msg["tool_calls"] = [c.to_openai() for c in turn.calls]
+    problems = list(turn.notes) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
+    return msg, problems
+
+
+def _json_object_or_empty(raw: str) -> str:
+    """tools.ToolCall.to_openai's rule: the model's argument text if it is a JSON object, else "{}"."""
+    try:
+        return raw if isinstance(json.loads(raw), dict) else "{}"
+    except json.JSONDecodeError:
+        return "{}"
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of marker (it may still become the marker)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class ToolCallStreamer:
+    """The growing completion text -> OpenAI delta dicts, such that the deltas add up to assistant_message(text).
+
+    Content is sent up to the tool-call section, holding back a tail that could be the start of its marker. In the
+    section, call j's header (index, id, type, name) goes out once `functions.NAME:IDX<|tool_call_argument_begin|>`
+    is complete, and its arguments once `<|tool_call_end|>` closes it. Both are final at that point (the id is read
+    from the same text the parser reads, with the official regexes), so nothing sent is ever taken back. Calls
+    go out in order; a malformed call, and every call after it, waits for finish(), which takes the rest from
+    the parser itself. Recomputed from the whole text on every piece: simple, and cheap at these lengths."""
+
+    def __init__(self, first_index: int):
+        self.first_index, self.text = first_index, ""
+        self.content_sent, self.headers_sent, self.args_sent = 0, 0, 0
+
+    def feed(self, piece: str) -> list[dict]:
+        self.text += piece
+        text, out = self.text, []
+        start = text.find(SECTION_BEGIN)
+        content_end = start if start >= 0 else len(text) - _partial_suffix(text, SECTION_BEGIN)
+        if content_end > self.content_sent:
+            out.append({"content": text[self.content_sent:content_end]})
+            self.content_sent = content_end
+        if start < 0:
+            return out
+        body = text[start + len(SECTION_BEGIN):]
+        end = body.find(SECTION_END)
+        parts = (body if end < 0 else body[:end]).split(CALL_BEGIN)[1:]  # as tokenizer.parse_tool_calls splits
+        for j in range(self.args_sent, len(parts)):
+            part = parts[j]
+            if j == self.headers_sent:
+                if CALL_ARG_BEGIN not in part:
+                    break
+                head = part.split(CALL_ARG_BEGIN, 1)[0].strip()
+                idm = CALL_ID_RE.match(head)
+                if idm is None:  # a malformed id: the parser will make one up in finish()
+                    break
+                out.append(self._header(j, head, idm.group("name")))
+                self.headers_sent += 1
+            call = CALL_RE.match(CALL_BEGIN + part)
+            if call is None:  # arguments not closed yet
+                break
+            out.append(self._arguments(j, _json_object_or_empty(call.group("function_arguments"))))
+            self.args_sent += 1
+        return out
+
+    def finish(self) -> list[dict]:
+        """End of the completion: the content and calls not sent yet, straight from assistant_message."""
+        msg, _ = assistant_message(self.text, self.first_index)
+        out = []
+        content = msg["content"] or ""
+        if len(content) > self.content_sent:
+            out.append({"content": content[self.content_sent:]})
+            self.content_sent = len(content)
+        for j, call in enumerate(msg.get("tool_calls", [])):
+            if j >= self.headers_sent:
+                out.append(self._header(j, call["id"], call["function"]["name"]))
+                self.headers_sent += 1
+            if j >= self.args_sent:
+                out.append(self._arguments(j, call["function"]["arguments"]))
+                self.args_sent += 1
+        return out
+
+    @staticmethod
+    def _header(j: int, call_id: str, name: str) -> dict:
+        return {"tool_calls": [{"index": j, "id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": ""}}]}
+
+    @staticmethod
+    def _arguments(j: int, args: str) -> dict:
+        return {"tool_calls": [{"index": j, "function": {"arguments": args}}]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. HTTP
+# ---------------------------------------------------------------------------------------------------------------
+
+class ChatServer(ThreadingHTTPServer):
+    """The HTTP server: one thread per connection (ThreadingHTTPServer), one Worker for the model."""
+    daemon_threads = True  # a connection left open never blocks shutdown
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000,
+                 served_model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 log: Callable[[str], None] | None = None):
+        super().__init__((host, port), Handler)
+        self.engine, self.worker = engine, Worker(engine)
+        self.served_model_name, self.api_key = served_model_name, api_key
+        self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.started = int(time.time())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Errors outside a request (socketserver's hook). A client dropping an idle keep-alive connection is
+        routine and stays quiet; anything else is logged with its traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            self.log(f"error on the connection from {client_address[0]}:{client_address[1]}\n"
+                     f"{traceback.format_exc()}")
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def close(self) -> None:
+        """Stop serving (call from another thread than serve_forever), close the socket, stop the worker."""
+        self.shutdown()
+        self.server_close()
+        self.worker.stop()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP/1.1 connection (keep-alive, as the openai client uses it). Routes, auth, body limits, errors."""
+    protocol_version = "HTTP/1.1"
+    server_version = "kimi-k2-serve/1"
+    timeout = 120  # seconds any one socket read or write may block; a stalled client then frees its thread
+    server: ChatServer
+
+    # --- entry points: every method goes through _handle, so every failure is an OpenAI-shaped error
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # replaced by the one line per request _handle writes
+
+    def log_error(self, format: str, *args: Any) -> None:  # malformed request lines, timeouts
+        self.server.log(f"{self.address_string()} {format % args}")
+
+    def _handle(self) -> None:
+        # one Handler serves every request of a keep-alive connection: reset the per-request state
+        t0, self.status, self.usage, self.streaming = time.perf_counter(), 0, None, False
+        self.body_touched = self.body_read = False
+        path = self.path.split("?", 1)[0]
+        try:
+            self._check_auth()
+            if path == "/v1/models" or path.startswith("/v1/models/"):
+                self._require_method("GET")
+                self._models(path)
+            elif path == "/v1/chat/completions":
+                self._require_method("POST")
+                self._chat()
+            else:
+                raise APIError(404, f"Invalid URL ({self.command} {path}): this server has GET /v1/models and "
+                                    f"POST /v1/chat/completions")
+        except APIError as err:
+            self._send_error(err)
+        except ConnectionError:  # the client went away (broken pipe, reset)
+            self.close_connection = True
+            self.status = 499  # nginx's "client closed request"
+        except Exception as err:  # a bug: answer 500 with the message, keep serving
+            self.server.log(traceback.format_exc())
+            self._send_error(APIError(500, f"internal error: {type(err).__name__}: {err}"))
+        tokens = (f" tokens={self.usage['prompt_tokens']}+{self.usage['completion_tokens']}" if self.usage else "")
+        self.server.log(f"{self.command} {path} {self.status}{tokens} {time.perf_counter() - t0:.2f}s")
+
+    def _require_method(self, method: str) -> None:
+        if self.command != method:
+            raise APIError(405, f"Method {self.command} not allowed on {self.path.split('?')[0]}; use {method}",
+                           code="method_not_allowed")
+
+    def _check_auth(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
+            raise APIError(401, "Incorrect API key provided. Send the key given to --api-key as 'Authorization: "
+                                "Bearer KEY'." if given else "You didn't provide an API key. Send "
+                                "'Authorization: Bearer KEY' (the key given to --api-key).", code="invalid_api_key")
+
+    # --- responses
+    def _send_json(self, status: int, obj: Any, close: bool = False) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+        self.status = status
+
+    def _send_error(self, err: APIError) -> None:
+        if self.streaming:  # headers are out: report in-band, as OpenAI does, and end the stream
+            self._write_event(_sse({"error": err.body()["error"]}))
+            self._end_stream()
+            return
+        # A body left unread would be parsed as the next request of this connection: read it if it is within
+        # the limit; otherwise answer, close, and drain a bounded amount so the client reads the answer rather
+        # than a connection reset.
+        reusable = self.body_read or self._skip_body()
+        self._send_json(err.status, err.body(), close=not reusable)
+        n = self._content_length()
+        if not reusable and n is not None and not self._chunked_upload():
+            left = min(n, DRAIN_LIMIT)
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+
+    # --- request bodies
+    def _skip_body(self) -> bool:
+        """Read and drop the body of a request refused before its body was read. False when that is not possible
+        (too large, malformed, or half read already): the connection must then close."""
+        if self.body_touched:
+            return False
+        try:
+            self._read_json()
+        except APIError:  # a body that is read but is not JSON is still out of the way
+            return self.body_read
+        return True
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """A body sent with Transfer-Encoding: chunked (RFC 9112 §7.1): hex size line, data, CRLF; 0 ends it."""
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise bad(f"malformed chunk size line {line[:40]!r} in a chunked request body") from None
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise APIError(413, f"request body is over {limit:,} bytes, the most this server accepts "
+                                    f"(--max-body-bytes)", code="request_too_large")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the CRLF after the data
+        while self.rfile.readline(1024).strip():  # trailer fields, up to the blank line
+            pass
+        return b"".join(parts)
+
+    def _chunked_upload(self) -> bool:
+        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+
+    def _content_length(self) -> int | None:
+        """The Content-Length header as a number (0 if absent), None if it is not a valid one."""
+        length = self.headers.get("Content-Length", "0")
+        return int(length) if length.strip().isdigit() else None
+
+    def _read_json(self) -> Any:
+        limit, self.body_touched = self.server.max_body_bytes, True
+        if self._chunked_upload():
+            raw = self._read_chunked(limit)
+        else:
+            n = self._content_length()
+            if n is None:
+                raise bad(f"invalid Content-Length header {self.headers.get('Content-Length')!r}")
+            if n > limit:
+                raise APIError(413, f"request body is {n:,} bytes; this server accepts at most {limit:,} "
+                                    f"(--max-body-bytes)", code="request_too_large")
+            raw = self.rfile.read(n)
+        self.body_read = True
+        if not raw.strip():
+            raise bad("the request body is empty; send a JSON object")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad(f"the request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise bad("the request body nests JSON too deeply") from None
+
+    # --- routes
+    def _models(self, path: str) -> None:
+        card = {"id": self.server.served_model_name, "object": "model", "created": self.server.started,
+                "owned_by": "kimi-k2-reference", "max_model_len": self.server.engine.context}
+        if path == "/v1/models":
+            return self._send_json(200, {"object": "list", "data": [card]})
+        name = path.removeprefix("/v1/models/")
+        if name != card["id"]:
+            raise APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
+                           "model", "model_not_found")
+        self._send_json(200, card)
+
+    def _chat(self) -> None:
+        server, engine = self.server, self.server.engine
+        req = parse_request(self._read_json(), server.served_model_name)
+        prompt = build_prompt(engine.tok, req)
+        n_prompt, context = len(prompt.ids), engine.context
+        if req.max_tokens is None:
+            max_tokens = min(server.default_max_tokens, context - n_prompt)
+            if max_tokens < 1:
+                raise bad(f"This model's maximum context length is {context} tokens; the messages alone take "
+                          f"{n_prompt}. Shorten the messages.", "messages", "context_length_exceeded")
+        elif n_prompt + req.max_tokens > context:
+            raise bad(f"This model's maximum context length is {context} tokens. However, you requested "
+                      f"{n_prompt + req.max_tokens} tokens ({n_prompt} in the messages, {req.max_tokens} in the "
+                      f"completion). Reduce the messages or {req.max_tokens_param} (at most {context - n_prompt}).",
+                      req.max_tokens_param, "context_length_exceeded")
+        else:
+            max_tokens = req.max_tokens
+        # tool_choice "none": the section marker stops generation, so no call can come out (docstring, point 3)
+        stop = req.stop + ([SECTION_BEGIN] if req.tool_choice == "none" else [])
+        params = G.SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, stop)
+        job = server.worker.submit(Job(prompt.ids, params))
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": server.served_model_name}
+        try:
+            if req.stream:
+                self._chat_stream(job, prompt, req, meta)
+            else:
+                self._chat_once(job, prompt, meta)
+        finally:
+            job.cancelled.set()  # no-op when it finished; stops the decode loop if the client went away
+
+    def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
+        while True:
+            kind, value = job.events.get()
+            if kind == "error":
+                if isinstance(value, ValueError):  # e.g. generate.check_context: the request's fault
+                    raise bad(str(value))
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+
+    def _usage(self, stream: TextStreamLike) -> dict:
+        p, c = stream.prompt_tokens, stream.completion_tokens  # p includes the prefill (the model did not sample it)
+        self.usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return self.usage
+
+    def _chat_once(self, job: Job, prompt: Prompt, meta: dict) -> None:
+        pieces, stream = [prompt.prefill], None
+        for kind, value in self._events(job):
+            if kind == "text":
+                pieces.append(value)
+            else:
+                stream = value
+        text = "".join(pieces)
+        msg, problems = assistant_message(text, prompt.first_index)
+        for p in problems:
+            self.server.log(f"  tool-call problem: {p}")
+        self._send_json(200, {**meta, "choices": [
+            {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish_reason(text, stream.finish_reason)}],
+            "usage": self._usage(stream)})
+
+    def _chat_stream(self, job: Job, prompt: Prompt, req: ChatRequest, meta: dict) -> None:
+        splitter = ToolCallStreamer(prompt.first_index)
+        base = {**meta, "object": "chat.completion.chunk"}
+        if req.include_usage:
+            base["usage"] = None  # OpenAI: every chunk has usage null, then one last chunk carries it
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        started = False
+        for kind, value in self._events(job):
+            if not started:  # headers go out with the first event, so an early failure is still a plain error
+                self._start_stream()
+                self._write_event(chunk({"role": "assistant", "content": ""}))
+                for delta in splitter.feed(prompt.prefill):
+                    self._write_event(chunk(delta))
+                started = True
+            if kind == "text":
+                for delta in splitter.feed(value):
+                    self._write_event(chunk(delta))
+            else:
+                stream = value
+        for delta in splitter.finish():
+            self._write_event(chunk(delta))
+        self._write_event(chunk({}, finish_reason(splitter.text, stream.finish_reason)))
+        usage = self._usage(stream)
+        if req.include_usage:
+            self._write_event(_sse({**base, "choices": [], "usage": usage}))
+        self._end_stream()
+
+    # --- server-sent events over chunked transfer encoding (HTTP/1.0 clients: plain body, then close)
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.status, self.streaming = 200, True
+
+    def _write_event(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+
+    def _end_stream(self) -> None:
+        self._write_event(_sse(b"[DONE]"))
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Serve a Kimi K2 checkpoint with OpenAI's chat completions API.")
+    # --- what to serve
+    p.add_argument("--ckpt", default=str(G.DEMO_DIR), help="checkpoint directory (config.json, safetensors, "
+                                                           "tiktoken.model); default: the shipped demo model")
+    p.add_argument("--served-model-name", default=DEFAULT_MODEL_NAME,
+                   help="the model name requests must ask for (the seed document's code uses kimi-k2-instruct)")
+    # --- where
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; loopback by default (no TLS here)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free port (printed at start)")
+    p.add_argument("--api-key", default=None, help="if set, requests need 'Authorization: Bearer KEY' (else 401)")
+    # --- limits
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="max_tokens for requests that give none (capped at what is left of the context)")
+    # --- hardware
+    p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
+    p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
+    a = p.parse_args(argv)
+    if a.max_body_bytes < 1 or a.default_max_tokens < 1:
+        sys.exit("error: --max-body-bytes and --default-max-tokens must be at least 1")
+    try:
+        engine = ModelEngine.load(a.ckpt, a.device, a.dtype)
+        server = ChatServer(engine, a.host, a.port, a.served_model_name, a.api_key, a.max_body_bytes,
+                            a.default_max_tokens)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        sys.exit(f"error: {err}")
+    print(f"model: {engine.description}", flush=True)
+    if not LOOPBACK.match(a.host):
+        print(f"warning: listening on {a.host}, not loopback: anyone who can reach this port can use the model "
+              f"(plain HTTP{'' if a.api_key else ', no --api-key'})", flush=True)
+    print(f"serving '{a.served_model_name}' at {server.url} (Ctrl-C to stop)", flush=True)
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # `kill` shuts down as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        server.server_close()
+        server.worker.stop()
+
+
+if __name__ == "__main__":
+    main()
