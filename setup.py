@@ -62,6 +62,8 @@ setup(
             # disassembles the compiled kernels to check for tensor-core instructions (tests/test_kernels.py)
             "nvidia-cuda-nvdisasm>=13.0,<14; platform_system == 'Linux'",
             "jinja2>=3.1",               # renders the official chat template in tests
+            "openai>=1.0",               # the official client, driven against serve.py in tests/test_serve.py
+            "matplotlib>=3.5",           # train.py's loss / max-logit plots (imported only when plotting)
         ],
     },
     ext_modules=ext_modules,
