@@ -268,10 +268,13 @@ def test_resume_after_ctrl_c_is_bit_identical(files, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_changed_settings(files, pretrained):
+def test_resume_refuses_changed_settings_and_plain_models(files, pretrained, tmp_path):
     run_dir = pretrained.parent
     with pytest.raises(ValueError, match="--lr"):
         train.Trainer(*train.parse_args(["--resume", str(run_dir), "--lr", "0.5"]))
+    M.Transformer.from_pretrained(pretrained).save_pretrained(tmp_path / "model")  # weights only, no trainer state
+    with pytest.raises(FileNotFoundError, match="--init"):
+        train.Trainer(*train.parse_args(["--resume", str(tmp_path / "model")]))
 
 
 def test_failed_save_keeps_the_last_checkpoint(files, tmp_path, monkeypatch):
