@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import hashlib
 import json
 import math
@@ -362,7 +363,7 @@ def defer_sigint():
 # Flags that do not change what is computed, so a resumed run may change them; every other flag comes from the
 # checkpoint. Changing device, dtype or thread count is allowed but breaks bit-identity (a note is printed).
 FREE_ON_RESUME = {"out", "resume", "log_every", "save_every", "eval_every", "plot", "device", "dtype", "threads",
-                  "data_cache", "steps"}
+                  "data_cache", "steps", "export", "export_dtype"}
 
 
 class Trainer:
@@ -519,6 +520,16 @@ class Trainer:
         with defer_sigint():
             self.model.save_pretrained(self.ckpt_dir, extra=extra)
 
+    def export(self, path: Path, dtype: str = "fp32") -> None:
+        """The model alone, for generate.py and transformers: config + safetensors + tiktoken.model, no optimizer or
+        trainer state (the demo/ folder). Atomic like every save; other files already in `path` are kept."""
+        model = self.model
+        if dtype == "bf16":  # half the file; the routing bias stays fp32 (moe.Gate._apply)
+            model = copy.deepcopy(self.model).to(torch.bfloat16)
+        with defer_sigint():
+            model.save_pretrained(path, extra=lambda tmp: shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model"))
+        print(f"exported the model ({dtype}) to {path}")
+
     def log_bytes(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
 
@@ -659,6 +670,8 @@ class Trainer:
         val = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
         print(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
               f"final val loss {val}; checkpoint {self.ckpt_dir} (try: {try_cmd})")
+        if a.export:
+            self.export(Path(a.export), a.export_dtype)
         if a.plot:
             plot_logs([self.log_path], self.out / "curves.png")
         return 0
@@ -823,6 +836,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (and at the end, and on Ctrl-C)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     p.add_argument("--plot", action="store_true", help="write OUT/curves.png at the end (needs matplotlib)")
+    p.add_argument("--export", default=None, help="at the end, also write the model alone (config, weights, "
+                                                  "tiktoken.model; no optimizer state) to this folder, e.g. demo")
+    p.add_argument("--export-dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype of --export")
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="",

@@ -197,7 +197,8 @@ def test_sft_run_from_jsonl_with_init(files, pretrained, tmp_path):
     jsonl.write_text("".join(json.dumps({"messages": m, "tools": t}) + "\n" for m, t in CONVS))
     args, given = train.parse_args(["--threads", "1", "--sft", "--data", str(jsonl), "--init", str(pretrained),
                                     "--steps", "3", "--batch-size", "2", "--seq-len", "600", "--val-fraction", "0.1",
-                                    "--out", str(tmp_path / "sft"), "--log-every", "1000"])
+                                    "--out", str(tmp_path / "sft"), "--log-every", "1000",
+                                    "--export", str(tmp_path / "demo"), "--export-dtype", "bf16"])
     t = train.Trainer(args, given)
     assert t.tokenizer_path == pretrained / "tiktoken.model"  # the tokenizer comes with the checkpoint
     assert t.data.n_val_convs == 1 and t.data.dropped == 0
@@ -205,6 +206,13 @@ def test_sft_run_from_jsonl_with_init(files, pretrained, tmp_path):
     recs = train.read_log(tmp_path / "sft" / "log.jsonl")[1]
     assert len(recs) == 3 and "val_loss" in recs[-1]
     assert all(r["target_tokens"] < 2 * 601 for r in recs)  # only the supervised targets of 2 rows
+    exported = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert exported == ["config.json", "model.safetensors", "tiktoken.model"]  # the model alone, as demo/ ships
+    import generate
+    model, _ = generate.load(tmp_path / "demo")
+    trained = t.model.state_dict()
+    assert all(torch.equal(v, trained[k].to(torch.bfloat16).float()) for k, v in model.state_dict().items()
+               if not k.endswith("e_score_correction_bias"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
