@@ -315,6 +315,13 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
         self.reset_buffers()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the RoPE frequencies: angles reach 128K·inv_freq radians, and a
+        # bf16 inv_freq (8 mantissa bits) would misplace every position beyond a few hundred. Recomputed in fp32.
+        super()._apply(fn, recurse)
+        self.inv_freq.data = rope_parameters(self.args)[0].to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute the buffers that are never stored in a checkpoint (RoPE frequencies, training statistics)."""
