@@ -20,9 +20,11 @@ Both read the same latent cache (`KVCache`): c_kv AFTER kv_a_layernorm, k_pe AFT
 References: DeepSeek-V2 §2.1 (arXiv 2405.04434) for MLA, DeepSeek-V3 (arXiv 2412.19437), YaRN (arXiv 2309.00071),
 Kimi K2 (arXiv 2507.20534) §2.1 for QK-Clip, whose per-head max logit is recorded here (`record_max_logits`).
 
-Shapes: B batch, T new tokens, S key/cache length, D hidden, H heads, Dn/Dr/Dv nope/rope/value head dims,
-Cq/Ckv query/KV latent ranks. Paper symbols ↔ names: W^DQ q_a_proj, W^UQ+W^QR q_b_proj, W^DKV+W^KR
-kv_a_proj_with_mqa, W^UK+W^UV kv_b_proj, W^O o_proj, c^KV c_kv, k^R k_pe, q^C q_nope, q^R q_pe.
+Tensor parallelism (parallel.py): each rank computes its H/W heads; the latent path and cache are replicated.
+
+Shapes: B batch, T new tokens, S key/cache length, D hidden, H heads (this rank's, under TP), Dn/Dr/Dv
+nope/rope/value head dims, Cq/Ckv query/KV latent ranks. Paper symbols ↔ names: W^DQ q_a_proj, W^UQ+W^QR q_b_proj,
+W^DKV+W^KR kv_a_proj_with_mqa, W^UK+W^UV kv_b_proj, W^O o_proj, c^KV c_kv, k^R k_pe, q^C q_nope, q^R q_pe.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import parallel
 
 if TYPE_CHECKING:
     from model import ModelArgs
@@ -201,11 +205,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, start: int,
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention of one layer. Module names are the Hugging Face checkpoint's (SPEC §2.3)."""
+    """Multi-head Latent Attention of one layer. Module names are the Hugging Face checkpoint's (SPEC §2.3).
+
+    Tensor parallelism (parallel.py): with W ranks this rank computes H/W of the heads, `first_head` onward.
+    `num_heads` is that LOCAL count and every per-head tensor (q_b_proj/q_proj and kv_b_proj rows, o_proj columns,
+    max_logits) holds only those heads, so per-head code such as QK-Clip runs unchanged on each rank's rows.
+    The latent path (q_a_proj, kv_a_proj_with_mqa, the two latent norms, the KV cache) is replicated.
+    """
+
+    # state-dict names split across ranks -> the dim they are split on (rows = heads; o_proj: columns)
+    SHARD_DIMS = {"q_proj.weight": 0, "q_b_proj.weight": 0, "kv_b_proj.weight": 0, "o_proj.weight": 1}
 
     def __init__(self, args: "ModelArgs"):
         super().__init__()
-        D, H = args.hidden_size, args.num_attention_heads
+        D = args.hidden_size
+        H, self.first_head = parallel.split(args.num_attention_heads, "num_attention_heads")  # this rank's heads
         self.num_heads = H
         self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
@@ -233,16 +247,17 @@ class MLA(nn.Module):
         """x (B, T, D) at positions cache.pos.. (or 0..); cos/sin (T, Dr/2); impl "naive" | "absorb". -> (B, T, D)."""
         B, T, _ = x.shape
         H, Dn, Dr, Dv, Ckv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+        # copy_to_ranks marks where replicated tensors enter this rank's heads (identity forward; parallel.py)
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # low-rank query (DeepSeek-V2 §2.1.2)
+            q = self.q_proj(parallel.copy_to_ranks(x))
+        else:  # low-rank query (DeepSeek-V2 §2.1.2)
+            q = self.q_b_proj(parallel.copy_to_ranks(self.q_a_layernorm(self.q_a_proj(x))))
         q_nope, q_pe = q.view(B, T, H, Dn + Dr).split([Dn, Dr], dim=-1)  # (B, T, H, Dn), (B, T, H, Dr)
         q_pe = apply_rope(q_pe, cos, sin)
         # low-rank KV joint compression plus the decoupled rope key (DeepSeek-V2 §2.1.2-2.1.3)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([Ckv, Dr], dim=-1)  # (B, T, Ckv), (B, T, Dr)
-        c_kv = self.kv_a_layernorm(c_kv)
-        k_pe = apply_rope(k_pe, cos, sin)  # one rotary key per token, shared by all heads
+        c_kv = parallel.copy_to_ranks(self.kv_a_layernorm(c_kv))
+        k_pe = parallel.copy_to_ranks(apply_rope(k_pe, cos, sin))  # one rotary key per token, shared by all heads
         start = 0
         if cache is not None:  # cache what the next step needs: the normed latent and the ROTATED rope key
             start = cache.pos
@@ -266,4 +281,5 @@ class MLA(nn.Module):
             o = torch.einsum("bhtc,hvc->bhtv", z, w_uv)  # (B, H, T, Dv): W^UV applied after the mixing
         else:
             raise ValueError(f"attention impl must be 'naive' or 'absorb', got {impl!r}")
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv))  # (B, T, D)
+        # under TP each rank's o_proj sees only its heads' columns: one all-reduce sums the heads (parallel.py)
+        return parallel.reduce_from_ranks(self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv)))  # (B, T, D)

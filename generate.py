@@ -12,6 +12,9 @@ How generation works here (the same loop a serving engine runs, minus batching t
 
 `python generate.py` loads the shipped demo model (demo/: Hugging Face format + tiktoken.model) and completes a
 default prompt; `--chat` opens a REPL with the chat template, `--tools` lets the model call the built-in tools.
+`torchrun --nproc-per-node W generate.py ...` runs the same loop with the model split over W processes
+(parallel.py): every rank runs every step, rank 0's sampled token is broadcast so all ranks decode the same
+sequence, only rank 0 prints, and a rank that fails ends the job with its error instead of leaving it hanging.
 Shapes: B batch, T tokens, V vocab.
 """
 from __future__ import annotations
@@ -26,11 +29,15 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+import parallel
 from model import Transformer
 from tokenizer import Tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (MoonshotAI/Kimi-K2 README)
+# Prompts longer than this are prefilled in pieces through the cache: the activations of one forward grow with its
+# token count (`python model.py --plan` estimates them), the cache does not care how it was filled.
+PREFILL_CHUNK = 8192
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,11 +99,13 @@ def check_context(model: Transformer, prompt_len: int, max_new_tokens: int) -> N
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompt: Tensor, max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
                     top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                    stop_ids: Sequence[int] = (), use_cache: bool = True) -> Iterator[Tensor]:
+                    stop_ids: Sequence[int] = (), use_cache: bool = True,
+                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has hit a stop id.
 
     prompt (B, T) int64 (rows of equal length). Rows that stopped keep yielding their stop id. With use_cache the
-    prompt is prefilled once and each step feeds one token; without, the whole sequence is recomputed every step.
+    prompt is prefilled once (in pieces of prefill_chunk tokens) and each step feeds one token; without, the whole
+    sequence is recomputed every step. Under parallelism every rank continues with rank 0's token.
     """
     B, T = prompt.shape
     check_context(model, T, max_new_tokens)
@@ -104,9 +113,14 @@ def generate_tokens(model: Transformer, prompt: Tensor, max_new_tokens: int, tem
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
     seq = prompt
-    logits = model(prompt, cache, last_only=True)[:, -1]  # (B, V) prefill: one forward over the whole prompt
+    if use_cache:  # prefill: the prompt through the model once, filling the latent cache
+        for s in range(0, T, prefill_chunk):
+            logits = model(prompt[:, s:s + prefill_chunk], cache, last_only=True)[:, -1]  # (B, V)
+    else:
+        logits = model(prompt, last_only=True)[:, -1]  # (B, V)
     for step in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        # all ranks hold the same logits, but their generators may differ (an unseeded run): rank 0's token wins
+        nxt = parallel.broadcast_(sample(logits, temperature, top_k, top_p, generator))  # (B,)
         nxt = torch.where(done, seq[:, -1] if step else nxt, nxt)  # finished rows repeat their stop token
         done |= torch.isin(nxt, stop)
         yield nxt
@@ -231,9 +245,9 @@ DEFAULT_PROMPT = "Hello! Who are you?"
 
 
 def _print_stream(stream: TextStream) -> None:
-    for piece in stream:
-        print(piece, end="", flush=True)
-    print()
+    for piece in stream:  # every rank runs the loop (each step is a collective); rank 0 prints
+        parallel.print0(piece, end="", flush=True)
+    parallel.print0()
 
 
 def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_tools: bool) -> None:
@@ -291,29 +305,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
     a = p.parse_args(argv)
-    try:
-        device, why_device = pick_device(a.device)
-        dtype, why_dtype = pick_dtype(a.dtype, device)
-        print(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype})")
-        model, tok = load(a.ckpt, device, dtype)
-        params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
-        check_context(model, 1, a.max_new_tokens)
+    with parallel.abort_on_error():  # under torchrun: a rank that fails ends the job with its message, no hang
+        try:
+            _run(a)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+    parallel.shutdown()
+
+
+def _run(a: argparse.Namespace) -> None:
+    say = parallel.print0  # under torchrun every rank runs this function; rank 0 speaks for all of them
+    device, why_device = pick_device(a.device)
+    if parallel.launched_by_torchrun():
+        device = parallel.init(device.type)  # cuda:LOCAL_RANK with NCCL, or cpu with gloo
+        why_device += f"; {parallel.world_size()} ranks under torchrun, tensor + expert parallel"
         if a.chat:
-            return chat_repl(model, tok, params, a.tools)
-        if a.tools:
-            print("--tools applies to --chat; generating without tools")
-        prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
-        if a.raw:
-            ids = tok.encode(prompt)
-        else:
-            ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        stream = TextStream(model, tok, ids, params)
-        print(f"prompt: {prompt!r}\n---")
-        _print_stream(stream)
-        print(f"--- {stream.completion_tokens} tokens in {stream.seconds:.2f} s "
-              f"({stream.completion_tokens / max(stream.seconds, 1e-9):.1f} tokens/s), finish: {stream.finish_reason}")
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+            raise ValueError("--chat reads stdin in one process; under torchrun pass the message with --prompt")
+    dtype, why_dtype = pick_dtype(a.dtype, device)
+    say(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype})")
+    model, tok = load(a.ckpt, device, dtype)
+    if parallel.world_size() > 1:
+        r = model.load_report
+        say(f"rank 0 holds its 1/{parallel.world_size()} share: read {r['bytes_read'] / 2**20:,.1f} MiB of the "
+            f"checkpoint's {r['checkpoint_bytes'] / 2**20:,.1f} MiB")
+    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
+    check_context(model, 1, a.max_new_tokens)
+    if a.chat:
+        return chat_repl(model, tok, params, a.tools)
+    if a.tools:
+        say("--tools applies to --chat; generating without tools")
+    prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+    if a.raw:
+        ids = tok.encode(prompt)
+    else:
+        ids, _ = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    stream = TextStream(model, tok, ids, params)
+    say(f"prompt: {prompt!r}\n---")
+    _print_stream(stream)
+    say(f"--- {stream.completion_tokens} tokens in {stream.seconds:.2f} s "
+        f"({stream.completion_tokens / max(stream.seconds, 1e-9):.1f} tokens/s), finish: {stream.finish_reason}")
 
 
 if __name__ == "__main__":

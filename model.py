@@ -15,7 +15,11 @@ This file:
 * `Transformer.from_pretrained` / `save_pretrained`: the HF safetensors layout (sharded, with an index; FP8 block-scaled
   weights are dequantized on load). Module names ARE the checkpoint names, except that the routed experts are stored
   stacked (E, ·, ·) here and one by one on disk: `mlp.experts.{e}.gate_proj.weight` is row e of `mlp.experts.gate_proj`.
-* `python model.py --config kimi-k2` prints parameter counts and KV-cache sizes, on the meta device (no memory).
+* `python model.py --config kimi-k2` prints parameter counts and KV-cache sizes, on the meta device (no memory);
+  `--plan --world-size 16` prints the memory each of 16 GPUs needs (weights, latent KV cache, activations).
+* Tensor + expert parallelism (parallel.py) lives inside these same modules: under `torchrun` each rank builds
+  only its share (`Transformer.shard_dims()` says which tensors are split and along which dim), `from_pretrained`
+  reads only that share from the checkpoint, and the logits are the full (B, T, V) on every rank.
 
 References: DeepSeek-V3 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534), Kimi-K2-Instruct config.json (SPEC §1).
 Shapes: B batch, T tokens, D hidden, V vocab, L layers, E routed experts, K experts per token.
@@ -36,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import parallel
 from attention import MLA, KVCache, RMSNorm, apply_rope, rope_cos_sin, rope_parameters  # noqa: F401 (re-exported)
-from moe import MLP, MoE, pick_expert_impl
+from moe import MLP, Experts, MoE, pick_expert_impl
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +265,18 @@ PRESETS: dict[str, Callable[[], ModelArgs]] = {
 }
 
 
+def world_size_problems(args: ModelArgs, world_size: int) -> list[str]:
+    """Why `world_size` ranks cannot split this config evenly (empty list: they can). See parallel.py for the split."""
+    split = {"num_attention_heads": args.num_attention_heads, "n_routed_experts": args.n_routed_experts,
+             "vocab_size": args.vocab_size, "intermediate_size": args.intermediate_size,
+             "moe_intermediate_size * n_shared_experts": args.moe_intermediate_size * args.n_shared_experts}
+    return [f"{name}={n}" for name, n in split.items() if n % world_size]
+
+
+def valid_world_sizes(args: ModelArgs, up_to: int = 1024) -> list[int]:
+    return [w for w in range(1, up_to + 1) if not world_size_problems(args, w)]
+
+
 def load_args(name_or_path: str) -> ModelArgs:
     """A preset name, a config.json path, or a checkpoint directory."""
     if name_or_path in PRESETS:
@@ -271,6 +288,24 @@ def load_args(name_or_path: str) -> ModelArgs:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The network
+
+
+class ParallelEmbedding(nn.Module):
+    """Token embedding whose vocabulary rows are split across ranks (DeepSeek-V3 inference/model.py). ids (B, T) ->
+    (B, T, D). Each rank looks up the ids it owns, writes zeros for the others, and an all-reduce fills them in."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.num_rows, self.first_row = parallel.split(vocab_size, "vocab_size")  # this rank's vocabulary rows
+        self.weight = nn.Parameter(torch.empty(self.num_rows, dim))  # (V/W, D)
+        nn.init.normal_(self.weight)  # as nn.Embedding does, so a seed gives the same random model as before
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if parallel.world_size() == 1:
+            return F.embedding(ids, self.weight)  # (B, T, D), what nn.Embedding does
+        mine = (ids >= self.first_row) & (ids < self.first_row + self.num_rows)  # (B, T) ids this rank owns
+        h = F.embedding(torch.where(mine, ids - self.first_row, 0), self.weight)  # (B, T, D)
+        return parallel.reduce_from_ranks(h.masked_fill(~mine[..., None], 0.0))  # each id's row from its owner
 
 
 class Block(nn.Module):
@@ -294,26 +329,54 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        problems = world_size_problems(args, parallel.world_size())
+        if problems:  # one message naming every field, before any module raises about just one of them
+            raise ValueError(f"world size {parallel.world_size()} does not divide {', '.join(problems)}; world sizes "
+                             f"that work for this config: {valid_world_sizes(args, 64)}")
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
+            embed_tokens=ParallelEmbedding(args.vocab_size, args.hidden_size),
             layers=nn.ModuleList(Block(i, args) for i in range(args.num_hidden_layers)),
             norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)  # untied from embed_tokens
+        # untied from embed_tokens; under TP each rank holds V/W rows and the logits are all-gathered in forward
+        self.lm_head = nn.Linear(args.hidden_size, parallel.split(args.vocab_size, "vocab_size")[0], bias=False)
         inv_freq, self.rope_mult = rope_parameters(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dr/2,) recomputed, never loaded
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random init as HF DeepseekV3: N(0, initializer_range) for every matrix, norms 1, routing bias 0."""
+        """Random init as HF DeepseekV3: N(0, initializer_range) for every matrix, norms 1, routing bias 0.
+
+        Under parallelism every rank draws each FULL matrix from the same stream and keeps its slice (seed every rank
+        alike), so replicated tensors agree across ranks and split ones are slices of one N(0, std) draw. It is not
+        the one-device model of the same seed (module constructors draw from the stream for their own, smaller
+        shapes first); to start W ranks from a one-device model, save it and load it with from_pretrained.
+        """
         std = self.args.initializer_range
+        dims = self.shard_dims()
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
+                continue
+            full_shape = list(p.shape)
+            if name in dims:
+                full_shape[dims[name]] *= parallel.world_size()
+            full = torch.empty(full_shape, device=p.device, dtype=p.dtype).normal_(0.0, std)
+            p.copy_(parallel.local_slice(full, dims.get(name)))
         self.reset_buffers()
+
+    def shard_dims(self) -> dict[str, int]:
+        """State-dict names of the tensors split across ranks -> the dim they are split along; every other tensor is
+        replicated (the same on every rank). Expert stacks are split along dim 0, the expert dim. Read by loading,
+        saving, the memory plan, and optimizers that need whole matrices (Muon: parallel.gather_full)."""
+        dims = {"model.embed_tokens.weight": 0, "lm_head.weight": 0}
+        names = set(self.state_dict())
+        for prefix, m in self.named_modules():
+            for local, dim in getattr(m, "SHARD_DIMS", {}).items():
+                if f"{prefix}.{local}" in names:
+                    dims[f"{prefix}.{local}"] = dim
+        return dims
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round the RoPE frequencies: angles reach 128K·inv_freq radians, and a
@@ -380,7 +443,8 @@ class Transformer(nn.Module):
             cache.pos += T
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.norm(h)).float()  # (B, T, V) fp32 logits for the loss and for sampling
+        logits = self.lm_head(parallel.copy_to_ranks(self.model.norm(h)))  # (B, T, V/W) this rank's vocabulary
+        return parallel.gather_from_ranks(logits, dim=-1).float()  # (B, T, V) fp32, on every rank: loss, sampling
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty latent cache on this model's device and dtype (default length: the whole context)."""
@@ -391,16 +455,26 @@ class Transformer(nn.Module):
     # Hugging Face checkpoint I/O
 
     def checkpoint_names(self) -> dict[str, tuple[str, int | None]]:
-        """Map every checkpoint tensor name to (our state-dict name, expert index or None)."""
+        """Map every checkpoint tensor name of the FULL model to (our state-dict name, expert index or None).
+
+        Expert indices are global (0..E-1); under expert parallelism this rank's stack holds rows for experts
+        `first_expert` onward only (moe.Experts), and `_owned_row` maps a global index to one of them.
+        """
         names = {}
-        for name, t in self.state_dict().items():
+        for name in self.state_dict():
             if ".mlp.experts." in name:  # stacked here, one tensor per expert on disk
                 prefix, proj = name.rsplit(".", 1)
-                for e in range(t.shape[0]):
+                for e in range(self.args.n_routed_experts):
                     names[f"{prefix}.{e}.{proj}.weight"] = (name, e)
             else:
                 names[name] = (name, None)
         return names
+
+    def _owned_row(self, name: str, e: int) -> int | None:
+        """Row of expert e in this rank's stack `name`, or None if another rank owns expert e."""
+        stack: Experts = self.get_submodule(name.rsplit(".", 1)[0])
+        row = e - stack.first_expert
+        return row if 0 <= row < stack.num_experts else None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -411,14 +485,28 @@ class Transformer(nn.Module):
         block `weight_scale_inv`, `*.rotary_emb.inv_freq` and MTP layers (index >= num_hidden_layers) are ignored.
         Any missing, unexpected or mis-shaped tensor is an error that names all of them. dtype: default = the
         checkpoint's embedding dtype.
+
+        Under parallelism (parallel.init, e.g. from torchrun) each rank allocates only its share and reads only that
+        from disk: its own experts' tensors and its rows/columns of the split matrices (safetensors slices; an FP8
+        slice is dequantized with the scale blocks it overlaps). `model.load_report` holds the bytes this rank read.
+        If loading fails on any rank, every rank raises (parallel.check_all_ok) instead of waiting for the others.
         """
+        model, err = None, None
+        try:
+            model = cls._load(Path(path), device, dtype)
+        except Exception as e:  # handed to check_all_ok, which re-raises it (on every rank, if any failed)
+            err = e
+        parallel.check_all_ok(err, f"loading {path}")
+        return model
+
+    @classmethod
+    def _load(cls, path: Path, device: str | torch.device, dtype: torch.dtype | None) -> "Transformer":
         from safetensors import safe_open
 
-        path = Path(path)
         files = _checkpoint_files(path)
         args = ModelArgs.from_json(path)
         with torch.device("meta"):
-            model = cls(args)
+            model = cls(args)  # this rank's shapes, no memory yet
         expected = model.checkpoint_names()
         located: dict[str, Path] = {}
         for f in files:
@@ -437,29 +525,47 @@ class Transformer(nn.Module):
             problems.append(f"missing tensors: {missing}")
         if unexpected:
             problems.append(f"unexpected tensors: {unexpected}")
-        model = model.to_empty(device=device).to(dtype)
-        state = model.state_dict()
+        model = model.to(dtype).to_empty(device=device)  # allocate this rank's share once, in the final dtype
+        state, dims, world = model.state_dict(), model.shard_dims(), parallel.world_size()
         by_file: dict[Path, list[str]] = {}
         for key in expected:
             if key in located:
                 by_file.setdefault(located[key], []).append(key)
-        shape_errors = []
+        shape_errors, bytes_read = [], 0
         for f, keys in by_file.items():
             with safe_open(str(f), framework="pt") as sf:
                 for key in keys:
-                    t = sf.get_tensor(key)
+                    name, e = expected[key]
+                    target, dim = state[name], dims.get(name)
+                    if e is not None:  # one expert of a stack: read only by the rank that owns it
+                        row = model._owned_row(name, e)
+                        if row is None:
+                            continue
+                        target, dim = target[row], None
+                    full_shape = list(target.shape)
+                    if dim is not None:
+                        full_shape[dim] *= world
+                    on_disk = list(sf.get_slice(key).get_shape())
+                    if on_disk != full_shape:
+                        shape_errors.append(f"{key}: checkpoint {tuple(on_disk)} vs model {tuple(full_shape)}")
+                        continue
+                    t, start = _read_share(sf, key, dim)  # this rank's rows/columns from `start` (or all of it)
+                    bytes_read += t.nbytes
                     if t.dtype == torch.float8_e4m3fn:
                         scale_key = key + "_scale_inv"
                         if scale_key not in located:
                             problems.append(f"{key} is FP8 but {scale_key} is missing")
                             continue
                         with safe_open(str(located[scale_key]), framework="pt") as sf2:
-                            t = dequantize_fp8(t, sf2.get_tensor(scale_key))
-                    name, e = expected[key]
-                    target = state[name] if e is None else state[name][e]
-                    if tuple(t.shape) != tuple(target.shape):
-                        shape_errors.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(target.shape)}")
-                        continue
+                            scale = sf2.get_tensor(scale_key)  # small: one number per 128x128 block
+                        bytes_read += scale.nbytes
+                        blocks = [math.ceil(n / 128) for n in on_disk]
+                        if list(scale.shape) != blocks:
+                            problems.append(f"{scale_key}: shape {tuple(scale.shape)}, expected {tuple(blocks)} "
+                                            f"(one scale per 128x128 block of {tuple(on_disk)})")
+                            continue
+                        offset = (start, 0) if dim == 0 else (0, start)
+                        t = dequantize_fp8(t.to(device), scale.to(device), offset=offset)  # dequantize on device
                     with torch.no_grad():
                         target.copy_(t)
         if shape_errors:
@@ -470,6 +576,7 @@ class Transformer(nn.Module):
         for m in model.modules():  # the routing bias stays fp32 whatever the model dtype (see moe.Gate._apply)
             if isinstance(m, MoE):
                 m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+        model.load_report = dict(bytes_read=bytes_read, checkpoint_bytes=sum(f.stat().st_size for f in files))
         return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 2 << 30,
@@ -479,14 +586,30 @@ class Transformer(nn.Module):
         Everything is written into a temporary sibling directory first (`extra(tmp_dir)` may add files, e.g. the
         optimizer state), then swapped in with renames, so an interrupted save never leaves a half-written
         checkpoint at `path`. Files already in `path` that this call does not write (a tokenizer) are carried over.
+        Under parallelism every rank calls it: the split tensors are gathered (one at a time, but rank 0 then holds
+        the whole model in CPU memory: fine for small models, not for K2) and rank 0 writes the usual HF layout.
         """
+        dims, rank0 = self.shard_dims(), parallel.rank() == 0
+        full = {}
+        for name, t in self.state_dict().items():  # every rank joins each gather; rank 0 keeps the result
+            t = parallel.gather_full(t.detach(), dims.get(name))
+            if rank0:
+                full[name] = t.to("cpu")
+        err = None
+        if rank0:
+            try:
+                self._write_hf(Path(path), full, max_shard_bytes, extra)
+            except Exception as e:  # re-raised by check_all_ok, on every rank
+                err = e
+        parallel.check_all_ok(err, f"saving {path}")  # also a barrier: no rank returns before the files exist
+
+    def _write_hf(self, path: Path, state: dict[str, Tensor], max_shard_bytes: int,
+                  extra: Callable[[Path], None] | None) -> None:
         from safetensors.torch import save_file
 
-        path = Path(path)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = self.state_dict()
         tensors = {}
         for key, (name, e) in self.checkpoint_names().items():
             t = state[name] if e is None else state[name][e]
@@ -563,10 +686,30 @@ def _ignorable(key: str, located: dict, args: ModelArgs) -> bool:
     return False
 
 
-def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int = 128) -> Tensor:
-    """W = float(W_fp8) · scale_inv[i // 128, j // 128] (DeepSeek `weight_dequant`, SPEC §7.2). -> fp32 (out, in)."""
+def _read_share(sf, key: str, dim: int | None) -> tuple[Tensor, int]:
+    """This rank's share of one checkpoint tensor, as stored (FP8 stays FP8): the whole tensor if dim is None, else
+    its rows (dim 0) or columns (dim 1) for this rank. Returns (tensor, index of its first row/column). A safetensors
+    slice reads only those bytes from the memory-mapped file."""
+    if dim is None:
+        return sf.get_tensor(key), 0
+    sl = sf.get_slice(key)
+    n, start = parallel.split(sl.get_shape()[dim], key)
+    return (sl[start:start + n] if dim == 0 else sl[:, start:start + n]), start
+
+
+def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int = 128, offset: tuple[int, int] = (0, 0)) -> Tensor:
+    """W = float(W_fp8) · scale_inv[i // 128, j // 128] (DeepSeek `weight_dequant`, SPEC §7.2). -> fp32 (out, in).
+
+    w may be a slice of the full matrix whose first element is at (row, column) `offset` (a rank's share under
+    tensor parallelism); scale_inv is always the FULL matrix's (ceil(rows/128), ceil(cols/128)) block scales. A
+    slice need not start on a block boundary: it takes the scales of the blocks it overlaps.
+    """
     out, inp = w.shape
-    s = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:out, :inp]  # (out, in)
+    r0, c0 = offset
+    rows, cols = slice(r0 // block, (r0 + out - 1) // block + 1), slice(c0 // block, (c0 + inp - 1) // block + 1)
+    s = scale_inv.float()[rows, cols]  # the scales of the blocks this slice overlaps
+    s = s.repeat_interleave(block, 0).repeat_interleave(block, 1)  # one scale per element of those blocks
+    s = s[r0 % block:r0 % block + out, c0 % block:c0 % block + inp]  # (out, in)
     return w.float() * s
 
 
@@ -620,13 +763,130 @@ def _fmt_bytes(n: float) -> str:
     return ""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Memory plan per rank (python model.py --config kimi-k2 --plan --world-size 16)
+
+# H200: "141 GB" (NVIDIA datasheet); nvidia-smi on an H200 reports 143,771 MiB = 140.4 GiB, which is what we count
+H200_GIB = 143_771 / 1024
+# CUDA context, cuBLAS workspace, NCCL buffers and allocator fragmentation: a rough allowance, UNVERIFIED (measure
+# torch.cuda.mem_get_info() after the first forward on the real machine)
+RESERVE_GIB = 4.0
+
+
+def _stored_fp8(name: str) -> bool:
+    """Is this tensor FP8 in the released checkpoint? Every projection matrix of attention, MLPs and experts; not the
+    router, norms, embedding or lm_head (SPEC §7.1-7.2)."""
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight")) or ".mlp.experts." in name
+
+
+def memory_plan(args: ModelArgs, world_size: int, batch: int = 1, context: int = 131072,
+                prefill_chunk: int = 8192) -> dict[str, float]:
+    """Bytes ONE of world_size ranks needs, from the shapes alone (meta device, nothing allocated).
+
+    weights_*: the split tensors (1/W each, `shard_dims`) and the replicated ones, in bf16 (what this reference runs:
+    FP8 checkpoints are dequantized at load) and with FP8 kept (1 byte + one fp32 scale per 128x128 block, what
+    vLLM/SGLang run). kv_cache: the MLA latent cache in bf16, replicated on every rank (every head reads all of it).
+    workspace: an ESTIMATE of the largest activations of one forward over batch x prefill_chunk tokens with
+    `context` keys (prefill is the peak; decode needs far less), counted from the tensors the code creates:
+      residual stream h, its normed copy, a partial output and its fp32 all-reduce copy: N·D·(2+2+2+4)
+      + the larger of: attention (this rank's heads; naive prefill up-projects K/V of all S keys; the T x S scores
+        are not counted, a fused SDPA kernel never materializes them), the MoE layer (router scores; this rank's
+        M = N·K/W (token, expert) pairs at perfect balance through moe_grouped; the fp32 per-token accumulator),
+        the dense MLP
+      + the last position's logits (fp32, full vocabulary on every rank).
+    """
+    problems = world_size_problems(args, world_size)
+    if problems:
+        raise ValueError(f"world size {world_size} does not divide {', '.join(problems)}; world sizes that work: "
+                         f"{valid_world_sizes(args, 64)}")
+    with torch.device("meta"):
+        model = Transformer(args)  # shard_dims says which tensors W ranks split
+    dims, W = model.shard_dims(), world_size
+    out = dict(weights_split_bf16=0, weights_replicated_bf16=0, weights_split_fp8=0, weights_replicated_fp8=0)
+    for name, t in model.state_dict().items():
+        shape = list(t.shape)
+        if name in dims:  # this process's shape is already 1/parallel.world_size() of the full one
+            shape[dims[name]] = shape[dims[name]] * parallel.world_size() // W
+        n = math.prod(shape)
+        bf16 = n * (4 if name.endswith("e_score_correction_bias") else 2)  # the routing bias stays fp32 (moe.Gate)
+        fp8 = bf16
+        if _stored_fp8(name):  # one byte per weight + an fp32 scale per 128x128 block of each matrix
+            *stack, rows, cols = shape
+            fp8 = n + 4 * math.prod(stack) * math.ceil(rows / 128) * math.ceil(cols / 128)
+        where = "split" if name in dims else "replicated"
+        out[f"weights_{where}_bf16"] += bf16
+        out[f"weights_{where}_fp8"] += fp8
+    out["kv_cache"] = batch * context * kv_cache_bytes_per_token(args)[0]
+    # activation workspace of one forward (bf16 activations = 2 bytes), see the docstring
+    N, S, D, V = batch * prefill_chunk, batch * context, args.hidden_size, args.vocab_size
+    Hl = args.num_attention_heads // W
+    Dn, Dr, Dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    residual = N * D * (2 + 2 + 2 + 4)
+    attention = 2 * (N * Hl * (Dn + Dr) + S * Hl * (Dn + Dv) + S * Hl * (Dn + Dr) + N * Hl * Dv)
+    E, K, Ie = args.n_routed_experts, args.num_experts_per_tok, args.moe_intermediate_size
+    M = N * K // W
+    moe = N * E * 4 * 2 + M * D * 2 + M * Ie * 2 * 3 + M * D * (2 + 4 + 4) + N * D * 4
+    moe += N * (Ie * args.n_shared_experts // W) * 2 * 3
+    dense = N * (args.intermediate_size // W) * 2 * 3
+    logits = batch * V * 4 + batch * (V // W) * 2
+    out["workspace"] = residual + max(attention, moe, dense) + logits
+    for kind in ("bf16", "fp8"):
+        out[f"total_{kind}"] = (out[f"weights_split_{kind}"] + out[f"weights_replicated_{kind}"] + out["kv_cache"]
+                                + out["workspace"])
+    return out
+
+
+def print_memory_plan(args: ModelArgs, name: str, world_size: int, batch: int, context: int, prefill_chunk: int,
+                      gpu_gib: float = H200_GIB, reserve_gib: float = RESERVE_GIB) -> None:
+    plan = memory_plan(args, world_size, batch, context, prefill_chunk)
+    usable = (gpu_gib - reserve_gib) * 2**30
+    W = world_size
+    print(f"memory plan: {name} on {W} ranks, per rank (from the shapes; nothing is allocated)")
+    print(f"  each rank: {args.num_attention_heads // W} of {args.num_attention_heads} heads, "
+          f"{args.n_routed_experts // W} of {args.n_routed_experts} experts, {args.vocab_size // W:,} of "
+          f"{args.vocab_size:,} vocabulary rows, 1/{W} of the dense and shared MLP units")
+    print(f"  {'':<56}{'bf16':>12}{'FP8 kept':>12}")
+    rows = [("weights split across ranks (1/%d each)" % W, "weights_split_bf16", "weights_split_fp8"),
+            ("weights replicated (latent path, norms, router)", "weights_replicated_bf16", "weights_replicated_fp8"),
+            (f"MLA latent KV cache, {batch} x {context:,} tokens (replicated)", "kv_cache", "kv_cache"),
+            (f"activation workspace, {prefill_chunk:,}-token prefill (estimate)", "workspace", "workspace"),
+            ("TOTAL", "total_bf16", "total_fp8")]
+    for label, a, b in rows:
+        print(f"  {label:<56}{plan[a] / 2**30:>8.1f} GiB{plan[b] / 2**30:>8.1f} GiB")
+    verdict = {True: "fits", False: "does NOT fit"}
+    print(f"  H200: {gpu_gib:.1f} GiB ('141 GB') - {reserve_gib:.1f} GiB reserve = {usable / 2**30:.1f} GiB usable: "
+          f"bf16 {verdict[plan['total_bf16'] <= usable]}, FP8 kept {verdict[plan['total_fp8'] <= usable]}")
+    print("  bf16 = what this reference runs (the FP8 checkpoint is dequantized to bf16 at load);")
+    print("  FP8 kept = what vLLM/SGLang run with FP8 matmul kernels; this reference does not implement it.")
+    print(f"world sizes that split {name} evenly; 'seqs' = how many {context:,}-token caches fit beside the weights:")
+    print(f"  {'W':>4}{'bf16 / rank':>15}{'seqs':>7}{'FP8 kept / rank':>19}{'seqs':>7}")
+    for w in valid_world_sizes(args, 64):
+        p = memory_plan(args, w, 1, context, prefill_chunk)
+        row = f"  {w:>4}"
+        for kind in ("bf16", "fp8"):
+            free = usable - (p["total_" + kind] - p["kv_cache"])  # room left for latent caches
+            row += f"{p['total_' + kind] / 2**30:>11.1f} GiB{max(int(free // p['kv_cache']), 0):>7}"
+        print(row)
+    print(f"  (a rank that fits 0 sequences cannot run at this context; Moonshot's deployment guide names 16 GPUs "
+          f"as the smallest FP8 unit at 128K, which leaves room to batch)")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description="Print a Kimi K2 config's parameter counts and KV-cache sizes "
-                                            "(built on the meta device: no memory is allocated).")
+    p = argparse.ArgumentParser(description="Print a Kimi K2 config's parameter counts and KV-cache sizes, or with "
+                                            "--plan the memory per GPU (meta device: no memory is allocated).")
     p.add_argument("--config", default="kimi-k2", help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
     p.add_argument("--context", type=int, default=131072, help="context length for the KV-cache sizes")
+    # --- memory plan for tensor + expert parallelism (parallel.py)
+    p.add_argument("--plan", action="store_true", help="print the memory one rank needs instead of the counts")
+    p.add_argument("--world-size", type=int, default=16, help="ranks (GPUs) the model is split over, for --plan")
+    p.add_argument("--batch", type=int, default=1, help="sequences in flight, each with a --context cache (--plan)")
+    p.add_argument("--prefill-chunk", type=int, default=8192,
+                   help="tokens per prefill forward, as generate.PREFILL_CHUNK (--plan's activation estimate)")
+    p.add_argument("--gpu-gib", type=float, default=H200_GIB, help="memory per GPU (default: an H200)")
     a = p.parse_args()
     args = load_args(a.config)
+    if a.plan:
+        return print_memory_plan(args, a.config, a.world_size, a.batch, a.context, a.prefill_chunk, a.gpu_gib)
     r = param_report(args)
     print(f"config: {a.config}  ({args.num_hidden_layers} layers, hidden {args.hidden_size}, "
           f"{args.num_attention_heads} heads, {args.n_routed_experts} experts top-{args.num_experts_per_tok} "

@@ -17,6 +17,9 @@ Dispatch — three implementations of one contract (x (N, D), weights (N, K), id
 * "cuda":          the fused kernel from kernels.cu, when built and on a CUDA device.
 `pick_expert_impl` is the single place that chooses between them and says why.
 
+Expert parallelism (parallel.py): with W ranks, rank r holds experts [r·E/W, (r+1)·E/W) and the shared expert's
+and dense MLP's hidden units are split W ways. See MoE.forward for how tokens reach their experts' ranks.
+
 References: DeepSeekMoE (arXiv 2401.06066), DeepSeek-V3 §2.1.2 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534).
 Shapes: N tokens (B·T flattened), D hidden, E routed experts, K experts per token, I expert intermediate size,
 G expert groups, M = N·K (token, slot) pairs.
@@ -30,21 +33,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import parallel
+
 if TYPE_CHECKING:
     from model import ModelArgs
 
 
 class MLP(nn.Module):
-    """SwiGLU FFN: down(silu(gate(x)) ⊙ up(x)). Dense layers (I = intermediate_size) and the shared expert."""
+    """SwiGLU FFN: down(silu(gate(x)) ⊙ up(x)). Dense layers (I = intermediate_size) and the shared expert.
 
-    def __init__(self, dim: int, inter_dim: int):
+    Tensor parallelism: each rank holds inter_dim/W hidden units (gate/up rows, down columns) and computes a partial
+    output. reduce=True sums the partials here (dense layers); the shared expert passes reduce=False because MoE
+    sums its partial together with the routed experts' in one all-reduce.
+    """
+
+    SHARD_DIMS = {"gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1}
+
+    def __init__(self, dim: int, inter_dim: int, reduce: bool = True):
         super().__init__()
+        inter_dim, _ = parallel.split(inter_dim, "the MLP's intermediate size")  # this rank's hidden units
+        self.reduce = reduce
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)  # w1 in DeepSeek's naming
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)  # w3
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)  # w2
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.reduce:
+            x = parallel.copy_to_ranks(x)
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return parallel.reduce_from_ranks(y) if self.reduce else y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,10 +111,14 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked. HF checkpoints store them one by one as
-    `mlp.experts.{e}.{gate,up,down}_proj.weight`; model.py maps slice [e] of these stacks to those names."""
+    `mlp.experts.{e}.{gate,up,down}_proj.weight`; model.py maps slice [e] of these stacks to those names.
+    Under expert parallelism a rank's stack holds experts first_expert .. first_expert + num_experts - 1."""
 
-    def __init__(self, num_experts: int, dim: int, inter_dim: int):
+    SHARD_DIMS = {"gate_proj": 0, "up_proj": 0, "down_proj": 0}  # split along the expert dim
+
+    def __init__(self, num_experts: int, dim: int, inter_dim: int, first_expert: int = 0):
         super().__init__()
+        self.first_expert = first_expert  # global index of row 0 (0 on a single device)
         self.gate_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))  # (E, I, D)
         self.up_proj = nn.Parameter(torch.empty(num_experts, inter_dim, dim))  # (E, I, D)
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))  # (E, D, I)
@@ -235,10 +256,11 @@ class MoE(nn.Module):
 
     def __init__(self, args: "ModelArgs"):
         super().__init__()
-        self.gate = Gate(args)
-        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
-        # the shared experts are one MLP of width I·S (Moonlight: 2 × 1408 = 2816)
-        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+        self.gate = Gate(args)  # replicated: every rank routes every token, identically
+        n_local, first = parallel.split(args.n_routed_experts, "n_routed_experts")  # this rank's experts
+        self.experts = Experts(n_local, args.hidden_size, args.moe_intermediate_size, first)
+        # the shared experts are one MLP of width I·S (Moonlight: 2 × 1408 = 2816); reduced below, with the routed sum
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, reduce=False)
         self.impl = "auto"  # see pick_expert_impl; set per model with Transformer.set_expert_impl
         # tokens routed to each expert during training forwards since the last reset (read by the bias update)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
@@ -247,11 +269,22 @@ class MoE(nn.Module):
         self.seq_aux_alpha, self.aux_loss = 0.0, None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, T, D) -> (B, T, D)."""
+        """x (B, T, D) -> (B, T, D).
+
+        Expert parallelism, the all-reduce scheme: every rank already holds all N tokens (the attention all-reduce
+        left them there) and routes them identically, so no token has to travel. Each rank runs only the (token,
+        slot) pairs that chose one of its own experts, and ONE all-reduce sums routed and shared partial outputs.
+        Why this rather than DeepSeek-V3's all-to-all dispatch (§3.2): all-to-all pays off when the ranks hold
+        DIFFERENT tokens (data-parallel attention), sending each token only to the <= K ranks that need it. Here
+        tokens are replicated by tensor-parallel attention, so there is nothing to dispatch; the all-reduce is the
+        same collective every other layer uses, has fixed-size buffers (all-to-all first exchanges per-rank counts,
+        then variable-sized token lists) and is deterministic. At K2's K = 8 on W = 16 ranks the bytes are even
+        similar: a ring all-reduce moves about 2·N·D per rank, dispatch + combine about 2·N·D·K/W = N·D.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, idx, scores = self.gate(x)  # (N, K), (N, K), (N, E)
-        if self.training:
+        weights, idx, scores = self.gate(x)  # (N, K), (N, K) global expert ids, (N, E): the same on every rank
+        if self.training:  # load and balance loss over ALL experts, identical on every rank (no communication)
             with torch.no_grad():
                 self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).float()
             if self.seq_aux_alpha > 0:
@@ -260,5 +293,17 @@ class MoE(nn.Module):
                 self.aux_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), scores.shape[-1],
                                                       idx.shape[-1], self.seq_aux_alpha)
         impl = self.impl if self.impl != "auto" else pick_expert_impl("auto", x.device, x.dtype)[0]
-        y = run_experts(impl, x, weights, idx, self.experts) + self.shared_experts(x)  # shared expert: weight 1
-        return y.view(shape)
+        # where the replicated tokens and routing weights enter this rank's experts (identity forward; parallel.py)
+        x, weights = parallel.copy_to_ranks(x), parallel.copy_to_ranks(weights)
+        first, n_local = self.experts.first_expert, self.experts.num_experts
+        if n_local == self.expert_load.numel():  # this rank holds every expert (one device): the (N, K) batch as is
+            y = run_experts(impl, x, weights, idx, self.experts)  # (N, D)
+        else:  # expert parallelism: only the pairs routed to experts first .. first + n_local - 1
+            tok, slot = ((idx >= first) & (idx < first + n_local)).nonzero(as_tuple=True)  # (n,), (n,)
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # fp32: a token's K outputs sum here
+            if tok.numel():  # a rank may receive no pairs at all
+                y_mine = run_experts(impl, x[tok], weights[tok, slot, None], idx[tok, slot, None] - first,
+                                     self.experts)  # (n, D), one pair per row (K = 1)
+                y = y.index_add(0, tok, y_mine.float())  # (N, D)
+        y = y + self.shared_experts(x)  # shared expert: weight 1 (under TP, this rank's partial sum of it)
+        return parallel.reduce_from_ranks(y).to(x.dtype).view(shape)  # sum over ranks; identity on one device

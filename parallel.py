@@ -1,0 +1,248 @@
+"""Tensor and expert parallelism for Kimi K2: joining a torchrun job, this rank's share, and the few collectives.
+
+The model is split inside its own modules (one code path; at world size 1 every helper here is the identity and
+the model is the ordinary single-device one, bit for bit). With W ranks, following DeepSeek-V3's
+inference/model.py (ParallelEmbedding, Column/RowParallelLinear, experts partitioned across ranks):
+* Attention (attention.MLA): rank r computes heads [r·H/W, (r+1)·H/W): its rows of q_b_proj (or q_proj) and
+  kv_b_proj, its columns of o_proj. q_a_proj, kv_a_proj_with_mqa and the latent norms are small and replicated,
+  and so is the latent KV cache (every head reads all 576 numbers of every cached token). One all-reduce sums the
+  heads' o_proj outputs.
+* Dense MLP and shared expert (moe.MLP): the intermediate units are split (gate/up rows, down columns).
+* Routed experts (moe.MoE): rank r owns experts [r·E/W, (r+1)·E/W) (K2 on 16 ranks: 24 each). Every rank holds
+  every token (the attention all-reduce left them there), routes them all identically, runs the pairs that chose
+  its own experts, and one all-reduce sums routed + shared outputs. moe.py says why not all-to-all.
+* Embedding and lm_head (model.py): the vocabulary rows are split. The embedding all-reduces the rows looked up
+  on their owner rank; the head all-gathers the logits, so every rank holds the full (B, T, V) fp32 logits.
+Which tensors are split, and along which dim: `Transformer.shard_dims()`.
+
+Autograd, for training: Megatron-LM's two conjugate operators (Shoeybi et al., arXiv 1909.08053 §3, "f" and "g").
+`copy_to_ranks` is the identity forward and an all-reduce backward; it sits where a replicated activation enters
+split weights. `reduce_from_ranks` is an all-reduce forward and the identity backward; it sits where the ranks'
+partial outputs are summed. Together they give every replicated tensor the same full gradient on every rank.
+
+Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `init` joins the job with
+NCCL on CUDA devices and gloo on CPU. A rank that fails ends its process at once (`abort_on_error`), so torchrun
+stops the others instead of leaving them blocked in a collective that can never complete.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# this process's place in the job; set once by init(), read by the modules when they are built
+_WORLD_SIZE = 1
+_RANK = 0
+
+
+def world_size() -> int:
+    return _WORLD_SIZE
+
+
+def rank() -> int:
+    return _RANK
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes a multi-process job (torchrun, or the same variables set by hand)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_type: str = "cpu", timeout_s: float = 600.0) -> torch.device:
+    """Join the job described by torchrun's environment; returns this rank's device (cuda:LOCAL_RANK or cpu).
+
+    device_type "cuda" uses NCCL with one GPU per rank; "cpu" uses gloo. Without WORLD_SIZE > 1 in the environment
+    this is a single process: nothing is joined. timeout_s bounds every collective (a rank that never arrives turns
+    into an error on the others after this long, instead of a hang).
+    """
+    global _WORLD_SIZE, _RANK
+    if not launched_by_torchrun():
+        return torch.device("cuda" if device_type == "cuda" else "cpu")
+    if dist.is_initialized():
+        raise RuntimeError("parallel.init() called twice in one process")
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} CUDA devices; "
+                               f"start at most that many processes per node (--nproc-per-node)")
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _WORLD_SIZE, _RANK = dist.get_world_size(), dist.get_rank()
+    return device
+
+
+def shutdown() -> None:
+    """Leave the job (a no-op in a single process)."""
+    global _WORLD_SIZE, _RANK
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _WORLD_SIZE, _RANK = 1, 0
+
+
+def split(n: int, what: str) -> tuple[int, int]:
+    """This rank's share of n things (heads, experts, vocabulary rows, hidden units): (count, index of its first)."""
+    if n % _WORLD_SIZE:
+        raise ValueError(f"{what}={n} cannot be split evenly over {_WORLD_SIZE} ranks; use a world size that "
+                         f"divides it")
+    part = n // _WORLD_SIZE
+    return part, _RANK * part
+
+
+def local_slice(full: Tensor, dim: int | None) -> Tensor:
+    """This rank's slice of a full tensor split along dim (None: replicated, the whole tensor). A view."""
+    if dim is None or _WORLD_SIZE == 1:
+        return full
+    part, first = split(full.shape[dim], f"dimension {dim} of a {tuple(full.shape)} tensor")
+    return full.narrow(dim, first, part)
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, so a W-rank job prints each line once."""
+    if _RANK == 0:
+        print(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collectives inside the forward pass (autograd-aware; the identity at world size 1)
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Megatron's f: forward identity; backward all-reduce, because every rank's split weights used the same input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _all_reduce_fp32(grad)
+
+
+class _ReduceFromRanks(torch.autograd.Function):
+    """Megatron's g: forward all-reduce (sum of the ranks' partial outputs); backward identity."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _all_reduce_fp32(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _GatherFromRanks(torch.autograd.Function):
+    """Forward: concatenate every rank's slice along dim; backward: keep this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        ctx.dim = dim
+        return gather_full(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return local_slice(grad, ctx.dim).contiguous(), None
+
+
+def _all_reduce_fp32(x: Tensor) -> Tensor:
+    # The sum runs in fp32 whatever the activation dtype: on one device these partial sums are accumulated in fp32
+    # inside a single matmul (or moe_reference's fp32 buffer) and rounded once; a bf16 all-reduce would round once
+    # per rank. Twice the bytes of a bf16 all-reduce; production engines usually accept the bf16 rounding.
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # a copy: the input is never changed
+    dist.all_reduce(y)
+    return y.to(x.dtype)
+
+
+def copy_to_ranks(x: Tensor) -> Tensor:
+    return x if _WORLD_SIZE == 1 else _CopyToRanks.apply(x)
+
+
+def reduce_from_ranks(x: Tensor) -> Tensor:
+    return x if _WORLD_SIZE == 1 else _ReduceFromRanks.apply(x)
+
+
+def gather_from_ranks(x: Tensor, dim: int = -1) -> Tensor:
+    return x if _WORLD_SIZE == 1 else _GatherFromRanks.apply(x, dim % x.dim())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collectives outside autograd: statistics, sampled tokens, whole tensors (for checkpoints and optimizers)
+
+
+def gather_full(x: Tensor, dim: int | None) -> Tensor:
+    """The full tensor from every rank's slice along dim (None: replicated, returned as is). Every rank gets it."""
+    if dim is None or _WORLD_SIZE == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_WORLD_SIZE)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def all_reduce_(x: Tensor, op: str = "sum") -> Tensor:
+    """In place over all ranks: op "sum" (e.g. a gradient norm's squares) or "max" (QK-Clip's max logits)."""
+    if _WORLD_SIZE > 1:
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x
+
+
+def broadcast_(x: Tensor, src: int = 0) -> Tensor:
+    """In place: every rank gets rank src's x (e.g. the sampled token, so all ranks decode the same sequence)."""
+    if _WORLD_SIZE > 1:
+        dist.broadcast(x, src)
+    return x
+
+
+def barrier() -> None:
+    if _WORLD_SIZE > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failing cleanly
+
+
+def check_all_ok(err: BaseException | None, what: str) -> None:
+    """Collective: every rank passes the error it hit (or None). If any rank failed, EVERY rank raises: the failing
+    ranks their own error, the others a RuntimeError naming the rank and its message. Use it after a step that can
+    fail on some ranks only (reading a checkpoint), before the next collective would wait forever for them."""
+    if _WORLD_SIZE == 1:
+        if err is not None:
+            raise err
+        return
+    messages: list = [None] * _WORLD_SIZE
+    dist.all_gather_object(messages, None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on rank {failed[0]} of {_WORLD_SIZE}"
+                           f"{f' (and ranks {failed[1:]})' if failed[1:] else ''}: {messages[failed[0]]}")
+
+
+@contextmanager
+def abort_on_error() -> Iterator[None]:
+    """Wrap a script's body: an exception on any rank prints `[rank r/W] ...` with its traceback and ends that
+    process immediately with exit code 1. torchrun then stops the other ranks (and with gloo they also see the
+    closed connection), so the job ends with a clear message instead of hanging in its next collective.
+    os._exit skips the interpreter's shutdown, which could itself block in NCCL teardown behind the failed step."""
+    try:
+        yield
+    except BaseException as err:
+        if _WORLD_SIZE == 1 or isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not err.code):
+            raise
+        msg = err.code if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
+        if not isinstance(err, SystemExit):
+            traceback.print_exc()
+        print(f"[rank {_RANK}/{_WORLD_SIZE}] failed: {msg}; ending this rank so the job stops", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)
