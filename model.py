@@ -605,11 +605,27 @@ class Transformer(nn.Module):
 
     def _write_hf(self, path: Path, state: dict[str, Tensor], max_shard_bytes: int,
                   extra: Callable[[Path], None] | None) -> None:
-        from safetensors.torch import save_file
-
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write_files(tmp, path, state, max_shard_bytes, extra)
+        except BaseException:  # Ctrl-C or an error before the swap: `path` is untouched; drop the partial copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)  # from here on `path` is the new, complete checkpoint
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+
+    def _write_files(self, tmp: Path, path: Path, state: dict[str, Tensor], max_shard_bytes: int,
+                     extra: Callable[[Path], None] | None) -> None:
+        """Everything a checkpoint holds, into `tmp`; files of `path` that we do not write are copied over."""
+        from safetensors.torch import save_file
+
         tensors = {}
         for key, (name, e) in self.checkpoint_names().items():
             t = state[name] if e is None else state[name][e]
@@ -635,6 +651,8 @@ class Transformer(nn.Module):
         cfg = self.args.to_dict()
         cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in tmp.glob("*.safetensors"):
+            os.chmod(f, 0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
         if extra is not None:
             extra(tmp)
         if path.exists():
@@ -644,12 +662,6 @@ class Transformer(nn.Module):
                         shutil.copytree(f, tmp / f.name)
                     else:
                         shutil.copy2(f, tmp / f.name)
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-            os.rename(tmp, path)  # from here on `path` is the new, complete checkpoint
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -661,7 +673,9 @@ def _is_weight_file(name: str) -> bool:
 
 def _checkpoint_files(path: Path) -> list[Path]:
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        left = sorted(path.parent.glob(f".{path.name}.old-*"))  # a save interrupted between its two renames
+        hint = f"; an interrupted save left {left[-1]}: rename it to {path}" if left else ""
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist{hint}")
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]

@@ -168,6 +168,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path):
         other.save_pretrained(tmp_path / "ck", extra=crash)
     back = M.Transformer.from_pretrained(tmp_path / "ck")
     assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the partial temporary copy was removed
     other.save_pretrained(tmp_path / "ck")  # a later save succeeds and carries the tokenizer over
     assert (tmp_path / "ck" / "tiktoken.model").read_text() == "kept"
     assert torch.equal(M.Transformer.from_pretrained(tmp_path / "ck").lm_head.weight, other.lm_head.weight)
@@ -202,16 +203,30 @@ def test_fp8_checkpoint_loads(tmp_path):
 
 # ---------------------------------------------------------------- precision and shapes
 
-def test_bf16_logits_close_to_fp32():
-    args = tiny_args("k2")
-    model = random_model(args, seed=4)
-    ids = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        ref = model(ids)
-        low = model.to(torch.bfloat16)(ids)
-    assert low.dtype == torch.float32  # logits always fp32
-    rel = (low - ref).abs().max() / ref.abs().max()
-    assert rel < 0.05, f"bf16 logits differ by {rel:.3f} of the logit scale"
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_bf16_logits_close_to_fp32(seed):
+    """bf16 compute vs fp32 compute on the SAME (bf16-rounded) weights. Without MoE layers every logit is within 5%
+    of the logit scale (observed ~2%). With MoE, bf16 rounding can flip a near-tie top-k choice for a few tokens
+    (expected, SPEC §2.7), which moves those tokens' logits a lot, so there the bound is on the median error."""
+    for dense_only in (True, False):
+        args = tiny_args("k2", first_k_dense_replace=3 if dense_only else 1)
+        model = random_model(args, seed=seed).to(torch.bfloat16)
+        ids = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            low = model(ids)
+            ref = model.float()(ids)
+        assert low.dtype == torch.float32  # logits always fp32
+        err = (low - ref).abs()
+        if dense_only:
+            assert err.max() / ref.abs().max() < 0.05, f"bf16 logits off by {err.max() / ref.abs().max():.3f}"
+        else:
+            assert err.median() / ref.abs().mean() < 0.03, f"median bf16 error {err.median() / ref.abs().mean():.3f}"
+
+
+def test_rope_frequencies_stay_fp32_in_a_bf16_model():
+    model = random_model(tiny_args("k2")).to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.inv_freq, M.rope_parameters(model.args)[0], rtol=0, atol=0)
 
 
 def test_intermediate_shapes_match_the_comments():
