@@ -53,6 +53,15 @@ def _held_out(key: str, fraction: int = 4) -> bool:
 
 TRAIN_CITIES = [c for c in CITIES if not _held_out(c)]
 HELD_OUT_CITIES = [c for c in CITIES if _held_out(c)]
+SYLLABLES = "ka ri to ma vel lo sen dra mi no bar ta fen ul qui ros an tev il mor ga pe lin su dor e ha zu".split()
+
+
+def invented_city(rng: random.Random) -> str:
+    """A made-up place name ("Velmora", "Sendrati"): half of the weather lessons use one, so the model has to COPY
+    the city from the question into the call instead of recalling one of the training cities."""
+    name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+    clash = any(name.startswith(c) or c.startswith(name) for c in CITIES)  # never a real city, nor a prefix of one
+    return invented_city(rng) if clash else name
 
 # --- phrasings --------------------------------------------------------------------------------------------------------
 WEATHER_ASKS = ["What's the weather like in {city}?", "What's the current weather in {city}?",
@@ -139,7 +148,7 @@ def answer_from_result(name: str, arguments: dict, result: str) -> str:
     r = json.loads(result)
     if name == "get_weather":
         return f"The weather in {r['city']} is {r['weather']}, {r['temperature_c']}°C."
-    return f"{arguments['expression']} = {r['result']}"
+    return f"The answer is {r['result']}."
 
 
 def weather_prompt(city: str, rng: random.Random) -> str:
@@ -159,8 +168,8 @@ def conversations(n: int, seed: int = 0) -> list[tuple[list[dict], list[dict] | 
     for _ in range(n):
         kind = rng.random()
         msgs = _system(rng)
-        if kind < 0.4:  # weather, with tools
-            city = rng.choice(TRAIN_CITIES)
+        if kind < 0.4:  # weather, with tools; half the time in an invented city
+            city = rng.choice(TRAIN_CITIES) if rng.random() < 0.5 else invented_city(rng)
             msgs.append({"role": "user", "content": weather_prompt(city, rng)})
             call, tool_msg, result = tool_round("get_weather", {"city": city}, registry)
             msgs += [call, tool_msg, {"role": "assistant",
