@@ -16,7 +16,14 @@ How it differs from a textbook optimizer:
 - QK-Clip is not an optimizer rule: after the step it rescales weights so that no head's logit can exceed tau for the
   inputs of that step. For MLA it scales q^C and k^C by sqrt(gamma), q^R by gamma, and leaves the shared k^R alone.
 - The routing bias e_score_correction_bias is a buffer that no optimizer sees: a sign rule moves it toward balanced load.
-Single process only: with data parallelism, all-reduce expert_load (SUM) and max_logits (MAX) before step().
+Tensor + expert parallelism (parallel.py): `MuonClip.from_model` reads `model.shard_dims()`. Momentum, AdamW and weight
+decay are elementwise, so they run on each rank's slice as they are. Newton-Schulz is not (NS of a slice is not a
+slice of NS): a matrix split inside its (A, B) dims is gathered whole, orthogonalised on every rank, and each rank
+keeps its slice; the 0.2·sqrt(max(A, B)) scale uses the full shape. Expert stacks are split along the expert dim, so
+every expert matrix is whole on its rank and needs no communication. QK-Clip runs on each rank's own heads.
+`full_state_dict` / `load_full_state_dict` gather / re-split the optimizer state, so a checkpoint is the same
+one-process file whatever the world size. Data parallelism is not implemented: it would all-reduce expert_load
+(SUM) and max_logits (MAX) before step().
 
 Checked against (tests/test_muonclip.py): Newton-Schulz vs the SVD polar factor U Vᵀ and the fp64 NS polynomial;
 the batched expert stack vs a per-matrix loop; the Muon part vs torch.optim.Muon and the AdamW part vs
@@ -40,6 +47,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+import parallel
 
 # Newton-Schulz quintic coefficients, tuned by K. Jordan to maximise the slope at 0 (KellerJordan/Muon muon.py; the
 # same in Moonlight toy_train.py and torch.optim.Muon; SPEC §4.1). They trade exact convergence for speed: see below.
@@ -99,18 +108,24 @@ def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
 
 
 def muon_update(grad: Tensor, momentum_buffer: Tensor, beta: float = 0.95, nesterov: bool = True,
-                ns_steps: int = NS_STEPS) -> Tensor:
+                ns_steps: int = NS_STEPS, shard_dim: int | None = None) -> Tensor:
     """Muon update for one matrix or a stack of matrices: grad (..., A, B) -> update (..., A, B), fp32, RMS ~0.2 each.
 
     Updates momentum_buffer in place: M <- beta·M + G (Moonlight's accumulating buffer, SPEC §4.1). The caller does
     W <- W·(1 - lr·wd) - lr·update. Every leading index (an expert of an (E, I, D) stack) is its own matrix.
+    shard_dim: the dim along which grad is this rank's slice (parallel.py; None: the whole tensor). A split inside
+    the matrix dims is gathered (collective: every rank calls this for the parameter) and orthogonalised whole; a
+    split along a leading dim (the experts of a stack) needs nothing. The identity at world size 1.
     """
     momentum_buffer.mul_(beta).add_(grad)                                   # M_t = μ·M_{t-1} + G_t  (Moonlight toy_train.py)
     # Nesterov: look one momentum step ahead, U_t = G_t + μ·M_t. (KellerJordan/Muon and torch.optim.Muon keep an EMA
     # instead, M = μM + (1-μ)G; that is this buffer times (1-μ), a factor NS's normalisation removes; SPEC §4.1.)
     U = grad.add(momentum_buffer, alpha=beta) if nesterov else momentum_buffer
+    inside = shard_dim if shard_dim is not None and shard_dim % U.ndim >= U.ndim - 2 else None
+    U = parallel.gather_full(U, inside)                                     # (..., A, B) the whole matrix
     O = zeropower_via_newtonschulz5(U, ns_steps)                            # (..., A, B) bf16, near-orthogonal
-    return O.float().mul_(muon_scale(grad.shape))                           # fp32: applied to fp32 master weights
+    O = parallel.local_slice(O, inside)                                     # this rank's slice, grad's shape
+    return O.float().mul_(muon_scale(U.shape))                              # fp32: applied to fp32 master weights
 
 
 def adamw_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
@@ -195,6 +210,10 @@ class MuonClip(torch.optim.Optimizer):
         self.bias_update_speed = bias_update_speed
         self.bias_update_rule = bias_update_rule
         self.last_stats: dict = {}
+        # parameter -> the dim it is split along across ranks (parallel.py); absent = whole on every rank
+        dims = model.shard_dims() if hasattr(model, "shard_dims") else {}
+        self.shard_dims: dict[Tensor, int] = {p: dims[n] for n, p in model.named_parameters() if n in dims} \
+            if model is not None else {}
 
     @classmethod
     def from_model(cls, model: nn.Module, lr: float, *, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -256,21 +275,26 @@ class MuonClip(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:          # the loss did not reach it: no update and no decay, as in torch.optim
+                grad = p.grad
+                if grad is None and p in self.shard_dims and parallel.world_size() > 1:
+                    # a rank whose experts got no token has no gradient for its slice of the stack; on one device
+                    # that slice is zero rows of a gradient that exists. Zeros keep every rank's state in step.
+                    grad = torch.zeros_like(p)
+                if grad is None:            # the loss did not reach it: no update and no decay, as in torch.optim
                     continue
                 state = self.state[p]
                 if group["use_muon"]:
                     if not state:           # optimizer state in the parameter's dtype: keep master weights fp32
                         state["momentum_buffer"] = torch.zeros_like(p)
-                    update = muon_update(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
-                                         group["ns_steps"])
+                    update = muon_update(grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                                         group["ns_steps"], self.shard_dims.get(p))
                 else:
                     if not state:
                         state["step"] = 0
                         state["exp_avg"] = torch.zeros_like(p)
                         state["exp_avg_sq"] = torch.zeros_like(p)
                     state["step"] += 1
-                    update = adamw_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                    update = adamw_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                           group["betas"], group["eps"])
                 # decoupled weight decay with the UNadjusted lr, on every parameter incl. norms (Moonlight §2.2, App. D)
                 p.mul_(1 - lr * wd)
@@ -281,6 +305,29 @@ class MuonClip(torch.optim.Optimizer):
             stats.update(qk_clip_(self.model, self.qk_clip_tau))
             self.last_stats = stats
         return loss
+
+
+    def full_state_dict(self) -> dict:
+        """state_dict() with the state of every split parameter gathered whole: the one-process optimizer state,
+        whatever the world size (collective: every rank calls it, every rank gets it). For checkpoints."""
+        sd = self.state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]  # state_dict's integer ids, in this order
+        # new inner dicts: state_dict() shares them with self.state
+        sd["state"] = {i: {k: parallel.gather_full(v, self.shard_dims.get(params[i])) if _is_slice(v) else v
+                           for k, v in s.items()} for i, s in sd["state"].items()}
+        return sd
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        """load_state_dict() of a `full_state_dict` (or a one-process state_dict): each rank keeps its slices."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        sd = {**sd, "state": {i: {k: parallel.local_slice(v, self.shard_dims.get(params[i])).clone() if _is_slice(v)
+                                  else v for k, v in s.items()} for i, s in sd["state"].items()}}
+        self.load_state_dict(sd)
+
+
+def _is_slice(v) -> bool:
+    """A per-element state tensor (momentum, Adam moments), shaped like its parameter; not a step count."""
+    return isinstance(v, Tensor) and v.ndim > 0
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> MuonClip:
@@ -335,14 +382,18 @@ def qk_clip_(model: nn.Module, tau: float | None = QK_CLIP_TAU) -> dict:
             raise RuntimeError("QK-Clip needs the max logits of the forward pass, but record_max_logits is False on "
                                f"{type(attn).__name__}; set it True (MuonClip.from_model does) or pass qk_clip_tau=None")
         S = attn.max_logits                                                 # (H,) fp32, max since the last reset
-        max_per_layer.append(S.max().item())
+        max_per_layer.append(S.max())
         if tau is not None:
             gamma = qk_clip_gamma(S, tau)                                   # (H,)
-            clipped = int((gamma < 1).sum())
+            clipped = (gamma < 1).sum()
             clipped_per_layer.append(clipped)
             if clipped:
                 _scale_qk_rows_(attn, gamma)
         attn.max_logits.fill_(float("-inf"))                                # next step records afresh
+    # under tensor parallelism each rank clipped its own heads (H/W of them); the statistics cover all heads
+    max_per_layer = parallel.all_reduce_(torch.stack(max_per_layer), "max").tolist() if max_per_layer else []
+    clipped_per_layer = [int(c) for c in parallel.all_reduce_(torch.stack(clipped_per_layer))] \
+        if clipped_per_layer else []
     return {"max_logit": max_per_layer, "clipped_heads": sum(clipped_per_layer), "clipped_per_layer": clipped_per_layer}
 
 

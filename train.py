@@ -21,6 +21,12 @@ What one run does, top to bottom of this file:
    atomic `extra=` hook. Ctrl-C saves and exits; `--resume` reproduces the uninterrupted run's losses bit for bit
    (same device and thread count: CPU kernels are deterministic, GPU ones need not be).
 4. `python train.py plot LOG... --out curves.png` (or --plot) draws loss and max-logit curves of several runs.
+5. Under torchrun (`torchrun --nproc-per-node 2 train.py --init CKPT ...`): tensor + expert parallelism (parallel.py)
+   splits the weights, not the tokens, so every rank draws the same batches from the same seed and computes the same
+   loss; rank 0 alone prints and writes log.jsonl; the gradient norm sums split parameters over ranks and counts
+   replicated ones once; MuonClip gathers split matrices for Newton-Schulz; checkpoints gather weights and optimizer
+   state into the one-process files (so --resume and generate.py work at any world size). Start from a one-process
+   checkpoint (--init) to reproduce a one-process run: a random init under W ranks is a different draw.
 
 How this differs from a textbook training loop: the optimizer step is three things in a fixed order (Muon/AdamW
 update -> routing-bias update from the step's expert loads -> QK-Clip of the heads whose logits exceeded tau;
@@ -64,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import parallel
 import tokenizer as tk
 from generate import pick_device, pick_dtype
 from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules, build_optimizer
@@ -334,7 +341,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         olds = sorted(cand.parent.glob(f".{cand.name}.old-*")) if cand.parent.exists() else []
         if not cand.exists() and olds:
             os.rename(olds[-1], cand)  # the last complete checkpoint, left aside by an interrupted save
-            print(f"recovered {cand} from {olds[-1].name} (a save was interrupted between its renames)")
+            parallel.print0(f"recovered {cand} from {olds[-1].name} (a save was interrupted between its renames)")
             return cand
     raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
 
@@ -372,6 +379,9 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, given: set[str] | None = None):
         given = set() if given is None else given
+        joined = None  # under torchrun: join the job first (once per process), so that only rank 0 prints below
+        if parallel.launched_by_torchrun() and parallel.world_size() == 1:
+            joined = parallel.init(pick_device(args.device)[0].type)  # cuda:LOCAL_RANK with NCCL, or cpu with gloo
         resume_dir = None
         if args.resume:
             resume_dir = find_checkpoint(args.resume)
@@ -387,6 +397,12 @@ class Trainer:
         if a.threads:
             torch.set_num_threads(a.threads)
         self.device, why_device = pick_device(a.device)
+        if joined is not None:
+            if joined.type != self.device.type:
+                raise ValueError(f"the ranks joined on {joined.type} but the run's device is {self.device}; give "
+                                 f"--device {self.device.type}")
+            self.device = joined
+            why_device += f"; {parallel.world_size()} ranks under torchrun, tensor + expert parallel"
         amp_dtype, why_dtype = pick_dtype(a.dtype, self.device)
         if amp_dtype == torch.float16:
             raise ValueError("fp16 training needs loss scaling, which train.py does not do; use --dtype bf16 or fp32")
@@ -394,7 +410,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype != torch.float32
                          else nullcontext())
         amp_note = "; autocast, weights and optimizer state stay fp32" if amp_dtype != torch.float32 else ""
-        print(f"device: {self.device} ({why_device}); compute dtype: {str(amp_dtype).removeprefix('torch.')} "
+        parallel.print0(f"device: {self.device} ({why_device}); compute dtype: {str(amp_dtype).removeprefix('torch.')} "
               f"({why_dtype}){amp_note}; {torch.get_num_threads()} CPU thread(s)")
 
         # --- the model: a preset/config, a checkpoint to start from (--init), or the checkpoint to resume
@@ -402,7 +418,7 @@ class Trainer:
         if resume_dir is not None or a.init:
             src = resume_dir or find_checkpoint(a.init)
             self.model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
-            print(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
+            parallel.print0(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
         else:
             margs = M.load_args(a.config)
             margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
@@ -410,8 +426,10 @@ class Trainer:
                 self.model = M.Transformer(margs)
         self.model.train()
         margs = self.model.args
-        n_params = sum(p.numel() for p in self.model.parameters())
-        print(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
+        dims = self.model.shard_dims()
+        n_params = sum(p.numel() * (parallel.world_size() if n in dims else 1)
+                       for n, p in self.model.named_parameters())  # the whole model's, not this rank's share
+        parallel.print0(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
               f"{margs.n_routed_experts} experts top-{margs.num_experts_per_tok}; experts: "
               f"{self.model.set_expert_impl('auto')}")
         if a.seq_len > margs.max_position_embeddings:
@@ -437,18 +455,22 @@ class Trainer:
             self.data = ChatRows(self.tok, convs, a.seq_len, a.batch_size, a.val_fraction, a.seed, pack=not a.no_pack)
             fill = self.data.train_mask.mean()
             self.data_id = f"sft:{self.data.fingerprint}"
-            print(f"data: {self.data.n_train_convs} training / {self.data.n_val_convs} held-out conversations "
+            parallel.print0(f"data: {self.data.n_train_convs} training / {self.data.n_val_convs} held-out conversations "
                   f"in {len(self.data.train_ids)} + {len(self.data.val_ids)} rows of {a.seq_len + 1} tokens "
                   f"({fill:.1%} of positions supervised; {self.data.dropped} dropped as longer than a row)")
             if self.data.dropped > 0.1 * len(convs):
-                print(f"note: {self.data.dropped} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
+                parallel.print0(f"note: {self.data.dropped} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
                       "and are never trained on; raise --seq-len to keep them")
         else:
+            if parallel.rank() != 0:
+                parallel.barrier()  # rank 0 tokenizes and writes the cache; the others then read it
             tokens, info = prepare_tokens(self.tokenizer_path, a.data, a.data_max_bytes, a.data_cache)
+            if parallel.rank() == 0:
+                parallel.barrier()
             self.data = TokenWindows(tokens, a.seq_len, a.batch_size, a.val_fraction, a.seed, a.val_batches)
             self.data_id = f"tokens:{info['tokenizer_sha256'][:8]}-{info['text_sha256'][:12]}"
             corpus = info["corpus"] if isinstance(info["corpus"], str) else "custom"
-            print(f"data: {info['n_tokens']:,} tokens ({corpus}; {'cached' if info['cached'] else 'tokenized now'}: "
+            parallel.print0(f"data: {info['n_tokens']:,} tokens ({corpus}; {'cached' if info['cached'] else 'tokenized now'}: "
                   f"{info['path']}); "
                   f"{len(self.data.train):,} train / {len(self.data.val):,} validation")
 
@@ -485,7 +507,8 @@ class Trainer:
             raise ValueError(f"the data differs from the checkpoint's ({self.data_id} vs {saved['data_id']}): the "
                              "corpus or tokenizer changed, so the run cannot continue identically; use --init to "
                              "start a new run from this checkpoint instead")
-        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
+        # the one-process state whatever the world size (full_state_dict); each rank keeps its slices
+        self.opt.load_full_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
         self.data.load_state(saved["data_state"])
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8))
         if saved.get("cuda_rng") and self.device.type == "cuda":
@@ -495,19 +518,22 @@ class Trainer:
         self.last_val, self.elapsed_before = saved.get("val_loss"), saved.get("elapsed_s", 0.0)
         # the log keeps exactly the lines written up to the checkpoint; later ones belong to the lost steps
         old_log = ckpt.parent / "log.jsonl"
-        if old_log.exists() and old_log.resolve() != self.log_path.resolve():
+        if parallel.rank() == 0 and old_log.exists() and old_log.resolve() != self.log_path.resolve():
             with open(old_log, "rb") as f:
                 self.log_path.write_bytes(f.read(saved["log_bytes"]))
-        if self.log_path.exists():
+        if parallel.rank() == 0 and self.log_path.exists():  # rank 0 alone writes the log
             with open(self.log_path, "r+b") as f:
                 f.truncate(saved["log_bytes"])
-        print(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
+        parallel.print0(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
 
     # -- checkpoints
     def save(self) -> None:
-        """model.save_pretrained with everything else written inside its atomic `extra` hook."""
-        def extra(tmp: Path) -> None:
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        """model.save_pretrained with everything else written inside its atomic `extra` hook. Under parallelism every
+        rank calls it: the weights and the optimizer state are gathered, and rank 0 writes the one-process files."""
+        opt_state = self.opt.full_state_dict()  # collective; the same checkpoint whatever the world size
+
+        def extra(tmp: Path) -> None:  # rank 0 only
+            torch.save(opt_state, tmp / "optimizer.pt")
             shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model")  # generate.py --ckpt reads it from here
             state = dict(version=STATE_VERSION, step=self.step, tokens_seen=self.tokens_seen, data_id=self.data_id,
                          data_state=self.data.state(), log_bytes=self.log_bytes(), val_loss=self.last_val,
@@ -528,7 +554,7 @@ class Trainer:
             model = copy.deepcopy(self.model).to(torch.bfloat16)
         with defer_sigint():
             model.save_pretrained(path, extra=lambda tmp: shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model"))
-        print(f"exported the model ({dtype}) to {path}")
+        parallel.print0(f"exported the model ({dtype}) to {path}")
 
     def log_bytes(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -537,6 +563,8 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self._t_start
 
     def _log(self, record: dict) -> None:
+        if parallel.rank() != 0:  # every rank computes the same record; one writes it
+            return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -568,10 +596,10 @@ class Trainer:
             loss_sum += loss.item()
             if aux is not None:
                 aux_sum += aux.item() / a.grad_accum
-        if a.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, a.grad_clip).item()
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
+        gnorm_t = self.grad_norm()
+        if a.grad_clip > 0:  # what clip_grad_norm_ does, with the norm of the whole model
+            torch.nn.utils.clip_grads_with_norm_(self.params, a.grad_clip, gnorm_t)
+        gnorm = gnorm_t.item()
         if not math.isfinite(gnorm):
             raise TrainingError(self._nonfinite_message(f"the gradient norm is {gnorm}"))
         with defer_sigint():  # from here the step either completes (update + log line) or has not started
@@ -595,6 +623,20 @@ class Trainer:
             if self.step % a.save_every == 0 or self.step == a.steps:
                 self.save()
         return rec
+
+    def grad_norm(self) -> torch.Tensor:
+        """L2 norm of the whole model's gradient (a 0-dim tensor), the same on every rank. Under parallelism a split
+        parameter's gradient is this rank's slice, so its squares are summed over ranks; a replicated parameter's
+        gradient is full and the same on every rank (parallel.py's f/g operators), so it is counted once."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if parallel.world_size() == 1:
+            return torch.nn.utils.get_total_norm(grads)  # exactly clip_grad_norm_'s norm
+        split = self.opt.shard_dims
+        sq = [torch.zeros((), device=self.device) for _ in range(2)]  # [replicated, split] sums of squares, fp32
+        for p in self.params:
+            if p.grad is not None:
+                sq[p in split] += p.grad.float().square().sum()
+        return (sq[0] + parallel.all_reduce_(sq[1])).sqrt()
 
     def _nonfinite_message(self, what: str) -> str:
         a = self.args
@@ -629,7 +671,7 @@ class Trainer:
     def run(self, on_step: Callable[["Trainer", dict], None] | None = None) -> int:
         """Train until --steps; returns 0, or 130 after a Ctrl-C (a checkpoint of the last completed step is saved)."""
         a = self.args
-        if self.step == 0:
+        if self.step == 0 and parallel.rank() == 0:
             self.log_path.write_text("")  # a fresh run starts a fresh log
         self._log(dict(event="resume" if self.step else "config", step=self.step, args=vars(a),
                        model=self.model.args.to_dict(), device=str(self.device),
@@ -654,7 +696,7 @@ class Trainer:
                     eta = (now - self._t_start) / (self.step - step0) * (a.steps - self.step)
                     ml = max(rec["max_logit"]) if rec["max_logit"] else float("nan")
                     val = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                    print(f"step {self.step:>5}/{a.steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
+                    parallel.print0(f"step {self.step:>5}/{a.steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
                           f"gnorm {rec['grad_norm']:.3f} | max logit {ml:6.2f} | clipped {rec['clipped_heads']} | "
                           f"{tps:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
                     t_print, tok_print = now, self.tokens_seen
@@ -663,16 +705,16 @@ class Trainer:
         except KeyboardInterrupt:
             if not (self.ckpt_dir / "trainer_state.json").exists() or self._saved_step() != self.step:
                 self.save()
-            print(f"\ninterrupted: saved step {self.step} to {self.ckpt_dir}; continue with "
+            parallel.print0(f"\ninterrupted: saved step {self.step} to {self.ckpt_dir}; continue with "
                   f"`python train.py --resume {self.out}`", flush=True)
             return 130
         try_cmd = f"python generate.py --ckpt {self.ckpt_dir}" + ("" if a.sft else ' --raw --prompt "def "')
         val = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
-        print(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
+        parallel.print0(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
               f"final val loss {val}; checkpoint {self.ckpt_dir} (try: {try_cmd})")
         if a.export:
             self.export(Path(a.export), a.export_dtype)
-        if a.plot:
+        if a.plot and parallel.rank() == 0:
             plot_logs([self.log_path], self.out / "curves.png")
         return 0
 
@@ -699,7 +741,7 @@ def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) ->
         setattr(merged, k, getattr(cli, k))
     changed = sorted(k for k in given & {"device", "dtype", "threads", "steps"} if getattr(cli, k) != saved.get(k))
     if changed:
-        print(f"note: {', '.join('--' + k for k in changed)} changed on resume; the losses will not be bit-identical "
+        parallel.print0(f"note: {', '.join('--' + k for k in changed)} changed on resume; the losses will not be bit-identical "
               "to an uninterrupted run" + (" (--steps rescales the lr schedule)" if "steps" in changed else ""))
     merged.resume = cli.resume
     return merged
@@ -883,18 +925,26 @@ def plot_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Under torchrun every rank runs it: the same batches and seed on every rank (tensor + expert
+    parallelism splits the weights, not the tokens), rank 0 prints, logs and writes checkpoints, and a rank that fails
+    ends the job with its message (parallel.abort_on_error) instead of leaving the others waiting."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["plot"]:
-            return plot_main(argv[1:])
-        args, given = parse_args(argv)
-        return Trainer(args, given).run()
-    except (ValueError, FileNotFoundError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # outside the training loop (setup, or a second Ctrl-C): nothing half-written
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    with parallel.abort_on_error():
+        try:
+            if argv[:1] == ["plot"]:
+                return plot_main(argv[1:])
+            args, given = parse_args(argv)
+            code = Trainer(args, given).run()
+        except (ValueError, FileNotFoundError, TrainingError) as err:
+            if parallel.world_size() > 1:
+                sys.exit(f"error: {err}")  # abort_on_error prints it with the rank and ends the job
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # outside the training loop (setup, or a second Ctrl-C): nothing half-written
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+    parallel.shutdown()
+    return code
 
 
 if __name__ == "__main__":
