@@ -87,6 +87,7 @@ GRAD_CLIP = 1.0  # DeepSeek-V3 §4.2: "the gradient clipping norm is set to 1.0"
 # Muon's best (one seed; 8e-3 is no better); AdamW prefers 1e-3-2e-3: compare each at its own best (commands above).
 DEFAULT_LR = 4e-3
 STATE_VERSION = 1  # trainer_state.json format
+say = parallel.print0  # print() on rank 0 only: under torchrun every rank runs this file, one speaks for them all
 
 
 class TrainingError(RuntimeError):
@@ -341,7 +342,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         olds = sorted(cand.parent.glob(f".{cand.name}.old-*")) if cand.parent.exists() else []
         if not cand.exists() and olds:
             os.rename(olds[-1], cand)  # the last complete checkpoint, left aside by an interrupted save
-            parallel.print0(f"recovered {cand} from {olds[-1].name} (a save was interrupted between its renames)")
+            say(f"recovered {cand} from {olds[-1].name} (a save was interrupted between its renames)")
             return cand
     raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
 
@@ -410,7 +411,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype != torch.float32
                          else nullcontext())
         amp_note = "; autocast, weights and optimizer state stay fp32" if amp_dtype != torch.float32 else ""
-        parallel.print0(f"device: {self.device} ({why_device}); compute dtype: {str(amp_dtype).removeprefix('torch.')} "
+        say(f"device: {self.device} ({why_device}); compute dtype: {str(amp_dtype).removeprefix('torch.')} "
               f"({why_dtype}){amp_note}; {torch.get_num_threads()} CPU thread(s)")
 
         # --- the model: a preset/config, a checkpoint to start from (--init), or the checkpoint to resume
@@ -418,7 +419,7 @@ class Trainer:
         if resume_dir is not None or a.init:
             src = resume_dir or find_checkpoint(a.init)
             self.model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
-            parallel.print0(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
+            say(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
         else:
             margs = M.load_args(a.config)
             margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
@@ -429,7 +430,7 @@ class Trainer:
         dims = self.model.shard_dims()
         n_params = sum(p.numel() * (parallel.world_size() if n in dims else 1)
                        for n, p in self.model.named_parameters())  # the whole model's, not this rank's share
-        parallel.print0(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
+        say(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
               f"{margs.n_routed_experts} experts top-{margs.num_experts_per_tok}; experts: "
               f"{self.model.set_expert_impl('auto')}")
         if a.seq_len > margs.max_position_embeddings:
@@ -455,11 +456,11 @@ class Trainer:
             self.data = ChatRows(self.tok, convs, a.seq_len, a.batch_size, a.val_fraction, a.seed, pack=not a.no_pack)
             fill = self.data.train_mask.mean()
             self.data_id = f"sft:{self.data.fingerprint}"
-            parallel.print0(f"data: {self.data.n_train_convs} training / {self.data.n_val_convs} held-out conversations "
+            say(f"data: {self.data.n_train_convs} training / {self.data.n_val_convs} held-out conversations "
                   f"in {len(self.data.train_ids)} + {len(self.data.val_ids)} rows of {a.seq_len + 1} tokens "
                   f"({fill:.1%} of positions supervised; {self.data.dropped} dropped as longer than a row)")
             if self.data.dropped > 0.1 * len(convs):
-                parallel.print0(f"note: {self.data.dropped} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
+                say(f"note: {self.data.dropped} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
                       "and are never trained on; raise --seq-len to keep them")
         else:
             if parallel.rank() != 0:
@@ -470,7 +471,7 @@ class Trainer:
             self.data = TokenWindows(tokens, a.seq_len, a.batch_size, a.val_fraction, a.seed, a.val_batches)
             self.data_id = f"tokens:{info['tokenizer_sha256'][:8]}-{info['text_sha256'][:12]}"
             corpus = info["corpus"] if isinstance(info["corpus"], str) else "custom"
-            parallel.print0(f"data: {info['n_tokens']:,} tokens ({corpus}; {'cached' if info['cached'] else 'tokenized now'}: "
+            say(f"data: {info['n_tokens']:,} tokens ({corpus}; {'cached' if info['cached'] else 'tokenized now'}: "
                   f"{info['path']}); "
                   f"{len(self.data.train):,} train / {len(self.data.val):,} validation")
 
@@ -524,7 +525,7 @@ class Trainer:
         if parallel.rank() == 0 and self.log_path.exists():  # rank 0 alone writes the log
             with open(self.log_path, "r+b") as f:
                 f.truncate(saved["log_bytes"])
-        parallel.print0(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
+        say(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
 
     # -- checkpoints
     def save(self) -> None:
@@ -554,7 +555,7 @@ class Trainer:
             model = copy.deepcopy(self.model).to(torch.bfloat16)
         with defer_sigint():
             model.save_pretrained(path, extra=lambda tmp: shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model"))
-        parallel.print0(f"exported the model ({dtype}) to {path}")
+        say(f"exported the model ({dtype}) to {path}")
 
     def log_bytes(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -696,7 +697,7 @@ class Trainer:
                     eta = (now - self._t_start) / (self.step - step0) * (a.steps - self.step)
                     ml = max(rec["max_logit"]) if rec["max_logit"] else float("nan")
                     val = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                    parallel.print0(f"step {self.step:>5}/{a.steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
+                    say(f"step {self.step:>5}/{a.steps} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | "
                           f"gnorm {rec['grad_norm']:.3f} | max logit {ml:6.2f} | clipped {rec['clipped_heads']} | "
                           f"{tps:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
                     t_print, tok_print = now, self.tokens_seen
@@ -705,12 +706,12 @@ class Trainer:
         except KeyboardInterrupt:
             if not (self.ckpt_dir / "trainer_state.json").exists() or self._saved_step() != self.step:
                 self.save()
-            parallel.print0(f"\ninterrupted: saved step {self.step} to {self.ckpt_dir}; continue with "
+            say(f"\ninterrupted: saved step {self.step} to {self.ckpt_dir}; continue with "
                   f"`python train.py --resume {self.out}`", flush=True)
             return 130
         try_cmd = f"python generate.py --ckpt {self.ckpt_dir}" + ("" if a.sft else ' --raw --prompt "def "')
         val = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
-        parallel.print0(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
+        say(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
               f"final val loss {val}; checkpoint {self.ckpt_dir} (try: {try_cmd})")
         if a.export:
             self.export(Path(a.export), a.export_dtype)
@@ -741,7 +742,7 @@ def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) ->
         setattr(merged, k, getattr(cli, k))
     changed = sorted(k for k in given & {"device", "dtype", "threads", "steps"} if getattr(cli, k) != saved.get(k))
     if changed:
-        parallel.print0(f"note: {', '.join('--' + k for k in changed)} changed on resume; the losses will not be bit-identical "
+        say(f"note: {', '.join('--' + k for k in changed)} changed on resume; the losses will not be bit-identical "
               "to an uninterrupted run" + (" (--steps rescales the lr schedule)" if "steps" in changed else ""))
     merged.resume = cli.resume
     return merged
