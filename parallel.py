@@ -85,6 +85,7 @@ def shutdown() -> None:
     """Leave the job (a no-op in a single process)."""
     global _WORLD_SIZE, _RANK
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while a peer is still in a collective (gloo aborts)
         dist.destroy_process_group()
     _WORLD_SIZE, _RANK = 1, 0
 
