@@ -151,15 +151,14 @@ def _grouped_matmul(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return torch.cat([p @ w[g].T for g, p in enumerate(parts)], dim=0)
 
 
-def _moe_gathered(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -> Tensor:
-    """moe_grouped's small-batch case: gather the M chosen experts' weights and run M matrix-vector products as
-    three batched matmuls — a handful of ops per layer instead of one per expert (single-token decode reads just
-    the K experts it uses, as the fused kernel's decode tiles do). x (N, D), weights (N, K), flat (M,) -> (N, D)."""
+def _moe_few_pairs(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -> Tensor:
+    """moe_grouped's small-batch case (decode): one SwiGLU per (token, slot) pair, reading the chosen expert's
+    matrices in place — no grouping, no copy of any weight; only the K experts a token uses are touched.
+    x (N, D), weights (N, K), flat (M,) expert of each pair -> (N, D)."""
     N, K = weights.shape
-    h = x.repeat_interleave(K, dim=0)[:, :, None]  # (M, D, 1) each token once per slot
-    g = torch.bmm(experts.gate_proj[flat], h)  # (M, I, 1)
-    u = torch.bmm(experts.up_proj[flat], h)  # (M, I, 1)
-    y = torch.bmm(experts.down_proj[flat], F.silu(g) * u).squeeze(-1)  # (M, D)
+    h = x.repeat_interleave(K, dim=0)  # (M, D) each token once per slot
+    y = torch.stack([F.linear(F.silu(F.linear(h[p], experts.gate_proj[e])) * F.linear(h[p], experts.up_proj[e]),
+                              experts.down_proj[e]) for p, e in enumerate(flat.tolist())])  # (M, D)
     y = y.float() * weights.reshape(-1, 1)  # routing weight per pair, fp32 accumulation as the reference
     return y.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
 
@@ -169,7 +168,7 @@ def moe_grouped(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Te
     N, K = idx.shape
     flat = idx.reshape(-1)  # (M,) expert of each (token, slot) pair, M = N·K
     if N * K <= experts.num_experts:  # decode: fewer pairs than experts, most groups would be empty
-        return _moe_gathered(x, weights, flat, experts)
+        return _moe_few_pairs(x, weights, flat, experts)
     order = flat.argsort(stable=True)  # (M,) pairs grouped by expert, token order kept inside a group
     counts = torch.bincount(flat, minlength=experts.num_experts)  # (E,) tokens per expert, zeros allowed
     h = x[order // K]  # (M, D) gathered input rows, expert-sorted

@@ -130,8 +130,8 @@ def test_grouped_gradients_equal_reference(n):
         w, idx, _ = m.gate(x)
         (fn(x, w, idx, m.experts) * torch.linspace(-1, 1, x.shape[1])).sum().backward()
         grads.append([x.grad.clone(), m.gate.weight.grad.clone()] + [p.grad.clone() for p in m.experts.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):  # fp32, different summation orders: 1e-5 of each gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 
 def test_bf16_paths_within_twice_reference_error():
