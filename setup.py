@@ -11,7 +11,8 @@ import sys
 
 from setuptools import setup
 
-MODULES = ["model", "attention", "moe", "muonclip", "tokenizer", "generate", "tools", "train", "serve"]
+MODULES = ["model", "attention", "moe", "parallel", "muonclip", "tokenizer", "generate", "tools", "chat_data", "train",
+           "serve"]
 
 
 def cuda_extension():
