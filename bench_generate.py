@@ -22,7 +22,7 @@ import model as M
 from generate import DEMO_DIR, generate_tokens
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(model: M.Transformer, prompt: torch.Tensor, new_tokens: int, how: str) -> float:
     """Seconds for new_tokens greedy steps after the prompt (the prefill is excluded for the cached variants)."""
     if how == "recompute":

@@ -40,7 +40,7 @@ def train_step_hf(model, ids):
     loss.backward()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_ours(model, prompt, new_tokens):
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
     logits = model(prompt, cache, last_only=True)
@@ -49,7 +49,7 @@ def decode_ours(model, prompt, new_tokens):
         logits = model(nxt, cache)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_hf(model, prompt, new_tokens):
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 

@@ -27,6 +27,7 @@ stops the others instead of leaving them blocked in a collective that can never 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 import traceback
@@ -87,6 +88,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()  # no rank tears its connections down while a peer is still in a collective (gloo aborts)
         dist.destroy_process_group()
+        gc.collect()  # free the process group's C++ worker threads now, not during interpreter shutdown
     _WORLD_SIZE, _RANK = 1, 0
 
 
