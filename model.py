@@ -928,4 +928,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # a bad config or path: say what is wrong, no traceback
+        raise SystemExit(f"error: {err}")

@@ -829,4 +829,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # a bad config or path: say what is wrong, no traceback
+        raise SystemExit(f"error: {err}")
