@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(server.url, 1, 2, a.max_tokens)  # warm-up: first-call allocations, connection setup
         rows = [run(server.url, c, max(1, a.requests // c), a.max_tokens) for c in a.clients]
         server.close()
-    print(f"\n| clients | requests | req/s | completion tok/s | TTFT p50 | TTFT p90 | latency p50 | tokens/request |")
+    print("\n| clients | requests | req/s | completion tok/s | TTFT p50 | TTFT p90 | latency p50 | tokens/request |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['tok_s']:.0f} | {r['ttft_p50'] * 1e3:.0f} ms "

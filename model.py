@@ -881,8 +881,8 @@ def print_memory_plan(args: ModelArgs, name: str, world_size: int, batch: int, c
             free = usable - (p["total_" + kind] - p["kv_cache"])  # room left for latent caches
             row += f"{p['total_' + kind] / 2**30:>11.1f} GiB{max(int(free // p['kv_cache']), 0):>7}"
         print(row)
-    print(f"  (a rank that fits 0 sequences cannot run at this context; Moonshot's deployment guide names 16 GPUs "
-          f"as the smallest FP8 unit at 128K, which leaves room to batch)")
+    print("  (a rank that fits 0 sequences cannot run at this context; Moonshot's deployment guide names 16 GPUs "
+          "as the smallest FP8 unit at 128K, which leaves room to batch)")
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
 """Shared helpers for the test-suite: small configs of the three DeepSeek-V3-family models, and a bridge that builds
 the same network in Hugging Face transformers (the independent reference) from a ModelArgs."""
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,21 @@ def random_model(args: "M.ModelArgs", seed: int = 0) -> "M.Transformer":
 
 hf_available = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers") is None, reason="transformers not installed")
+
+
+def run_torchrun(nproc: int, entry: list[str], timeout: float) -> tuple[int, str, float]:
+    """`torchrun --standalone --nproc-per-node NPROC ENTRY...` from the repository root, one torch thread per rank;
+    (exit code, stdout + stderr, seconds). The ranks run in their own process group, so a test that outlives its
+    timeout kills them all and fails with their output instead of hanging."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(entry)} on {nproc} ranks hung for {timeout:.0f} s:\n{out[-3000:]}")
+    return proc.returncode, out, time.perf_counter() - t0

@@ -3,7 +3,6 @@ keep), cached decode == recomputing the whole sequence, stop tokens / stop strin
 decoding all ids, and the context-length error.
 Compares against: hand-computed distributions, argmax, and the cache-free twin (use_cache=False).
 Run: pytest tests/test_generate.py -q   (CPU, seconds)"""
-import math
 
 import pytest
 import torch

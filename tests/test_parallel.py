@@ -18,10 +18,8 @@ Run: pytest tests/test_parallel.py -q   (CPU; each torchrun start costs a few se
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ import pytest  # noqa: E402
 
 import model as M  # noqa: E402
 import parallel  # noqa: E402
-from conftest import random_model, tiny_args  # noqa: E402
+from conftest import random_model, run_torchrun, tiny_args  # noqa: E402
 
 # 2 ranks: K2 and Moonlight (its plain q_proj takes another path into the split heads); 4 ranks: K2 (1 head and
 # 2 experts per rank). Kept small: every forward is several gloo collectives, slow on a busy 2-core machine.
@@ -107,19 +105,7 @@ def _job_build(work: Path) -> None:
 
 def _torchrun(nproc: int, job: str, work: Path, timeout: float = 300.0) -> tuple[int, str, float]:
     """Run JOB on nproc ranks; (exit code, stdout + stderr, seconds). Fails the test if it outlives the timeout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).resolve()), job, str(work)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a timeout kills the ranks too
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun {job} on {nproc} ranks hung for {timeout:.0f} s:\n{out[-3000:]}")
-    return proc.returncode, out, time.perf_counter() - t0
+    return run_torchrun(nproc, [str(Path(__file__).resolve()), job, str(work)], timeout)
 
 
 def _ok(nproc: int, job: str, work: Path) -> float:

@@ -15,12 +15,7 @@ gives the one-process run, step for step.
   3.44 at 0, over 5 steps), so the shipped path is checked separately, strictly before the first update only.
 * The progress lines are printed once (rank 0), and the checkpoint loads in one process.
 Run: pytest tests/test_parallel_train.py -q   (CPU; three torchrun starts, about 25 s)"""
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +29,7 @@ import model as M  # noqa: E402
 import muonclip  # noqa: E402
 import train  # noqa: E402
 import tokenizer as tk  # noqa: E402
+from conftest import run_torchrun  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-7
 
@@ -62,19 +58,9 @@ def _torchrun(argv: list[str], fp32_ns: bool = False, timeout: float = 240.0) ->
     """`torchrun --nproc-per-node 2 train.py ARGV` under a timeout (fp32_ns: through this file, with _ns_fp32); its
     stdout + stderr. Fails the test on an error or a hang (the ranks run in their own process group)."""
     entry = [str(Path(__file__).resolve()), "fp32-ns"] if fp32_ns else ["train.py"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *entry, *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun train.py hung for {timeout:.0f} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, f"torchrun train.py failed:\n{out[-12000:]}"
-    print(f"torchrun train.py on 2 ranks: {time.perf_counter() - t0:.1f} s")
+    rc, out, seconds = run_torchrun(2, [*entry, *argv], timeout)
+    assert rc == 0, f"torchrun train.py failed:\n{out[-12000:]}"
+    print(f"torchrun train.py on 2 ranks: {seconds:.1f} s")
     return out
 
 
