@@ -27,6 +27,7 @@ G expert groups, M = N·K (token, slot) pairs.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -225,9 +226,9 @@ class FusedExperts(torch.autograd.Function):
         needs = [ctx.needs_input_grad[i] for i in (0, 1, 3, 4, 5)]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(n) for t, n in zip((x, weights, gate, up, down), needs)]
-            stand_in = Experts.__new__(Experts)  # the same three stacks, as leaves of this small graph
-            nn.Module.__init__(stand_in)
-            stand_in.gate_proj, stand_in.up_proj, stand_in.down_proj = leaves[2], leaves[3], leaves[4]
+            # the same three stacks, as leaves of this small graph (moe_grouped reads only these attributes)
+            stand_in = SimpleNamespace(gate_proj=leaves[2], up_proj=leaves[3], down_proj=leaves[4],
+                                       num_experts=gate.shape[0])
             out = moe_grouped(leaves[0], leaves[1], idx, stand_in)
             wanted = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())

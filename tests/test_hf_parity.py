@@ -14,6 +14,13 @@ from conftest import hf_available, random_hf_model, tiny_args
 pytestmark = hf_available
 
 
+def _hf_and_ours(args, seed: int, path):
+    """A random transformers model saved to `path`, and our Transformer loaded from that checkpoint."""
+    hf = random_hf_model(args, seed)
+    hf.save_pretrained(path)
+    return hf, M.Transformer.from_pretrained(path).eval()
+
+
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
     assert err <= 1e-4 * scale, f"max |diff| {err:.3e} vs logit scale {scale:.3e}"
@@ -23,9 +30,7 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_from_pretrained_matches_transformers(kind, seed, tmp_path):
     args = tiny_args(kind)
-    hf = random_hf_model(args, seed)
-    hf.save_pretrained(tmp_path)
-    ours = M.Transformer.from_pretrained(tmp_path).eval()
+    hf, ours = _hf_and_ours(args, seed, tmp_path)
     assert ours.lm_head.weight.dtype == torch.float32
     g = torch.Generator().manual_seed(100 + seed)
     for T in (1, 17, 100):  # 100 > original_max_position_embeddings = 64: YaRN's long-range pairs are in play
@@ -39,9 +44,7 @@ def test_save_pretrained_loads_in_transformers(kind, tmp_path):
     from transformers import DeepseekV3ForCausalLM
 
     args = tiny_args(kind)
-    hf = random_hf_model(args, seed=7)
-    hf.save_pretrained(tmp_path / "hf")
-    ours = M.Transformer.from_pretrained(tmp_path / "hf").eval()
+    hf, ours = _hf_and_ours(args, 7, tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours", max_shard_bytes=200_000)  # force several shards + an index
     assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
     back = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
@@ -71,9 +74,7 @@ def test_fresh_model_saved_by_us_loads_in_transformers(kind, tmp_path):
 def test_routing_bias_is_loaded_and_matters(tmp_path):
     """Guards the test itself: with the bias zeroed the logits must change, so parity above covers the bias."""
     args = tiny_args("k2")
-    hf = random_hf_model(args, seed=3)
-    hf.save_pretrained(tmp_path)
-    ours = M.Transformer.from_pretrained(tmp_path).eval()
+    hf, ours = _hf_and_ours(args, 3, tmp_path)
     ids = torch.randint(0, args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = ours(ids)
@@ -86,9 +87,7 @@ def test_routing_bias_is_loaded_and_matters(tmp_path):
 def test_cached_decode_matches_transformers_generate(tmp_path):
     """Greedy decoding with our latent cache gives the same tokens as transformers' generate with its cache."""
     args = tiny_args("k2")
-    hf = random_hf_model(args, seed=11)
-    hf.save_pretrained(tmp_path)
-    ours = M.Transformer.from_pretrained(tmp_path).eval()
+    hf, ours = _hf_and_ours(args, 11, tmp_path)
     prompt = torch.randint(0, args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 12:].tolist()
