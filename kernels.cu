@@ -43,10 +43,11 @@
  *   large  BM 128, BN 128, BK 32, 2×4 warps, 4 stages, 64 KB smem  -- prefill/training (T·K/E >= 96).
  * For the gated GEMM, BN counts B rows: BN/2 of gate and the same BN/2 of up, so BN/2 output columns per block.
  *
- * Requirements (checked in kernels_binding.cpp): D % 8 == 0 and I % 8 == 0 (16-byte row chunks; bf16x2 and
- * float4 stores), 16-byte aligned contiguous tensors, 1 <= E <= 1024, N·K < 2^31. D and I need not be tile
- * multiples; any token count, experts with zero tokens, and T = 1 are handled. Expert ids outside [0, E) are
- * dropped (that slot contributes nothing): the router never makes them, and checking would need a host sync.
+ * Requirements (checked in kernels_binding.cpp): D, I > 0 with D % 8 == 0 and I % 8 == 0 (16-byte row chunks;
+ * bf16x2 and float4 stores), 16-byte aligned contiguous x/gate/up/down, 1 <= E <= 1024, N·K < 2^31. D and I need
+ * not be tile multiples; any token count, experts with zero tokens, and T = 1 are handled. Expert ids outside
+ * [0, E) are dropped (that slot contributes nothing): the router never makes them, and checking would need a host
+ * sync.
  * Memory: a workspace of about M·(4·D + 2·I) bytes (the fp32 y buffer and the bf16 h), allocated by the binding.
  *
  * Build:  KIMI_BUILD_CUDA=1 pip install --no-build-isolation -e .        (setup.py: kernels.cu + kernels_binding.cpp)
@@ -73,6 +74,9 @@
  *       checked against numpy by a line-by-line CPU emulation (PTX-documented fragment layouts, small odd shapes,
  *       all three configs). NOT yet run on a GPU: correctness on hardware and speed are unverified.
  *       Stretch not attempted: wgmma/TMA on sm_90a.
+ *   v1.1 review, still not run on a GPU: no index, fragment or sync bug found (a second, independent emulation);
+ *       fixed: D or I == 0 now rejected (was an empty-grid launch error), the scan's ceil(count / BM) cannot
+ *       overflow, weights need only 4-byte alignment.
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -148,7 +152,8 @@ __global__ void __launch_bounds__(kMaxExperts)
     for (int c = 0; c < nchunks; ++c) count += chunk_counts[(int64_t)c * E + e];  // coalesced across e
   int total, total_tiles;
   const int seg = block_exclusive_scan(count, warp_sums, &total);                      // segment start of e
-  const int toff = block_exclusive_scan((count + BM - 1) / BM, warp_sums, &total_tiles);  // first tile of e
+  // ceil(count / BM) without count + BM - 1, which overflows int for a count near 2^31
+  const int toff = block_exclusive_scan(count / BM + (count % BM != 0), warp_sums, &total_tiles);  // first tile of e
   if (e < E) {
     expert_offsets[e] = seg;
     tile_offsets[e] = toff;
@@ -539,7 +544,9 @@ int kimi_moe_forward(const void* x, const int32_t* idx, const float* weights, co
                      const void* down, void* out, int64_t N, int K, int E, int D, int I, void* workspace,
                      size_t workspace_bytes, int config, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  if (K < 1 || E < 1 || E > kMaxExperts || D % 8 || I % 8 || N * K >= 0x7fffffff) return cudaErrorInvalidValue;
+  // D, I >= 8: a zero-width dimension would launch an empty grid (cudaErrorInvalidConfiguration, no useful message)
+  if (K < 1 || E < 1 || E > kMaxExperts || D < 8 || I < 8 || D % 8 || I % 8 || N * K >= 0x7fffffff)
+    return cudaErrorInvalidValue;
   if (config == kAuto) config = pick_config(N, K, E);
   if (config < kSmall || config > kLarge) return cudaErrorInvalidValue;
   const int BM = config_bm(config);

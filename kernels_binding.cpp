@@ -25,17 +25,17 @@ namespace {
 constexpr int64_t kMaxExperts = 1024;  // kernels.cu: one scan block of 1024 threads
 const char* kConfigNames[] = {"auto", "small", "medium", "large"};
 
+// align: 16 for the bf16 tensors kernels.cu copies in 16-byte chunks; weights are read one float at a time
 void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dims,
-                  const torch::Tensor& x) {
+                  const torch::Tensor& x, int64_t align = 16) {
   TORCH_CHECK(t.is_cuda(), "moe_forward: ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == x.device(), "moe_forward: ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.scalar_type() == dtype, "moe_forward: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dims, "moe_forward: ", name, " must have ", dims, " dimensions, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "moe_forward: ", name, " must be contiguous (call .contiguous()), got strides ",
               t.strides());
-  // kernels.cu copies rows in 16-byte chunks
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "moe_forward: ", name,
-              " must be 16-byte aligned (a fresh tensor is; a slice at an odd offset is not)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0, "moe_forward: ", name, " must be ", align,
+              "-byte aligned (a fresh tensor is; a slice at an odd offset is not)");
 }
 
 }  // namespace
@@ -49,7 +49,7 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor idx, torch::Tensor weig
               "moe_forward: idx must be int64 or int32 expert ids, got ", idx.scalar_type());
   TORCH_CHECK(idx.is_cuda() && idx.device() == x.device(), "moe_forward: idx must be on ", x.device(), ", got ",
               idx.device());
-  check_tensor(weights, "weights", torch::kFloat32, 2, x);
+  check_tensor(weights, "weights", torch::kFloat32, 2, x, /*align=*/4);
   check_tensor(gate, "gate", torch::kBFloat16, 3, x);
   check_tensor(up, "up", torch::kBFloat16, 3, x);
   check_tensor(down, "down", torch::kBFloat16, 3, x);
@@ -67,6 +67,9 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor idx, torch::Tensor weig
   TORCH_CHECK(1 <= E && E <= kMaxExperts, "moe_forward: supports 1..", kMaxExperts, " experts, got E = ", E);
   TORCH_CHECK(D % 8 == 0 && I % 8 == 0, "moe_forward: needs D % 8 == 0 and I % 8 == 0 (16-byte rows), got D = ", D,
               ", I = ", I);
+  // a zero width would launch an empty grid; kernels.cu indexes within a row with int
+  TORCH_CHECK(0 < D && D < (int64_t(1) << 30) && 0 < I && I < (int64_t(1) << 30),
+              "moe_forward: needs 0 < D, I < 2^30, got D = ", D, ", I = ", I);
   TORCH_CHECK(N * K < (int64_t(1) << 31) - 1, "moe_forward: N·K must fit in int32, got ", N * K);
   TORCH_CHECK(0 <= config && config <= 3, "moe_forward: config must be 0 (auto), 1 (small), 2 (medium) or 3 (large),",
               " got ", config);
@@ -74,7 +77,8 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor idx, torch::Tensor weig
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({N, D}, x.options());
   if (N == 0) return out;
-  // ids outside [0, E) are dropped by the kernels (no host sync to check them here)
+  // ids outside [0, E) are dropped by the kernels (no host sync to check them here); an int64 id outside the int32
+  // range would wrap in this cast instead (the router never makes one)
   auto idx32 = idx.to(torch::kInt32).contiguous();  // (N, K)
   const size_t ws_bytes = kimi_moe_workspace_bytes(N, (int)K, (int)E, (int)D, (int)I, (int)config);
   auto workspace = torch::empty({(int64_t)ws_bytes}, x.options().dtype(torch::kUInt8));
