@@ -136,7 +136,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """MLA's cache: per layer, the normed latent c_kv (B, S, Ckv) and the rotated shared key k_pe (B, S, Dr).
+    """MLA's cache: per layer and token, one row [c_kv | k_pe] — the normed latent c_kv (Ckv) and the rotated shared
+    key k_pe (Dr). `c_kv` and `k_pe` are views of the two parts; the absorbed decode reads whole rows as its key.
 
     That is kv_lora_rank + qk_rope_head_dim = 576 numbers per token per layer for K2 (SPEC §1.4), read by both the
     naive and the absorbed formulation. `pos` is the number of tokens already cached; the model writes the new
@@ -150,27 +151,36 @@ class KVCache:
         if max_len > args.max_position_embeddings:
             raise ValueError(f"KVCache max_len={max_len} exceeds max_position_embeddings="
                              f"{args.max_position_embeddings}; ask for a shorter cache")
-        self.c_kv = torch.zeros(L, batch_size, max_len, Ckv, device=device, dtype=dtype)  # (L, B, S, Ckv)
-        self.k_pe = torch.zeros(L, batch_size, max_len, Dr, device=device, dtype=dtype)  # (L, B, S, Dr)
+        # one row [c_kv | k_pe] per token: the absorbed decode uses the row as is, as the key shared by all heads
+        self.latent = torch.zeros(L, batch_size, max_len, Ckv + Dr, device=device, dtype=dtype)  # (L, B, S, Ckv+Dr)
+        self.kv_lora_rank = Ckv
         self.pos = 0
 
     @property
+    def c_kv(self) -> Tensor:
+        return self.latent[..., :self.kv_lora_rank]  # (L, B, S, Ckv)
+
+    @property
+    def k_pe(self) -> Tensor:
+        return self.latent[..., self.kv_lora_rank:]  # (L, B, S, Dr)
+
+    @property
     def max_len(self) -> int:
-        return self.c_kv.shape[2]
+        return self.latent.shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.c_kv.shape[1]
+        return self.latent.shape[1]
 
-    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new tokens of one layer at [pos, pos+T); return that layer's whole cache so far (B, pos+T, ·)."""
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> Tensor:
+        """Store one layer's new tokens at [pos, pos+T); return that layer's rows [c_kv | k_pe] so far (B, pos+T, Ckv+Dr)."""
         end = self.pos + c_kv.shape[1]
         self.c_kv[layer, :, self.pos:end] = c_kv
         self.k_pe[layer, :, self.pos:end] = k_pe
-        return self.c_kv[layer, :, :end], self.k_pe[layer, :, :end]
+        return self.latent[layer, :, :end]
 
     def nbytes(self) -> int:
-        return self.c_kv.nbytes + self.k_pe.nbytes
+        return self.latent.nbytes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,27 +191,32 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, start: int,
            max_logits: Tensor | None = None) -> Tensor:
     """Causal softmax attention. q (B, H, T, E), k (B, Hk, S, E), v (B, Hk, S, Ev) with Hk in {1, H}; -> (B, H, T, Ev).
 
-    Query t sits at absolute position start + t and may see keys 0..start+t (S = start + T). With `max_logits`
-    (H,) given, the explicit path runs and folds each head's largest unmasked logit into it (QK-Clip's S_max);
-    otherwise PyTorch's fused scaled_dot_product_attention runs (its kernels keep the softmax in fp32).
+    Query t sits at absolute position start + t and may see keys 0..start+t (S = start + T). Per-head keys run
+    PyTorch's fused scaled_dot_product_attention (its kernels keep the softmax in fp32). The explicit path below
+    runs instead when `max_logits` (H,) is given — it folds each head's largest unmasked logit into it (QK-Clip's
+    S_max) — and when one key/value serves all heads (Hk = 1, the absorbed latent): the heads' queries are then
+    stacked as rows h·T + t of a single head, so each product reads the shared key once, not H expanded copies.
     """
-    T, S = q.shape[2], k.shape[2]
+    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask = None
     if T > 1:  # key s is visible to query t iff s <= start + t
         mask = torch.arange(S, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
-    if max_logits is None:
-        if k.shape[1] != q.shape[1]:
-            k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)  # shared latent: views
+    shared = k.shape[1] == 1 and H > 1
+    if max_logits is None and not shared:
         if start == 0 and T > 1:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, T, S) fp32 pre-softmax logits
+    if shared:
+        q = q.reshape(B, 1, H * T, q.shape[-1])  # (B, 1, H·T, E)
+        mask = None if mask is None else mask.repeat(H, 1)  # (H·T, S): row h·T + t gets query t's row
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # fp32 pre-softmax logits (B, ·, ·, S)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    with torch.no_grad():  # QK-Clip statistic, max over batch and all visible (t, s) pairs; never differentiated
-        max_logits.copy_(torch.maximum(max_logits, logits.amax(dim=(0, 2, 3))))
+    if max_logits is not None:
+        with torch.no_grad():  # QK-Clip statistic, max over batch and all visible (t, s) pairs; never differentiated
+            max_logits.copy_(torch.maximum(max_logits, logits.view(B, H, T, S).amax(dim=(0, 2, 3))))
     probs = torch.softmax(logits, dim=-1)  # fp32 softmax
-    return torch.matmul(probs.to(v.dtype), v)  # (B, H, T, Ev)
+    return torch.matmul(probs.to(v.dtype), v).view(B, H, T, v.shape[-1])  # (B, H, T, Ev)
 
 
 class MLA(nn.Module):
@@ -258,10 +273,11 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([Ckv, Dr], dim=-1)  # (B, T, Ckv), (B, T, Dr)
         c_kv = parallel.copy_to_ranks(self.kv_a_layernorm(c_kv))
         k_pe = parallel.copy_to_ranks(apply_rope(k_pe, cos, sin))  # one rotary key per token, shared by all heads
-        start = 0
+        start, latent = 0, None
         if cache is not None:  # cache what the next step needs: the normed latent and the ROTATED rope key
             start = cache.pos
-            c_kv, k_pe = cache.update(layer, c_kv, k_pe)  # (B, S, Ckv), (B, S, Dr), S = start + T
+            latent = cache.update(layer, c_kv, k_pe)  # (B, S, Ckv+Dr) rows [c_kv | k_pe], S = start + T
+            c_kv, k_pe = latent.split([Ckv, Dr], dim=-1)  # (B, S, Ckv), (B, S, Dr)
         S = c_kv.shape[1]
         rec = self.max_logits if self.record_max_logits and self.training else None  # eval passes never feed QK-Clip
         if impl == "naive":
@@ -276,8 +292,9 @@ class MLA(nn.Module):
             # q_nope·k_nope = q_nope·(W^UK c) = (W^UKᵀ q_nope)·c: the query moves into the latent space
             q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, Ckv)
             qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, Ckv+Dr)
-            kh = torch.cat([c_kv, k_pe], dim=-1)[:, None]  # (B, 1, S, Ckv+Dr): one key for all heads (MQA-like)
-            z = attend(qh, kh, c_kv[:, None], self.softmax_scale, start, rec)  # (B, H, T, Ckv) attention-mixed latent
+            # q_lat·c + q_pe·k_pe: the latent row [c_kv | k_pe] is the one key of all heads (MQA-like)
+            latent = torch.cat([c_kv, k_pe], dim=-1) if latent is None else latent  # (B, S, Ckv+Dr)
+            z = attend(qh, latent[:, None], c_kv[:, None], self.softmax_scale, start, rec)  # (B, H, T, Ckv) attention-mixed latent
             o = torch.einsum("bhtc,hvc->bhtv", z, w_uv)  # (B, H, T, Dv): W^UV applied after the mixing
         else:
             raise ValueError(f"attention impl must be 'naive' or 'absorb', got {impl!r}")
