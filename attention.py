@@ -203,9 +203,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, start: int,
         mask = torch.arange(S, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
     shared = k.shape[1] == 1 and H > 1
     if max_logits is None and not shared:
+        Ev = v.shape[-1]
+        if Ev < q.shape[-1]:  # the fused kernels want one head size for q, k and v (K2: 192 vs 128): zero columns
+            v = F.pad(v, (0, q.shape[-1] - Ev))  # of v give zero output columns, dropped below (as HF does for flash)
         if start == 0 and T > 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return o[..., :Ev]
     if shared:
         q = q.reshape(B, 1, H * T, q.shape[-1])  # (B, 1, H·T, E)
         mask = None if mask is None else mask.repeat(H, 1)  # (H·T, S): row h·T + t gets query t's row

@@ -189,11 +189,17 @@ except ImportError as err:
     _ext, _EXT_WHY = None, f"CUDA kernels not built ({err})"
 
 EXPERT_IMPLS = ("reference", "grouped", "cuda")
+# On a CPU the sorted path wins while its (pairs, D) copies of the rows stay in cache; beyond about a core's L2 the
+# plain loop, whose per-expert pieces are small, is faster (bench_moe.py: even at 512 cpu-small tokens, 1.5 MiB).
+CPU_SORTED_MAX_BYTES = 2 * 2**20
 
 
-def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                     sorted_bytes: int | None = None) -> tuple[str, str]:
     """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "cuda";
-    the environment variable KIMI_EXPERT_IMPL overrides "auto". Returns (impl, reason)."""
+    the environment variable KIMI_EXPERT_IMPL overrides "auto". On a CPU "auto" depends on the call's size,
+    sorted_bytes = pairs · D · itemsize; without it the answer is "auto" with the rule as its reason.
+    Returns (impl, reason)."""
     if requested == "auto":
         requested = os.environ.get("KIMI_EXPERT_IMPL", "auto")
     if requested not in EXPERT_IMPLS + ("auto",):
@@ -203,11 +209,20 @@ def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = 
         raise RuntimeError(f"expert impl 'cuda' requested, but {why}; rebuild with KIMI_BUILD_CUDA=1 on a GPU machine")
     if requested != "auto":
         return requested, "requested explicitly"
-    if device.type == "cuda" and _ext is not None:
+    if device.type == "cuda":
+        if _ext is None:
+            return "grouped", _EXT_WHY
         if dtype != torch.bfloat16:
             return "grouped", f"the fused kernel is bf16-only and the model is {str(dtype).removeprefix('torch.')}"
         return "cuda", "kernels built, device is CUDA, dtype bf16"
-    return "grouped", _EXT_WHY if device.type == "cuda" else f"device is {device.type}"
+    if device.type != "cpu":
+        return "grouped", f"device is {device.type}"
+    limit = f"{CPU_SORTED_MAX_BYTES // 2**20} MiB"
+    if sorted_bytes is None:
+        return "auto", f"device is cpu: grouped while the sorted rows (pairs x D) fit in {limit}, reference above"
+    if sorted_bytes <= CPU_SORTED_MAX_BYTES:
+        return "grouped", f"device is cpu and the sorted rows fit in {limit}"
+    return "reference", f"device is cpu and the sorted rows would exceed {limit}"
 
 
 class FusedExperts(torch.autograd.Function):
@@ -237,7 +252,10 @@ class FusedExperts(torch.autograd.Function):
 
 
 def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
-    """Dispatch to the chosen implementation; all share the contract of moe_reference."""
+    """Dispatch to the chosen implementation; all share the contract of moe_reference. "auto" is resolved here, per
+    call, because on a CPU the faster path depends on the number of (token, slot) pairs (pick_expert_impl)."""
+    if impl == "auto":
+        impl = pick_expert_impl("auto", x.device, x.dtype, idx.numel() * x.shape[1] * x.element_size())[0]
     if impl == "reference":
         return moe_reference(x, weights, idx, experts)
     if impl == "grouped":
@@ -261,7 +279,7 @@ class MoE(nn.Module):
         self.experts = Experts(n_local, args.hidden_size, args.moe_intermediate_size, first)
         # the shared experts are one MLP of width I·S (Moonlight: 2 × 1408 = 2816); reduced below, with the routed sum
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, reduce=False)
-        self.impl = "auto"  # see pick_expert_impl; set per model with Transformer.set_expert_impl
+        self.impl = "auto"  # see pick_expert_impl ("auto": chosen per call); set per model with Transformer.set_expert_impl
         # tokens routed to each expert during training forwards since the last reset (read by the bias update)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
         # optional complementary sequence-wise balance loss (SPEC §3.2): off by default; 1e-4 (DeepSeek-V3) when on.
@@ -292,17 +310,16 @@ class MoE(nn.Module):
                 B, T = shape[0], shape[1]
                 self.aux_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), scores.shape[-1],
                                                       idx.shape[-1], self.seq_aux_alpha)
-        impl = self.impl if self.impl != "auto" else pick_expert_impl("auto", x.device, x.dtype)[0]
         # where the replicated tokens and routing weights enter this rank's experts (identity forward; parallel.py)
         x, weights = parallel.copy_to_ranks(x), parallel.copy_to_ranks(weights)
         first, n_local = self.experts.first_expert, self.experts.num_experts
         if n_local == self.expert_load.numel():  # this rank holds every expert (one device): the (N, K) batch as is
-            y = run_experts(impl, x, weights, idx, self.experts)  # (N, D)
+            y = run_experts(self.impl, x, weights, idx, self.experts)  # (N, D)
         else:  # expert parallelism: only the pairs routed to experts first .. first + n_local - 1
             tok, slot = ((idx >= first) & (idx < first + n_local)).nonzero(as_tuple=True)  # (n,), (n,)
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # fp32: a token's K outputs sum here
             if tok.numel():  # a rank may receive no pairs at all
-                y_mine = run_experts(impl, x[tok], weights[tok, slot, None], idx[tok, slot, None] - first,
+                y_mine = run_experts(self.impl, x[tok], weights[tok, slot, None], idx[tok, slot, None] - first,
                                      self.experts)  # (n, D), one pair per row (K = 1)
                 y = y.index_add(0, tok, y_mine.float())  # (N, D)
         y = y + self.shared_experts(x)  # shared expert: weight 1 (under TP, this rank's partial sum of it)

@@ -161,8 +161,11 @@ def test_routing_bias_stays_fp32_and_load_is_counted():
 
 
 def test_impl_choice_is_explicit():
-    impl, why = MOE.pick_expert_impl("auto", torch.device("cpu"))
-    assert impl == "grouped" and "cpu" in why
+    cpu = torch.device("cpu")
+    assert MOE.pick_expert_impl("auto", cpu)[0] == "auto"  # on a CPU "auto" is decided per call, by its size
+    assert MOE.pick_expert_impl("auto", cpu, torch.float32, MOE.CPU_SORTED_MAX_BYTES)[0] == "grouped"
+    assert MOE.pick_expert_impl("auto", cpu, torch.float32, MOE.CPU_SORTED_MAX_BYTES + 1)[0] == "reference"
+    assert MOE.pick_expert_impl("reference", cpu, torch.float32, 1) == ("reference", "requested explicitly")
     with pytest.raises(RuntimeError, match="cuda"):
         MOE.pick_expert_impl("cuda", torch.device("cpu"))
     with pytest.raises(ValueError, match="expert impl"):
