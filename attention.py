@@ -295,12 +295,12 @@ class MLA(nn.Module):
             w = self.kv_b_proj.weight.view(H, Dn + Dv, Ckv)
             w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, Ckv), (H, Dv, Ckv)
             # q_nope·k_nope = q_nope·(W^UK c) = (W^UKᵀ q_nope)·c: the query moves into the latent space
-            q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, Ckv)
+            q_lat = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, Dn) @ (H, Dn, Ckv) -> (B, H, T, Ckv)
             qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, Ckv+Dr)
             # q_lat·c + q_pe·k_pe: the latent row [c_kv | k_pe] is the one key of all heads (MQA-like)
             latent = torch.cat([c_kv, k_pe], dim=-1) if latent is None else latent  # (B, S, Ckv+Dr)
             z = attend(qh, latent[:, None], c_kv[:, None], self.softmax_scale, start, rec)  # (B, H, T, Ckv) attention-mixed latent
-            o = torch.einsum("bhtc,hvc->bhtv", z, w_uv)  # (B, H, T, Dv): W^UV applied after the mixing
+            o = z @ w_uv.transpose(1, 2)  # (B, H, T, Ckv) @ (H, Ckv, Dv) -> (B, H, T, Dv): W^UV after the mixing
         else:
             raise ValueError(f"attention impl must be 'naive' or 'absorb', got {impl!r}")
         # under TP each rank's o_proj sees only its heads' columns: one all-reduce sums the heads (parallel.py)
