@@ -8,6 +8,7 @@ How generation works here (the same loop a serving engine runs, minus batching t
    the whole sequence every step — the plain twin the tests compare against.
 3. Sampling (`sample`): temperature (default 0.6, the value Moonshot recommends for Kimi-K2-Instruct; 0 = greedy),
    then top-k, then top-p, from fp32 logits, with an explicit torch.Generator so a seed reproduces a run.
+   Optionally the first tokens are constrained to begin one of given id sequences (`constrain_start`).
 4. Stop on <|im_end|> or [EOS] (K2's two stop tokens, SPEC §5), on a user stop string, or at max_new_tokens.
 
 `python generate.py` loads the shipped demo model (demo/: Hugging Face format + tiktoken.model) and completes a
@@ -38,6 +39,9 @@ DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (Moonsho
 # Prompts longer than this are prefilled in pieces through the cache: the activations of one forward grow with its
 # token count (`python model.py --plan` estimates them), the cache does not care how it was filled.
 PREFILL_CHUNK = 8192
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS, vllm/sampling_params.py): the distribution is a point
+# mass anyway, and dividing fp32 logits by a tinier number overflows them to inf (then softmax gives NaN).
+GREEDY_BELOW = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,13 +52,14 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
            generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row. logits (B, V) -> ids (B,) int64.
 
-    temperature 0 = argmax. Otherwise logits/temperature, keep the top_k largest (0 = all), then the smallest set of
-    most likely tokens whose probability reaches top_p (1.0 = all; the most likely token is always kept).
+    temperature 0 (or below GREEDY_BELOW) = argmax. Otherwise logits/temperature, keep the top_k largest (0 = all),
+    then the smallest set of most likely tokens whose probability reaches top_p (1.0 = all; the most likely token is
+    always kept).
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     logits = logits.float()  # fp32: sampling from bf16 logits would distort small probabilities
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -65,6 +70,7 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
         probs = sorted_logits.softmax(dim=-1)
         # drop a token if the tokens before it already reach top_p (so the first token is always kept)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # explicitly: a top_p below fp32's smallest number compares as 0 and would drop it too
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -83,6 +89,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: Sequence[str] = field(default_factory=tuple)  # stop strings (not included in the output)
+    # the completion must begin with one of these id sequences (constrained decoding; empty = no constraint)
+    allowed_starts: Sequence[Sequence[int]] = field(default_factory=tuple)
 
 
 def check_context(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
@@ -96,16 +104,41 @@ def check_context(model: Transformer, prompt_len: int, max_new_tokens: int) -> N
                          f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
 
 
+def constrain_start(logits: Tensor, generated: Tensor, allowed_starts: Sequence[Sequence[int]]) -> Tensor:
+    """Constrained decoding of the first tokens. logits (B, V), generated (B, t): the ids each row has produced so far.
+
+    While a row's ids are a proper prefix of some of `allowed_starts`, only the tokens that continue one of them keep
+    their logits (the rest become -inf), so the model still chooses among the allowed starts by its own probabilities;
+    once one of them is complete the row is free. (serve.py uses it so that tool_choice "required" calls a declared
+    tool: the starts are `functions.NAME:IDX<|tool_call_argument_begin|>`, one per tool.)
+    """
+    t = generated.shape[1]
+    if not allowed_starts or t >= max(len(s) for s in allowed_starts):
+        return logits
+    out = logits.clone()
+    for b, done in enumerate(generated.tolist()):
+        if any(list(s) == done for s in allowed_starts):
+            continue  # an allowed start is complete: free from here on
+        nxt = sorted({s[t] for s in allowed_starts if len(s) > t and list(s[:t]) == done})
+        if nxt:
+            keep = out[b, nxt].clone()
+            out[b] = float("-inf")
+            out[b, nxt] = keep
+    return out
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: ~8% faster decode than no_grad on CPU
 def generate_tokens(model: Transformer, prompt: Tensor, max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
                     top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                     stop_ids: Sequence[int] = (), use_cache: bool = True,
-                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[Tensor]:
+                    prefill_chunk: int = PREFILL_CHUNK,
+                    allowed_starts: Sequence[Sequence[int]] = ()) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has hit a stop id.
 
     prompt (B, T) int64 (rows of equal length). Rows that stopped keep yielding their stop id. With use_cache the
     prompt is prefilled once (in pieces of prefill_chunk tokens) and each step feeds one token; without, the whole
     sequence is recomputed every step. Under parallelism every rank continues with rank 0's token.
+    allowed_starts: the rows' first tokens are constrained to begin one of these id sequences (constrain_start).
     """
     B, T = prompt.shape
     check_context(model, T, max_new_tokens)
@@ -119,6 +152,7 @@ def generate_tokens(model: Transformer, prompt: Tensor, max_new_tokens: int, tem
     else:
         logits = model(prompt, last_only=True)[:, -1]  # (B, V)
     for step in range(max_new_tokens):
+        logits = constrain_start(logits, seq[:, T:], allowed_starts)
         # all ranks hold the same logits, but their generators may differ (an unseeded run): rank 0's token wins
         nxt = parallel.broadcast_(sample(logits, temperature, top_k, top_p, generator))  # (B,)
         nxt = torch.where(done, seq[:, -1] if step else nxt, nxt)  # finished rows repeat their stop token
@@ -157,7 +191,7 @@ class TextStream:
         dec, pending, t0 = tok.stream_decoder(), "", time.perf_counter()
         self.finish_reason = "length"
         for ids in generate_tokens(self.model, prompt, p.max_new_tokens, p.temperature, p.top_k, p.top_p, gen,
-                                   stop_ids=tok.stop_ids):
+                                   stop_ids=tok.stop_ids, allowed_starts=p.allowed_starts):
             self.completion_tokens += 1
             token = int(ids[0])
             if token in tok.stop_ids:

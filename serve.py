@@ -26,12 +26,15 @@ What differs from a textbook "wrap generate() in a web handler":
      call them), and `<|tool_calls_section_begin|>` is a stop string, so no call can come out: the text before it
      is the answer, finish_reason "stop".
    - "required": tools declared, and `<|tool_calls_section_begin|><|tool_call_begin|>` is prefilled after the
-     generation prompt, so the model's first tokens are a function name.
+     generation prompt; the model's next tokens are then constrained (generate.constrain_start, a token-level mask
+     as guided decoding does) to `functions.NAME:IDX<|tool_call_argument_begin|>` for a declared NAME, so it picks
+     which tool by its own probabilities but cannot invent one.
    - {"type": "function", "function": {"name": N}}: prefill up to the arguments,
      `...<|tool_call_begin|>functions.N:IDX<|tool_call_argument_begin|>`, so the model writes only N's arguments.
    The prefill is returned as part of the answer (it is what the assistant said) but counted in prompt_tokens,
    since the model did not sample it; max_tokens bounds the sampled tokens only. The model may still add calls
-   after a forced one (no grammar constrains it); parallel_tool_calls is accepted and not enforced.
+   after a forced one (no grammar constrains it). parallel_tool_calls false returns only the first call, as vLLM
+   does (vllm-project/vllm#26233: later calls are dropped from the answer, generation is not cut short).
 4. One model, one request at a time. `Worker` is the only thread that touches the model: HTTP threads validate and
    tokenize a request, put it on a FIFO queue, and relay what the worker produces. Each request gets its own KV
    cache (generate.TextStream builds one), and in eval mode a forward writes nothing into the model, so the queue
@@ -76,7 +79,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import generate as G
 from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_ID_RE, CALL_RE, ROLES, SECTION_BEGIN, SECTION_END,
-                       Tokenizer, normalize_tools)
+                       Tokenizer, normalize_tools, tool_call_id)
 from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
 
 DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the name the seed document's client code asks for
@@ -131,6 +134,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    parallel_tool_calls: bool = True  # OpenAI's default; False: at most one call comes back
 
 
 def _is_number(x: Any) -> bool:
@@ -164,9 +168,11 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
                       f"messages[{i}]")
         if m["role"] == "developer":  # OpenAI's newer name for the system role
             m = {**m, "role": "system"}
-        if m["role"] == "tool" and isinstance(m.get("content"), list) and all(
+        # OpenAI allows text parts as assistant and tool content too; the template wants one string there (beside
+        # tool_calls and in a tool result it would print a list as is), so join them
+        if m["role"] in ("assistant", "tool") and isinstance(m.get("content"), list) and all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in m["content"]):  # OpenAI allows text parts here; the template wants one string
+                for p in m["content"]):
             m = {**m, "content": "".join(p["text"] for p in m["content"])}
         if m["role"] not in ROLES:
             raise bad(f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)} (or developer)",
@@ -217,7 +223,8 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
     _refuse_unsupported(body)
     tools, tool_choice, function = _parse_tools(body.get("tools"), body.get("tool_choice"))
     return ChatRequest(msgs, tools, tool_choice, function, max_tokens, max_param, temperature, top_p,
-                       max(top_k or 0, 0), seed, stop, stream, include_usage)
+                       max(top_k or 0, 0), seed, stop, stream, include_usage,
+                       body.get("parallel_tool_calls") is not False)
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -289,6 +296,7 @@ class Prompt:
     ids: list[int]
     prefill: str
     first_index: int  # tool calls already in the history: the IDX of the next one (SPEC §6.5)
+    allowed_starts: list[list[int]] = field(default_factory=list)  # what the completion may begin with (required)
 
 
 def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
@@ -299,14 +307,17 @@ def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
                                  add_generation_prompt=True)
     except ValueError as err:  # bad roles, content, tool_calls, tool results: the tokenizer says what and where
         raise bad(str(err), "tools" if str(err).startswith("tools") else "messages") from None
-    prefill, extra = "", []
+    prefill, extra, starts = "", [], []
     if req.tool_choice in ("required", "function"):
         prefill, extra = SECTION_BEGIN + CALL_BEGIN, [tok.tool_calls_section_begin_id, tok.tool_call_begin_id]
         if req.tool_choice == "function":
-            call_id = f"functions.{req.function}:{first_index}"
+            call_id = tool_call_id(req.function, first_index)
             prefill += call_id + CALL_ARG_BEGIN
             extra += tok.encode(call_id) + [tok.tool_call_argument_begin_id]
-    return Prompt(ids + extra, prefill, first_index)
+        else:  # the id of a declared tool, encoded as the template encodes it (a text run of its own)
+            starts = [tok.encode(tool_call_id(t["function"]["name"], first_index)) + [tok.tool_call_argument_begin_id]
+                      for t in req.tools]
+    return Prompt(ids + extra, prefill, first_index, starts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,14 +433,18 @@ def finish_reason(text: str, stream_reason: str | None) -> str:
     return "tool_calls"
 
 
-def assistant_message(text: str, first_index: int) -> tuple[dict, list[str]]:
-    """The whole completion -> ({"role", "content", ["tool_calls"]}, problems for the log)."""
+def assistant_message(text: str, first_index: int, max_calls: int | None = None) -> tuple[dict, list[str]]:
+    """The whole completion -> ({"role", "content", ["tool_calls"]}, problems for the log). max_calls: keep only the
+    first calls (1 for parallel_tool_calls false); None = all."""
     turn = parse_assistant(text, None, first_index)
+    problems = list(turn.notes) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
+    if max_calls is not None and len(turn.calls) > max_calls:
+        problems.append(f"parallel_tool_calls is false: dropped {len(turn.calls) - max_calls} call(s) after the first")
+        turn.calls = turn.calls[:max_calls]
     # content: the text before the section; null when there is none but there are calls (as K2 deployments do)
     msg: dict[str, Any] = {"role": "assistant", "content": turn.content if turn.content or not turn.calls else None}
     if turn.calls:
         msg["tool_calls"] = [c.to_openai() for c in turn.calls]
-    problems = list(turn.notes) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
     return msg, problems
 
 
@@ -457,10 +472,11 @@ class ToolCallStreamer:
     is complete, and its arguments once `<|tool_call_end|>` closes it. Both are final at that point (the id is read
     from the same text the parser reads, with the official regexes), so nothing sent is ever taken back. Calls
     go out in order; a malformed call, and every call after it, waits for finish(), which takes the rest from
-    the parser itself. Recomputed from the whole text on every piece: simple, and cheap at these lengths."""
+    the parser itself. Recomputed from the whole text on every piece: simple, and cheap at these lengths.
+    max_calls: as in assistant_message (calls after the first max_calls are never sent)."""
 
-    def __init__(self, first_index: int):
-        self.first_index, self.text = first_index, ""
+    def __init__(self, first_index: int, max_calls: int | None = None):
+        self.first_index, self.max_calls, self.text = first_index, max_calls, ""
         self.content_sent, self.headers_sent, self.args_sent = 0, 0, 0
 
     def feed(self, piece: str) -> list[dict]:
@@ -476,6 +492,7 @@ class ToolCallStreamer:
         body = text[start + len(SECTION_BEGIN):]
         end = body.find(SECTION_END)
         parts = (body if end < 0 else body[:end]).split(CALL_BEGIN)[1:]  # as tokenizer.parse_tool_calls splits
+        parts = parts[:self.max_calls]  # [:None] keeps all
         for j in range(self.args_sent, len(parts)):
             part = parts[j]
             if j == self.headers_sent:
@@ -496,7 +513,7 @@ class ToolCallStreamer:
 
     def finish(self) -> list[dict]:
         """End of the completion: the content and calls not sent yet, straight from assistant_message."""
-        msg, _ = assistant_message(self.text, self.first_index)
+        msg, _ = assistant_message(self.text, self.first_index, self.max_calls)
         out = []
         content = msg["content"] or ""
         if len(content) > self.content_sent:
@@ -586,6 +603,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._handle()
 
+    def do_HEAD(self) -> None:  # both answered 405 in OpenAI's shape rather than http.server's HTML 501 page
+        self._handle()
+
+    def do_OPTIONS(self) -> None:
+        self._handle()
+
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass  # replaced by the one line per request _handle writes
 
@@ -644,7 +667,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD response has headers only (RFC 9110 §9.3.2)
+            self.wfile.write(data)
         self.status = status
 
     def _send_error(self, err: APIError) -> None:
@@ -743,21 +767,23 @@ class Handler(BaseHTTPRequestHandler):
         req = parse_request(self._read_json(), server.served_model_name)
         prompt = build_prompt(engine.tok, req)
         n_prompt, context = len(prompt.ids), engine.context
+        room = context - n_prompt  # tokens left for the completion
+        if room < 1:  # the messages alone fill the context: no max_tokens can help, whatever was asked
+            raise bad(f"This model's maximum context length is {context} tokens; the messages alone take "
+                      f"{n_prompt}. Shorten the messages.", "messages", "context_length_exceeded")
         if req.max_tokens is None:
-            max_tokens = min(server.default_max_tokens, context - n_prompt)
-            if max_tokens < 1:
-                raise bad(f"This model's maximum context length is {context} tokens; the messages alone take "
-                          f"{n_prompt}. Shorten the messages.", "messages", "context_length_exceeded")
-        elif n_prompt + req.max_tokens > context:
+            max_tokens = min(server.default_max_tokens, room)
+        elif req.max_tokens > room:
             raise bad(f"This model's maximum context length is {context} tokens. However, you requested "
                       f"{n_prompt + req.max_tokens} tokens ({n_prompt} in the messages, {req.max_tokens} in the "
-                      f"completion). Reduce the messages or {req.max_tokens_param} (at most {context - n_prompt}).",
+                      f"completion). Reduce the messages or {req.max_tokens_param} (at most {room}).",
                       req.max_tokens_param, "context_length_exceeded")
         else:
             max_tokens = req.max_tokens
         # tool_choice "none": the section marker stops generation, so no call can come out (docstring, point 3)
         stop = req.stop + ([SECTION_BEGIN] if req.tool_choice == "none" else [])
-        params = G.SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, stop)
+        params = G.SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, stop,
+                                  allowed_starts=prompt.allowed_starts)
         job = server.worker.submit(Job(prompt.ids, params))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": server.served_model_name}
@@ -765,7 +791,7 @@ class Handler(BaseHTTPRequestHandler):
             if req.stream:
                 self._chat_stream(job, prompt, req, meta)
             else:
-                self._chat_once(job, prompt, meta)
+                self._chat_once(job, prompt, req, meta)
         finally:
             job.cancelled.set()  # no-op when it finished; stops the decode loop if the client went away
 
@@ -785,7 +811,7 @@ class Handler(BaseHTTPRequestHandler):
         self.usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         return self.usage
 
-    def _chat_once(self, job: Job, prompt: Prompt, meta: dict) -> None:
+    def _chat_once(self, job: Job, prompt: Prompt, req: ChatRequest, meta: dict) -> None:
         pieces, stream = [prompt.prefill], None
         for kind, value in self._events(job):
             if kind == "text":
@@ -793,7 +819,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 stream = value
         text = "".join(pieces)
-        msg, problems = assistant_message(text, prompt.first_index)
+        msg, problems = assistant_message(text, prompt.first_index, None if req.parallel_tool_calls else 1)
         for p in problems:
             self.server.log(f"  tool-call problem: {p}")
         self._send_json(200, {**meta, "choices": [
@@ -801,7 +827,7 @@ class Handler(BaseHTTPRequestHandler):
             "usage": self._usage(stream)})
 
     def _chat_stream(self, job: Job, prompt: Prompt, req: ChatRequest, meta: dict) -> None:
-        splitter = ToolCallStreamer(prompt.first_index)
+        splitter = ToolCallStreamer(prompt.first_index, None if req.parallel_tool_calls else 1)
         base = {**meta, "object": "chat.completion.chunk"}
         if req.include_usage:
             base["usage"] = None  # OpenAI: every chunk has usage null, then one last chunk carries it

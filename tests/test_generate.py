@@ -1,7 +1,7 @@
 """Protects generation: sampling (seeded reproducibility, temperature 0 = argmax, the exact token sets top-k/top-p
 keep), cached decode == recomputing the whole sequence, stop tokens / stop strings / length, streaming text equal to
-decoding all ids, and the context-length error.
-Compares against: hand-computed distributions, argmax, and the cache-free twin (use_cache=False).
+decoding all ids, the context-length error, and constrained starts (constrain_start: only allowed first tokens).
+Compares against: hand-computed distributions and masks, argmax, and the cache-free twin (use_cache=False).
 Run: pytest tests/test_generate.py -q   (CPU, seconds)"""
 
 import pytest
@@ -53,6 +53,38 @@ def test_seed_reproducibility():
     a = [G.sample(logits, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     b = G.sample(logits, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a[0], a[1]) and not torch.equal(a[0], b)
+
+
+def test_extreme_temperature_and_top_p_are_greedy_not_nan():
+    """A temperature below 1e-5 (vLLM's _SAMPLING_EPS) is greedy: dividing by 1e-300 used to overflow the logits to
+    inf and softmax to NaN (multinomial raised); a top_p below fp32's smallest number used to drop every token."""
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(temperature=1e-300), dict(temperature=1e-40), dict(temperature=1.0, top_p=1e-300)):
+        assert torch.equal(G.sample(logits, generator=g, **kw), logits.argmax(-1)), kw
+
+
+def test_constrain_start_masks_until_an_allowed_start_is_complete():
+    logits = torch.zeros(2, 6)
+    starts = [[1, 2], [1, 3, 4], [5]]
+
+    def kept(generated):  # the tokens a row may still pick, given what it generated
+        out = G.constrain_start(logits, torch.tensor([generated], dtype=torch.long).reshape(1, -1), starts)
+        return (out[0] > float("-inf")).nonzero().flatten().tolist()
+
+    assert kept([]) == [1, 5] and kept([1]) == [2, 3] and kept([1, 3]) == [4]
+    assert kept([1, 2]) == kept([5]) == kept([1, 3, 4, 0]) == list(range(6))  # a start is complete: free
+    assert G.constrain_start(logits, torch.zeros(2, 0, dtype=torch.long), []) is logits  # no constraint: untouched
+    # in the decode loop: a random model's greedy choices are forced onto one of the starts, then run free
+    model = random_model(tiny_args("k2"), seed=4)
+    prompt = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(4))
+    free = torch.stack(list(G.generate_tokens(model, prompt, 6, temperature=0)), 1).tolist()
+    starts = [[7, 8, 9], [11, 12]]
+    assert not any(row[:3] == starts[0] or row[:2] == starts[1] for row in free)  # the constraint does something
+    for temperature in (0.0, 1.0):
+        got = torch.stack(list(G.generate_tokens(model, prompt, 6, temperature=temperature, allowed_starts=starts,
+                                                 generator=torch.Generator().manual_seed(1))), 1).tolist()
+        assert all(row[:3] == starts[0] or row[:2] == starts[1] for row in got), got
 
 
 def test_bad_sampling_arguments():

@@ -360,6 +360,51 @@ def test_parallel_calls_numbered_after_the_history(scripted):
         ("functions.get_weather:2", "get_weather", '{"city": "Tokyo"}')]
 
 
+def test_parallel_tool_calls_false_returns_only_the_first_call(scripted):
+    """OpenAI's parallel_tool_calls=false: at most one call. Like vLLM (vllm-project/vllm#26233) the calls after the
+    first are dropped from the answer, streamed or not; finish_reason stays tool_calls."""
+    client = scripted.client()
+    ask = dict(model="kimi-k2-instruct", messages=[{"role": "user", "content": "two calls"}], tools=GET_WEATHER_TOOLS,
+               parallel_tool_calls=False)
+    once = as_wire(client.chat.completions.create(**ask))
+    assert once["content"] == "Checking both cities." and once["finish_reason"] == "tool_calls"
+    assert once["tool_calls"] == {0: {"id": "functions.get_weather:0", "type": "function", "name": "get_weather",
+                                      "arguments": '{"city": "Beijing"}'}}
+    streamed = collect_stream(client.chat.completions.create(**ask, stream=True,
+                                                             stream_options={"include_usage": True}))
+    assert {k: streamed[k] for k in once} == once
+    both = client.chat.completions.create(**{**ask, "parallel_tool_calls": True})  # the default: both calls
+    assert len(both.choices[0].message.tool_calls) == 2
+
+
+def test_required_calls_a_declared_tool_on_a_real_model(tiny):
+    """tool_choice "required": the call header is constrained to a declared tool, so even a random model (which
+    otherwise writes any name, or none) calls one of them, with a well-formed id; the model picks which."""
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+             for name in ("get_stock_price", "send_email")]
+    client = tiny.client()
+    names = set()
+    for seed in range(8):
+        ask = dict(model="kimi-k2-instruct", messages=[{"role": "user", "content": "Go."}], tools=tools,
+                   tool_choice="required", max_tokens=12, temperature=1.0, seed=seed)
+        got = (collect_stream(client.chat.completions.create(**ask, stream=True)) if seed % 2 else
+               as_wire(client.chat.completions.create(**ask)))
+        call = got["tool_calls"][0]
+        assert call["id"] == f"functions.{call['name']}:0" and call["name"] in ("get_stock_price", "send_email")
+        names.add(call["name"])
+    assert names == {"get_stock_price", "send_email"}  # the model's own choice, not always the first tool
+
+
+def test_tiny_temperature_is_greedy_not_an_error(tiny):
+    """temperature 1e-300 used to overflow the logits (500, "probability tensor contains inf/nan"); below vLLM's
+    1e-5 it is greedy, like temperature 0."""
+    client = tiny.client(max_retries=0)
+    ask = dict(model="kimi-k2-instruct", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+    greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    for kw in (dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300)):
+        assert client.chat.completions.create(**ask, **kw).choices[0].message.content == greedy, kw
+
+
 def test_tool_choice_none_required_and_named(scripted):
     client = scripted.client()
     ask = dict(model="kimi-k2-instruct", messages=[{"role": "user", "content": "Check weather"}],
@@ -525,6 +570,9 @@ BAD_REQUESTS = [  # (keyword arguments, status, param, code)
     (dict(tools=[{"name": "get-weather"}]), 400, "tools[0].function.name", None),  # '-' cannot be in an id
     (dict(stream_options={"include_usage": True}), 400, "stream_options", None),
     (dict(logprobs=True), 400, "logprobs", None),
+    # the messages alone overflow the 1,024-token context: that is the error, whatever max_tokens asks
+    (dict(messages=[{"role": "user", "content": "word " * 1100}], max_tokens=5), 400, "messages",
+     "context_length_exceeded"),
 ]
 
 
@@ -554,11 +602,13 @@ def test_raw_http_errors_and_the_server_keeps_serving(scripted):
         ("POST", "/v1/completions", ok_body, 404),
         ("GET", "/", None, 404),
         ("GET", "/v1/models/other-model", None, 404),
+        ("OPTIONS", "/v1/chat/completions", None, 405),  # not http.server's HTML "501 Unsupported method"
     ]
     for method, path, body, status in cases:
         got, data = scripted.raw(method, path, body, {"Content-Type": "application/json"})
         assert got == status, (method, path, data)
         assert set(data["error"]) == {"message", "type", "param", "code"}, data
+    assert scripted.raw("HEAD", "/v1/chat/completions") == (405, "")  # headers only, as HEAD must be
     status, data = scripted.raw("POST", "/v1/chat/completions", ok_body, {"Content-Type": "application/json"})
     assert status == 200 and data["choices"][0]["message"]["content"] == "echo: hi"
     status, data = scripted.raw("GET", "/v1/models")
@@ -583,17 +633,19 @@ def test_keep_alive_connection_survives_errors(scripted):
 
 
 def test_openai_message_variants(scripted):
-    """developer role (OpenAI's newer system), text parts in user and tool content, an assistant turn sent back."""
+    """developer role (OpenAI's newer system), text parts in user, assistant (beside tool_calls) and tool content,
+    an assistant turn sent back."""
     msgs = [{"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Check "}, {"type": "text", "text": "weather"}]},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
-                                                                  "function": {"name": "get_weather",
-                                                                               "arguments": '{"city": "Tokyo"}'}}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Let me check."}],
+             "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}]},
             {"role": "tool", "tool_call_id": "functions.get_weather:0",
              "content": [{"type": "text", "text": '{"weather": "Sunny"}'}]}]
     r = scripted.client().chat.completions.create(model="kimi-k2-instruct", messages=msgs)
     prompt = scripted.engine.model.prompts[-1]
     assert prompt.startswith("<|im_system|>system<|im_middle|>Be brief.<|im_end|>")
+    assert f"<|im_assistant|>assistant<|im_middle|>Let me check.{SECTION_BEGIN}{CALL_BEGIN}" in prompt
     assert '## Return of functions.get_weather:0\n    {"weather": "Sunny"}' in prompt
     assert r.choices[0].message.content == "It is Sunny, 25°C in Tokyo."
 
