@@ -28,7 +28,7 @@ Terms: a *rank* is a BPE token's id and merge priority (lower merges first); a *
 cut out by the pre-tokenization pattern (BPE never merges across chunks); a *piece* is a slice of a long input
 that is encoded on its own; a *special* is one of the 256 ids after the ranks. Fast/reference pairs: the trainer
 `learn_bpe` and tiktoken's `_educational.bpe_train` (tests/test_tokenizer.py holds them equal), the Python
-renderer `apply_chat_template` and the Jinja template.
+renderer `apply_chat_template` and the Jinja template, the linear-time `CALL_RE` and the guide's `OFFICIAL_CALL_RE`.
 """
 from __future__ import annotations
 
@@ -216,6 +216,10 @@ class Tokenizer:
 
         Surrogates are repaired first (see `_valid_unicode`); inputs over 400,000 characters or with runs over 25,000
         characters are encoded piece by piece (SPEC §5), so tokens never merge across those cuts."""
+        if not isinstance(text, str):  # otherwise the first regex call fails with "cannot use a string pattern ..."
+            hint = "decode the bytes first, e.g. data.decode('utf-8')" if isinstance(text, (bytes, bytearray)) \
+                else "pass the text as a str"
+            raise TypeError(f"encode expects a str, got {type(text).__name__}; {hint}")
         text = _valid_unicode(text)
         if len(text) <= MAX_RUN_CHARS:  # the common case: nothing to cut
             return self._enc.encode_ordinary(text)
@@ -223,8 +227,20 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """Ids -> the raw bytes they stand for; special ids give their UTF-8 name, e.g. b"<|im_end|>".
-        Accepts a list of ints or a 1-D NumPy array / torch tensor."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        Accepts a list of ints or a 1-D NumPy array / torch tensor. Raises TypeError for anything else (text, a
+        single int, a batch, floats) and ValueError for an id outside the vocabulary, each saying what to pass."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # NumPy / torch -> Python ints (a 2-D one: nested)
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+            raise TypeError(f"decode expects a sequence of token ids (a list of ints or a 1-D array), got "
+                            f"{type(ids).__name__} {ids!r:.40}; wrap a single id as [id], and encode text instead")
+        ids = list(ids)
+        try:
+            ids = [operator.index(i) for i in ids]  # ints and NumPy/torch integer scalars; floats and lists fail
+        except TypeError:
+            k, bad = next((k, i) for k, i in enumerate(ids) if not hasattr(type(i), "__index__"))
+            hint = "decode a batch one row at a time" if isinstance(bad, (list, tuple)) else \
+                "token ids are integers (cast a float tensor with .long())"
+            raise TypeError(f"token id at position {k} is a {type(bad).__name__} ({bad!r:.40}); {hint}") from None
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside this vocabulary [0, {self.n_vocab}); "
@@ -268,6 +284,12 @@ class Tokenizer:
 def _check_ranks(ranks: Mapping[bytes, int], source: str) -> None:
     """Raise ValueError unless ranks are exactly 0..n-1 and every single byte is a token (byte-level BPE must be
     able to spell any input; tiktoken would panic on a missing byte)."""
+    if not isinstance(ranks, Mapping):
+        raise ValueError(f"{source}: expected a dict {{token bytes: rank}}, got {type(ranks).__name__}")
+    bad = next(((t, r) for t, r in ranks.items() if not isinstance(t, bytes) or type(r) is not int), None)
+    if bad is not None:  # str keys (text instead of bytes) would otherwise surface as "byte b'\x00' has no rank"
+        raise ValueError(f"{source}: every entry must be token bytes -> int rank, got {bad[0]!r:.40} -> {bad[1]!r:.40} "
+                         f"({type(bad[0]).__name__} -> {type(bad[1]).__name__}); read rank files with load_ranks")
     if not ranks:
         raise ValueError(f"{source}: no BPE ranks; train a rank file with `python tokenizer.py train ...`")
     if len(set(ranks.values())) != len(ranks):
@@ -286,6 +308,8 @@ def _check_ranks(ranks: Mapping[bytes, int], source: str) -> None:
 def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     """Parse a tiktoken rank file into {token bytes: rank}, checking every line. Blank lines are skipped."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder; give the rank file itself, e.g. {path / 'tiktoken.model'}")
     if not path.is_file():
         raise FileNotFoundError(f"rank file {path} does not exist; train one with "
                                 f"`python tokenizer.py train --vocab-size 4096 --out {path}`")
@@ -529,9 +553,22 @@ ROLES = ("system", "user", "assistant", "tool")
 _HEADER = {"user": IM_USER, "assistant": IM_ASSISTANT}  # every other role: <|im_system|> (0905 template)
 
 
-def _tojson(x: Any) -> str:
-    """The template's `tojson` as Hugging Face defines it: json.dumps, non-ASCII kept, keys in given order."""
-    return json.dumps(x, ensure_ascii=False)
+def _tojson(x: Any, at: str = "value") -> str:
+    """The template's `tojson` as Hugging Face defines it: json.dumps, non-ASCII kept, keys in given order.
+    `at` names the value in the error raised for what JSON cannot hold (a set, an object, a cycle, deep nesting)."""
+    try:
+        return json.dumps(x, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{at} cannot be written as JSON ({type(err).__name__}: {str(err)[:80]}); use only dicts, "
+                         f"lists, strings, numbers, booleans and None") from None
+
+
+def _check_list(x: Any, what: str, item: str) -> None:
+    """Raise ValueError unless x is a list/tuple. A lone dict or a string is iterable too, and would otherwise be
+    read key by key (or character by character) into a confusing error about its first key."""
+    if isinstance(x, (str, bytes, Mapping)) or not isinstance(x, Sequence):
+        hint = "; wrap a single one in a list" if isinstance(x, Mapping) else ""
+        raise ValueError(f"{what} must be a list of {item}s, got {type(x).__name__}{hint}")
 
 
 def tool_call_id(name: str, index: int) -> str:
@@ -542,6 +579,7 @@ def tool_call_id(name: str, index: int) -> str:
 def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Tool schemas -> the official wrapped form {"type": "function", "function": {...}} (SPEC §6.6).
     Accepts that form and the flat {"name", "description", "parameters"} form; keys keep their given order."""
+    _check_list(tools, "tools", "tool schema")
     out = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, Mapping):
@@ -562,6 +600,7 @@ def _normalize_tool_calls(calls: Sequence[Mapping[str, Any]], at: str, first_ind
     """OpenAI tool_calls -> [(id, arguments JSON text)]. A missing id becomes functions.{name}:{idx}, idx counting
     every tool call of the conversation so far (vLLM's convention, SPEC §6.5). String arguments must be JSON objects
     and are kept byte for byte; dict arguments go through tojson, as in the template."""
+    _check_list(calls, f"{at}.tool_calls", "tool call")
     out = []
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, Mapping) else None
@@ -572,14 +611,14 @@ def _normalize_tool_calls(calls: Sequence[Mapping[str, Any]], at: str, first_ind
         if isinstance(args, str):
             try:
                 parsed = json.loads(args)
-            except json.JSONDecodeError as err:
+            except (ValueError, RecursionError) as err:  # JSONDecodeError; also an int over 4,300 digits, deep nesting
                 raise ValueError(f"{at}.tool_calls[{j}] ({fn['name']}): arguments are not valid JSON ({err}): "
                                  f"{args!r:.120}; pass a JSON object string or a dict") from None
             if not isinstance(parsed, dict):
                 raise ValueError(f"{at}.tool_calls[{j}] ({fn['name']}): arguments must be a JSON object, "
                                  f"got {args!r:.120}")
         elif isinstance(args, Mapping):
-            args = _tojson(args)
+            args = _tojson(args, f"{at}.tool_calls[{j}] ({fn['name']}): arguments")
         else:
             raise ValueError(f"{at}.tool_calls[{j}] ({fn['name']}): arguments must be a JSON string or a dict, "
                              f"got {type(args).__name__}")
@@ -622,6 +661,7 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
     """The conversation as the 0905 template lays it out, as a list of segments; adjacent texts with the same
     supervision are joined (one `encode` per stretch between special tokens). The single source for both
     apply_chat_template (join the texts) and Tokenizer.encode_chat (specials by id, texts through encode)."""
+    _check_list(messages, "messages", "message dict")
     segs: list[Segment] = []
 
     def add(text: str, is_special: bool = False, supervised: bool = False) -> None:
@@ -639,7 +679,7 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
 
     if tools:  # rule 1: the whitespace after <|im_middle|> is the template's own indentation, kept on purpose
         header(IM_SYSTEM, "tool_declare")
-        add("\n  # Tools\n  " + _tojson(normalize_tools(tools)))
+        add("\n  # Tools\n  " + _tojson(normalize_tools(tools), "tools"))
         add(IM_END, True)
     n_calls = 0  # tool calls so far in the conversation, for ids that have to be made up
     for i, m in enumerate(messages):
@@ -660,7 +700,8 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
         sup = role == "assistant"
         if role == "assistant" and m.get("tool_calls"):  # rule 4
             content = m.get("content")
-            if content is not None and not isinstance(content, str):
+            # The template's `{% if message['content'] %}`: empty content of any kind ("", None, []) prints nothing
+            if content and not isinstance(content, str):
                 raise ValueError(f"{at}: content next to tool_calls must be a string (the template would print "
                                  f"the Python repr of a {type(content).__name__})")
             add(content or "", supervised=sup)
@@ -671,8 +712,9 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
         elif role == "tool":
             call_id, content = m.get("tool_call_id"), m.get("content")
             if not isinstance(call_id, str) or not call_id:
-                raise ValueError(f"{at}: a tool message needs 'tool_call_id', the id of the call it answers "
-                                 f"(e.g. 'functions.get_weather:0')")
+                got = "" if call_id is None else f" (got {type(call_id).__name__} {call_id!r:.40})"
+                raise ValueError(f"{at}: a tool message needs 'tool_call_id', the id string of the call it answers "
+                                 f"(e.g. 'functions.get_weather:0'){got}")
             if not isinstance(content, str):
                 raise ValueError(f"{at}: tool content must be a string, got {type(content).__name__}; "
                                  f"pass json.dumps(result)")
@@ -703,8 +745,19 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[M
 
 # Official reference parser regexes (tool_call_guidance.md), DOTALL, verbatim.
 SECTION_RE = re.compile(r"<\|tool_calls_section_begin\|>(.*?)<\|tool_calls_section_end\|>", re.DOTALL)
+OFFICIAL_CALL_RE = re.compile(r"<\|tool_call_begin\|>\s*(?P<tool_call_id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>"
+                              r"\s*(?P<function_arguments>.*?)\s*<\|tool_call_end\|>", re.DOTALL)
+# The same call regex, rewritten so that it cannot backtrack catastrophically; tests/test_tokenizer.py holds the
+# two equal (same match or no match, same groups). In the official one, `\s*(.*?)\s*` can split a run of whitespace
+# in every possible way: on a call cut off inside whitespace (no <|tool_call_end|>; a small model can emit a few
+# thousand blank tokens before max_tokens) it takes O(n^3) steps: 2,000 spaces 5 s, 8,000 spaces 270 s. Here every
+# whitespace run has one way to match: the leading `\s*(?!\s)` takes all of it, and the arguments are non-space
+# characters joined by whitespace runs (`\s*` before `\S` must take the whole run), none starting the end marker,
+# so the arguments are still "up to the first <|tool_call_end|>, whitespace stripped", and the scan is linear.
+_CALL_END_RE = r"<\|tool_call_end\|>"
+_ARG_CHAR = rf"(?!{_CALL_END_RE})\S"  # a non-space character that does not start the end marker
 CALL_RE = re.compile(r"<\|tool_call_begin\|>\s*(?P<tool_call_id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>"
-                     r"\s*(?P<function_arguments>.*?)\s*<\|tool_call_end\|>", re.DOTALL)
+                     rf"\s*(?!\s)(?P<function_arguments>(?:{_ARG_CHAR}(?:\s*{_ARG_CHAR})*)?)\s*{_CALL_END_RE}")
 # Name and index from an id: SGLang's pattern; unlike the guide's split('.')[1], it keeps dotted names whole.
 CALL_ID_RE = re.compile(r"^(?:functions\.)?(?P<name>[\w\.]+):(?P<index>\d+)$")
 
@@ -713,7 +766,8 @@ CALL_ID_RE = re.compile(r"^(?:functions\.)?(?P<name>[\w\.]+):(?P<index>\d+)$")
 class ParsedToolCall:
     """One call found in generated text. `error` is None when the call is usable: it matched the official regex
     (id `[functions.]NAME:IDX`) and its arguments are a JSON object, then held parsed in `arguments`. A malformed
-    call has id "", name and index None, and the text it was cut from in raw_arguments."""
+    call has id "", name and index None, and the text it was cut from in raw_arguments. (A well-formed id whose index
+    is too long for int() keeps its id and name, with index None and an error.)"""
     id: str
     name: str | None
     index: int | None
@@ -743,17 +797,23 @@ def format_tool_calls(tool_calls: Sequence[Mapping[str, Any]], first_index: int 
 
 
 def parse_tool_calls(text: str) -> ToolCallParse:
-    """Find K2 tool calls in generated text; never raises. Uses the official regexes, applied to each stretch from
-    one <|tool_call_begin|> to the next, so one malformed call is reported on its own instead of swallowing the
-    next one (the official `finditer` over the whole section would skip or merge it silently).
-    A section that is opened but never closed (output cut off) is parsed to its end and reported in `errors`."""
+    """Find K2 tool calls in generated text; never raises on a str (TypeError for anything else). Uses the official
+    regexes, applied to each stretch from one <|tool_call_begin|> to the next, so one malformed call is reported on
+    its own instead of swallowing the next one (the official `finditer` over the whole section would skip or merge it
+    silently). A section that is opened but never closed (output cut off) is parsed to its end and reported in
+    `errors`. Only the first section is parsed: K2 writes one per turn, and text after it is not part of `content`."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_tool_calls expects the decoded model output (a str), got {type(text).__name__}; "
+                        f"decode ids with Tokenizer.decode first")
     start = text.find(SECTION_BEGIN)
     if start < 0:
         return ToolCallParse(content=text)
     result = ToolCallParse(content=text[:start])
-    m = SECTION_RE.search(text, start)
-    if m:
-        body = m.group(1)
+    # What SECTION_RE.search(text, start) finds, without its cost: when no end marker follows, search() rescans the
+    # rest of the text from every later <|tool_calls_section_begin|>, O(n^2) on a model repeating that token.
+    end = text.find(SECTION_END, start + len(SECTION_BEGIN))
+    if end >= 0:
+        body = text[start + len(SECTION_BEGIN):end]
     else:
         body = text[start + len(SECTION_BEGIN):]
         result.errors.append("tool-call section has no <|tool_calls_section_end|> (output truncated?)")
@@ -769,11 +829,19 @@ def parse_tool_calls(text: str) -> ToolCallParse:
             continue
         call_id, raw = call.group("tool_call_id"), call.group("function_arguments")
         idm = CALL_ID_RE.match(call_id)  # always matches: CALL_RE already required [\w.]+:\d+
-        parsed = ParsedToolCall(id=call_id, name=idm.group("name"), index=int(idm.group("index")), raw_arguments=raw)
+        parsed = ParsedToolCall(id=call_id, name=idm.group("name"), index=None, raw_arguments=raw)
+        try:  # int() refuses over 4,300 digits (Python's int_max_str_digits): a runaway index is an error, not a crash
+            parsed.index = int(idm.group("index"))
+        except ValueError:
+            digits = len(idm.group("index"))
+            parsed.error = f"call id {call_id[:40]}... has a {digits}-digit index; expected a small integer"
+            result.calls.append(parsed)
+            continue
         try:
             args = json.loads(raw)
-        except json.JSONDecodeError as err:
-            parsed.error = f"arguments of {call_id} are not valid JSON ({err}): {raw[:80]!r}"
+        except (ValueError, RecursionError) as err:  # JSONDecodeError; an int over 4,300 digits; nesting too deep
+            parsed.error = f"arguments of {call_id} are not valid JSON ({type(err).__name__}: {str(err)[:80]}): " \
+                           f"{raw[:80]!r}"
         else:
             if isinstance(args, dict):
                 parsed.arguments = args

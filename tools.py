@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import tokenizer
-from tokenizer import CALL_ARG_BEGIN, CALL_END, CALL_ID_RE, SECTION_BEGIN, SECTION_RE
+from tokenizer import CALL_ARG_BEGIN, CALL_END, CALL_ID_RE, SECTION_BEGIN, SECTION_END
 from tokenizer import parse_tool_calls  # noqa: F401  re-exported: the raw parse; execute accepts its calls too
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,10 +400,12 @@ def parse_assistant(text: str, registry: ToolRegistry | None = None, first_index
     start = text.find(SECTION_BEGIN)
     if start < 0:
         return turn
-    closed = SECTION_RE.search(text, start)
+    end = text.find(SECTION_END, start)  # str.find, not SECTION_RE: linear even on a model repeating the marker
+    closed = end >= 0
+    after = text[end + len(SECTION_END):].strip() if closed else ""
     notes = [e for e in parsed.errors if "tool_calls_section_end" not in e]  # the cut-off is attached to calls
-    if closed and text[closed.end():].strip():
-        notes.append(f"text after the tool-call section was ignored: {text[closed.end():].strip()[:80]!r}")
+    if after:
+        notes.append(f"text after the tool-call section was ignored: {after[:80]!r}")
     turn.notes = notes
     attempts: list[tokenizer.ParsedToolCall | None] = list(parsed.calls) or [None]
     native = [_usable_id(pc) for pc in attempts]
