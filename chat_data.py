@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 import zlib
 from typing import Iterator
@@ -261,33 +262,59 @@ def evaluate(model, tok, n: int = 200, temperature: float = 0.0, max_new_tokens:
     return counts
 
 
-def main() -> None:
+def _at_least(low: int | float, kind: type = int):
+    """An argparse type: a number >= low, else argparse's own usage error (not a traceback, or 0/0 later)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        return value
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Show synthetic conversations, or evaluate a checkpoint's tool use on "
                                             "held-out prompts.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("show", help="print a few training conversations as the model sees them")
-    s.add_argument("-n", type=int, default=3, help="how many")
+    s = sub.add_parser("show", help="print a few training conversations exactly as train.py --sft renders them "
+                                    "(the trailing assistant header is context only, never trained on)")
+    s.add_argument("-n", type=_at_least(1), default=3, help="how many")
     s.add_argument("--seed", type=int, default=0, help="generator seed")
     e = sub.add_parser("eval", help="tool-call and answer accuracy on held-out cities and expressions")
     e.add_argument("--ckpt", default="demo", help="checkpoint directory (with tiktoken.model)")
-    e.add_argument("-n", type=int, default=200, help="number of held-out prompts")
-    e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    a = p.parse_args()
+    e.add_argument("-n", type=_at_least(1), default=200, help="number of held-out prompts")
+    e.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="sampling temperature (0 = greedy)")
+    e.add_argument("--threads", type=_at_least(0), default=0,
+                   help="CPU threads for torch (0 = torch's default, all cores). On a machine shared with other "
+                   "jobs, 1 can be many times faster: waiting OpenMP threads stall every op")
+    a = p.parse_args(argv)
     if a.command == "show":
         from tokenizer import apply_chat_template
         for messages, tools in conversations(a.n, a.seed):
-            print(apply_chat_template(messages, tools, add_generation_prompt=False), end="\n\n")
-        return
+            # add_generation_prompt=True as in training: without it the template drops the last <|im_end|>
+            print(apply_chat_template(messages, tools, add_generation_prompt=True), end="\n\n")
+        return 0
+    import torch
     from generate import load
-    model, tok = load(a.ckpt)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        model, tok = load(a.ckpt)
+    except (ValueError, OSError) as err:  # no such folder, no tiktoken.model, damaged weights
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     c = evaluate(model, tok, a.n, a.temperature)
-    print(f"held-out prompts: {c['n']} ({len(HELD_OUT_CITIES)} cities and expressions never seen in training), "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(f"held-out prompts: {c['n']} (over {len(HELD_OUT_CITIES)} held-out cities and expressions never seen in "
+          f"training), {time.perf_counter() - t0:.0f} s")
     for key, what in (("tool_ok", "right tool, schema-valid JSON arguments"), ("args_exact", "... and exact arguments"),
                       ("answer_ok", "final answer contains the tool's result")):
         print(f"  {what:<42} {c[key]:>4}/{c['n']}  ({100 * c[key] / c['n']:.1f} %)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

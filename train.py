@@ -4,7 +4,8 @@ What one run does, top to bottom of this file:
 1. Data. Pretraining tokenizes a corpus (default: the Python standard library's own source, tokenizer.read_corpus;
    or any files/folders given with --data) ONCE into a flat binary token file (uint16 when the vocabulary fits,
    else uint32) cached under data/, named by hashes of the tokenizer file and of the text, so changing either
-   re-tokenizes. Training windows of --seq-len+1 tokens are drawn at random offsets by a seeded NumPy generator; the
+   re-tokenizes (a binary file inside a --data folder is skipped and a non-UTF-8 one named, never silently decoded
+   into garbage). Training windows of --seq-len+1 tokens are drawn at random offsets by a seeded NumPy generator; the
    last --val-fraction of the tokens is held out for validation. `--sft` instead encodes conversations
    (chat_data.conversations, or a JSONL file) with tokenizer.encode_chat, packs whole conversations into rows of
    --seq-len+1 tokens (the rest padded) and keeps the loss mask: only what the assistant wrote is trained on.
@@ -18,8 +19,11 @@ What one run does, top to bottom of this file:
 3. Checkpoints: the Hugging Face layout of model.save_pretrained (so transformers' DeepseekV3ForCausalLM and
    `python generate.py --ckpt DIR` load it) plus optimizer.pt, trainer_state.json (step, data-sampler and torch
    RNG states, log position, the run's flags) and a copy of tiktoken.model, all written through save_pretrained's
-   atomic `extra=` hook. Ctrl-C saves and exits; `--resume` reproduces the uninterrupted run's losses bit for bit
-   (same device and thread count: CPU kernels are deterministic, GPU ones need not be).
+   atomic `extra=` hook. Ctrl-C (or SIGTERM) saves and exits, even when pressed again during that save; `--resume`
+   reproduces the uninterrupted run's losses bit for bit (same device and thread count: CPU kernels are
+   deterministic, GPU ones need not be). What is never lost: a new run refuses an --out that holds an unfinished
+   run (the user forgot --resume) or that another run is using (a lock), and a step whose loss, validation loss or
+   weights are not finite stops the run before anything of it is logged or saved over the last good checkpoint.
 4. `python train.py plot LOG... --out curves.png` (or --plot) draws loss and max-logit curves of several runs.
 5. Under torchrun (`torchrun --nproc-per-node 2 train.py --init CKPT ...`): tensor + expert parallelism (parallel.py)
    splits the weights, not the tokens, so every rank draws the same batches from the same seed and computes the same
@@ -42,7 +46,7 @@ The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --t
 At this scale the max logits stay far below K2's tau = 100 (the logit growth of SPEC §4.3 appears in large models
 trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench_train.py` runs a shorter
 version of the same comparison.
-The demo model (demo/): see README "Training the demo model" for the two commands (pretraining, then --sft --init).
+The demo model (demo/): see README "The demo model" for the commands (pretraining, then --sft --init).
 
 References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 / SPEC §4.4 (schedule); Moonlight (arXiv 2502.16982)
 for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2 (balancing), §4.2 (gradient clipping 1.0).
@@ -54,6 +58,7 @@ import argparse
 import base64
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +73,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:
+    import fcntl  # POSIX advisory locks: one run per --out folder at a time
+except ImportError:  # Windows: no flock; two runs sharing an --out are then not detected
+    fcntl = None
 
 import model as M
 import parallel
@@ -117,6 +127,43 @@ def token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
 
 
+def corpus_files(paths: Sequence[str], max_bytes: int | None = None) -> list[Path]:
+    """The files of --data, folders expanded as tokenizer.read_corpus does, checked before anything is tokenized.
+
+    read_corpus decodes every file with errors="replace", so a .pyc or a PNG in a folder, or a Latin-1 text, would
+    silently become training text. Here a binary file (a NUL byte, git's test; UTF-16 text has them too) named
+    directly is an error, one found inside a folder is skipped with a note, and a file that is not valid UTF-8 gets a
+    note naming it. With max_bytes, files past the first max_bytes are neither read nor reported.
+    """
+    named = {Path(p) for p in paths}
+    keep, binary, not_utf8, total = [], [], [], 0
+    for f in tk._expand(paths):  # raises FileNotFoundError naming a missing path
+        if max_bytes is not None and total >= max_bytes:
+            break  # the text before this file is already max_bytes long (U+FFFD only lengthens it): none is read
+        data = f.read_bytes()
+        if b"\0" in data:
+            if f in named:
+                raise ValueError(f"--data {f} is a binary file (it has NUL bytes; UTF-16 text has them too); give "
+                                 "text files in UTF-8")
+            binary.append(f)
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            not_utf8.append(f)
+        total += len(data) + (1 if keep else 0)  # + the newline read_corpus puts between two files
+        keep.append(f)
+    if binary:
+        say(f"note: skipped {len(binary)} binary file(s) under --data (NUL bytes), e.g. {binary[0]}")
+    if not_utf8:
+        say(f"note: {len(not_utf8)} file(s) are not valid UTF-8, e.g. {not_utf8[0]}: their undecodable bytes become "
+            "U+FFFD in the training text; convert them to UTF-8 first (e.g. `iconv -f latin1 -t utf-8`)")
+    if not keep:
+        raise ValueError(f"corpus is empty: no text files under {', '.join(map(str, paths))}"
+                         + (f" ({len(binary)} binary file(s) skipped)" if binary else "") + "; give files of text")
+    return keep
+
+
 def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None = None,
                    max_bytes: int | None = None, cache_dir: str | os.PathLike = DATA_DIR) -> tuple[np.ndarray, dict]:
     """Tokenize the corpus once and cache it; returns (tokens (N,) uint16/uint32 memmap, info dict).
@@ -124,10 +171,17 @@ def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None
     The cache file's name holds hashes of the tokenizer file's bytes and of the corpus text, so any change to either
     re-tokenizes, and two corpora never share a file. The text is read every time (a few seconds for the default
     corpus) because hashing it is the only reliable way to notice an edit. Raises ValueError / FileNotFoundError
-    naming the problem for a missing or empty corpus.
+    naming the problem for a missing, empty or binary corpus (corpus_files).
     """
     tok_bytes = Path(tokenizer_path).read_bytes()
-    text = tk.read_corpus(data, max_bytes=max_bytes)  # raises for missing paths and empty corpora
+    files = None if data is None else corpus_files(data, max_bytes)  # None: the standard library's *.py files
+    try:
+        text = tk.read_corpus(files, max_bytes=max_bytes)  # raises for missing paths and empty corpora
+    except ValueError:
+        if data is None:
+            raise
+        raise ValueError(f"corpus is empty: {len(files)} file(s) under {', '.join(map(str, data))} hold no text"
+                         + (f" within --data-max-bytes {max_bytes}" if max_bytes is not None else "")) from None
     tok_hash, text_hash = _sha256(tok_bytes)[:8], _sha256(text.encode("utf-8", "surrogatepass"))[:12]
     label = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}" if data is None else "custom"
     cache_dir = Path(cache_dir)
@@ -135,9 +189,13 @@ def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None
     stem = f"{label}-{Path(tokenizer_path).stem}{tok_hash}-{text_hash}"
     bin_path, meta_path = cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json"
     if bin_path.exists() and meta_path.exists():
-        info = json.loads(meta_path.read_text())
-        dtype = np.dtype(info["dtype"])
-        if bin_path.stat().st_size == info["n_tokens"] * dtype.itemsize:
+        try:
+            info = json.loads(meta_path.read_text())
+            dtype = np.dtype(info["dtype"])
+            complete = bin_path.stat().st_size == info["n_tokens"] * dtype.itemsize
+        except (ValueError, KeyError, TypeError):  # a damaged metadata file: tokenize again and replace it
+            complete = False
+        if complete:
             info.update(path=str(bin_path), cached=True)
             return np.memmap(bin_path, dtype=dtype, mode="r"), info
     tok = tk.Tokenizer.load(tokenizer_path)
@@ -209,10 +267,15 @@ def load_conversations(path: str | None, n: int, seed: int) -> list[tuple[list[d
         return chat_data.conversations(n, seed)
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--data {p} does not exist; with --sft give a JSONL file of "
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"--data {p} {what}; with --sft give one JSONL file of "
                                 '{"messages": [...], "tools": [...]} lines, or no --data for the built-in chats')
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p} is not UTF-8 text (byte {err.start}: {err.reason}); JSONL files are UTF-8") from None
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -221,7 +284,12 @@ def load_conversations(path: str | None, n: int, seed: int) -> list[tuple[list[d
             raise ValueError(f"{p}:{i} is not JSON ({err.msg})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
             raise ValueError(f'{p}:{i} needs an object with a "messages" list, got {line[:80]!r}')
-        out.append((rec["messages"], rec.get("tools") or None))
+        tools = rec.get("tools") or None
+        try:  # render it once here, so that a malformed message is reported with its line, not as conversation #k
+            tk.apply_chat_template(rec["messages"], tools, add_generation_prompt=True)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{p}:{i}: {err}") from None
+        out.append((rec["messages"], tools))
     if not out:
         raise ValueError(f"{p} holds no conversations")
     return out
@@ -270,10 +338,18 @@ class ChatRows:
         longest = max(len(ids) for ids, _ in encoded)
         self.train_ids, self.train_mask, dropped = pack_conversations(encoded[:-n_val], seq_len + 1, tok.pad_id, pack)
         self.val_ids, self.val_mask, dropped_val = pack_conversations(encoded[-n_val:], seq_len + 1, tok.pad_id, pack)
-        if len(self.train_ids) == 0 or len(self.val_ids) == 0:
+        self.unsupervised = sum(1 for _, mask in encoded if not any(mask))  # no assistant turn: nothing to learn
+        self.dropped = dropped + dropped_val  # too long or unsupervised
+        if (len(self.train_ids) == 0 or len(self.val_ids) == 0) and not self.unsupervised:
             raise ValueError(f"no conversation fits --seq-len {seq_len} (+1 for the shifted targets): the longest has "
                              f"{longest} tokens; raise --seq-len")
-        self.dropped = dropped + dropped_val
+        if len(self.train_ids) == 0 or len(self.val_ids) == 0:  # some had no reply: too short is not the only reason
+            split = "training" if len(self.train_ids) == 0 else f"validation (the last {n_val})"
+            why = [f"{self.unsupervised} have no assistant reply to train on: end each with an assistant turn"]
+            if self.dropped > self.unsupervised:
+                why.append(f"{self.dropped - self.unsupervised} do not fit --seq-len {seq_len} (+1 for the shifted "
+                           f"targets; the longest has {longest} tokens): raise --seq-len")
+            raise ValueError(f"no conversation is left for {split}: of {len(convs)}, " + "; ".join(why))
         self.B, self.T = batch_size, seq_len
         self.rng = np.random.default_rng(seed)
         self.n_train_convs, self.n_val_convs = len(convs) - n_val, n_val
@@ -347,22 +423,128 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
 
 
+STATE_KEYS = ("step", "tokens_seen", "data_id", "data_state", "log_bytes", "args", "torch_rng")  # all a resume reads
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """The checkpoint's trainer_state.json, checked, so that a damaged or foreign file is a clear error naming it
+    rather than a KeyError or a JSON message without a file name."""
+    path = ckpt / "trainer_state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} has no trainer_state.json: it holds a model, not a training run train.py "
+                                "saved; start from its weights with --init instead")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); the run cannot continue from it: start a new run, or from "
+                         f"its weights with --init {ckpt}") from None
+    if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+        found = saved.get("version") if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{path} has format {found}, expected {STATE_VERSION}: it was not written by this train.py; "
+                         f"start from its weights with --init {ckpt}")
+    missing = [k for k in STATE_KEYS if k not in saved]
+    if missing or not isinstance(saved["args"], dict):
+        raise ValueError(f"{path} lacks {', '.join(missing) or 'its args'}: it is damaged; the run cannot continue "
+                         f"from it: start a new run, or from its weights with --init {ckpt}")
+    return saved
+
+
+def load_model(src: Path, device: torch.device) -> M.Transformer:
+    """from_pretrained in fp32, with a damaged checkpoint (a truncated safetensors file, a config.json that is not
+    JSON) reported as such, naming the folder, instead of as a traceback from the safetensors reader."""
+    try:
+        return M.Transformer.from_pretrained(src, device=device, dtype=torch.float32)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 (safetensors, torch and json each raise their own kinds)
+        if isinstance(err, ValueError) and not isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise  # model.py's own messages already say what is wrong (missing tensors, bad config values)
+        raise ValueError(f"cannot read the checkpoint {src}: {type(err).__name__}: {str(err)[:300]}; its files are "
+                         "damaged or incomplete (a copy cut short?)") from None
+
+
+def _interrupt_signals() -> list[int]:
+    """Ctrl-C, and in one process also SIGTERM (`kill`, `timeout`, a cluster's preemption): both save and stop.
+    Under torchrun SIGTERM keeps its default: torchrun sends it to end the other ranks when one fails, and a save
+    (a collective) would wait for the rank that is gone."""
+    return [signal.SIGINT] + ([signal.SIGTERM] if parallel.world_size() == 1 else [])
+
+
 @contextmanager
 def defer_sigint():
-    """Hold Ctrl-C until the block ends, then raise it: an optimizer step, a log line or a checkpoint is never left
-    half done. (Signals can only be caught in the main thread; elsewhere the block runs unprotected.)"""
+    """Hold Ctrl-C (and SIGTERM, see _interrupt_signals) until the block ends, then deliver it: an optimizer step, a
+    log line or a checkpoint is never left half done. (Signals can only be caught in the main thread; elsewhere the
+    block runs unprotected.)"""
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     hit = []
-    old = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+    old = {s: signal.signal(s, lambda sig, _frame: hit.append(sig)) for s in _interrupt_signals()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
-    if hit:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if signal.SIGINT in hit:
         raise KeyboardInterrupt
+    if hit:
+        signal.raise_signal(hit[0])  # SIGTERM, to the handler it had before: Trainer.run makes that an interrupt
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside the training loop SIGTERM does what Ctrl-C does: save the step and stop (one process, main thread)."""
+    import threading
+
+    def interrupt(sig, frame):
+        raise KeyboardInterrupt
+    if signal.SIGTERM not in _interrupt_signals() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def pick_train_device(requested: str) -> tuple[torch.device, str]:
+    """generate.pick_device, with a device name torch does not know, or an absent GPU, as a clear error (torch's own
+    are a RuntimeError listing every backend, or a failure deep inside the first kernel)."""
+    try:
+        device, why = pick_device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {requested}: train.py runs on cpu, cuda or mps")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps, but torch sees no usable Apple GPU (MPS); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {requested}, but torch sees {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device, why
+
+
+def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
+    """Refuse a model whose training state cannot fit this machine before allocating it: `--config kimi-k2` on a
+    laptop would otherwise fill the memory (and the swap, and freeze the machine) before failing.
+    Training holds ~16 bytes per parameter: fp32 weights, gradients and two AdamW moments (Muon keeps one)."""
+    n = M.param_report(margs)["total"]  # this rank's share under parallelism; meta device, nothing allocated
+    need = 16 * n
+    try:
+        if device.type == "cuda":
+            have = torch.cuda.get_device_properties(device).total_memory
+        elif device.type == "cpu":
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        else:
+            return  # MPS shares the machine's memory with no simple query; let it try
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no check
+        return
+    if need > have:
+        raise ValueError(f"{what} has {n / 1e9:,.2f}B parameters: training needs about {need / 2**30:,.0f} GiB "
+                         f"(fp32 weights, gradients and optimizer state, 16 bytes each) but this {device.type} has "
+                         f"{have / 2**30:,.0f} GiB; use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,22 +564,33 @@ class Trainer:
         given = set() if given is None else given
         joined = None  # under torchrun: join the job first (once per process), so that only rank 0 prints below
         if parallel.launched_by_torchrun() and parallel.world_size() == 1:
-            joined = parallel.init(pick_device(args.device)[0].type)  # cuda:LOCAL_RANK with NCCL, or cpu with gloo
+            joined = parallel.init(pick_train_device(args.device)[0].type)  # cuda:LOCAL_RANK with NCCL, or cpu+gloo
         resume_dir = None
         if args.resume:
             resume_dir = find_checkpoint(args.resume)
-            if not (resume_dir / "trainer_state.json").exists():
-                raise FileNotFoundError(f"{resume_dir} has no trainer_state.json: it holds a model, not a training "
-                                        "run train.py saved; start from its weights with --init instead")
-            saved = json.loads((resume_dir / "trainer_state.json").read_text())
+            saved = read_trainer_state(resume_dir)
             args = _merge_resume_args(args, saved["args"], given)
+            if args.steps < saved["step"]:
+                raise ValueError(f"--steps {args.steps} is below the checkpoint's step {saved['step']}: a resumed run "
+                                 f"can only go on; give --steps {saved['step']} or more")
             if not given & {"out"}:
                 args.out = str(resume_dir.parent)
         self.args = a = args
         self.out = Path(a.out)
+        for flag, path in (("--out", a.out), ("--data-cache", a.data_cache), ("--export", a.export)):
+            if path and Path(path).exists() and not Path(path).is_dir():
+                raise ValueError(f"{flag} {path} is a file; give a folder (it is created if missing)")
+        if a.export and Path(a.export).resolve() == (self.out / "ckpt").resolve():
+            raise ValueError(f"--export {a.export} is this run's own checkpoint folder: the export would replace its "
+                             "fp32 weights and make it unresumable; export to another folder")
+        if resume_dir is None:
+            self._check_out_is_free()
+        if a.plot and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot "
+                             "and run `python train.py plot` later)")
         if a.threads:
             torch.set_num_threads(a.threads)
-        self.device, why_device = pick_device(a.device)
+        self.device, why_device = pick_train_device(a.device)
         if joined is not None:
             if joined.type != self.device.type:
                 raise ValueError(f"the ranks joined on {joined.type} but the run's device is {self.device}; give "
@@ -418,11 +611,22 @@ class Trainer:
         torch.manual_seed(a.seed)
         if resume_dir is not None or a.init:
             src = resume_dir or find_checkpoint(a.init)
-            self.model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
+            try:
+                src_args = M.ModelArgs.from_json(src)
+            except (ValueError, UnicodeDecodeError):
+                src_args = None  # a config.json that does not parse: load_model reports it, naming the folder
+            if src_args is not None:
+                check_memory(src_args, self.device, f"the checkpoint {src}")
+            self.model = load_model(src, self.device)
             say(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
         else:
-            margs = M.load_args(a.config)
+            try:
+                margs = M.load_args(a.config)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"--config {a.config} is not a JSON config file ({err}); give a preset name or a "
+                                 "Hugging Face config.json") from None
             margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
+            check_memory(margs, self.device, f"--config {a.config}")
             with torch.device(self.device):
                 self.model = M.Transformer(margs)
         self.model.train()
@@ -443,6 +647,12 @@ class Trainer:
             inside = (resume_dir or (find_checkpoint(a.init) if a.init else None))
             tok_path = (inside / "tiktoken.model") if inside and (inside / "tiktoken.model").exists() \
                 else tk.DEMO_RANK_FILE
+        elif resume_dir is not None and "tokenizer" not in given and (resume_dir / "tiktoken.model").exists():
+            # the run's --tokenizer file may since have moved, changed or be relative to another folder: the copy
+            # saved with the checkpoint is the one it was trained with (data_id checks it matches the data)
+            inside = resume_dir / "tiktoken.model"
+            if not Path(tok_path).is_file() or Path(tok_path).read_bytes() != inside.read_bytes():
+                tok_path = inside
         self.tokenizer_path = Path(tok_path)
         self.tok = tk.Tokenizer.load(self.tokenizer_path)
         if self.tok.n_vocab > margs.vocab_size:
@@ -456,11 +666,13 @@ class Trainer:
             self.data = ChatRows(self.tok, convs, a.seq_len, a.batch_size, a.val_fraction, a.seed, pack=not a.no_pack)
             fill = self.data.train_mask.mean()
             self.data_id = f"sft:{self.data.fingerprint}"
+            too_long, no_reply = self.data.dropped - self.data.unsupervised, self.data.unsupervised
             say(f"data: {self.data.n_train_convs} training / {self.data.n_val_convs} held-out conversations "
                   f"in {len(self.data.train_ids)} + {len(self.data.val_ids)} rows of {a.seq_len + 1} tokens "
-                  f"({fill:.1%} of positions supervised; {self.data.dropped} dropped as longer than a row)")
-            if self.data.dropped > 0.1 * len(convs):
-                say(f"note: {self.data.dropped} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
+                  f"({fill:.1%} of positions supervised; {too_long} dropped as longer than a row"
+                  + (f", {no_reply} as having no assistant reply" if no_reply else "") + ")")
+            if too_long > 0.1 * len(convs):
+                say(f"note: {too_long} of {len(convs)} conversations do not fit --seq-len {a.seq_len} "
                       "and are never trained on; raise --seq-len to keep them")
         else:
             if parallel.rank() != 0:
@@ -492,46 +704,93 @@ class Trainer:
         self.last_val: float | None = None
         self.elapsed_before = 0.0  # training seconds of the run before a resume (for the ETA and the log)
         self._t_start = self._t_step = time.perf_counter()
+        self.saved_step: int | None = None  # the step of this run's latest checkpoint (None: none saved yet)
+        self._resume_log: tuple[Path, int] | None = None  # (checkpoint, log bytes): the log is cut back in run()
+        self._log_started = False  # run() has (re)started the log: a second run() call only appends
 
-        if a.warmup_frac + a.decay_frac > 1:
-            raise ValueError(f"--warmup-frac {a.warmup_frac} + --decay-frac {a.decay_frac} > 1; they are fractions "
-                             "of the same run")
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_dir is not None:
             self._load_state(resume_dir, saved)
 
+    def _check_out_is_free(self) -> None:
+        """A new run in a folder that holds an unfinished one would replace its log now and its checkpoint at the
+        first save: the classic loss after a Ctrl-C is retyping the first command instead of adding --resume."""
+        state = self.out / "ckpt" / "trainer_state.json"
+        if not state.exists():
+            return
+        try:
+            prev = json.loads(state.read_text())
+            step, steps = int(prev["step"]), int(prev["args"]["steps"])
+        except (ValueError, KeyError, TypeError):
+            step = steps = None
+        if step is None or step < steps:
+            at = "" if step is None else f" (saved at step {step} of {steps})"
+            raise ValueError(f"{self.out} holds an unfinished run{at}; continue it with `python train.py --resume "
+                             f"{self.out}`, or give this new run another --out (or delete {self.out / 'ckpt'})")
+        say(f"note: {self.out} holds a finished run ({steps} steps); this new run replaces its log.jsonl now and its "
+            "checkpoint at the first save")
+
     # -- resume
     def _load_state(self, ckpt: Path, saved: dict) -> None:
-        if saved.get("version") != STATE_VERSION:
-            raise ValueError(f"{ckpt}/trainer_state.json has format {saved.get('version')}, expected {STATE_VERSION}")
         if saved["data_id"] != self.data_id:
             raise ValueError(f"the data differs from the checkpoint's ({self.data_id} vs {saved['data_id']}): the "
                              "corpus or tokenizer changed, so the run cannot continue identically; use --init to "
                              "start a new run from this checkpoint instead")
-        # the one-process state whatever the world size (full_state_dict); each rank keeps its slices
-        self.opt.load_full_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.data.load_state(saved["data_state"])
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8))
-        if saved.get("cuda_rng") and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-                                          for s in saved["cuda_rng"]])
+        opt_path = ckpt / "optimizer.pt"
+        if not opt_path.exists():
+            raise FileNotFoundError(f"{ckpt} is incomplete: it has no optimizer.pt, so the run cannot continue "
+                                    f"exactly; start a new run from its weights with --init {ckpt}")
+        try:  # the one-process state whatever the world size (full_state_dict); each rank keeps its slices
+            self.opt.load_full_state_dict(torch.load(opt_path, map_location=self.device, weights_only=True))
+        except Exception as err:  # noqa: BLE001 (a truncated zip, a foreign pickle, another model's shapes)
+            raise ValueError(f"{opt_path} is damaged or belongs to another model ({type(err).__name__}: "
+                             f"{str(err)[:200]}); start a new run from the weights with --init {ckpt}") from None
+        try:
+            self.data.load_state(saved["data_state"])
+            torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(saved["torch_rng"])), dtype=torch.uint8))
+            if saved.get("cuda_rng") and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                              for s in saved["cuda_rng"]])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{ckpt}/trainer_state.json holds a damaged sampler or RNG state ({err}); start a new "
+                             f"run from the weights with --init {ckpt}") from None
         self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
         self.last_val, self.elapsed_before = saved.get("val_loss"), saved.get("elapsed_s", 0.0)
-        # the log keeps exactly the lines written up to the checkpoint; later ones belong to the lost steps
-        old_log = ckpt.parent / "log.jsonl"
-        if parallel.rank() == 0 and old_log.exists() and old_log.resolve() != self.log_path.resolve():
-            with open(old_log, "rb") as f:
-                self.log_path.write_bytes(f.read(saved["log_bytes"]))
-        if parallel.rank() == 0 and self.log_path.exists():  # rank 0 alone writes the log
-            with open(self.log_path, "r+b") as f:
-                f.truncate(saved["log_bytes"])
+        self.saved_step = self.step
+        self._resume_log = (ckpt, saved["log_bytes"])
         say(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
+
+    def _continue_log(self) -> None:
+        """A resumed run's log keeps exactly the lines written up to its checkpoint (later ones belong to the steps
+        that are done again) and goes on from there. Run once the folder is locked, so that a second resume of a run
+        that is still going cannot cut its live log."""
+        ckpt, n = self._resume_log
+        old_log = ckpt.parent / "log.jsonl"
+        if old_log.exists() and old_log.resolve() != self.log_path.resolve():
+            with open(old_log, "rb") as f:  # resumed into another --out: the log so far comes along
+                self.log_path.write_bytes(f.read(n))
+        elif self.log_path.exists():
+            size = self.log_path.stat().st_size
+            if size >= n:
+                with open(self.log_path, "r+b") as f:
+                    f.truncate(n)
+            else:  # truncate() would pad it with NUL bytes, and every reader of the log would fail on them
+                say(f"note: {self.log_path} is shorter than when step {self.step} was saved ({size:,} < {n:,} "
+                    "bytes): it was edited or replaced; the new lines are appended to it as it is")
+                with open(self.log_path, "rb+") as f:
+                    if size and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                        f.write(b"\n")  # end a cut-off line, so that the next record starts a line of its own
 
     # -- checkpoints
     def save(self) -> None:
         """model.save_pretrained with everything else written inside its atomic `extra` hook. Under parallelism every
-        rank calls it: the weights and the optimizer state are gathered, and rank 0 writes the one-process files."""
-        opt_state = self.opt.full_state_dict()  # collective; the same checkpoint whatever the world size
+        rank calls it: the weights and the optimizer state are gathered, and rank 0 writes the one-process files.
+        Weights that are not finite are never saved over the last good checkpoint (TrainingError instead)."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # an update that overflowed: the next loss would say so, but only after this save had replaced
+            raise TrainingError(self._nonfinite_message(  # the good checkpoint with a useless one
+                f"the update made {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} non-finite",
+                self.step))
 
         def extra(tmp: Path) -> None:  # rank 0 only
             torch.save(opt_state, tmp / "optimizer.pt")
@@ -544,8 +803,10 @@ class Trainer:
                                    for s in torch.cuda.get_rng_state_all()] if self.device.type == "cuda" else None)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
-        with defer_sigint():
+        with defer_sigint():  # gathering the optimizer state too: a Ctrl-C never leaves save() before the files exist
+            opt_state = self.opt.full_state_dict()  # collective; the same checkpoint whatever the world size
             self.model.save_pretrained(self.ckpt_dir, extra=extra)
+            self.saved_step = self.step
 
     def export(self, path: Path, dtype: str = "fp32") -> None:
         """The model alone, for generate.py and transformers: config + safetensors + tiktoken.model, no optimizer or
@@ -591,7 +852,7 @@ class Trainer:
             loss = weighted_ce_sum(logits, y, w) / n_targets
             aux = sum(m.aux_loss for m in self.moes if m.aux_loss is not None) if a.seq_aux_alpha > 0 else None
             if not torch.isfinite(loss):
-                raise TrainingError(self._nonfinite_message(f"loss is {loss.item()}"))
+                raise TrainingError(self._nonfinite_message(f"loss is {loss.item()}", self.step + 1))
             total = loss if aux is None else loss + aux / a.grad_accum  # balance loss: mean over micro-batches
             total.backward()
             loss_sum += loss.item()
@@ -602,7 +863,7 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(self.params, a.grad_clip, gnorm_t)
         gnorm = gnorm_t.item()
         if not math.isfinite(gnorm):
-            raise TrainingError(self._nonfinite_message(f"the gradient norm is {gnorm}"))
+            raise TrainingError(self._nonfinite_message(f"the gradient norm is {gnorm}", self.step + 1))
         with defer_sigint():  # from here the step either completes (update + log line) or has not started
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -620,6 +881,9 @@ class Trainer:
             rec["elapsed_s"] = self.elapsed()
             if self.step % a.eval_every == 0 or self.step == a.steps:
                 rec["val_loss"] = self.last_val = self.evaluate()
+                if not math.isfinite(rec["val_loss"]):  # and never write NaN into the log: it is not JSON
+                    raise TrainingError(self._nonfinite_message(f"the validation loss is {rec['val_loss']}",
+                                                                self.step))
             self._log(rec)
             if self.step % a.save_every == 0 or self.step == a.steps:
                 self.save()
@@ -639,7 +903,7 @@ class Trainer:
                 sq[p in split] += p.grad.float().square().sum()
         return (sq[0] + parallel.all_reduce_(sq[1])).sqrt()
 
-    def _nonfinite_message(self, what: str) -> str:
+    def _nonfinite_message(self, what: str, step: int) -> str:
         a = self.args
         hints = [f"lower --lr (now {a.lr:g})"]
         if a.optimizer != "muonclip":
@@ -650,9 +914,13 @@ class Trainer:
             hints.append("clip gradients with --grad-clip 1.0")
         if self.amp_dtype != torch.float32:
             hints.append("--dtype fp32")
-        if self.step > 0:
-            hints.append(f"restart from the last checkpoint ({self.ckpt_dir}) with those changes via --init")
-        return f"step {self.step + 1}: {what}; training stopped. Try: " + "; ".join(hints)
+        if self.saved_step is not None:
+            hints.append(f"restart from the last good checkpoint, step {self.saved_step} in {self.ckpt_dir}, with "
+                         f"those changes: --init {self.ckpt_dir} (--resume keeps the old flags)")
+        else:
+            hints.append(f"no checkpoint of this run was saved yet (--save-every {a.save_every}): start it again "
+                         "with those changes")
+        return f"step {step}: {what}; training stopped. Try: " + "; ".join(hints)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -670,11 +938,46 @@ class Trainer:
 
     # -- the loop
     def run(self, on_step: Callable[["Trainer", dict], None] | None = None) -> int:
-        """Train until --steps; returns 0, or 130 after a Ctrl-C (a checkpoint of the last completed step is saved)."""
+        """Train until --steps; returns 0, or 130 after a Ctrl-C or SIGTERM (a checkpoint of the last completed step
+        is saved). The --out folder is locked meanwhile: a second run writing the same log and checkpoint is refused."""
+        lock = self._lock_out() if parallel.rank() == 0 else None
+        try:
+            with sigterm_as_interrupt():
+                return self._run(on_step)
+        finally:
+            if lock is not None:
+                lock.close()  # releases the flock
+
+    def _lock_out(self):
+        """An exclusive advisory lock on OUT/.lock for the length of run(): two runs writing one log.jsonl and one
+        ckpt/ would interleave their lines and overwrite each other's checkpoints. None where flock does not exist."""
+        if fcntl is None:
+            return None
+        f = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{self.out} is in use by another train.py run ({holder}); wait for it to finish, or "
+                             "give this run its own --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        return f
+
+    def _run(self, on_step: Callable[["Trainer", dict], None] | None) -> int:
         a = self.args
-        if self.step == 0 and parallel.rank() == 0:
-            self.log_path.write_text("")  # a fresh run starts a fresh log
-        self._log(dict(event="resume" if self.step else "config", step=self.step, args=vars(a),
+        resumed = self._resume_log is not None or self._log_started  # this log already has a config line
+        if parallel.rank() == 0 and not self._log_started:
+            if self._resume_log is not None:
+                self._continue_log()
+            else:
+                self.log_path.write_text("")  # a fresh run starts a fresh log
+        self._log_started = True
+        self._log(dict(event="resume" if resumed else "config", step=self.step, args=vars(a),
                        model=self.model.args.to_dict(), device=str(self.device),
                        dtype=str(self.amp_dtype).removeprefix("torch."), data=self.data_id))
         self._t_start = time.perf_counter()
@@ -704,10 +1007,21 @@ class Trainer:
                 if on_step is not None:
                     on_step(self, rec)
         except KeyboardInterrupt:
-            if not (self.ckpt_dir / "trainer_state.json").exists() or self._saved_step() != self.step:
-                self.save()
-            say(f"\ninterrupted: saved step {self.step} to {self.ckpt_dir}; continue with "
-                  f"`python train.py --resume {self.out}`", flush=True)
+            try:
+                if self.saved_step != self.step:
+                    self.save()
+            except KeyboardInterrupt:  # pressed again: save() finished the checkpoint before letting it through
+                pass
+            if self.saved_step == self.step:
+                where = f"saved step {self.step} to {self.ckpt_dir}"
+            elif self.saved_step is not None:  # only a Ctrl-C in the instant before save() began lands here
+                where = f"step {self.step} was not saved; the last checkpoint is step {self.saved_step} in " \
+                    f"{self.ckpt_dir}"
+            else:
+                say("\ninterrupted before any checkpoint was saved; start the run again", flush=True)
+                return 130
+            later = f"; --export {a.export} is written when the run completes" if a.export else ""
+            say(f"\ninterrupted: {where}; continue with `python train.py --resume {self.out}`{later}", flush=True)
             return 130
         try_cmd = f"python generate.py --ckpt {self.ckpt_dir}" + ("" if a.sft else ' --raw --prompt "def "')
         val = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
@@ -718,9 +1032,6 @@ class Trainer:
         if a.plot and parallel.rank() == 0:
             plot_logs([self.log_path], self.out / "curves.png")
         return 0
-
-    def _saved_step(self) -> int:
-        return json.loads((self.ckpt_dir / "trainer_state.json").read_text())["step"]
 
 
 def _fmt_time(s: float) -> str:
@@ -753,10 +1064,23 @@ def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) ->
 
 
 def read_log(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(config record, step records) of a log.jsonl; a resumed run's later records replace earlier same-step ones."""
+    """(config record, step records) of a log.jsonl; a resumed run's later records replace earlier same-step ones.
+    A last line without its newline (a run writing it right now, or killed mid-write) is skipped; any other line that
+    is not JSON is an error naming the file and line."""
     config, steps = {}, {}
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or ("event" not in rec and "step" not in rec):
+                raise ValueError("not a train.py record")
+        except ValueError as err:
+            if i == len(lines) and not text.endswith("\n"):
+                break  # cut off mid-write
+            raise ValueError(f"{path}:{i} is not a train.py log line ({err}): {line[:80]!r}") from None
         if rec.get("event") == "config":
             config = rec
         elif "event" not in rec:
@@ -901,13 +1225,29 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     given = set(vars(probe.parse_args(argv)))
     if args.seq_len is None:
         args.seq_len = 512 if args.sft else 128
-    for name, ok in (("steps", args.steps > 0), ("batch_size", args.batch_size > 0),
-                     ("grad_accum", args.grad_accum > 0), ("seq_len", args.seq_len > 0), ("lr", args.lr > 0),
-                     ("eval_every", args.eval_every > 0), ("save_every", args.save_every > 0),
-                     ("log_every", args.log_every > 0), ("val_fraction", 0 < args.val_fraction < 1)):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range "
-                             f"({'a fraction in (0, 1)' if name == 'val_fraction' else 'must be > 0'})")
+    positive, fraction = "must be > 0", "a fraction in [0, 1]"
+    for name, ok, rule in (
+            ("steps", args.steps > 0, positive), ("batch_size", args.batch_size > 0, positive),
+            ("grad_accum", args.grad_accum > 0, positive), ("seq_len", args.seq_len > 0, positive),
+            ("lr", 0 < args.lr < math.inf, "must be > 0 and finite"), ("eval_every", args.eval_every > 0, positive),
+            ("save_every", args.save_every > 0, positive), ("log_every", args.log_every > 0, positive),
+            ("val_fraction", 0 < args.val_fraction < 1, "a fraction in (0, 1)"),
+            ("val_batches", args.val_batches > 0, positive),  # 0 windows: a validation loss of 0/0
+            ("data_max_bytes", args.data_max_bytes is None or args.data_max_bytes > 0, positive),
+            ("sft_conversations", args.sft_conversations >= 2, "must be >= 2: one is held out for validation"),
+            ("warmup_frac", 0 <= args.warmup_frac <= 1, fraction), ("decay_frac", 0 <= args.decay_frac <= 1, fraction),
+            ("final_lr_frac", 0 <= args.final_lr_frac <= 1, fraction + ": a negative lr would climb the loss"),
+            ("weight_decay", 0 <= args.weight_decay < math.inf, "must be >= 0"),
+            ("grad_clip", 0 <= args.grad_clip < math.inf, "must be >= 0, 0 = off"),
+            ("qk_clip_tau", args.qk_clip_tau > 0, "must be > 0; K2 uses 100"),
+            ("bias_update_speed", 0 <= args.bias_update_speed < math.inf, "must be >= 0, 0 = frozen"),
+            ("seq_aux_alpha", 0 <= args.seq_aux_alpha < math.inf, "must be >= 0, 0 = off"),
+            ("threads", args.threads >= 0, "must be >= 0, 0 = torch's default")):
+        if not ok:  # NaN fails every comparison, so it lands here too
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range ({rule})")
+    if args.warmup_frac + args.decay_frac > 1:
+        raise ValueError(f"--warmup-frac {args.warmup_frac} + --decay-frac {args.decay_frac} > 1; they are fractions "
+                         "of the same run")
     if args.init and "config" in given:
         raise ValueError("--init takes the model config from the checkpoint; drop --config")
     if args.sft and args.data and len(args.data) != 1:
@@ -936,7 +1276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return plot_main(argv[1:])
             args, given = parse_args(argv)
             code = Trainer(args, given).run()
-        except (ValueError, FileNotFoundError, TrainingError) as err:
+        except (ValueError, OSError, TrainingError) as err:  # OSError: a folder not writable, a disk full, ...
             if parallel.world_size() > 1:
                 sys.exit(f"error: {err}")  # abort_on_error prints it with the rank and ends the job
             print(f"error: {err}", file=sys.stderr)

@@ -1,8 +1,12 @@
 """Protects the demo model's synthetic data: held-out cities and expressions never appear in training, tool results
-in the conversations are what the real tools return, the seed's cities are trained on, and generation is deterministic.
-Compares against: tools.get_weather / tools.calculator called directly, and the held-out lists.
+in the conversations are what the real tools return, the seed's cities are trained on, generation is deterministic,
+`show` prints exactly the text --sft trains on, and the CLI turns bad values into usage errors.
+Compares against: tools.get_weather / tools.calculator called directly, the held-out lists, and
+tokenizer.encode_chat with add_generation_prompt=True (what train.ChatRows trains on).
 Run: pytest tests/test_chat_data.py -q   (CPU, about a second)"""
 import json
+
+import pytest
 
 import chat_data as C
 import tools as T
@@ -46,3 +50,22 @@ def test_deterministic_and_renderable():
     for messages, tools in a:
         ids, mask = tok.encode_chat(messages, tools)
         assert any(mask) and len(ids) < 512
+
+
+def test_cli_rejects_bad_values_and_missing_checkpoints(tmp_path, capsys):
+    for argv in (["eval", "-n", "0"], ["eval", "-n", "-3"], ["show", "-n", "-1"], ["eval", "--temperature", "-1"]):
+        with pytest.raises(SystemExit) as exc:  # argparse's usage error, not a ZeroDivisionError after loading
+            C.main(argv)
+        assert exc.value.code == 2, argv
+    capsys.readouterr()
+    assert C.main(["eval", "--ckpt", str(tmp_path / "missing"), "-n", "1"]) == 1  # was a FileNotFoundError traceback
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_show_prints_what_sft_trains_on(capsys):
+    assert C.main(["show", "-n", "2", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    tok = Tokenizer.load()
+    for (messages, tools), shown in zip(C.conversations(2, seed=5), out.split("\n\n")):
+        ids, _ = tok.encode_chat(messages, tools, add_generation_prompt=True)  # train.ChatRows' call
+        assert shown == tok.decode(ids)  # including the last turn's <|im_end|>, which the model learns to stop with

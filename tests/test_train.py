@@ -1,6 +1,8 @@
 """Protects train.py: the data pipeline (cached token file, windows, SFT packing and loss mask), the K2-shaped LR
 schedule, learning on real text, bit-identical resume after Ctrl-C, crash-safe checkpoints that transformers and
-generate.py load, the plot, clear errors, and that every CLI flag reaches the code.
+generate.py load, the plot, clear errors, and that every CLI flag reaches the code. Also what a user at the shell
+runs into: binary and non-UTF-8 corpora, damaged checkpoints, a second Ctrl-C or a SIGTERM mid-save, a new run
+started over an unfinished one, divergence (a NaN/inf never reaches the log or replaces the last good checkpoint).
 Compares against: the unigram entropy of the training text (computed here); an uninterrupted run of the same
 configuration (losses and final weights, bitwise); transformers' DeepseekV3ForCausalLM on a checkpoint train.py
 wrote (logits, fp32, |Δ| <= 1e-4·max|logit|, as tests/test_hf_parity.py); an SFT loss recomputed here position by
@@ -10,9 +12,11 @@ Everything runs the `tiny` preset with a byte-level tokenizer built here (256 ra
 vocab) on a ~120 KB slice of the default corpus (the standard library's source), so nothing is downloaded.
 Run: pytest tests/test_train.py -q   (CPU, about a minute; `-m "not slow"` skips the two longest)
 """
+import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,7 +236,7 @@ def test_tiny_model_beats_unigram_entropy(files, tmp_path):
     recs = train.read_log(tmp_path / "log.jsonl")[1]
     first, val = recs[0]["loss"], recs[-1]["val_loss"]
     print(f"unigram entropy {entropy:.3f} nats; loss at step 1 {first:.3f}; val loss after 200 steps {val:.3f}")
-    # observed (torch 2.13 CPU): entropy 3.236, step 1 6.260 (~ln 512), val 2.512: the model uses context, not
+    # observed (torch 2.13 CPU): entropy 3.236, step 1 6.260 (~ln 512), val 2.431: the model uses context, not
     # only frequencies. 0.4 nats of margin leaves room for other CPUs' kernels to take a slightly different path.
     assert val < entropy - 0.4, (val, entropy)
 
@@ -383,6 +387,16 @@ def test_plot_writes_png(files, pretrained, tmp_path):
     (["--seq-len", 2000], "needs at least 2001 tokens"),  # 1% of the 120 KB slice: 1,200 validation tokens
     (["--tokenizer", str(tk.DEMO_RANK_FILE)], "vocab_size=512"),
     (["--val-fraction", 1.5], "val-fraction"),
+    (["--val-batches", 0], "--val-batches 0 is out of range"),  # used to end the run in a 0/0 at its first eval
+    (["--data-max-bytes", -5], "--data-max-bytes -5"),  # used to train on all but the last 5 bytes
+    (["--warmup-frac", -1], "--warmup-frac -1.0"),
+    (["--final-lr-frac", -1], "--final-lr-frac -1.0"),  # used to end the schedule at lr = -peak
+    (["--weight-decay", -0.1], "--weight-decay -0.1"),
+    (["--grad-clip", -1], "--grad-clip -1.0"),  # used to mean "off" silently
+    (["--bias-update-speed", -1], "--bias-update-speed -1.0"),
+    (["--lr", "inf"], "must be > 0 and finite"),
+    (["--threads", -1], "--threads -1"),  # used to be a RuntimeError traceback from torch.set_num_threads
+    (["--device", "foo"], "--device 'foo' is not a device name"),  # used to be torch's RuntimeError traceback
 ])
 def test_bad_inputs_are_clear_errors(files, tmp_path, bad, message, capsys):
     argv = flags(files, tmp_path, "--steps", 1)
@@ -404,6 +418,19 @@ def test_empty_corpus_is_a_clear_error(files, tmp_path, capsys):
     argv[argv.index("--data") + 1] = str(empty)
     assert train.main(argv) == 1
     assert "corpus is empty" in capsys.readouterr().err
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_allocating(files, tmp_path, monkeypatch, capsys):
+    real = M.Transformer
+
+    def transformer(args):  # shapes on the meta device are free; real memory for K2 would take down the machine
+        if torch.get_default_device().type != "meta":
+            pytest.fail(f"train.py allocated a {args.num_hidden_layers}-layer model on a real device")
+        return real(args)
+    monkeypatch.setattr(M, "Transformer", transformer)
+    assert train.main(flags(files, tmp_path, "--config", "kimi-k2")) == 1  # the later --config wins
+    err = capsys.readouterr().err
+    assert "--config kimi-k2 has 1,026.41B parameters: training needs about" in err, err
 
 
 def test_nonfinite_loss_stops_with_the_step_and_advice(files, tmp_path):
@@ -430,3 +457,221 @@ def test_cli_flags_reach_the_optimizer_and_the_model(files, tmp_path):
     assert t.opt.qk_clip_tau == 42 and t.opt.bias_update_speed == 0.01 and t.opt.bias_update_rule == "moonlight"
     assert sorted(g["use_muon"] for g in t.opt.param_groups) == [False, True]
     assert make(files, tmp_path, "--optimizer", "muon").opt.qk_clip_tau is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# adversarial use from the shell: paths, damaged checkpoints, signals, divergence
+
+
+def test_corpus_skips_binary_files_and_names_non_utf8_text(files, tmp_path, capsys):
+    folder = tmp_path / "src"
+    (folder / "__pycache__").mkdir(parents=True)
+    (folder / "a.py").write_text("def f():\n    return 1\n" * 50, encoding="utf-8")
+    (folder / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" + bytes(range(256)))
+    latin = tmp_path / "notes.txt"
+    latin.write_bytes("café résumé naïve\n".encode("latin-1") * 20)
+    _, info = train.prepare_tokens(files["tok"], [str(folder), str(latin)], cache_dir=tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "skipped 1 binary file" in out and "a.cpython-311.pyc" in out  # the .pyc never became training text
+    assert "not valid UTF-8" in out and "notes.txt" in out
+    text = tk.read_corpus([folder / "a.py", latin])
+    assert info["text_sha256"] == train._sha256(text.encode("utf-8", "surrogatepass"))
+    with pytest.raises(ValueError, match="is a binary file"):  # named directly: an error, not a skip
+        train.prepare_tokens(files["tok"], [str(folder / "__pycache__" / "a.cpython-311.pyc")], cache_dir=tmp_path)
+    (folder / "a.py").unlink()
+    with pytest.raises(ValueError, match=r"corpus is empty: no text files .*1 binary file\(s\) skipped"):
+        train.prepare_tokens(files["tok"], [str(folder)], cache_dir=tmp_path)
+    # --data-max-bytes: the files after the cut are not read, nor reported
+    assert train.corpus_files([str(files["corpus"]), str(latin)], max_bytes=1000) == [files["corpus"]]
+
+
+def _damaged(run_dir, tmp_path, damage):
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    damage(dst / "ckpt")
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json is damaged"),
+    (lambda c: (c / "trainer_state.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((c / "trainer_state.json").read_text()).items() if k != "data_state"})),
+     "lacks data_state"),
+    (lambda c: (c / "optimizer.pt").unlink(), "has no optimizer.pt"),
+    (lambda c: os.truncate(c / "optimizer.pt", 1000), "optimizer.pt is damaged"),
+    (lambda c: os.truncate(c / "model.safetensors", 1000), "cannot read the checkpoint"),
+    (lambda c: (c / "config.json").write_text("{"), "cannot read the checkpoint"),
+])
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys, damage, message):
+    run = _damaged(pretrained.parent, tmp_path, damage)  # each used to be a traceback (KeyError, SafetensorError, ...)
+    assert train.main(["--resume", str(run), "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_resume_checks_steps_and_keeps_the_log_valid(pretrained, tmp_path, capsys):
+    run = _damaged(pretrained.parent, tmp_path, lambda c: None)
+    assert train.main(["--resume", str(run), "--steps", "3"]) == 1  # the checkpoint is at step 6
+    assert "--steps 3 is below the checkpoint's step 6" in capsys.readouterr().err
+    log = run / "log.jsonl"
+    log.write_bytes(log.read_bytes().split(b"\n")[0])  # the config line alone, its newline cut off
+    t = train.Trainer(*train.parse_args(["--resume", str(run), "--steps", "7"]))
+    assert t.run() == 0  # shorter than at the checkpoint: truncate() used to pad the log with NUL bytes
+    assert b"\0" not in log.read_bytes()
+    assert [r["step"] for r in train.read_log(log)[1]] == [7]  # and the new records start lines of their own
+
+
+def test_resume_uses_the_checkpoints_tokenizer_when_the_original_moved(files, tmp_path):
+    tok = tmp_path / "moved.tiktoken"
+    shutil.copyfile(files["tok"], tok)
+    t = make(files, tmp_path / "run", "--tokenizer", tok, "--steps", 4, "--batch-size", 2, "--seq-len", 16)
+
+    def stop(trainer, rec):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+    assert t.run(on_step=stop) == 130
+    tok.unlink()  # the run's --tokenizer file is gone; ckpt/tiktoken.model is the same bytes
+    resumed = train.Trainer(*train.parse_args(["--resume", str(tmp_path / "run")]))
+    assert resumed.tokenizer_path == tmp_path / "run" / "ckpt" / "tiktoken.model" and resumed.run() == 0
+
+
+def test_a_new_run_never_overwrites_an_unfinished_one(files, tmp_path, capsys):
+    t = make(files, tmp_path, "--steps", 5, "--batch-size", 2, "--seq-len", 16)
+
+    def stop(trainer, rec):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+    assert t.run(on_step=stop) == 130
+    log = (tmp_path / "log.jsonl").read_bytes()
+    # retyping the first command instead of adding --resume used to wipe the log at once and the checkpoint later
+    assert train.main(flags(files, tmp_path, "--steps", 5, "--batch-size", 2, "--seq-len", 16)) == 1
+    assert "holds an unfinished run (saved at step 2 of 5)" in capsys.readouterr().err
+    assert (tmp_path / "log.jsonl").read_bytes() == log
+    # while a run holds the folder, a second one is refused before it writes anything
+    holder = open(tmp_path / ".lock", "a+")
+    try:
+        train.fcntl.flock(holder, train.fcntl.LOCK_EX | train.fcntl.LOCK_NB)
+        resumed = train.Trainer(*train.parse_args(["--resume", str(tmp_path)]))
+        with pytest.raises(ValueError, match="in use by another train.py run"):
+            resumed.run()
+        assert (tmp_path / "log.jsonl").read_bytes() == log
+    finally:
+        holder.close()
+    assert resumed.run() == 0  # the lock is gone with its holder
+
+
+def _signal_during_save(monkeypatch, sig):
+    """Once `armed` is non-empty, the next checkpoint save sends `sig` to this process half-way (while it writes
+    optimizer.pt), as a real Ctrl-C or `kill` would arrive. Returns (armed, sent)."""
+    real_save = torch.save
+    armed, sent = [], []
+
+    def save(obj, f, *args, **kw):
+        if armed and not sent and str(f).endswith("optimizer.pt"):
+            sent.append(sig)
+            os.kill(os.getpid(), sig)
+        return real_save(obj, f, *args, **kw)
+    monkeypatch.setattr(train.torch, "save", save)
+    return armed, sent
+
+
+def test_second_ctrl_c_during_the_interrupt_save_still_says_where(files, tmp_path, monkeypatch, capsys):
+    t = make(files, tmp_path, "--steps", 50, "--batch-size", 2, "--seq-len", 16, "--save-every", 1000)
+    armed, sent = _signal_during_save(monkeypatch, signal.SIGINT)
+
+    def first_ctrl_c(trainer, rec):
+        if trainer.step == 2:
+            armed.append(True)  # the save the interrupt starts receives a second Ctrl-C
+            raise KeyboardInterrupt
+    try:
+        code = t.run(on_step=first_ctrl_c)
+    except KeyboardInterrupt:  # caught here: escaping, it would end the whole pytest session
+        pytest.fail("the second Ctrl-C escaped Trainer.run, so the user was not told where the checkpoint is")
+    assert code == 130 and sent == [signal.SIGINT]
+    out = capsys.readouterr().out
+    assert f"interrupted: saved step 2 to {tmp_path / 'ckpt'}" in out, out  # used to end with a bare "interrupted"
+    assert json.loads((tmp_path / "ckpt/trainer_state.json").read_text())["step"] == 2
+    M.Transformer.from_pretrained(tmp_path / "ckpt")  # complete and loadable
+
+
+def test_sigterm_saves_and_stops_like_ctrl_c(files, tmp_path, monkeypatch):
+    received = []
+    old = signal.signal(signal.SIGTERM, lambda *_: received.append(1))  # if train.py ignored SIGTERM, not a kill
+    try:
+        t = make(files, tmp_path, "--steps", 50, "--batch-size", 2, "--seq-len", 16, "--save-every", 2)
+        armed, sent = _signal_during_save(monkeypatch, signal.SIGTERM)
+        armed.append(True)  # `kill PID` arrives in the middle of the step-2 checkpoint: it completes, the run stops
+        try:
+            code = t.run()
+        except KeyboardInterrupt:
+            pytest.fail("SIGTERM escaped Trainer.run as a KeyboardInterrupt")
+        assert code == 130 and sent == [signal.SIGTERM] and not received
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert json.loads((tmp_path / "ckpt/trainer_state.json").read_text())["step"] == 2
+    assert losses(tmp_path / "log.jsonl")[-1][0] == 2
+
+
+def test_divergence_never_replaces_the_last_good_checkpoint(files, tmp_path):
+    t = make(files, tmp_path / "a", "--steps", 10, "--batch-size", 2, "--seq-len", 16, "--eval-every", 1)
+    t.evaluate = lambda: float("nan")  # a validation loss that overflowed: it used to go into the log as NaN
+    with pytest.raises(train.TrainingError, match=r"step 1: the validation loss is nan.*no checkpoint of this run"):
+        t.train_step()
+    assert "NaN" not in (tmp_path / "a/log.jsonl").read_text() if (tmp_path / "a/log.jsonl").exists() else True
+    t = make(files, tmp_path / "b", "--steps", 10, "--batch-size", 2, "--seq-len", 16, "--save-every", 2,
+             "--optimizer", "adamw")
+    t.train_step(), t.train_step()  # step 2 saved
+    good = M.Transformer.from_pretrained(tmp_path / "b/ckpt").state_dict()
+    t.train_step()
+    real_step = t.opt.step
+
+    def overflowing_step():  # an update that overflows the weights (a huge lr, a loss spike)
+        real_step()
+        with torch.no_grad():
+            t.model.lm_head.weight[0, 0] = float("inf")
+    t.opt.step = overflowing_step
+    with pytest.raises(train.TrainingError, match=r"step 4: the update made lm_head.weight non-finite.*"
+                                                  r"last good checkpoint, step 2"):
+        t.train_step()  # step 4 would save: it used to write the inf weights over the step-2 checkpoint
+    loaded = M.Transformer.from_pretrained(tmp_path / "b/ckpt").state_dict()
+    assert all(torch.equal(good[k], loaded[k]) for k in good)
+    assert json.loads((tmp_path / "b/ckpt/trainer_state.json").read_text())["step"] == 2
+
+
+def test_read_log_names_bad_lines_and_skips_a_cut_off_last_one(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    good = json.dumps({"step": 1, "loss": 2.0}) + "\n"
+    log.write_text(good + '{"step": 2, "lo')  # a run writing (or killed while writing) its last line
+    assert [r["step"] for r in train.read_log(log)[1]] == [1]
+    log.write_text(good + "garbage\n" + good)
+    with pytest.raises(ValueError, match=r"log.jsonl:2 is not a train.py log line"):
+        train.read_log(log)
+    assert train.main(["plot", str(log), "--out", str(tmp_path / "c.png")]) == 1
+    assert "log.jsonl:2" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_fails_before_training(files, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert train.main(flags(files, tmp_path, "--steps", 1, "--plot")) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err and not (tmp_path / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"role": "bot", "content": "x"}], ":3: messages[0] has unknown role 'bot'"),
+    ([{"role": "user", "content": "only a question"}], "1 have no assistant reply to train on"),
+])
+def test_sft_jsonl_problems_name_the_line_or_the_reason(files, tmp_path, capsys, content, message):
+    good = json.dumps({"messages": CONVS[0][0]}) + "\n"
+    jsonl = tmp_path / "chats.jsonl"
+
+    def sft(data):
+        return train.main([*TINY, "--tokenizer", str(files["tok"]), "--sft", "--data", str(data), "--steps", "1",
+                           "--out", str(tmp_path / "o"), "--seq-len", "600", "--val-fraction", "0.3"])
+    jsonl.write_text(good + good + json.dumps({"messages": content}) + "\n")
+    assert sft(jsonl) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    jsonl.write_bytes(good.encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')  # Latin-1
+    assert sft(jsonl) == 1 and "chats.jsonl is not UTF-8 text" in capsys.readouterr().err  # was: no file name
+    assert sft(tmp_path) == 1 and "is a folder" in capsys.readouterr().err  # was: "does not exist"
