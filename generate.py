@@ -232,11 +232,23 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def pick_device(requested: str = "") -> tuple[torch.device, str]:
-    """Empty = autodetect: cuda, then mps, then cpu. Returns (device, reason)."""
+    """Empty = autodetect: cuda, then mps, then cpu. Returns (device, reason). A device that is not there, or a name
+    torch does not know, is a ValueError saying what to pass (torch's own errors come later, from inside a kernel)."""
     if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"--device {requested!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {requested}: this project runs on cpu, cuda or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {requested} asked for, but torch sees no CUDA device; use --device cpu")
-        return torch.device(requested), "requested with --device"
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}, but torch sees {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("--device mps, but torch sees no usable Apple GPU (MPS); use --device cpu")
+        return device, "requested with --device"
     if torch.cuda.is_available():
         return torch.device("cuda"), f"CUDA device found ({torch.cuda.get_device_name()})"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -261,6 +273,9 @@ def load(ckpt: str | Path = DEMO_DIR, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
     """A Hugging Face-format directory with config.json, safetensors weights and tiktoken.model."""
     ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist; give a folder with config.json, "
+                                f"*.safetensors and tiktoken.model (the shipped one: {DEMO_DIR})")
     if not (ckpt / "tiktoken.model").exists():
         raise FileNotFoundError(f"{ckpt} has no tiktoken.model; a checkpoint directory needs its tokenizer beside "
                                 f"the weights (see README: 'The demo model')")
@@ -342,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with parallel.abort_on_error():  # under torchrun: a rank that fails ends the job with its message, no hang
         try:
             _run(a)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, OSError) as err:  # OSError: a missing or unreadable checkpoint file
             sys.exit(f"error: {err}")
     parallel.shutdown()
 
@@ -362,6 +377,8 @@ def _run(a: argparse.Namespace) -> None:
         r = model.load_report
         say(f"rank 0 holds its 1/{parallel.world_size()} share: read {r['bytes_read'] / 2**20:,.1f} MiB of the "
             f"checkpoint's {r['checkpoint_bytes'] / 2**20:,.1f} MiB")
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: ask for at least 1 token")
     params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
     check_context(model, 1, a.max_new_tokens)
     if a.chat:

@@ -509,23 +509,6 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def pick_train_device(requested: str) -> tuple[torch.device, str]:
-    """generate.pick_device, with a device name torch does not know, or an absent GPU, as a clear error (torch's own
-    are a RuntimeError listing every backend, or a failure deep inside the first kernel)."""
-    try:
-        device, why = pick_device(requested)
-    except RuntimeError:
-        raise ValueError(f"--device {requested!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {requested}: train.py runs on cpu, cuda or mps")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps, but torch sees no usable Apple GPU (MPS); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {requested}, but torch sees {torch.cuda.device_count()} CUDA device(s); "
-                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return device, why
-
-
 def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
     """Refuse a model whose training state cannot fit this machine before allocating it: `--config kimi-k2` on a
     laptop would otherwise fill the memory (and the swap, and freeze the machine) before failing.
@@ -564,7 +547,7 @@ class Trainer:
         given = set() if given is None else given
         joined = None  # under torchrun: join the job first (once per process), so that only rank 0 prints below
         if parallel.launched_by_torchrun() and parallel.world_size() == 1:
-            joined = parallel.init(pick_train_device(args.device)[0].type)  # cuda:LOCAL_RANK with NCCL, or cpu+gloo
+            joined = parallel.init(pick_device(args.device)[0].type)  # cuda:LOCAL_RANK with NCCL, or cpu+gloo
         resume_dir = None
         if args.resume:
             resume_dir = find_checkpoint(args.resume)
@@ -590,7 +573,7 @@ class Trainer:
                              "and run `python train.py plot` later)")
         if a.threads:
             torch.set_num_threads(a.threads)
-        self.device, why_device = pick_train_device(a.device)
+        self.device, why_device = pick_device(a.device)
         if joined is not None:
             if joined.type != self.device.type:
                 raise ValueError(f"the ranks joined on {joined.type} but the run's device is {self.device}; give "

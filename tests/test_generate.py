@@ -148,3 +148,19 @@ def test_stop_token_and_stop_string(tok):
     assert len(stop) == 3 and stop not in text[:10]
     cut = G.TextStream(model, tok, [5, 6, 7], G.SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))
     assert "".join(cut) == text[:text.index(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "foo"], "not a device name"),
+    (["--device", "mps"], "no usable Apple GPU"),
+    (["--device", "cuda:0"], "no CUDA device"),
+    (["--ckpt", "/nonexistent/ckpt"], "does not exist"),
+    (["--max-new-tokens", "0"], "at least 1 token"),
+])
+def test_cli_bad_input_is_one_line_error(argv, message, capsys):
+    """generate.py's command line: a bad device, checkpoint or length ends with `error: ...`, not a traceback."""
+    if "cuda" in argv[-1] and torch.cuda.is_available() or "mps" in argv[-1] and torch.backends.mps.is_available():
+        pytest.skip("that device exists here")
+    with pytest.raises(SystemExit) as exit_info:
+        G.main(argv + ["--prompt", "hi"])
+    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
