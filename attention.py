@@ -78,13 +78,16 @@ def rope_parameters(args: "ModelArgs") -> tuple[Tensor, float]:
     if rs is None:
         return freq, 1.0
     s, L0 = rs["factor"], rs["original_max_position_embeddings"]
-    beta_fast, beta_slow = rs.get("beta_fast", 32.0), rs.get("beta_slow", 1.0)  # YaRN paper defaults (§3.3)
+    # YaRN paper defaults (§3.3) when absent or null, as HF's `rope_parameters.get("beta_fast") or 32`
+    beta_fast, beta_slow = rs.get("beta_fast") or 32.0, rs.get("beta_slow") or 1.0
 
     def correction_dim(n_rot: float) -> float:  # pair index whose wavelength makes n_rot turns over L0 tokens
         return d * math.log(L0 / (n_rot * 2 * math.pi)) / (2 * math.log(base))
 
-    lo = max(math.floor(correction_dim(beta_fast)), 0)
-    hi = min(math.ceil(correction_dim(beta_slow)), d - 1)
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):  # DeepSeek rounds the ramp's ends to whole pairs; HF's `truncate: false` does not
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
     if lo == hi:
         hi += 0.001  # avoid 0/0 in the ramp (same guard as HF and DeepSeek)
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # 0: keep, 1: interpolate

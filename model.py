@@ -107,28 +107,35 @@ class ModelArgs:
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
                      "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "max_position_embeddings",
                      "n_group", "topk_group", "moe_layer_freq"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, "must be a positive integer", "fix the value")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
             bad("q_lora_rank", "must be a positive integer or null", "use null for a plain q_proj")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)", "use an even number")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            bad("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]", "lower it")
-        if self.n_shared_experts < 0:
-            bad("n_shared_experts", "must be >= 0", "fix the value")
-        if not self.num_experts_per_tok <= self.n_routed_experts:
-            bad("num_experts_per_tok", f"must be <= n_routed_experts={self.n_routed_experts}",
-                "lower it or add experts")
-        if self.n_routed_experts % self.n_group:
-            bad("n_group", f"must divide n_routed_experts={self.n_routed_experts}", "use a divisor, or 1")
-        if not self.topk_group <= self.n_group:
-            bad("topk_group", f"must be <= n_group={self.n_group}", "lower it")
-        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            bad("n_group", "leaves fewer than 2 experts per group (a group's score is its 2 best experts)", "lower it")
-        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-            bad("num_experts_per_tok", f"exceeds the experts in the kept groups "
-                f"({self.topk_group} x {self.n_routed_experts // self.n_group})", "raise topk_group or lower top-k")
+        # first_k_dense_replace >= num_hidden_layers: every layer dense (HF: layer l is MoE iff l >= it)
+        if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
+            bad("first_k_dense_replace", "must be an integer >= 0", "fix the value")
+        if self.n_shared_experts is None:  # DeepSeek's remote modeling_deepseek.py: null = no shared expert
+            self.n_shared_experts = 0
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            bad("n_shared_experts", "must be an integer >= 0 (or null: none)", "fix the value")
+        # routing settings matter only if some layer is MoE (an all-dense model builds no router, as in HF)
+        if any(self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)):
+            E, G = self.n_routed_experts, self.n_group
+            if not self.num_experts_per_tok <= E:
+                bad("num_experts_per_tok", f"must be <= n_routed_experts={E}", "lower it or add experts")
+            if E % G:
+                bad("n_group", f"must divide n_routed_experts={E}", "use a divisor, or 1")
+            if not self.topk_group <= G:
+                bad("topk_group", f"must be <= n_group={G}", "lower it")
+            if G > 1 and E // G < 2:
+                bad("n_group", "leaves fewer than 2 experts per group (a group's score is its 2 best experts)",
+                    "lower it")
+            if self.num_experts_per_tok > self.topk_group * (E // G):
+                bad("num_experts_per_tok", f"exceeds the experts in the kept groups ({self.topk_group} x {E // G})",
+                    "raise topk_group or lower top-k")
         for name, allowed in (("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
             if getattr(self, name) != allowed:
                 bad(name, f"is not supported (this reference implements {allowed!r} only)", f"use {allowed!r}")
@@ -137,14 +144,35 @@ class ModelArgs:
                 bad(name, "is not supported (Kimi K2 / DeepSeek-V3 have none)", "set it to false")
         if self.attention_dropout:
             bad("attention_dropout", "is not supported", "set it to 0.0")
-        if self.rope_scaling is not None:
-            rs = self.rope_scaling
+        rs = self.rope_scaling
+        if rs is not None and rs.get("rope_theta") is not None:  # HF: a theta inside the RoPE dict wins
+            self.rope_theta = rs["rope_theta"]
+        if rs is not None and rs.get("type", rs.get("rope_type")) == "default":  # HF's name for plain RoPE
+            self.rope_scaling = rs = None
+        if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
             if kind != "yarn":
                 bad("rope_scaling", "must be null or YaRN ({'type': 'yarn', ...})", "use YaRN or remove it")
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in rs:
                     bad("rope_scaling", f"lacks {key!r}", f"add {key!r} (K2: factor 32, original 4096)")
+        qc = self.quantization_config
+        if qc is not None:  # what from_pretrained can read: DeepSeek-V3 / K2's block-scaled FP8 (SPEC §7.2)
+            if qc.get("quant_method") != "fp8":
+                bad("quantization_config", f"has quant_method={qc.get('quant_method')!r}, which this reference cannot "
+                    "dequantize (supported: 'fp8' with per-block weight_scale_inv, as DeepSeek-V3 / Kimi K2)",
+                    "dequantize the checkpoint to bf16 first, or remove the key if its weights are not quantized")
+            if not self.fp8_block_size():
+                bad("quantization_config", f"has weight_block_size={qc.get('weight_block_size')!r}; supported: two "
+                    "positive integers (K2: [128, 128])", "fix the value")
+
+    def fp8_block_size(self) -> tuple[int, int] | None:
+        """(rows, columns) of one FP8 scale block: quantization_config's weight_block_size, default 128 x 128 (the
+        DeepSeek-V3 / K2 value, also used for FP8 tensors in a checkpoint without a quantization_config)."""
+        block = (self.quantization_config or {}).get("weight_block_size", [128, 128])
+        ok = isinstance(block, (list, tuple)) and len(block) == 2 and all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        return tuple(block) if ok else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
@@ -186,7 +214,9 @@ class ModelArgs:
         # a key the file leaves out means what transformers would assume, not K2's value (Moonlight has no
         # rope_scaling key: plain RoPE, not K2's YaRN)
         d = {**{k: v for k, v in cls.HF_DEFAULTS.items() if k not in d}, **d}
-        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS)
+        # "_"-prefixed keys are transformers' own bookkeeping (`_attn_implementation_autoset`, which 4.48-era
+        # save_pretrained wrote into config.json files, `_name_or_path`, `_commit_hash`): never the network
+        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS and not k.startswith("_"))
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; remove them or check their spelling "
                              f"(known keys: the fields of model.ModelArgs)")
@@ -481,8 +511,9 @@ class Transformer(nn.Module):
                         dtype: torch.dtype | None = None) -> "Transformer":
         """Load a HF-format directory: config.json + model.safetensors, or shards with model.safetensors.index.json.
 
-        Tensors are read one at a time (never the whole file), FP8 e4m3 weights are dequantized with their 128x128
-        block `weight_scale_inv`, `*.rotary_emb.inv_freq` and MTP layers (index >= num_hidden_layers) are ignored.
+        Tensors are read one at a time (never the whole file), FP8 weights (e4m3; e5m2 too) are dequantized with
+        their block `weight_scale_inv` (128x128, or quantization_config's weight_block_size), `*.rotary_emb.inv_freq`
+        and MTP layers (index >= num_hidden_layers) are ignored.
         Any missing, unexpected or mis-shaped tensor is an error that names all of them. dtype: default = the
         checkpoint's embedding dtype.
 
@@ -519,12 +550,19 @@ class Transformer(nn.Module):
                     sf.keys() else "F32"
             dtype = _SAFETENSORS_DTYPES.get(dtype, torch.float32)
         problems = []
-        missing = sorted(k for k in expected if k not in located)
+        sizes = {name: t.numel() for name, t in model.state_dict().items()}
+        # a zero-width tensor (n_shared_experts 0 or null) holds nothing: a checkpoint may leave it out
+        missing = sorted(k for k, (name, _) in expected.items() if k not in located and sizes[name])
         unexpected = sorted(k for k in located if k not in expected and not _ignorable(k, located, args))
         if missing:
             problems.append(f"missing tensors: {missing}")
         if unexpected:
             problems.append(f"unexpected tensors: {unexpected}")
+        if (missing or unexpected) and args.moe_layer_freq != 1:
+            problems.append(f"note: moe_layer_freq={args.moe_layer_freq} makes layer l MoE only if l % "
+                            f"{args.moe_layer_freq} == 0 (DeepSeek's modeling_deepseek.py); transformers' DeepseekV3 "
+                            "ignores the key and writes experts in every layer >= first_k_dense_replace")
+        block = args.fp8_block_size()  # (rows, columns) per FP8 scale
         model = model.to(dtype).to_empty(device=device)  # allocate this rank's share once, in the final dtype
         state, dims, world = model.state_dict(), model.shard_dims(), parallel.world_size()
         by_file: dict[Path, list[str]] = {}
@@ -551,21 +589,26 @@ class Transformer(nn.Module):
                         continue
                     t, start = _read_share(sf, key, dim)  # this rank's rows/columns from `start` (or all of it)
                     bytes_read += t.nbytes
-                    if t.dtype == torch.float8_e4m3fn:
+                    if not t.dtype.is_floating_point:  # int8/uint8/packed-int weights need a quantizer we lack
+                        problems.append(f"{key} is stored as {t.dtype}; only float weights and block-scaled FP8 "
+                                        "can be loaded (see quantization_config)")
+                        continue
+                    if t.dtype.itemsize == 1:  # FP8, e4m3 (K2, DeepSeek-V3) or e5m2: always with its block scales
                         scale_key = key + "_scale_inv"
                         if scale_key not in located:
                             problems.append(f"{key} is FP8 but {scale_key} is missing")
                             continue
                         with safe_open(str(located[scale_key]), framework="pt") as sf2:
-                            scale = sf2.get_tensor(scale_key)  # small: one number per 128x128 block
+                            scale = sf2.get_tensor(scale_key)  # small: one number per block
                         bytes_read += scale.nbytes
-                        blocks = [math.ceil(n / 128) for n in on_disk]
+                        blocks = [math.ceil(n / b) for n, b in zip(on_disk, block)]
                         if list(scale.shape) != blocks:
                             problems.append(f"{scale_key}: shape {tuple(scale.shape)}, expected {tuple(blocks)} "
-                                            f"(one scale per 128x128 block of {tuple(on_disk)})")
+                                            f"(one scale per {block[0]}x{block[1]} block of {tuple(on_disk)}; "
+                                            "quantization_config.weight_block_size sets the block)")
                             continue
                         offset = (start, 0) if dim == 0 else (0, start)
-                        t = dequantize_fp8(t.to(device), scale.to(device), offset=offset)  # dequantize on device
+                        t = dequantize_fp8(t.to(device), scale.to(device), block, offset)  # dequantize on device
                     with torch.no_grad():
                         target.copy_(t)
         if shape_errors:
@@ -650,6 +693,7 @@ class Transformer(nn.Module):
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         cfg = self.args.to_dict()
         cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        cfg.pop("quantization_config", None)  # the weights written here are never quantized (FP8 was dequantized)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for f in tmp.glob("*.safetensors"):
             os.chmod(f, 0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
@@ -711,19 +755,22 @@ def _read_share(sf, key: str, dim: int | None) -> tuple[Tensor, int]:
     return (sl[start:start + n] if dim == 0 else sl[:, start:start + n]), start
 
 
-def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int = 128, offset: tuple[int, int] = (0, 0)) -> Tensor:
+def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int | tuple[int, int] = 128,
+                   offset: tuple[int, int] = (0, 0)) -> Tensor:
     """W = float(W_fp8) · scale_inv[i // 128, j // 128] (DeepSeek `weight_dequant`, SPEC §7.2). -> fp32 (out, in).
 
-    w may be a slice of the full matrix whose first element is at (row, column) `offset` (a rank's share under
-    tensor parallelism); scale_inv is always the FULL matrix's (ceil(rows/128), ceil(cols/128)) block scales. A
-    slice need not start on a block boundary: it takes the scales of the blocks it overlaps.
+    block: the (rows, columns) of one scale block, 128 x 128 for K2 / DeepSeek-V3 (quantization_config's
+    weight_block_size). w may be a slice of the full matrix whose first element is at (row, column) `offset` (a
+    rank's share under tensor parallelism); scale_inv is always the FULL matrix's (ceil(rows/br), ceil(cols/bc))
+    block scales. A slice need not start on a block boundary: it takes the scales of the blocks it overlaps.
     """
+    br, bc = (block, block) if isinstance(block, int) else block
     out, inp = w.shape
     r0, c0 = offset
-    rows, cols = slice(r0 // block, (r0 + out - 1) // block + 1), slice(c0 // block, (c0 + inp - 1) // block + 1)
+    rows, cols = slice(r0 // br, (r0 + out - 1) // br + 1), slice(c0 // bc, (c0 + inp - 1) // bc + 1)
     s = scale_inv.float()[rows, cols]  # the scales of the blocks this slice overlaps
-    s = s.repeat_interleave(block, 0).repeat_interleave(block, 1)  # one scale per element of those blocks
-    s = s[r0 % block:r0 % block + out, c0 % block:c0 % block + inp]  # (out, in)
+    s = s.repeat_interleave(br, 0).repeat_interleave(bc, 1)  # one scale per element of those blocks
+    s = s[r0 % br:r0 % br + out, c0 % bc:c0 % bc + inp]  # (out, in)
     return w.float() * s
 
 

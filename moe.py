@@ -144,7 +144,13 @@ def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> 
 
 def _grouped_matmul(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of `a` (M, In) sorted by group, group g has counts[g] rows; w (G, Out, In). -> (M, Out), row r @ w[g(r)]ᵀ."""
-    if hasattr(torch, "_grouped_mm") and (a.device.type == "cpu" or a.dtype == torch.bfloat16):
+    # torch._grouped_mm takes fp32/fp16/bf16 on a CPU and bf16 on CUDA (not fp64), and needs 16-byte-aligned row
+    # strides ("strides should be multiple of 16 bytes"): In = D for gate/up and I for down must be a multiple of
+    # 4 fp32 / 8 bf16 numbers. Anything else takes the per-group loop below.
+    usable = (torch.float32, torch.float16, torch.bfloat16) if a.device.type == "cpu" else (torch.bfloat16,)
+    dtype_ok = a.dtype in usable
+    aligned = a.shape[1] * a.element_size() % 16 == 0 and w.stride(1) * w.element_size() % 16 == 0
+    if hasattr(torch, "_grouped_mm") and dtype_ok and aligned:
         offs = counts.cumsum(0).to(torch.int32)  # end offset of every group (empty groups repeat an offset)
         return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
     # fallback: one matmul per contiguous segment (no gathers: the rows are already sorted)

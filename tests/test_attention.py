@@ -35,6 +35,21 @@ def test_deepseek_v3_yarn_ramp():
     assert abs(ratio[11].item() - 0.925) < 1e-5 and mult == 1.0
 
 
+def test_yarn_without_truncation_keeps_fractional_ramp_ends():
+    """`truncate: false` (a transformers YaRN key): the ramp runs between the UNROUNDED correction dims. DeepSeek-V3's
+    numbers by hand: lo = 64·ln(4096 / (2π·32)) / (2·ln 10000) = 10.472 and hi = 64·ln(4096 / 2π) / (2·ln 10000) =
+    22.513 (rounded, as test_deepseek_v3_yarn_ramp has them: 10 and 23)."""
+    args = M.PRESETS["deepseek-v3"]()
+    args.rope_scaling = dict(args.rope_scaling, truncate=False)
+    inv_freq, mult = A.rope_parameters(args)
+    base = torch.tensor([10000.0 ** (-2 * i / 64) for i in range(32)], dtype=torch.float64)
+    lo, hi = 10.47224, 22.51344  # the two values above, to 5 decimals
+    ramp = [min(max((i - lo) / (hi - lo), 0.0), 1.0) for i in range(32)]
+    expect = torch.tensor([1 - r + r / 40 for r in ramp], dtype=torch.float64)  # keep (1 - r), interpolate (r / 40)
+    torch.testing.assert_close(inv_freq.double() / base, expect, rtol=2e-5, atol=0)
+    assert mult == 1.0
+
+
 def test_softmax_scales():
     assert math.isclose(A.softmax_scale(M.PRESETS["kimi-k2"]()), 0.13086080, rel_tol=1e-7)
     assert math.isclose(A.softmax_scale(M.PRESETS["deepseek-v3"]()), 0.13523378, rel_tol=1e-7)

@@ -1,6 +1,7 @@
 """Protects the configuration and the checkpoint I/O: parameter counts of the real configs (SPEC §1.3), loading the
-three official config.json files, clear errors for bad configs / checkpoints / inputs, sharded and atomic saving, FP8
-block dequantization, intermediate shapes, and the bf16 path.
+three official config.json files and configs transformers accepts beyond them, clear errors for bad configs /
+checkpoints / inputs (unsupported quantization, integer weights), sharded and atomic saving, FP8 block dequantization
+(e4m3 and e5m2, any weight_block_size), intermediate shapes, and the bf16 path.
 Compares against: SPEC's computed counts, the official config.json files (copied into tests/data/configs), a float64
 re-computation of FP8 dequantization written here, and the fp32 model for the bf16 bound.
 Run: pytest tests/test_model.py -q   (CPU, seconds)"""
@@ -63,12 +64,54 @@ def test_cli_prints_k2_counts(capsys, monkeypatch):
     (dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(num_hidden_layers=True), "num_hidden_layers=True must be a positive integer"),
+    (dict(n_shared_experts=-1), "n_shared_experts=-1 must be an integer >= 0"),
+    (dict(quantization_config={"quant_method": "awq", "bits": 4}), "quant_method='awq'.*supported: 'fp8'"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128]}), "weight_block_size=\\[128\\]"),
 ])
 def test_bad_config_is_a_clear_error(change, match):
     d = tiny_args("k2").to_dict()
     d.update(change)
     with pytest.raises(ValueError, match=match):
         M.ModelArgs.from_dict(d)
+
+
+def test_configs_transformers_accepts_beyond_the_released_ones(tmp_path):
+    """n_shared_experts null (DeepSeek's remote code: no shared expert, no tensors), first_k_dense_replace above
+    num_hidden_layers (every layer dense; HF: layer l is MoE iff l >= it, and the routing settings are then unused),
+    rope_scaling of type "default" (plain RoPE)."""
+    args = M.ModelArgs.from_dict({**tiny_args("k2").to_dict(), "n_shared_experts": None})
+    assert args.n_shared_experts == 0
+    model = random_model(args, seed=4)
+    model.save_pretrained(tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    t = load_file(f)
+    assert t["model.layers.1.mlp.shared_experts.gate_proj.weight"].numel() == 0
+    save_file({k: v for k, v in t.items() if v.numel()}, str(f))  # as a checkpoint without shared experts has it
+    ids = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(M.Transformer.from_pretrained(tmp_path / "ck")(ids), model(ids), rtol=0, atol=0)
+    dense = tiny_args("k2", first_k_dense_replace=5, n_group=8, topk_group=4)  # 8 groups of 1 expert: unused
+    assert not any(dense.is_moe_layer(i) for i in range(dense.num_hidden_layers))
+    assert not any(isinstance(m, M.MoE) for m in M.Transformer(dense).modules())
+    assert tiny_args("k2", rope_scaling={"rope_type": "default"}).rope_scaling is None
+    # a rope_theta inside the RoPE dict wins over the top-level key, as in transformers' standardize_rope_params
+    assert tiny_args("k2", rope_theta=5e4, rope_scaling={"rope_type": "default", "rope_theta": 1e6}).rope_theta == 1e6
+    inner = dict(tiny_args("k2").rope_scaling, rope_theta=1e6)
+    assert tiny_args("k2", rope_theta=5e4, rope_scaling=inner).rope_theta == 1e6
+    # transformers' private bookkeeping keys (written by 4.48-era save_pretrained) are not typos
+    d = tiny_args("k2").to_dict()
+    assert M.ModelArgs.from_dict({**d, "_attn_implementation_autoset": True}) == M.ModelArgs.from_dict(d)
+
+
+def test_moe_layer_freq_mismatch_is_explained(tmp_path):
+    """transformers' DeepseekV3 ignores moe_layer_freq; DeepSeek's own code (and this reference) honours it. A
+    checkpoint whose experts disagree with the key gets an error that names the key, not only the tensors."""
+    random_model(tiny_args("k2"), seed=0).save_pretrained(tmp_path / "ck")
+    cfg = tmp_path / "ck" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "moe_layer_freq": 2}))
+    with pytest.raises(ValueError, match="moe_layer_freq=2 makes layer l MoE only if"):
+        M.Transformer.from_pretrained(tmp_path / "ck")
 
 
 def test_unknown_preset_and_missing_config(tmp_path):
@@ -199,6 +242,60 @@ def test_fp8_checkpoint_loads(tmp_path):
     back = M.Transformer.from_pretrained(tmp_path / "ck")
     expect = t[key].float() * 0.01
     assert torch.equal(back.state_dict()[key], expect)
+
+
+def _quantize_blocks(w: torch.Tensor, dtype: torch.dtype, block: tuple[int, int]):
+    """Per-block FP8 quantization written for the test: scale = block absmax / (largest finite value / 2)."""
+    br, bc = block
+    R, C = w.shape
+    scale = torch.empty(-(-R // br), -(-C // bc))
+    q = torch.empty(R, C, dtype=dtype)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            scale[i, j] = blk.abs().max() / (torch.finfo(dtype).max / 2)
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / scale[i, j]).to(dtype)
+    return q, scale
+
+
+@pytest.mark.parametrize("dtype,block", [(torch.float8_e4m3fn, (16, 32)), (torch.float8_e5m2, (128, 128))])
+def test_fp8_formats_and_block_sizes_load(dtype, block, tmp_path):
+    """Any FP8 format is dequantized with its scales (an e5m2 weight copied as is would silently drop them), with the
+    block of quantization_config.weight_block_size. Expected values: element by element in float64, here.
+    A checkpoint written after loading holds plain weights, so its config.json names no quantization."""
+    model = random_model(tiny_args("k2"), seed=5)
+    model.save_pretrained(tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    t = load_file(f)
+    keys = ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"]
+    expect = {}
+    for key in keys:
+        t[key], t[key + "_scale_inv"] = _quantize_blocks(t[key], dtype, block)
+        s = t[key + "_scale_inv"].double()
+        expect[key] = torch.tensor([[t[key][i, j].double().item() * s[i // block[0], j // block[1]].item()
+                                     for j in range(t[key].shape[1])] for i in range(t[key].shape[0])],
+                                   dtype=torch.float64)
+    save_file(t, str(f))
+    cfg = tmp_path / "ck" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "quantization_config": {
+        "activation_scheme": "dynamic", "quant_method": "fp8", "weight_block_size": list(block)}}))
+    back = M.Transformer.from_pretrained(tmp_path / "ck")
+    sd = back.state_dict()
+    torch.testing.assert_close(sd[keys[0]].double(), expect[keys[0]], rtol=1e-6, atol=0)
+    torch.testing.assert_close(sd["model.layers.1.mlp.experts.down_proj"][3].double(), expect[keys[1]], rtol=1e-6,
+                               atol=0)
+    back.save_pretrained(tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_integer_weights_are_a_clear_error(tmp_path):
+    _, f = _saved(tmp_path)
+    t = load_file(f)
+    t["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(t["model.layers.0.self_attn.o_proj.weight"].shape,
+                                                              dtype=torch.int8)
+    save_file(t, str(f))
+    with pytest.raises(ValueError, match="o_proj.weight is stored as torch.int8"):
+        M.Transformer.from_pretrained(tmp_path / "ck")
 
 
 # ---------------------------------------------------------------- precision and shapes

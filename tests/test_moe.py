@@ -1,5 +1,6 @@
 """Protects MoE routing and dispatch: the correction bias picks experts but never weights them (DeepSeek-V3 §2.1.2),
-dropped groups are masked with -inf, weights are renormalised and scaled, and moe_grouped equals moe_reference.
+dropped groups are masked with -inf, weights are renormalised and scaled, and moe_grouped equals moe_reference
+(also at sizes and dtypes torch._grouped_mm rejects).
 Compares against: a dense all-experts MoE written here (every expert on every token, masked by the routing weights),
 a router written here from SPEC §2.7 in float64, and hand-made 4-expert cases.
 Tolerances: fp32 1e-5 relative; bf16 paths within 2x the bf16 reference's own error against fp64.
@@ -107,6 +108,22 @@ def test_reference_and_grouped_match_dense(kind, n):
     for fn in (MOE.moe_reference, MOE.moe_grouped):
         out = fn(x, w, idx, m.experts)
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,D,I", [(torch.float32, 45, 7), (torch.float32, 46, 12), (torch.bfloat16, 44, 12),
+                                       (torch.float64, 48, 24)])
+def test_grouped_handles_what_grouped_mm_rejects(dtype, D, I):
+    """torch._grouped_mm rejects rows whose byte stride is not a multiple of 16 ("strides should be multiple of 16
+    bytes": fp32 sizes not divisible by 4, bf16 not by 8) and float64. moe_grouped must still equal the dense
+    reference there."""
+    m = make_moe("k2", seed=11, hidden_size=D, moe_intermediate_size=I).to(dtype)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(11)).to(dtype)
+    w, idx, _ = m.gate(x)
+    ref = dense_all_experts(x, w, idx, m.experts)
+    err_ref = (MOE.moe_reference(x, w, idx, m.experts).double() - ref).abs().max().item()
+    err_grp = (MOE.moe_grouped(x, w, idx, m.experts).double() - ref).abs().max().item()
+    # fp32: 1e-5 of the scale; bf16: within twice the reference loop's own bf16 error
+    assert err_grp <= max(2 * err_ref, 1e-5 * ref.abs().max().item()), f"grouped {err_grp:.2e} vs {err_ref:.2e}"
 
 
 def test_experts_with_no_tokens_and_skewed_routing():
