@@ -234,7 +234,13 @@ class ModelArgs:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}; pass a checkpoint directory or a config.json path")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a JSON config ({err}); give a Hugging Face config.json") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds a JSON {type(d).__name__}, not a config object; give a config.json")
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         """The HF config.json form (legacy rope_scaling + rope_theta, which transformers v4 and v5 both read)."""
@@ -522,9 +528,14 @@ class Transformer(nn.Module):
         slice is dequantized with the scale blocks it overlaps). `model.load_report` holds the bytes this rank read.
         If loading fails on any rank, every rank raises (parallel.check_all_ok) instead of waiting for the others.
         """
+        from safetensors import SafetensorError
+
         model, err = None, None
         try:
             model = cls._load(Path(path), device, dtype)
+        except SafetensorError as e:  # the reader's own words ("incomplete metadata, file not fully covered")
+            err = ValueError(f"cannot read the checkpoint {path}: {e}; a *.safetensors file is damaged or "
+                             "incomplete (a copy cut short?)")
         except Exception as e:  # handed to check_all_ok, which re-raises it (on every rank, if any failed)
             err = e
         parallel.check_all_ok(err, f"loading {path}")

@@ -449,20 +449,6 @@ def read_trainer_state(ckpt: Path) -> dict:
     return saved
 
 
-def load_model(src: Path, device: torch.device) -> M.Transformer:
-    """from_pretrained in fp32, with a damaged checkpoint (a truncated safetensors file, a config.json that is not
-    JSON) reported as such, naming the folder, instead of as a traceback from the safetensors reader."""
-    try:
-        return M.Transformer.from_pretrained(src, device=device, dtype=torch.float32)
-    except (FileNotFoundError, MemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 (safetensors, torch and json each raise their own kinds)
-        if isinstance(err, ValueError) and not isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
-            raise  # model.py's own messages already say what is wrong (missing tensors, bad config values)
-        raise ValueError(f"cannot read the checkpoint {src}: {type(err).__name__}: {str(err)[:300]}; its files are "
-                         "damaged or incomplete (a copy cut short?)") from None
-
-
 def _interrupt_signals() -> list[int]:
     """Ctrl-C, and in one process also SIGTERM (`kill`, `timeout`, a cluster's preemption): both save and stop.
     Under torchrun SIGTERM keeps its default: torchrun sends it to end the other ranks when one fails, and a save
@@ -594,13 +580,9 @@ class Trainer:
         torch.manual_seed(a.seed)
         if resume_dir is not None or a.init:
             src = resume_dir or find_checkpoint(a.init)
-            try:
-                src_args = M.ModelArgs.from_json(src)
-            except (ValueError, UnicodeDecodeError):
-                src_args = None  # a config.json that does not parse: load_model reports it, naming the folder
-            if src_args is not None:
-                check_memory(src_args, self.device, f"the checkpoint {src}")
-            self.model = load_model(src, self.device)
+            check_memory(M.ModelArgs.from_json(src), self.device, f"the checkpoint {src}")  # before allocating
+            # a damaged checkpoint (config.json not JSON, a *.safetensors file cut short) is a ValueError naming it
+            self.model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
             say(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
         else:
             try:

@@ -164,3 +164,18 @@ def test_cli_bad_input_is_one_line_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         G.main(argv + ["--prompt", "hi"])
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+
+
+def test_damaged_checkpoint_is_one_line_error(tmp_path):
+    """A *.safetensors file cut short or a config.json that is not JSON: model.from_pretrained names the problem, so
+    generate.py (and train.py, serve.py) end with `error: ...` instead of the safetensors reader's traceback."""
+    import os
+    import shutil
+    for name, damage, message in (("model.safetensors", lambda f: os.truncate(f, 1000), "damaged or incomplete"),
+                                  ("config.json", lambda f: f.write_text("{"), "is not a JSON config")):
+        ckpt = tmp_path / name
+        shutil.copytree(G.DEMO_DIR, ckpt)
+        damage(ckpt / name)
+        with pytest.raises(SystemExit) as exit_info:
+            G.main(["--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "1"])
+        assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value), exit_info.value

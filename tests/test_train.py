@@ -500,7 +500,7 @@ def _damaged(run_dir, tmp_path, damage):
     (lambda c: (c / "optimizer.pt").unlink(), "has no optimizer.pt"),
     (lambda c: os.truncate(c / "optimizer.pt", 1000), "optimizer.pt is damaged"),
     (lambda c: os.truncate(c / "model.safetensors", 1000), "cannot read the checkpoint"),
-    (lambda c: (c / "config.json").write_text("{"), "cannot read the checkpoint"),
+    (lambda c: (c / "config.json").write_text("{"), "config.json is not a JSON config"),
 ])
 def test_resume_from_a_damaged_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys, damage, message):
     run = _damaged(pretrained.parent, tmp_path, damage)  # each used to be a traceback (KeyError, SafetensorError, ...)
