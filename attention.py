@@ -302,7 +302,7 @@ class MLA(nn.Module):
             qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, Ckv+Dr)
             # q_lat·c + q_pe·k_pe: the latent row [c_kv | k_pe] is the one key of all heads (MQA-like)
             latent = torch.cat([c_kv, k_pe], dim=-1) if latent is None else latent  # (B, S, Ckv+Dr)
-            z = attend(qh, latent[:, None], c_kv[:, None], self.softmax_scale, start, rec)  # (B, H, T, Ckv) attention-mixed latent
+            z = attend(qh, latent[:, None], c_kv[:, None], self.softmax_scale, start, rec)  # (B, H, T, Ckv) mixed latent
             o = z @ w_uv.transpose(1, 2)  # (B, H, T, Ckv) @ (H, Ckv, Dv) -> (B, H, T, Dv): W^UV after the mixing
         else:
             raise ValueError(f"attention impl must be 'naive' or 'absorb', got {impl!r}")

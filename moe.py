@@ -286,7 +286,7 @@ class MoE(nn.Module):
         self.experts = Experts(n_local, args.hidden_size, args.moe_intermediate_size, first)
         # the shared experts are one MLP of width I·S (Moonlight: 2 × 1408 = 2816); reduced below, with the routed sum
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, reduce=False)
-        self.impl = "auto"  # see pick_expert_impl ("auto": chosen per call); set per model with Transformer.set_expert_impl
+        self.impl = "auto"  # pick_expert_impl ("auto": chosen per call); set per model with Transformer.set_expert_impl
         # tokens routed to each expert during training forwards since the last reset (read by the bias update)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
         # optional complementary sequence-wise balance loss (SPEC §3.2): off by default; 1e-4 (DeepSeek-V3) when on.

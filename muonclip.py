@@ -2,7 +2,7 @@
 
 One training step of K2 (SPEC §4.3, algorithm summary) uses this file in this order:
     forward (every MLA layer records its per-head max pre-softmax logit) -> backward -> MuonClip.step():
-      1. Muon on every hidden matrix, AdamW on the rest, decoupled weight decay 0.1 on both  (muon_updates, adamw_update)
+      1. Muon on every hidden matrix, AdamW on the rest, decoupled weight decay 0.1 on both (muon_updates, adamw_update)
       2. aux-loss-free routing-bias update from the expert loads counted in that step           (update_routing_bias_)
       3. QK-Clip: shrink the query/key rows of every head whose max logit exceeded tau          (qk_clip_)
 The three pieces are plain functions; MuonClip only loops over parameters and calls them in that order.
@@ -126,9 +126,9 @@ def muon_updates(grads: list[Tensor], momentum_buffers: list[Tensor], beta: floa
     shard_dims = shard_dims or [None] * len(grads)
     wide, inside, shapes = [], [], []      # per tensor: its matrices as (n, A, B) with A <= B; split dim; full shape
     for grad, buf, dim in zip(grads, momentum_buffers, shard_dims):
-        buf.mul_(beta).add_(grad)                                           # M_t = μ·M_{t-1} + G_t  (Moonlight toy_train.py)
+        buf.mul_(beta).add_(grad)                                           # M_t = μ·M_{t-1} + G_t (Moonlight toy_train.py)
         # Nesterov: look one momentum step ahead, U_t = G_t + μ·M_t. (KellerJordan/Muon and torch.optim.Muon keep an
-        # EMA instead, M = μM + (1-μ)G; that is this buffer times (1-μ), a factor NS's normalisation removes; SPEC §4.1.)
+        # EMA instead, M = μM + (1-μ)G: this buffer times (1-μ), a factor NS's normalisation removes; SPEC §4.1.)
         U = grad.add(buf, alpha=beta) if nesterov else buf
         inside.append(dim if dim is not None and dim % U.ndim >= U.ndim - 2 else None)
         U = parallel.gather_full(U, inside[-1])                             # (..., A, B) the whole matrix
@@ -332,7 +332,8 @@ class MuonClip(torch.optim.Optimizer):
                         updates.append(adamw_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                                     group["betas"], group["eps"]))
                 for p, update in zip(params, updates):
-                    # decoupled weight decay with the UNadjusted lr, on every parameter incl. norms (Moonlight §2.2, App. D)
+                    # decoupled weight decay with the UNadjusted lr, on every parameter incl. norms (Moonlight §2.2,
+                    # App. D)
                     p.mul_(1 - lr * wd)
                     p.add_(update, alpha=-lr)
         if self.model is not None:
