@@ -176,7 +176,8 @@ class KVCache:
         return self.latent.shape[1]
 
     def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> Tensor:
-        """Store one layer's new tokens at [pos, pos+T); return that layer's rows [c_kv | k_pe] so far (B, pos+T, Ckv+Dr)."""
+        """Store one layer's new tokens at [pos, pos+T); return that layer's rows [c_kv | k_pe] so far,
+        (B, pos+T, Ckv+Dr)."""
         end = self.pos + c_kv.shape[1]
         self.c_kv[layer, :, self.pos:end] = c_kv
         self.k_pe[layer, :, self.pos:end] = k_pe
