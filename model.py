@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -659,21 +660,10 @@ class Transformer(nn.Module):
 
     def _write_hf(self, path: Path, state: dict[str, Tensor], max_shard_bytes: int,
                   extra: Callable[[Path], None] | None) -> None:
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        def write(tmp: Path) -> None:
+            tmp.mkdir()
             self._write_files(tmp, path, state, max_shard_bytes, extra)
-        except BaseException:  # Ctrl-C or an error before the swap: `path` is untouched; drop the partial copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-            os.rename(tmp, path)  # from here on `path` is the new, complete checkpoint
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        write_atomically(path, write)
 
     def _write_files(self, tmp: Path, path: Path, state: dict[str, Tensor], max_shard_bytes: int,
                      extra: Callable[[Path], None] | None) -> None:
@@ -728,8 +718,9 @@ def _is_weight_file(name: str) -> bool:
 
 def _checkpoint_files(path: Path) -> list[Path]:
     if not path.is_dir():
-        left = sorted(path.parent.glob(f".{path.name}.old-*"))  # a save interrupted between its two renames
-        hint = f"; an interrupted save left {left[-1]}: rename it to {path}" if left else ""
+        left = sorted(p.name for kind in ("tmp", "old") for p in path.parent.glob(f".{path.name}.{kind}-*"))
+        hint = (f"; a save was interrupted and left {', '.join(left)} beside it: train.py --resume (or "
+                "model.recover_interrupted_save) puts the newest complete version back") if left else ""
         raise FileNotFoundError(f"checkpoint directory {path} does not exist{hint}")
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -783,6 +774,155 @@ def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int | tuple[int, int] = 
     s = s.repeat_interleave(br, 0).repeat_interleave(bc, 1)  # one scale per element of those blocks
     s = s[r0 % br:r0 % br + out, c0 % bc:c0 % bc + inp]  # (out, in)
     return w.float() * s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Crash-safe writes (checkpoints, train.py's token cache): write -> fsync -> rename -> clean up
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` (a file, or a folder that write() creates) so that after a kill -9 or a power loss at any
+    instant it is the previous version or the complete new one, never a mix, and nothing is left behind for good:
+      1. recover_interrupted_save(path): finish (or undo) a save that a kill interrupted, remove what it left;
+      2. write(tmp) into the sibling `.NAME.tmp-PID`, then fsync every file in it and the folder itself: the data is
+         on the disk before any name points at it (without that a power loss after the rename can leave `path`
+         naming empty files: ext4 and XFS allocate data blocks late);
+      3. a file is renamed over `path` (atomic). A folder cannot be renamed over a non-empty one, so `path` is first
+         renamed to `.NAME.old-PID`, then tmp to `path`, the parent folder fsynced after each rename (the renames
+         themselves reach the disk in that order), and the old copy deleted last.
+    A write that fails (a full disk, a folder not writable) removes tmp and raises one OSError that names `path`
+    and says the previous version is intact; any other exception (Ctrl-C, a bug) also removes tmp and goes through."""
+    from safetensors import SafetensorError
+
+    recover_interrupted_save(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a full disk as a RuntimeError
+        message = _write_failure(path, err)  # before tmp is removed: the free space at the moment of failure
+        _remove(tmp)
+        raise OSError(message) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+        _fsync(path.parent)
+        os.rename(tmp, path)  # from here on `path` is the new, complete version
+        _fsync(path.parent)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+        _fsync(path.parent)
+
+
+def recover_interrupted_save(path: Path) -> Path | None:
+    """Bring `path` back to a complete version after write_atomically was killed, and delete what the kill left.
+    Returns the leftover folder that became `path` (None if `path` needed nothing). The states a kill can leave,
+    by the step it interrupted (P: the killed process's id, which the leftovers carry in their names):
+        on disk                        interrupted                          newest complete version -> action
+        NAME                           nothing, or no save was running      NAME
+        NAME + .tmp-P                  writing tmp (step 2)                 NAME; delete tmp-P (maybe partial)
+        NAME + .old-P                  deleting old-P after the renames     NAME; delete old-P
+        .old-P + .tmp-P, no NAME       between the two renames              tmp-P: fsynced before the first rename,
+                                                                            so complete and newer -> NAME; delete
+                                                                            old-P (the save is finished)
+        .tmp-P, no NAME                writing the first version            none; delete tmp-P
+        .old-* alone, no NAME          never left by a save (moved by hand) the one with the newest config.json
+    Several leftovers of one kind only come from several kills in a row, each before the next save cleaned up; the
+    rules hold for each. The number in a name is a process id, not a step: it says nothing about which is newer.
+    A leftover is deleted only when the process that wrote it is gone (or is this one): a live process may be
+    writing it right now. Restoring needs no such check: a live save is between its renames for a moment only, and
+    if both rename the same tmp-P the second rename fails and that save reports the error."""
+    path = Path(path).resolve()
+    parent = path.parent
+    if not path.name or not parent.is_dir():
+        return None
+    left: dict[str, dict[int, Path]] = {"tmp": {}, "old": {}}
+    for p in parent.iterdir():
+        kind, _, pid = p.name.removeprefix(f".{path.name}.").rpartition("-")
+        if p.name.startswith(f".{path.name}.") and kind in left and pid.isdigit():
+            left[kind][int(pid)] = p
+    if not left["tmp"] and not left["old"]:
+        return None
+    restored = None
+    if not path.exists():
+        paired = [pid for pid in left["old"] if pid in left["tmp"]]
+        if paired:
+            restored = left["tmp"][paired[0]]
+        else:
+            complete = [p for p in left["old"].values() if (p / "config.json").exists()]
+            restored = max(complete, key=lambda p: (p / "config.json").stat().st_mtime_ns, default=None)
+        if restored is not None:
+            os.rename(restored, path)
+            _fsync(parent)
+    for kind in left.values():
+        for pid, p in kind.items():
+            if p != restored and not _pid_alive(pid):
+                _remove(p)
+    return restored
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (this process counts as gone: it is not saving while it cleans up)."""
+    if pid == os.getpid():
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there; never delete another process's files
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence check
+    except (ProcessLookupError, OverflowError):  # no such process; a number too large to be a process id
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk (not possible for a folder on Windows)."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under root, then each folder (deepest first), then root itself."""
+    if root.is_dir():
+        for folder, _, names in os.walk(root, topdown=False):
+            for name in names:
+                _fsync(Path(folder) / name)
+            _fsync(Path(folder))
+    else:
+        _fsync(root)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _write_failure(path: Path, err: BaseException) -> str:
+    """One line for a failed write: what failed, whether the disk is full, and that the previous version is kept."""
+    text = str(err)
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text \
+        or "No space left" in text
+    try:
+        free = shutil.disk_usage(path.parent).free
+        full = full or free == 0
+        free_text = f"; {free:,} bytes free on its disk"
+    except OSError:
+        free_text = ""
+    what = "the disk is full" if full else "the write failed"
+    kept = "the previous version there is intact" if path.exists() else "nothing was written there"
+    return f"cannot save {path}: {what} ({type(err).__name__}: {text}{free_text}); {kept}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -112,16 +112,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then rename over `path`: readers see the old file or the complete new one, never a prefix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def token_dtype(n_vocab: int) -> np.dtype:
     """uint16 when every id fits (half the disk and memory), else uint32 (K2's 163,840 ids do not fit 16 bits)."""
     return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
@@ -205,12 +195,12 @@ def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None
         raise ValueError("the corpus encodes to zero tokens; give files with text in them")
     dtype = token_dtype(tok.n_vocab)
     arr = ids.astype(dtype)
-    _atomic_write(bin_path, lambda p: arr.tofile(p))  # the data first, then the metadata that vouches for it
+    M.write_atomically(bin_path, arr.tofile)  # the data first, then the metadata that vouches for it
     info = dict(n_tokens=int(arr.size), dtype=dtype.name, n_vocab=tok.n_vocab, tokenizer=str(tokenizer_path),
                 tokenizer_sha256=_sha256(tok_bytes), text_sha256=_sha256(text.encode("utf-8", "surrogatepass")),
                 chars=len(text), corpus=label if data is None else [str(p) for p in data], max_bytes=max_bytes,
                 python=sys.version.split()[0], seconds=round(time.perf_counter() - t0, 2))
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
+    M.write_atomically(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
     info.update(path=str(bin_path), cached=False)
     return np.memmap(bin_path, dtype=dtype, mode="r"), info
 
@@ -408,17 +398,15 @@ def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint directory for --resume/--init: PATH itself, or PATH/ckpt for a run directory. If a crash hit
-    save_pretrained between its two renames (old checkpoint moved aside, new one not yet in place), the complete
-    moved-aside copy `.NAME.old-PID` is put back."""
+    """The checkpoint directory for --resume/--init: PATH itself, or PATH/ckpt for a run directory. A save that a
+    kill interrupted is first finished or undone by model.recover_interrupted_save (its docstring lists every state
+    a kill can leave and which folder is then the newest complete checkpoint), and its leftovers are deleted."""
     p = Path(path)
     for cand in (p, p / "ckpt"):
+        restored = M.recover_interrupted_save(cand)
+        if restored is not None:
+            say(f"recovered {cand} from {restored.name}, left by a save that was interrupted between its renames")
         if (cand / "config.json").exists():
-            return cand
-        olds = sorted(cand.parent.glob(f".{cand.name}.old-*")) if cand.parent.exists() else []
-        if not cand.exists() and olds:
-            os.rename(olds[-1], cand)  # the last complete checkpoint, left aside by an interrupted save
-            say(f"recovered {cand} from {olds[-1].name} (a save was interrupted between its renames)")
             return cand
     raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
 
@@ -446,7 +434,50 @@ def read_trainer_state(ckpt: Path) -> dict:
     if missing or not isinstance(saved["args"], dict):
         raise ValueError(f"{path} lacks {', '.join(missing) or 'its args'}: it is damaged; the run cannot continue "
                          f"from it: start a new run, or from its weights with --init {ckpt}")
+    problems = _state_field_problems(saved)
+    if problems:
+        key, value, want = problems[0]
+        raise ValueError(f"{path}: {key} is {repr(value)[:60]}, expected {want}; the file was edited or damaged, so "
+                         f"the run cannot continue from it: start a new run, or from its weights with --init {ckpt}")
     return saved
+
+
+def _state_field_problems(saved: dict) -> list[tuple[str, object, str]]:
+    """(field, value, what it should be) for each trainer_state.json field of the wrong type, the saved flags
+    included: those get the types and choices argparse gives them (their ranges are checked by check_args)."""
+    def count(v):
+        return type(v) is int and v >= 0  # type(), not isinstance: True is an int too
+
+    def number(v):
+        return type(v) in (int, float)
+    fields = dict(step=(count, "a whole number >= 0"), tokens_seen=(count, "a whole number >= 0"),
+                  log_bytes=(count, "a whole number >= 0"), data_id=(lambda v: type(v) is str, "a string"),
+                  torch_rng=(lambda v: type(v) is str, "a string"), data_state=(lambda v: type(v) is dict, "an object"),
+                  val_loss=(lambda v: v is None or number(v), "a number or null"),
+                  elapsed_s=(lambda v: number(v) and v >= 0, "a number >= 0"))
+    problems = [(k, saved[k], want) for k, (ok, want) in fields.items() if k in saved and not ok(saved[k])]
+    args = saved["args"]
+    for action in make_parser()._actions:
+        k = action.dest
+        if k not in args or k == "help":
+            continue
+        v = args[k]
+        if action.nargs == 0:  # store_true
+            ok, want = type(v) is bool, "true or false"
+        elif v is None:  # parse_args fills in --seq-len's default
+            ok, want = action.default is None and k != "seq_len", "a value"
+        elif action.nargs == "+":
+            ok, want = type(v) is list and all(type(x) is str for x in v), "a list of strings"
+        elif action.type in (int, float):
+            ok = type(v) is int or (action.type is float and type(v) is float)
+            want = "a whole number" if action.type is int else "a number"
+        else:
+            ok, want = type(v) is str, "a string"
+        if ok and action.choices is not None and v not in action.choices:
+            ok, want = False, f"one of {', '.join(action.choices)}"
+        if not ok:
+            problems.append((f"args.{k}", v, want))
+    return problems
 
 
 def _interrupt_signals() -> list[int]:
@@ -539,6 +570,7 @@ class Trainer:
             resume_dir = find_checkpoint(args.resume)
             saved = read_trainer_state(resume_dir)
             args = _merge_resume_args(args, saved["args"], given)
+            check_args(args, saved_in=resume_dir / "trainer_state.json")  # the flags given here were checked already
             if args.steps < saved["step"]:
                 raise ValueError(f"--steps {args.steps} is below the checkpoint's step {saved['step']}: a resumed run "
                                  f"can only go on; give --steps {saved['step']} or more")
@@ -680,6 +712,7 @@ class Trainer:
     def _check_out_is_free(self) -> None:
         """A new run in a folder that holds an unfinished one would replace its log now and its checkpoint at the
         first save: the classic loss after a Ctrl-C is retyping the first command instead of adding --resume."""
+        M.recover_interrupted_save(self.out / "ckpt")  # a save killed between its renames leaves no ckpt/ for a moment
         state = self.out / "ckpt" / "trainer_state.json"
         if not state.exists():
             return
@@ -770,7 +803,12 @@ class Trainer:
 
         with defer_sigint():  # gathering the optimizer state too: a Ctrl-C never leaves save() before the files exist
             opt_state = self.opt.full_state_dict()  # collective; the same checkpoint whatever the world size
-            self.model.save_pretrained(self.ckpt_dir, extra=extra)
+            try:
+                self.model.save_pretrained(self.ckpt_dir, extra=extra)
+            except OSError as err:  # a full disk: write_atomically's one line, plus what the run can do next
+                then = (f"continue from step {self.saved_step} with `python train.py --resume {self.out}`"
+                        if self.saved_step is not None else "start the run again")
+                raise OSError(f"{err}; step {self.step} was not saved: once that is fixed, {then}") from None
             self.saved_step = self.step
 
     def export(self, path: Path, dtype: str = "fp32") -> None:
@@ -1190,6 +1228,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     given = set(vars(probe.parse_args(argv)))
     if args.seq_len is None:
         args.seq_len = 512 if args.sft else 128
+    check_args(args)
+    if args.init and "config" in given:
+        raise ValueError("--init takes the model config from the checkpoint; drop --config")
+    if args.sft and args.data and len(args.data) != 1:
+        raise ValueError("with --sft, --data is one JSONL file of conversations")
+    return args, given
+
+
+def check_args(args: argparse.Namespace, saved_in: Path | None = None) -> None:
+    """The range rules of the flags. saved_in: the trainer_state.json a resumed run's flags were read from (those
+    given on the command line were checked when parsed), so that an edited or damaged value names the file."""
+    def fail(message: str) -> None:
+        if saved_in is None:
+            raise ValueError(message)
+        raise ValueError(f"{saved_in}: its saved {message}; the file was edited or damaged, so the run cannot "
+                         f"continue from it: start a new run, or from its weights with --init {saved_in.parent}")
     positive, fraction = "must be > 0", "a fraction in [0, 1]"
     for name, ok, rule in (
             ("steps", args.steps > 0, positive), ("batch_size", args.batch_size > 0, positive),
@@ -1209,15 +1263,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
             ("seq_aux_alpha", 0 <= args.seq_aux_alpha < math.inf, "must be >= 0, 0 = off"),
             ("threads", args.threads >= 0, "must be >= 0, 0 = torch's default")):
         if not ok:  # NaN fails every comparison, so it lands here too
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range ({rule})")
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range ({rule})")
     if args.warmup_frac + args.decay_frac > 1:
-        raise ValueError(f"--warmup-frac {args.warmup_frac} + --decay-frac {args.decay_frac} > 1; they are fractions "
-                         "of the same run")
-    if args.init and "config" in given:
-        raise ValueError("--init takes the model config from the checkpoint; drop --config")
-    if args.sft and args.data and len(args.data) != 1:
-        raise ValueError("with --sft, --data is one JSONL file of conversations")
-    return args, given
+        fail(f"--warmup-frac {args.warmup_frac} + --decay-frac {args.decay_frac} > 1; they are fractions of the "
+             "same run")
 
 
 def plot_main(argv: Sequence[str]) -> int:

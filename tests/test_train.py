@@ -310,7 +310,8 @@ def test_failed_save_keeps_the_last_checkpoint(files, tmp_path, monkeypatch):
     assert all(torch.equal(good[k], loaded[k]) for k in good)
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
 
-    # a kill between save_pretrained's two renames (old moved aside, new not yet in place): --resume recovers it
+    # a kill between save_pretrained's two renames (old moved aside, new not yet in place): the new copy was complete
+    # (fsynced before the first rename), so --resume finishes that save and continues from step 3, not 2
     real_rename = os.rename
 
     def rename_then_die(src, dst):
@@ -323,7 +324,153 @@ def test_failed_save_keeps_the_last_checkpoint(files, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not ckpt.exists()
     resumed = train.Trainer(*train.parse_args(["--resume", str(tmp_path)]))
-    assert resumed.step == 2 and ckpt.exists()
+    assert resumed.step == 3 and ckpt.exists()
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), t.model.state_dict().values()))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")) == []  # leftovers removed
+
+
+# crash-safe checkpoints: a kill -9, a power loss or a full disk at any point of a save
+
+DEAD = (9_876_543, 19_290_000, 5_000_001)  # above Linux's PID_MAX_LIMIT (2**22): never a live process's id
+
+
+def _fake_ckpt(path, label, mtime=None):
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "label").write_text(label)
+    if mtime is not None:
+        os.utime(path / "config.json", (mtime, mtime))
+
+
+@pytest.mark.parametrize("on_disk, restored", [
+    # the campaign's case: a stale copy of an older save (the 9876 sorts after 19290 as text) beside the pair of the
+    # save killed between its renames; the newest complete version is that save's new copy
+    ([f"old-{DEAD[0]}", f"old-{DEAD[1]}", f"tmp-{DEAD[1]}"], f"tmp-{DEAD[1]}"),
+    (["ckpt", f"tmp-{DEAD[0]}", f"old-{DEAD[1]}"], "ckpt"),  # killed while writing; while deleting the old copy
+    ([f"tmp-{DEAD[0]}"], None),  # the first save, killed while writing it: nothing to resume
+    ([f"old-{DEAD[0]}", f"old-{DEAD[1]}"], f"old-{DEAD[0]}"),  # moved by hand: the newest config.json wins
+])
+def test_find_checkpoint_picks_the_newest_complete_version_and_removes_leftovers(tmp_path, on_disk, restored):
+    for i, name in enumerate(on_disk):
+        path = tmp_path / (name if name == "ckpt" else f".ckpt.{name}")
+        _fake_ckpt(path, name, mtime=2_000_000_000 - i)  # listed newest first
+    if restored is None:
+        with pytest.raises(FileNotFoundError, match="no checkpoint"):
+            train.find_checkpoint(tmp_path)
+    else:
+        assert (train.find_checkpoint(tmp_path) / "label").read_text() == restored
+    assert sorted(os.listdir(tmp_path)) == ([] if restored is None else ["ckpt"])  # every leftover removed
+
+
+def test_a_save_removes_what_killed_saves_left_but_not_a_live_ones(files, tmp_path):
+    t = make(files, tmp_path, "--steps", 4, "--batch-size", 2, "--seq-len", 16, "--save-every", 2)
+    t.train_step(), t.train_step()  # step 2 saved
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (DEAD[0], live.pid):  # a kill -9 during a save leaves its temporary copy, named by its pid
+            _fake_ckpt(tmp_path / f".ckpt.tmp-{pid}", "partial")
+        t.train_step(), t.train_step()  # step 4 saved
+        # the dead process's copy is gone; the live one's is kept (it may be writing it right now)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")) == [f".ckpt.tmp-{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
+    assert json.loads((tmp_path / "ckpt/trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the fsynced files through /proc")
+def test_a_save_fsyncs_every_file_and_folder_before_each_rename(files, tmp_path, monkeypatch):
+    t = make(files, tmp_path, "--steps", 4, "--batch-size", 2, "--seq-len", 16, "--save-every", 2)
+    t.train_step(), t.train_step()  # step 2 saved: the next save replaces a checkpoint (two renames)
+    t.train_step()
+    events, real_fsync, real_rename = [], os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst, **kw):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst, **kw)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    t.train_step()  # step 4 saved
+    monkeypatch.undo()
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 2, events  # ckpt -> .ckpt.old-PID, then .ckpt.tmp-PID -> ckpt
+    tmp = events[renames[1]][1]
+    synced = {e[1] for e in events[:renames[0]] if e[0] == "fsync"}
+    written = {os.path.join(tmp, p.name) for p in (tmp_path / "ckpt").iterdir()}
+    assert written | {tmp} <= synced, sorted(written | {tmp} - synced)  # the data, then the names, are on the disk
+    parent = str(tmp_path.resolve())
+    for i in renames:  # each rename reaches the disk before the next step (the second, or deleting the old copy)
+        assert ("fsync", parent) in events[i + 1:i + 2], events[i:i + 2]
+
+
+def _resume_dir_at_step_2(files, out, *extra):
+    t = make(files, out, "--steps", 4, "--batch-size", 2, "--seq-len", 16, "--save-every", 2, *extra)
+
+    def stop(trainer, rec):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+    assert t.run(on_step=stop) == 130
+
+
+@pytest.mark.parametrize("where", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(files, tmp_path, monkeypatch, capsys, where):
+    from safetensors import SafetensorError
+    import safetensors.torch
+
+    _resume_dir_at_step_2(files, tmp_path)
+    capsys.readouterr()
+    if where == "model.safetensors":  # what safetensors raised when a 1 MiB tmpfs filled up
+        def save_file(*_, **__):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    elif where == "optimizer.pt":  # what torch.save raised there (no errno: the disk's free space says it)
+        def save(*_, **__):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(train.torch, "save", save)
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    else:
+        real_write_text = type(tmp_path).write_text
+
+        def write_text(self, *a, **kw):
+            if self.name == "trainer_state.json":
+                raise OSError(28, "No space left on device", str(self))
+            return real_write_text(self, *a, **kw)
+        monkeypatch.setattr(type(tmp_path), "write_text", write_text)
+    assert train.main(["--resume", str(tmp_path), "--threads", "1"]) == 1  # step 4's save fails
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    ckpt = tmp_path.resolve() / "ckpt"
+    assert f"cannot save {ckpt}: the disk is full" in err and "the previous version there is intact" in err, err
+    assert f"continue from step 2 with `python train.py --resume {tmp_path}`" in err, err
+    monkeypatch.undo()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    M.Transformer.from_pretrained(ckpt)  # complete and loadable
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt")) == []  # no partial copy left
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["args"].update(lr=-1), "its saved --lr -1 is out of range (must be > 0 and finite)"),  # trained
+    (lambda s: s.update(step="abc"), "step is 'abc', expected a whole number >= 0"),  # was a TypeError
+    (lambda s: s["args"].update(steps="10"), "args.steps is '10', expected a whole number"),
+    (lambda s: s["args"].update(optimizer="sgd"), "args.optimizer is 'sgd', expected one of muonclip, muon, adamw"),
+    (lambda s: s["args"].update(sft="yes"), "args.sft is 'yes', expected true or false"),
+    (lambda s: s["args"].update(warmup_frac=0.9), "--warmup-frac 0.9 + --decay-frac 0.355 > 1"),
+    (lambda s: s.update(tokens_seen=-5), "tokens_seen is -5, expected a whole number >= 0"),
+])
+def test_resume_revalidates_the_saved_state_and_flags(pretrained, tmp_path, capsys, edit, message):
+    def damage(ckpt):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        edit(state)
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    run = _damaged(pretrained.parent, tmp_path, damage)
+    assert train.main(["--resume", str(run), "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'ckpt' / 'trainer_state.json'}: ") and message in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow
