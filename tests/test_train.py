@@ -416,6 +416,62 @@ def _resume_dir_at_step_2(files, out, *extra):
     assert t.run(on_step=stop) == 130
 
 
+class _Killed(BaseException):
+    """A kill -9 at one point of a save, simulated: the files on disk at that instant are copied aside first."""
+
+
+def test_resume_after_a_kill_at_any_point_of_a_save_is_bit_identical(files, tmp_path, monkeypatch):
+    cfg = ("--steps", 4, "--batch-size", 2, "--seq-len", 16, "--save-every", 2, "--eval-every", 2)
+    full = make(files, tmp_path / "full", *cfg)
+    assert full.run() == 0
+    want = losses(tmp_path / "full/log.jsonl")
+    want_weights = full.model.state_dict()
+    # every call that changes what the disk holds, or makes it durable, during the step-4 save (which replaces the
+    # step-2 checkpoint): a kill just before any one of them leaves the files that the snapshot copies
+    ops = {name: getattr(os, name) for name in ("fsync", "rename", "replace", "unlink", "rmdir")}
+    armed, seen = [], []
+
+    def killing(name):
+        def op(*args, **kw):
+            if armed and not seen:  # seen: the snapshot copy itself is not counted
+                armed[0] -= 1
+                if armed[0] < 0:
+                    seen.append(name)
+                    shutil.copytree(tmp_path / "part", tmp_path / "snap", symlinks=True)
+                    raise _Killed
+            return ops[name](*args, **kw)
+        return op
+    for name in ops:
+        monkeypatch.setattr(os, name, killing(name))
+
+    kinds = []
+    for k in range(100):
+        shutil.rmtree(tmp_path / "part", ignore_errors=True)
+        shutil.rmtree(tmp_path / "snap", ignore_errors=True)
+        part = make(files, tmp_path / "part", *cfg)
+        armed.clear(), seen.clear()
+
+        def arm(trainer, rec):
+            if trainer.step == 3:
+                armed.append(k)  # the k-th operation of the next save is where the kill lands
+        try:
+            part.run(on_step=arm)
+        except _Killed:
+            pass
+        if not seen:  # k is past the save's last operation: every kill point was tried
+            break
+        kinds.append(seen[0])
+        armed.clear()
+        again = train.Trainer(*train.parse_args(["--resume", str(tmp_path / "snap"), "--threads", "1"]))
+        assert again.step in (2, 4), (k, seen)  # the old checkpoint, or the new one when the save got far enough
+        assert again.run() == 0
+        assert losses(tmp_path / "snap/log.jsonl") == want, (k, seen)
+        got = M.Transformer.from_pretrained(tmp_path / "snap/ckpt").state_dict()
+        assert all(torch.equal(got[n], want_weights[n]) for n in got), (k, seen)
+        assert not [p for p in os.listdir(tmp_path / "snap") if p.startswith(".ckpt")], (k, seen)  # cleaned up
+    assert {"fsync", "rename", "unlink", "rmdir"} <= set(kinds), kinds  # each step of the save was interrupted
+
+
 @pytest.mark.parametrize("where", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(files, tmp_path, monkeypatch, capsys, where):
     from safetensors import SafetensorError
