@@ -820,22 +820,23 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def recover_interrupted_save(path: Path) -> Path | None:
     """Bring `path` back to a complete version after write_atomically was killed, and delete what the kill left.
-    Returns the leftover folder that became `path` (None if `path` needed nothing). The states a kill can leave,
-    by the step it interrupted (P: the killed process's id, which the leftovers carry in their names):
-        on disk                        interrupted                          newest complete version -> action
-        NAME                           nothing, or no save was running      NAME
-        NAME + .tmp-P                  writing tmp (step 2)                 NAME; delete tmp-P (maybe partial)
-        NAME + .old-P                  deleting old-P after the renames     NAME; delete old-P
-        .old-P + .tmp-P, no NAME       between the two renames              tmp-P: fsynced before the first rename,
-                                                                            so complete and newer -> NAME; delete
-                                                                            old-P (the save is finished)
-        .tmp-P, no NAME                writing the first version            none; delete tmp-P
-        .old-* alone, no NAME          never left by a save (moved by hand) the one with the newest config.json
-    Several leftovers of one kind only come from several kills in a row, each before the next save cleaned up; the
-    rules hold for each. The number in a name is a process id, not a step: it says nothing about which is newer.
-    A leftover is deleted only when the process that wrote it is gone (or is this one): a live process may be
-    writing it right now. Restoring needs no such check: a live save is between its renames for a moment only, and
-    if both rename the same tmp-P the second rename fails and that save reports the error."""
+    Returns the leftover folder that became `path` (None if `path` needed nothing). The states a kill leaves, by the
+    step of write_atomically it interrupted (P: the killed process's id, which its leftovers carry in their names):
+        on disk                    interrupted                        newest complete version -> action
+        NAME                       nothing                            NAME
+        NAME + .tmp-P              2: writing or fsyncing tmp-P       NAME; delete tmp-P (maybe partial)
+        .tmp-P alone               2: writing the first version       none; delete tmp-P
+        .old-P + .tmp-P, no NAME   3: between the two renames         tmp-P: fsynced before the first rename, so
+                                                                      complete and newer -> NAME; delete old-P
+        NAME + .old-P              3: deleting old-P after the renames  NAME; delete old-P (maybe partial)
+        .old-* without its .tmp-*  never left by a kill (moved by     the one whose config.json is newest -> NAME
+        and no NAME                hand)
+    A kill during this recovery (step 1) leaves one of these states again. Only a .tmp-P beside its own .old-P is
+    known to be complete: the number is a process id, not a step, and says nothing about which leftover is newer
+    (sorting them as text once restored a copy 20 steps old). A leftover is deleted only when its process is gone (or
+    is this one): a live process may be writing it. Restoring needs no such check: a live save is between its
+    renames for an instant only, and if two processes rename the same tmp-P the second rename fails and that save
+    reports it."""
     path = Path(path).resolve()
     parent = path.parent
     if not path.name or not parent.is_dir():
@@ -851,7 +852,7 @@ def recover_interrupted_save(path: Path) -> Path | None:
     if not path.exists():
         paired = [pid for pid in left["old"] if pid in left["tmp"]]
         if paired:
-            restored = left["tmp"][paired[0]]
+            restored = max((left["tmp"][pid] for pid in paired), key=lambda p: p.stat().st_mtime_ns)
         else:
             complete = [p for p in left["old"].values() if (p / "config.json").exists()]
             restored = max(complete, key=lambda p: (p / "config.json").stat().st_mtime_ns, default=None)
@@ -881,10 +882,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk (not possible for a folder on Windows)."""
+    """Flush a file's data, or a folder's entries, to the disk. Windows flushes only files opened for writing, and
+    no folders."""
     if os.name == "nt" and path.is_dir():
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

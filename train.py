@@ -452,7 +452,8 @@ def _state_field_problems(saved: dict) -> list[tuple[str, object, str]]:
         return type(v) in (int, float)
     fields = dict(step=(count, "a whole number >= 0"), tokens_seen=(count, "a whole number >= 0"),
                   log_bytes=(count, "a whole number >= 0"), data_id=(lambda v: type(v) is str, "a string"),
-                  torch_rng=(lambda v: type(v) is str, "a string"), data_state=(lambda v: type(v) is dict, "an object"),
+                  torch_rng=(lambda v: type(v) is str, "a string"),
+                  data_state=(lambda v: type(v) is dict, "an object"),
                   val_loss=(lambda v: v is None or number(v), "a number or null"),
                   elapsed_s=(lambda v: number(v) and v >= 0, "a number >= 0"))
     problems = [(k, saved[k], want) for k, (ok, want) in fields.items() if k in saved and not ok(saved[k])]
@@ -712,7 +713,7 @@ class Trainer:
     def _check_out_is_free(self) -> None:
         """A new run in a folder that holds an unfinished one would replace its log now and its checkpoint at the
         first save: the classic loss after a Ctrl-C is retyping the first command instead of adding --resume."""
-        M.recover_interrupted_save(self.out / "ckpt")  # a save killed between its renames leaves no ckpt/ for a moment
+        M.recover_interrupted_save(self.out / "ckpt")  # a save killed between its renames leaves no ckpt/
         state = self.out / "ckpt" / "trainer_state.json"
         if not state.exists():
             return
