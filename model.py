@@ -15,6 +15,8 @@ This file:
 * `Transformer.from_pretrained` / `save_pretrained`: the HF safetensors layout (sharded, with an index; FP8 block-scaled
   weights are dequantized on load). Module names ARE the checkpoint names, except that the routed experts are stored
   stacked (E, ·, ·) here and one by one on disk: `mlp.experts.{e}.gate_proj.weight` is row e of `mlp.experts.gate_proj`.
+* `write_atomically` / `recover_interrupted_save`: crash-safe writes (write -> fsync -> rename -> clean up) for
+  save_pretrained and train.py: a kill or a power loss at any moment leaves the old version or the complete new one.
 * `python model.py --config kimi-k2` prints parameter counts and KV-cache sizes, on the meta device (no memory);
   `--plan --world-size 16` prints the memory each of 16 GPUs needs (weights, latent KV cache, activations).
 * Tensor + expert parallelism (parallel.py) lives inside these same modules: under `torchrun` each rank builds

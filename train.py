@@ -24,6 +24,9 @@ What one run does, top to bottom of this file:
    deterministic, GPU ones need not be). What is never lost: a new run refuses an --out that holds an unfinished
    run (the user forgot --resume) or that another run is using (a lock), and a step whose loss, validation loss or
    weights are not finite stops the run before anything of it is logged or saved over the last good checkpoint.
+   A kill -9, a power loss or a full disk at any moment of a save leaves the last complete checkpoint
+   (model.write_atomically fsyncs before it renames; --resume finishes or undoes a save that was cut short), and
+   a resume re-checks the saved flags and state as strictly as the command line.
 4. `python train.py plot LOG... --out curves.png` (or --plot) draws loss and max-logit curves of several runs.
 5. Under torchrun (`torchrun --nproc-per-node 2 train.py --init CKPT ...`): tensor + expert parallelism (parallel.py)
    splits the weights, not the tokens, so every rank draws the same batches from the same seed and computes the same
