@@ -475,6 +475,37 @@ def test_resume_after_a_kill_at_any_point_of_a_save_is_bit_identical(files, tmp_
     assert {"fsync", "rename", "unlink", "rmdir"} <= set(kinds), kinds  # each step of the save was interrupted
 
 
+def test_a_kill_during_the_recovery_leaves_a_state_the_next_recovery_finishes(tmp_path, monkeypatch):
+    ops = {name: getattr(os, name) for name in ("fsync", "rename", "unlink", "rmdir")}
+    for k in range(100):  # kill before the k-th operation of recovering a save killed between its renames
+        run, snap = tmp_path / f"run{k}", tmp_path / f"snap{k}"
+        run.mkdir()
+        _fake_ckpt(run / f".ckpt.old-{DEAD[0]}", "old")
+        _fake_ckpt(run / f".ckpt.tmp-{DEAD[0]}", "new")
+        count = []
+
+        def killing(name):
+            def op(*args, **kw):
+                count.append(name)
+                if len(count) == k + 1:
+                    shutil.copytree(run, snap)
+                    raise _Killed
+                return ops[name](*args, **kw)
+            return op
+        for name in ops:
+            monkeypatch.setattr(os, name, killing(name))
+        try:
+            train.find_checkpoint(run)
+        except _Killed:
+            pass
+        monkeypatch.undo()
+        if not snap.exists():  # k is past the recovery's last operation
+            break
+        assert (train.find_checkpoint(snap) / "label").read_text() == "new", (k, count)
+        assert os.listdir(snap) == ["ckpt"], (k, count)
+    assert k >= 5  # rename, fsync, and deleting old-P's files and folder were each interrupted
+
+
 @pytest.mark.parametrize("where", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(files, tmp_path, monkeypatch, capsys, where):
     from safetensors import SafetensorError
@@ -502,7 +533,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(files, t
     assert train.main(["--resume", str(tmp_path), "--threads", "1"]) == 1  # step 4's save fails
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    ckpt = tmp_path.resolve() / "ckpt"
+    ckpt = tmp_path / "ckpt"
     assert f"cannot save {ckpt}: the disk is full" in err and "the previous version there is intact" in err, err
     assert f"continue from step 2 with `python train.py --resume {tmp_path}`" in err, err
     monkeypatch.undo()
