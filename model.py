@@ -826,11 +826,11 @@ def recover_interrupted_save(path: Path) -> Path | None:
     step of write_atomically it interrupted (P: the killed process's id, which its leftovers carry in their names):
         on disk                    interrupted                        newest complete version -> action
         NAME                       nothing                            NAME
-        NAME + .tmp-P              2: writing or fsyncing tmp-P       NAME; delete tmp-P (maybe partial)
+        NAME + .tmp-P              2, or 3 before the first rename    NAME; delete tmp-P (maybe partial)
         .tmp-P alone               2: writing the first version       none; delete tmp-P
         .old-P + .tmp-P, no NAME   3: between the two renames         tmp-P: fsynced before the first rename, so
                                                                       complete and newer -> NAME; delete old-P
-        NAME + .old-P              3: deleting old-P after the renames  NAME; delete old-P (maybe partial)
+        NAME + .old-P              3: deleting old-P (the last step)  NAME; delete old-P (maybe partial)
         .old-* without its .tmp-*  never left by a kill (moved by     the one whose config.json is newest -> NAME
         and no NAME                hand)
     A kill during this recovery (step 1) leaves one of these states again. Only a .tmp-P beside its own .old-P is
