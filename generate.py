@@ -442,8 +442,8 @@ def _print_stream(stream: TextStream) -> None:
 
 
 CHAT_BANNER = ("chat: type a message; /exit to quit, /tools to list the tools, /clear to start a fresh conversation "
-               "(the small demo model answers best in a fresh one: it was fine-tuned on single questions, and a "
-               "long history crowds them out)")
+               "(the small demo model answers best in a fresh one: it was fine-tuned on one-question conversations "
+               "only)")
 
 
 def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_tools: bool) -> None:
