@@ -549,7 +549,7 @@ def _run(a: argparse.Namespace) -> None:
             f"default (--temperature T to change)")
     params = SamplingParams(a.max_new_tokens, temperature, a.top_p, a.top_k, a.seed)
     check_context(model, 1, a.max_new_tokens)
-    chat = a.chat or (a.prompt is None and not a.raw and sys.stdin.isatty() and parallel.world_size() == 1)
+    chat = a.chat or (a.prompt is None and not a.raw and sys.stdin.isatty() and not parallel.launched_by_torchrun())
     if chat:
         return chat_repl(model, tok, params, a.tools)
     if a.tools:
