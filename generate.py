@@ -338,7 +338,8 @@ THREADS_HELP = ("CPU threads for torch. 0 (default) = automatic: the cores this 
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    """The --threads flag of every entry point (generate.py, serve.py, chat_data.py eval); apply it with set_threads."""
+    """The --threads flag of generate.py, serve.py and chat_data.py eval (train.py validates its own); apply it with
+    set_threads."""
     p.add_argument("--threads", type=_number(int, 0), default=0, help=THREADS_HELP)
 
 
@@ -421,7 +422,8 @@ def _number(kind: type, low: float, high: float = math.inf, low_open: bool = Fal
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not ((low < value if low_open else low <= value) and value <= high and math.isfinite(value)):
             rule = f"> {low:g}" if low_open else f">= {low:g}"
             rule += f" and <= {high:g}" if high < math.inf else ""
@@ -506,8 +508,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"(Kimi-K2-Instruct's recommendation)")
     p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass (default: %(default)s = off)")
-    p.add_argument("--top-k", type=_number(int, 0), default=0, help="keep the k most likely tokens (default: %(default)s = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: a random one)")
+    p.add_argument("--top-k", type=_number(int, 0), default=0,
+                   help="keep the k most likely tokens (default: %(default)s = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for reproducible sampling (default: a random one)")
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
