@@ -279,3 +279,7 @@ def test_huge_config_is_refused_before_allocating(tmp_path, key, value):
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("error: the checkpoint") and "Traceback" not in r.stderr
     assert "B parameters" in r.stderr and "GiB" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if key == "vocab_size":  # serve.py loads through generate.load: the same refusal (it used to die in the allocator)
+        import serve
+        with pytest.raises(ValueError, match="B parameters: its float32 weights need about"):
+            serve.ModelEngine.load(str(ckpt), "cpu", "fp32")
