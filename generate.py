@@ -311,11 +311,15 @@ def set_threads(requested: int = 0) -> tuple[int, str]:
     sets it to 1 per rank), else the cores this process may run on (its CPU affinity) that no other process is busy
     on right now, at least 1.
 
-    Why it matters: every parallel CPU operator (OpenMP, and MKL's matmuls) hands its work to a fixed team of threads
-    and returns only when ALL of them are done. With more threads than free cores, one of them is off-core on each
-    call, waiting for the scheduler's next time slice (milliseconds), while its teammates spin-wait on the cores the
-    late one needs. Decode runs thousands of small operators per second, so beside one busy process a 2-core machine
-    decoded 5-100x slower with 2 threads than with 1 (bench_threads.py measures it)."""
+    Why it matters: every parallel CPU operator (torch's OpenMP loops and MKL's matmuls) hands its work to a fixed
+    team of threads and returns only when ALL of them are done; in between, GNU OpenMP (torch's Linux builds) keeps
+    idle teammates spinning for 300,000 rounds before they sleep (GOMP_SPINCOUNT, libgomp manual). It cuts that to 100
+    only when its OWN threads outnumber the CPUs: another process does not count. So beside a busy process, with one
+    thread per core, a teammate spins on the core the late one needs, and each operator waits for a scheduler time
+    slice (milliseconds). Decode runs thousands of small operators per second: a 2-core machine decoded 5-100x slower
+    with 2 threads than with 1 (bench_threads.py). The same call in a second Python thread was fast by accident (its
+    teammate used 0.15 of a core, not a whole one): with the main thread's idle team and the new one, libgomp manages
+    more threads than the 2 CPUs and throttles the spinning."""
     if requested < 0:
         raise ValueError(f"--threads {requested}: give a thread count >= 1, or 0 for automatic")
     if requested:
