@@ -545,6 +545,7 @@ class Trainer:
             raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot "
                              "and run `python train.py plot` later)")
         threads, why_threads = set_threads(a.threads)
+        a.threads = threads  # saved with the run: a resume keeps the count (bit-identical losses) unless told otherwise
         self.device, why_device = pick_device(a.device)
         if joined is not None:
             if joined.type != self.device.type:

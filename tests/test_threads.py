@@ -57,15 +57,33 @@ def test_chat_data_eval_honours_threads(seen):
     assert seen and set(seen) == {ASKED}
 
 
-def test_train_honours_threads(seen, tmp_path):
+def _tiny_run(tmp_path, *flags: str) -> list[str]:
     tok = tmp_path / "bytes.tiktoken"
     tk.save_ranks({bytes([i]): i for i in range(256)}, tok)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
-    assert train.main(["--config", "tiny", "--threads", str(ASKED), "--steps", "1", "--batch-size", "2",
-                       "--seq-len", "16", "--val-batches", "1", "--tokenizer", str(tok), "--data", str(corpus),
-                       "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 0
+    return ["--config", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--val-batches", "1",
+            "--tokenizer", str(tok), "--data", str(corpus), "--data-cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "run"), *flags]
+
+
+def test_train_honours_threads(seen, tmp_path):
+    assert train.main(_tiny_run(tmp_path, "--threads", str(ASKED))) == 0
     assert seen and set(seen) == {ASKED}
+
+
+def test_train_resume_keeps_the_automatic_count(seen, tmp_path, monkeypatch):
+    """The count the automatic default chose is saved with the run, so a resume computes with the same count
+    (bit-identical losses) even if the machine got busier in between."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    monkeypatch.setattr(G, "busy_cores", lambda cpus: (0.0, "stub: an idle machine"))
+    assert train.main(_tiny_run(tmp_path)) == 0
+    assert set(seen) == {cores}
+    seen.clear()
+    monkeypatch.setattr(G, "busy_cores", lambda cpus: (cores - 1.0, "stub: a busy machine"))  # auto would pick 1
+    assert train.main(["--resume", str(tmp_path / "run"), "--steps", "2"]) == 0
+    assert seen and set(seen) == {cores}
 
 
 def test_serve_honours_threads_in_its_worker_thread(seen, monkeypatch):
