@@ -269,8 +269,8 @@ def _at_least(low: int | float, kind: type = int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= low:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        if not low <= value < float("inf"):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= {low}")
         return value
     return parse
 
