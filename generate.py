@@ -306,10 +306,20 @@ def busy_cores(cpus: set[int], seconds: float = 0.2) -> tuple[float, str]:
     return 0.0, "no load figure on this system"
 
 
+def cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The CPUs a cgroup v2 quota lets this process use (`docker run --cpus 2` writes "200000 100000"), or None.
+    The affinity mask does not show such a quota: a container would see all of the host's cores."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
 def set_threads(requested: int = 0) -> tuple[int, str]:
     """Set torch's CPU thread count and return (threads, reason). 0 = automatic: OMP_NUM_THREADS if it is set (torchrun
     sets it to 1 per rank), else the cores this process may run on (its CPU affinity) that no other process is busy
-    on right now, at least 1.
+    on right now, at most a cgroup quota (cpu_quota), at least 1.
 
     Why it matters: every parallel CPU operator (torch's OpenMP loops and MKL's matmuls) hands its work to a fixed
     team of threads and returns only when ALL of them are done; in between, GNU OpenMP (torch's Linux builds) keeps
@@ -332,8 +342,13 @@ def set_threads(requested: int = 0) -> tuple[int, str]:
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     busy, how = busy_cores(cpus)
     n = max(1, len(cpus) - round(busy))
+    quota = cpu_quota()
+    why = f"{len(cpus)} core(s) available, {busy:.1f} busy with other processes ({how})"
+    if quota is not None and n > quota:
+        n = max(1, math.floor(quota))
+        why += f", a cgroup quota of {quota:g} CPUs"
     torch.set_num_threads(n)
-    return n, f"{len(cpus)} core(s) available, {busy:.1f} busy with other processes ({how}); --threads N to choose"
+    return n, why + "; --threads N to choose"
 
 
 THREADS_HELP = ("CPU threads for torch. 0 (default) = automatic: the cores this process may use that no other process "
