@@ -1,6 +1,8 @@
 """Protects generation: sampling (seeded reproducibility, temperature 0 = argmax, the exact token sets top-k/top-p
 keep), cached decode == recomputing the whole sequence, stop tokens / stop strings / length, streaming text equal to
-decoding all ids, the context-length error, and constrained starts (constrain_start: only allowed first tokens).
+decoding all ids, the context-length error, and constrained starts (constrain_start: only allowed first tokens);
+the command line (chat on a terminal, greedy for the demo model, train.py run folders, non-finite temperatures),
+NaN logits, and the memory check that refuses a too-large checkpoint before allocating it.
 Compares against: hand-computed distributions and masks, argmax, and the cache-free twin (use_cache=False).
 Run: pytest tests/test_generate.py -q   (CPU, seconds)"""
 
