@@ -18,6 +18,7 @@ import time
 import torch
 
 import model as M
+from generate import add_threads_argument, set_threads
 
 
 def hf_twin(ours: M.Transformer, tmpdir: str):
@@ -68,10 +69,9 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=256, help="decode: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="decode: new tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    add_threads_argument(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     import tempfile
 
     torch.manual_seed(0)

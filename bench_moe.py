@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import model
 import moe
+from generate import add_threads_argument, set_threads
 
 H200_TFLOPS = 788.0  # bf16 8192³ matmul through PyTorch on random data, measured here (KINDS.md, 2026-10-28)
 H200_TBPS = 4.3  # device-to-device copy, bytes read + written (KINDS.md, 2026-10-28)
@@ -214,7 +215,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=H200_TFLOPS, help="bf16 matmul ceiling for %%peak")
     p.add_argument("--peak-tbps", type=float, default=H200_TBPS, help="memory bandwidth ceiling (TB/s) for %%HBM")
     p.add_argument("--json", default="", help="also write every row to this JSON file")
+    add_threads_argument(p)
     args = p.parse_args()
+    set_threads(args.threads)
 
     if args.device:
         device, why = torch.device(args.device), "requested with --device"

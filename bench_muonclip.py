@@ -16,6 +16,7 @@ import time
 import torch
 
 import model as kimi
+from generate import add_threads_argument, set_threads
 from muonclip import NS_STEPS, MuonClip, split_params, zeropower_via_newtonschulz5
 
 
@@ -100,7 +101,9 @@ def main() -> None:
     p.add_argument("--preset", default="cpu-small", help="model preset whose parameters are optimized")
     p.add_argument("--device", default="", help="cpu | cuda; empty = cuda if available, else cpu")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per row (the best is reported)")
+    add_threads_argument(p)
     args = p.parse_args()
+    set_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
     optimizer_table(args.preset, device, args.repeats)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import generate as G
 import serve
 
 ROOT = Path(__file__).resolve().parent
@@ -102,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
     p.add_argument("--requests", type=int, default=16, help="requests per row (split evenly over the clients)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    G.add_threads_argument(p)
     a = p.parse_args(argv)
+    G.set_threads(a.threads)  # before the server's worker thread starts: it inherits the count
     with tempfile.TemporaryDirectory() as tmp:
         if a.ckpt:
             ckpt, what = Path(a.ckpt), a.ckpt

@@ -269,8 +269,8 @@ def _at_least(low: int | float, kind: type = int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= low:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        if not low <= value < float("inf"):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= {low}")
         return value
     return parse
 
@@ -287,9 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ckpt", default="demo", help="checkpoint directory (with tiktoken.model)")
     e.add_argument("-n", type=_at_least(1), default=200, help="number of held-out prompts")
     e.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="sampling temperature (0 = greedy)")
-    e.add_argument("--threads", type=_at_least(0), default=0,
-                   help="CPU threads for torch (0 = torch's default, all cores). On a machine shared with other "
-                   "jobs, 1 can be many times faster: waiting OpenMP threads stall every op")
+    from generate import add_threads_argument
+    add_threads_argument(e)
     a = p.parse_args(argv)
     if a.command == "show":
         from tokenizer import apply_chat_template
@@ -297,10 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             # add_generation_prompt=True as in training: without it the template drops the last <|im_end|>
             print(apply_chat_template(messages, tools, add_generation_prompt=True), end="\n\n")
         return 0
-    import torch
-    from generate import load
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    from generate import load, set_threads
+    threads, why = set_threads(a.threads)
+    print(f"{threads} CPU thread(s) ({why})", flush=True)
     try:
         model, tok = load(a.ckpt)
     except (ValueError, OSError) as err:  # no such folder, no tiktoken.model, damaged weights

@@ -11,8 +11,11 @@ How generation works here (the same loop a serving engine runs, minus batching t
    Optionally the first tokens are constrained to begin one of given id sequences (`constrain_start`).
 4. Stop on <|im_end|> or [EOS] (K2's two stop tokens, SPEC §5), on a user stop string, or at max_new_tokens.
 
-`python generate.py` loads the shipped demo model (demo/: Hugging Face format + tiktoken.model) and completes a
-default prompt; `--chat` opens a REPL with the chat template, `--tools` lets the model call the built-in tools.
+`python generate.py` loads the shipped demo model (demo/: Hugging Face format + tiktoken.model) and, on a terminal,
+opens a chat REPL with the chat template (`--tools` lets the model call the built-in tools); `--prompt TEXT` (or a
+stdin that is not a terminal) answers one message. The command line samples greedily for the demo model, whose
+accuracy figures are greedy, and at K2's 0.6 for other checkpoints; `--threads` (set_threads) keeps CPU decoding
+from stalling beside other busy processes.
 `torchrun --nproc-per-node W generate.py ...` runs the same loop with the model split over W processes
 (parallel.py): every rank runs every step, rank 0's sampled token is broadcast so all ranks decode the same
 sequence, only rank 0 prints, and a rank that fails ends the job with its error instead of leaving it hanging.
@@ -21,6 +24,8 @@ Shapes: B batch, T tokens, V vocab.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +36,7 @@ import torch
 from torch import Tensor
 
 import parallel
-from model import Transformer
+from model import Block, ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -56,9 +61,13 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
     then the smallest set of most likely tokens whose probability reaches top_p (1.0 = all; the most likely token is
     always kept).
     """
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or top_k < 0:  # NaN fails every comparison
+        raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                         f"got {temperature}, {top_p}, {top_k}")
     logits = logits.float()  # fp32: sampling from bf16 logits would distort small probabilities
+    if bool(logits.isnan().any()):  # argmax would pick a NaN silently, multinomial would fail deep inside torch
+        raise ValueError("the model produced NaN logits: its weights hold NaN or inf values (a damaged or diverged "
+                         "checkpoint), or the dtype overflowed (try --dtype fp32)")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -269,16 +278,148 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     return torch.float32, f"{device.type}: bf16 matmuls are slow or unsupported there, fp32 is the safe choice"
 
 
+def busy_cores(cpus: set[int], seconds: float = 0.2) -> tuple[float, str]:
+    """How many of these CPUs other processes keep busy right now: (cores, how it was measured).
+
+    Linux: the per-CPU counters of /proc/stat sampled `seconds` apart, minus this process's own CPU time. Elsewhere:
+    the 1-minute load average (lags behind a process that just started), or 0 where there is none."""
+    def ticks() -> dict[int, tuple[int, int]]:  # cpu -> (busy, total) jiffies since boot
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *vals = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in vals]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+                out[int(name[3:])] = (sum(v[:8]) - idle, sum(v[:8]))  # user..steal; guest is counted in user
+        return out
+
+    try:
+        before, own0 = ticks(), time.process_time()
+        time.sleep(seconds)
+        after, own = ticks(), time.process_time() - own0
+        busy = sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after)
+        return max(busy - own / seconds, 0.0), f"/proc/stat over {seconds:g} s"
+    except (OSError, ValueError, IndexError, KeyError):
+        pass
+    if hasattr(os, "getloadavg"):
+        return min(os.getloadavg()[0], len(cpus)), "1-minute load average"
+    return 0.0, "no load figure on this system"
+
+
+def cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The CPUs a cgroup v2 quota lets this process use (`docker run --cpus 2` writes "200000 100000"), or None.
+    The affinity mask does not show such a quota: a container would see all of the host's cores."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def set_threads(requested: int = 0) -> tuple[int, str]:
+    """Set torch's CPU thread count and return (threads, reason). 0 = automatic: OMP_NUM_THREADS if it is set (torchrun
+    sets it to 1 per rank), else the cores this process may run on (its CPU affinity) that no other process is busy
+    on right now, at most a cgroup quota (cpu_quota), at least 1.
+
+    Why it matters: every parallel CPU operator (torch's OpenMP loops and MKL's matmuls) hands its work to a fixed
+    team of threads and returns only when ALL of them are done; in between, GNU OpenMP (torch's Linux builds) keeps
+    idle teammates spinning for 300,000 rounds before they sleep (GOMP_SPINCOUNT, libgomp manual). It cuts that to 100
+    only when its OWN threads outnumber the CPUs: another process does not count. So beside a busy process, with one
+    thread per core, a teammate spins on the core the late one needs, and each operator waits for a scheduler time
+    slice (milliseconds). Decode runs thousands of small operators per second: a 2-core machine decoded 5-100x slower
+    with 2 threads than with 1 (bench_threads.py). The same call in a second Python thread was fast by accident (its
+    teammate used 0.15 of a core, not a whole one): with the main thread's idle team and the new one, libgomp manages
+    more threads than the 2 CPUs and throttles the spinning."""
+    if requested < 0:
+        raise ValueError(f"--threads {requested}: give a thread count >= 1, or 0 for automatic")
+    if requested:
+        torch.set_num_threads(requested)
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        n = int(os.environ["OMP_NUM_THREADS"])
+        torch.set_num_threads(n)
+        return n, f"OMP_NUM_THREADS={n}"
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    busy, how = busy_cores(cpus)
+    n = max(1, len(cpus) - round(busy))
+    quota = cpu_quota()
+    why = f"{len(cpus)} core(s) available, {busy:.1f} busy with other processes ({how})"
+    if quota is not None and n > quota:
+        n = max(1, math.floor(quota))
+        why += f", a cgroup quota of {quota:g} CPUs"
+    torch.set_num_threads(n)
+    return n, why + "; --threads N to choose"
+
+
+THREADS_HELP = ("CPU threads for torch. 0 (default) = automatic: the cores this process may use that no other process "
+                "is busy on at start (OMP_NUM_THREADS wins if set). More threads than free cores make every operator "
+                "wait for a descheduled thread: beside a busy process a 2-core machine can run 5-100x slower")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """The --threads flag of generate.py, serve.py and chat_data.py eval (train.py validates its own); apply it with
+    set_threads."""
+    p.add_argument("--threads", type=_number(int, 0), default=0, help=THREADS_HELP)
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters (and routing-bias buffers) of this rank's share, from the shapes: one dense and one MoE block are
+    built on the meta device and multiplied by their counts, so a config with a million layers is counted at once."""
+    n_moe = sum(args.is_moe_layer(layer) for layer in range(args.num_hidden_layers))
+    kinds = {True: n_moe, False: args.num_hidden_layers - n_moe}
+    total = 0
+    with torch.device("meta"):
+        for moe, count in kinds.items():
+            if count:
+                layer = next(i for i in range(args.num_hidden_layers) if args.is_moe_layer(i) == moe)
+                total += count * sum(t.numel() for t in Block(layer, args).state_dict().values())
+    rows = parallel.split(args.vocab_size, "vocab_size")[0]
+    return total + 2 * rows * args.hidden_size + args.hidden_size  # embedding, lm_head, final norm
+
+
+def check_memory(args: ModelArgs, device: torch.device, bytes_per_param: int, what: str, use: str, fix: str) -> None:
+    """Refuse a model that cannot fit this device before allocating it: `--config kimi-k2` (or a config.json with a
+    billion-row vocabulary) on a laptop would otherwise fill the memory, and the swap, before failing.
+    `use` says what the bytes are for ("training needs", "fp32 weights need"), `fix` what to do instead."""
+    n = parameter_count(args)
+    need = bytes_per_param * n
+    try:
+        if device.type == "cuda":
+            have = torch.cuda.get_device_properties(device).total_memory
+        elif device.type == "cpu":
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        else:
+            return  # MPS shares the machine's memory with no simple query; let it try
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no check
+        return
+    if need > have:
+        raise ValueError(f"{what} has {n / 1e9:,.2f}B parameters: {use} about {need / 2**30:,.0f} GiB "
+                         f"({bytes_per_param} bytes each) but this {device.type} has {have / 2**30:,.0f} GiB; {fix}")
+
+
+def find_checkpoint(ckpt: str | Path) -> Path:
+    """The folder itself, or RUN/ckpt when given a train.py run folder (as `train.py --resume RUN` takes one)."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").exists() and (ckpt / "ckpt" / "config.json").exists():
+        return ckpt / "ckpt"
+    return ckpt
+
+
 def load(ckpt: str | Path = DEMO_DIR, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """A Hugging Face-format directory with config.json, safetensors weights and tiktoken.model."""
-    ckpt = Path(ckpt)
+    """A Hugging Face-format directory with config.json, safetensors weights and tiktoken.model (or a train.py run
+    folder, whose ckpt/ is loaded). The weights' size is checked against the device's memory before allocating."""
+    given, ckpt = ckpt, find_checkpoint(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist; give a folder with config.json, "
                                 f"*.safetensors and tiktoken.model (the shipped one: {DEMO_DIR})")
     if not (ckpt / "tiktoken.model").exists():
         raise FileNotFoundError(f"{ckpt} has no tiktoken.model; a checkpoint directory needs its tokenizer beside "
                                 f"the weights (see README: 'The demo model')")
+    device = torch.device(device)
+    check_memory(ModelArgs.from_json(ckpt), device, dtype.itemsize, f"the checkpoint {given}",
+                 f"its {str(dtype).removeprefix('torch.')} weights need",
+                 "use a smaller checkpoint, --dtype bf16, or split it over more devices with torchrun")
     tok = Tokenizer.load(ckpt / "tiktoken.model")
     model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype).eval()
     if tok.n_vocab > model.args.vocab_size:
@@ -293,10 +434,37 @@ def load(ckpt: str | Path = DEMO_DIR, device: torch.device | str = "cpu",
 DEFAULT_PROMPT = "Hello! Who are you?"
 
 
+def _number(kind: type, low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with low_open), else argparse's usage error
+    naming the flag (NaN and inf included), instead of a traceback from inside the sampler later."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ((low < value if low_open else low <= value) and value <= high and math.isfinite(value)):
+            rule = f"> {low:g}" if low_open else f">= {low:g}"
+            rule += f" and <= {high:g}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"{text} is not {'an integer' if kind is int else 'a finite number'} "
+                                             f"{rule}")
+        return value
+    return parse
+
+
+def is_demo(ckpt: str | Path) -> bool:
+    return find_checkpoint(ckpt).resolve() == DEMO_DIR.resolve()
+
+
 def _print_stream(stream: TextStream) -> None:
     for piece in stream:  # every rank runs the loop (each step is a collective); rank 0 prints
         parallel.print0(piece, end="", flush=True)
     parallel.print0()
+
+
+CHAT_BANNER = ("chat: type a message; /exit to quit, /tools to list the tools, /clear to start a fresh conversation "
+               "(the small demo model answers best in a fresh one: it was fine-tuned on one-question conversations "
+               "only)")
 
 
 def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_tools: bool) -> None:
@@ -305,7 +473,7 @@ def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_to
 
     registry = T.default_registry() if use_tools else None
     messages: list[dict] = []
-    print("chat: type a message; /exit to quit, /clear to start over, /tools to list the tools", flush=True)
+    print(CHAT_BANNER, flush=True)
     for line in sys.stdin:
         line = line.strip()
         if not line:
@@ -337,22 +505,36 @@ def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_to
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate text with a Kimi K2 checkpoint (default: the shipped demo model).")
+    p = argparse.ArgumentParser(
+        description="Generate text with a Kimi K2 checkpoint (default: the shipped demo model). Without --prompt: "
+                    "a chat on a terminal, one answer to a greeting when stdin is not a terminal.")
     # --- what to run
-    p.add_argument("--ckpt", default=str(DEMO_DIR), help="Hugging Face-format checkpoint directory with tiktoken.model")
-    p.add_argument("--prompt", default=None, help="user message (chat-formatted); default: a greeting")
+    p.add_argument("--ckpt", default=str(DEMO_DIR), help="Hugging Face-format checkpoint directory with "
+                                                         "tiktoken.model, or a train.py run folder (its ckpt/); "
+                                                         "default: the shipped demo model, demo/")
+    p.add_argument("--prompt", default=None, help="answer this one user message (chat-formatted) and exit; without "
+                                                  f"it: chat on a terminal, else the prompt {DEFAULT_PROMPT!r}")
     p.add_argument("--raw", action="store_true", help="complete --prompt as plain text, without the chat template")
-    p.add_argument("--chat", action="store_true", help="interactive chat on stdin (/exit, /clear, /tools)")
-    p.add_argument("--tools", action="store_true", help="in --chat, let the model call the built-in tools")
+    p.add_argument("--chat", action="store_true", help="interactive chat on stdin (/exit, /clear, /tools), "
+                                                       "also when stdin is not a terminal")
+    p.add_argument("--tools", action="store_true", help="in the chat, let the model call the built-in tools")
     # --- sampling
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy; K2 recommends 0.6")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt, per answer "
+                                                                         "(default: %(default)s)")
+    p.add_argument("--temperature", type=_number(float, 0), default=None,
+                   help=f"0 = greedy. Default: 0 for the shipped demo model (its accuracy figures are greedy; "
+                        f"sampling costs the toy model right answers), {DEFAULT_TEMPERATURE} for other checkpoints "
+                        f"(Kimi-K2-Instruct's recommendation)")
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling mass (default: %(default)s = off)")
+    p.add_argument("--top-k", type=_number(int, 0), default=0,
+                   help="keep the k most likely tokens (default: %(default)s = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for reproducible sampling (default: a random one)")
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
+    add_threads_argument(p)
     a = p.parse_args(argv)
     with parallel.abort_on_error():  # under torchrun: a rank that fails ends the job with its message, no hang
         try:
@@ -371,7 +553,11 @@ def _run(a: argparse.Namespace) -> None:
         if a.chat:
             raise ValueError("--chat reads stdin in one process; under torchrun pass the message with --prompt")
     dtype, why_dtype = pick_dtype(a.dtype, device)
-    say(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype})")
+    threads, why_threads = set_threads(a.threads)
+    say(f"device: {device} ({why_device}); dtype: {str(dtype).removeprefix('torch.')} ({why_dtype}); "
+        f"{threads} CPU thread(s) ({why_threads})")
+    if find_checkpoint(a.ckpt) != Path(a.ckpt):
+        say(f"checkpoint: {find_checkpoint(a.ckpt)} (the checkpoint of the train.py run folder {a.ckpt})")
     model, tok = load(a.ckpt, device, dtype)
     if parallel.world_size() > 1:
         r = model.load_report
@@ -379,12 +565,18 @@ def _run(a: argparse.Namespace) -> None:
             f"checkpoint's {r['checkpoint_bytes'] / 2**20:,.1f} MiB")
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {a.max_new_tokens}: ask for at least 1 token")
-    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
+    temperature = a.temperature
+    if temperature is None:
+        temperature = 0.0 if is_demo(a.ckpt) else DEFAULT_TEMPERATURE
+        say(f"sampling: {'greedy, the demo model' if temperature == 0 else f'temperature {temperature}, K2'}'s "
+            f"default (--temperature T to change)")
+    params = SamplingParams(a.max_new_tokens, temperature, a.top_p, a.top_k, a.seed)
     check_context(model, 1, a.max_new_tokens)
-    if a.chat:
+    chat = a.chat or (a.prompt is None and not a.raw and sys.stdin.isatty() and not parallel.launched_by_torchrun())
+    if chat:
         return chat_repl(model, tok, params, a.tools)
     if a.tools:
-        say("--tools applies to --chat; generating without tools")
+        say("--tools applies to the chat; generating without tools")
     prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     if a.raw:
         ids = tok.encode(prompt)

@@ -1125,8 +1125,10 @@ def main() -> None:
     print(f"  multi-head K/V equivalent    {_fmt_bytes(mha):>14}   {_fmt_bytes(mha * a.context):>14}"
           f"   ({mha / mla:.1f}x the latent)")
     if a.config == "kimi-k2":
-        print("Moonshot states 1T total / 32B activated (README) and 1.04T / 32.6B (tech report); neither reproduces "
-              "from the released config.json under any embedding/head convention (see README, 'Parameter counts').")
+        print(f"Moonshot's README states 1T total / 32B activated: these counts rounded down "
+              f"({r['total'] / 1e12:.3f}T / {r['active'] / 1e9:.2f}B). The tech report's 1.04T / 32.6B does not "
+              "reproduce from the released config.json under any embedding/head convention (README, 'Parameter "
+              "counts').")
 
 
 if __name__ == "__main__":

@@ -905,9 +905,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
+    G.add_threads_argument(p)
     a = p.parse_args(argv)
     if a.max_body_bytes < 1 or a.default_max_tokens < 1:
         sys.exit("error: --max-body-bytes and --default-max-tokens must be at least 1")
+    threads, why_threads = G.set_threads(a.threads)  # before the worker thread starts: it inherits the count
+    print(f"{threads} CPU thread(s) ({why_threads})", flush=True)
     try:
         engine = ModelEngine.load(a.ckpt, a.device, a.dtype)
         server = ChatServer(engine, a.host, a.port, a.served_model_name, a.api_key, a.max_body_bytes,

@@ -85,7 +85,8 @@ except ImportError:  # Windows: no flock; two runs sharing an --out are then not
 import model as M
 import parallel
 import tokenizer as tk
-from generate import pick_device, pick_dtype
+from generate import THREADS_HELP, pick_device, pick_dtype, set_threads
+from generate import check_memory as generate_check_memory
 from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules, build_optimizer
 
 ROOT = Path(__file__).resolve().parent
@@ -531,24 +532,10 @@ def sigterm_as_interrupt():
 
 
 def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
-    """Refuse a model whose training state cannot fit this machine before allocating it: `--config kimi-k2` on a
-    laptop would otherwise fill the memory (and the swap, and freeze the machine) before failing.
+    """Refuse a model whose training state cannot fit this machine before allocating it (generate.check_memory).
     Training holds ~16 bytes per parameter: fp32 weights, gradients and two AdamW moments (Muon keeps one)."""
-    n = M.param_report(margs)["total"]  # this rank's share under parallelism; meta device, nothing allocated
-    need = 16 * n
-    try:
-        if device.type == "cuda":
-            have = torch.cuda.get_device_properties(device).total_memory
-        elif device.type == "cpu":
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        else:
-            return  # MPS shares the machine's memory with no simple query; let it try
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no check
-        return
-    if need > have:
-        raise ValueError(f"{what} has {n / 1e9:,.2f}B parameters: training needs about {need / 2**30:,.0f} GiB "
-                         f"(fp32 weights, gradients and optimizer state, 16 bytes each) but this {device.type} has "
-                         f"{have / 2**30:,.0f} GiB; use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
+    generate_check_memory(margs, device, 16, what, "training needs",
+                          "use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,8 +580,8 @@ class Trainer:
         if a.plot and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot "
                              "and run `python train.py plot` later)")
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        threads, why_threads = set_threads(a.threads)
+        a.threads = threads  # saved with the run: a resume keeps the count (bit-identical losses) unless told otherwise
         self.device, why_device = pick_device(a.device)
         if joined is not None:
             if joined.type != self.device.type:
@@ -610,7 +597,7 @@ class Trainer:
                          else nullcontext())
         amp_note = "; autocast, weights and optimizer state stay fp32" if amp_dtype != torch.float32 else ""
         say(f"device: {self.device} ({why_device}); compute dtype: {str(amp_dtype).removeprefix('torch.')} "
-              f"({why_dtype}){amp_note}; {torch.get_num_threads()} CPU thread(s)")
+              f"({why_dtype}){amp_note}; {threads} CPU thread(s) ({why_threads})")
 
         # --- the model: a preset/config, a checkpoint to start from (--init), or the checkpoint to resume
         torch.manual_seed(a.seed)
@@ -1217,9 +1204,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="",
                    help="fp32 | bf16 compute (autocast); empty = bf16 on a capable GPU, else fp32")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default, all cores). On a machine shared with other "
-                   "jobs, 1 can be many times faster: waiting OpenMP threads stall every op")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     return p
 
 
@@ -1265,7 +1250,7 @@ def check_args(args: argparse.Namespace, saved_in: Path | None = None) -> None:
             ("qk_clip_tau", args.qk_clip_tau > 0, "must be > 0; K2 uses 100"),
             ("bias_update_speed", 0 <= args.bias_update_speed < math.inf, "must be >= 0, 0 = frozen"),
             ("seq_aux_alpha", 0 <= args.seq_aux_alpha < math.inf, "must be >= 0, 0 = off"),
-            ("threads", args.threads >= 0, "must be >= 0, 0 = torch's default")):
+            ("threads", args.threads >= 0, "must be >= 0, 0 = automatic")):
         if not ok:  # NaN fails every comparison, so it lands here too
             fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range ({rule})")
     if args.warmup_frac + args.decay_frac > 1:

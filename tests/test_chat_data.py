@@ -53,7 +53,8 @@ def test_deterministic_and_renderable():
 
 
 def test_cli_rejects_bad_values_and_missing_checkpoints(tmp_path, capsys):
-    for argv in (["eval", "-n", "0"], ["eval", "-n", "-3"], ["show", "-n", "-1"], ["eval", "--temperature", "-1"]):
+    for argv in (["eval", "-n", "0"], ["eval", "-n", "-3"], ["show", "-n", "-1"], ["eval", "--temperature", "-1"],
+                 ["eval", "--temperature", "inf"]):  # inf: a ValueError traceback from generate.sample
         with pytest.raises(SystemExit) as exc:  # argparse's usage error, not a ZeroDivisionError after loading
             C.main(argv)
         assert exc.value.code == 2, argv

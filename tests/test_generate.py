@@ -1,6 +1,8 @@
 """Protects generation: sampling (seeded reproducibility, temperature 0 = argmax, the exact token sets top-k/top-p
 keep), cached decode == recomputing the whole sequence, stop tokens / stop strings / length, streaming text equal to
-decoding all ids, the context-length error, and constrained starts (constrain_start: only allowed first tokens).
+decoding all ids, the context-length error, and constrained starts (constrain_start: only allowed first tokens);
+the command line (chat on a terminal, greedy for the demo model, train.py run folders, non-finite temperatures),
+NaN logits, and the memory check that refuses a too-large checkpoint before allocating it.
 Compares against: hand-computed distributions and masks, argmax, and the cache-free twin (use_cache=False).
 Run: pytest tests/test_generate.py -q   (CPU, seconds)"""
 
@@ -179,3 +181,107 @@ def test_damaged_checkpoint_is_one_line_error(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             G.main(["--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "1"])
         assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value), exit_info.value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line a newcomer meets first, and bad numbers
+
+
+class _Terminal:
+    """A stdin that says it is a terminal and holds these lines."""
+
+    def __init__(self, text: str):
+        self.lines = iter(text.splitlines(keepends=True))
+
+    def isatty(self) -> bool:
+        return True
+
+    def __iter__(self):
+        return self.lines
+
+
+def test_no_arguments_on_a_terminal_opens_the_chat(monkeypatch, capsys):
+    """README: `python generate.py` is "chat with the shipped demo model"; it used to answer one fixed prompt."""
+    monkeypatch.setattr("sys.stdin", _Terminal("Hello!\n/clear\n/exit\n"))
+    G.main(["--max-new-tokens", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert G.CHAT_BANNER in out and "/clear to start a fresh conversation" in out
+    assert out.count("assistant: ") == 1 and "(conversation cleared)" in out and "prompt: " not in out
+
+
+def test_demo_samples_greedily_by_default_other_checkpoints_at_k2s_temperature(monkeypatch, tmp_path):
+    """The demo's accuracy figures are greedy, so its command-line default is greedy; other checkpoints get 0.6."""
+    import shutil
+    used = []
+
+    class Recorder:  # records the sampling parameters instead of generating
+        completion_tokens, seconds, finish_reason = 0, 1.0, "length"
+
+        def __init__(self, model, tok, ids, params):
+            used.append(params.temperature)
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(G, "TextStream", Recorder)
+    other = tmp_path / "other"
+    shutil.copytree(G.DEMO_DIR, other)
+    for argv in ([], ["--ckpt", str(other)], ["--temperature", "0.9"]):
+        G.main(argv + ["--prompt", "hi", "--max-new-tokens", "1", "--threads", "1"])
+    assert used == [0.0, G.DEFAULT_TEMPERATURE, 0.9]
+
+
+def test_run_folder_loads_its_checkpoint(tmp_path, capsys):
+    """`--ckpt runs/NAME` (what train.py --resume takes) used to say there is no tiktoken.model."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(G.DEMO_DIR, run / "ckpt")
+    G.main(["--ckpt", str(run), "--prompt", "hi", "--max-new-tokens", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert f"checkpoint: {run / 'ckpt'}" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5", "-inf"])
+def test_bad_temperature_is_an_argparse_error(value, capsys):
+    """--temperature nan used to reach torch.multinomial and end in its traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        G.main([f"--temperature={value}", "--prompt", "hi", "--max-new-tokens", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --temperature" in err and value in err, err
+    with pytest.raises(ValueError, match="finite temperature"):
+        G.sample(torch.zeros(1, 4), temperature=float(value))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_weights_are_a_clear_error(temperature):
+    """NaN weights give NaN logits: sampling used to fail inside torch.multinomial, and greedy decoding silently
+    returned the NaN's index as a token."""
+    model = random_model(tiny_args(), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN logits"):
+        list(G.generate_tokens(model, torch.tensor([[1, 2, 3]]), 2, temperature=temperature,
+                               generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("key, value", [("vocab_size", 10**9), ("num_hidden_layers", 10**6)])
+def test_huge_config_is_refused_before_allocating(tmp_path, key, value):
+    """A config too large for the device is one line naming the sizes, in about a second: it used to allocate for
+    minutes (or die in the allocator). A subprocess, so that the old behaviour fails by its timeout, not by hanging."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    ckpt = tmp_path / "huge"
+    shutil.copytree(G.DEMO_DIR, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, key: value}))
+    r = subprocess.run([sys.executable, "generate.py", "--ckpt", str(ckpt), "--prompt", "hi"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: the checkpoint") and "Traceback" not in r.stderr
+    assert "B parameters" in r.stderr and "GiB" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if key == "vocab_size":  # serve.py loads through generate.load: the same refusal (it used to die in the allocator)
+        import serve
+        with pytest.raises(ValueError, match="B parameters: its float32 weights need about"):
+            serve.ModelEngine.load(str(ckpt), "cpu", "fp32")

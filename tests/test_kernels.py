@@ -4,7 +4,7 @@ Compile tier (every machine with nvcc, CI included; skipped cleanly without it):
 sm_90; the SASS of every grouped-GEMM variant holds tensor-core HMMA.16816.F32.BF16 instructions fed by ldmatrix
 (LDSM) and cp.async (LDGSTS); ptxas reports 0 spill bytes and no stack frame for every kernel.
 Compares against: what the header comment of kernels.cu promises; the disassembler is nvdisasm or cuobjdump
-(PATH, beside nvcc, or the PyPI wheel nvidia-cuda-nvdisasm that the dev extra installs).
+(PATH, beside nvcc, or the PyPI wheel nvidia-cuda-nvdisasm that the cuda extra installs).
 
 GPU tier (marked gpu; skipped without a CUDA device or without the built extension kimi_k2_kernels): the fused
 output against moe.moe_reference run in float64, within 2x the error of PyTorch's own bf16 path (STYLE §5), for
@@ -142,8 +142,8 @@ def test_gemms_use_tensor_cores(compiled):
     elif cuobjdump:
         cmd = [cuobjdump, "-sass", str(cubin)]
     else:
-        pytest.skip("no disassembler: pip install nvidia-cuda-nvdisasm (part of the dev extra), or put the CUDA "
-                    "toolkit's nvdisasm/cuobjdump on PATH")
+        pytest.skip("no disassembler: pip install -e \".[dev,cuda]\" (the cuda extra brings nvidia-cuda-nvdisasm), "
+                    "or put the CUDA toolkit's nvdisasm/cuobjdump on PATH")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}"
     funcs = split_sass(res.stdout)

@@ -51,6 +51,10 @@ def test_cli_prints_k2_counts(capsys, monkeypatch):
     M.main()
     out = capsys.readouterr().out
     assert "1,026,408,232,448" in out and "32,861,500,928" in out and "8.58 GiB" in out
+    # one story with the README: the README's 1T / 32B are these counts rounded down, the report's 1.04T does not
+    # reproduce (the printout used to say that neither figure reproduces)
+    assert "1T total / 32B activated: these counts rounded down (1.026T / 32.86B)" in out
+    assert "1.04T / 32.6B does not reproduce" in out and "neither" not in out
 
 
 # ---------------------------------------------------------------- bad configurations
