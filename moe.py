@@ -11,11 +11,15 @@ How it differs from a dense transformer FFN, in the order the forward pass runs:
 3. Shared expert(s) (`shared_experts`): one SwiGLU MLP every token always goes through, weight 1.
    y = Σ_{j∈topk} w_j · Expert_j(x) + Shared(x).
 
-Dispatch — three implementations of one contract (x (N, D), weights (N, K), idx (N, K) -> (N, D)):
+Dispatch — four implementations of one contract (x (N, D), weights (N, K), idx (N, K) -> (N, D)):
 * `moe_reference`: the definition, a loop over the experts that received tokens (the plain twin).
-* `moe_grouped`:   sort the (token, slot) pairs by expert, then grouped matmuls over contiguous segments.
+* `moe_grouped`:   sort the (token, slot) pairs by expert once, then each stage (gate/up, down) as ONE grouped
+                   matmul over all experts' contiguous segments; one gather, one scatter.
+* `moe_segments`:  the same sort, gather and scatter, but expert by expert: all stages of one expert's segment run
+                   while its rows are in cache (the reference loop's good habit, without its E scans and gradients).
 * "cuda":          the fused kernel from kernels.cu, when built and on a CUDA device.
-`pick_expert_impl` is the single place that chooses between them and says why.
+`pick_expert_impl` is the single place that chooses between them and says why; on a CPU "auto" times the two
+sorted paths once per shape (`_calibrated`) and keeps the faster. tests/test_moe.py holds every path to the reference.
 
 Expert parallelism (parallel.py): with W ranks, rank r holds experts [r·E/W, (r+1)·E/W) and the shared expert's
 and dense MLP's hidden units are split W ways. See MoE.forward for how tokens reach their experts' ranks.
@@ -27,6 +31,7 @@ G expert groups, M = N·K (token, slot) pairs.
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -132,12 +137,15 @@ class Experts(nn.Module):
 def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """The definition: each token's output is the weighted sum of its K experts. x (N, D), weights/idx (N, K) -> (N, D)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # fp32: sums K expert outputs per token (HF)
+    # unbind once, not stack[e] per expert: the backward of each stack[e] would write a zero-filled (E, ·, ·)
+    # gradient of the whole stack, E times per layer; unbind's backward stacks the E pieces once
+    gate, up, down = experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0)
     for e in range(experts.num_experts):
         tok, slot = (idx == e).nonzero(as_tuple=True)  # which tokens chose expert e, and in which slot
         if tok.numel() == 0:  # experts may receive no tokens at all
             continue
         h = x[tok]  # (n_e, D)
-        y = F.linear(F.silu(F.linear(h, experts.gate_proj[e])) * F.linear(h, experts.up_proj[e]), experts.down_proj[e])
+        y = F.linear(F.silu(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])  # (n_e, D)
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(x.dtype)
 
@@ -145,11 +153,11 @@ def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> 
 def _grouped_matmul(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of `a` (M, In) sorted by group, group g has counts[g] rows; w (G, Out, In). -> (M, Out), row r @ w[g(r)]ᵀ."""
     # torch._grouped_mm takes fp32/fp16/bf16 on a CPU and bf16 on CUDA (not fp64), and needs 16-byte-aligned row
-    # strides ("strides should be multiple of 16 bytes"): In = D for gate/up and I for down must be a multiple of
-    # 4 fp32 / 8 bf16 numbers. Anything else takes the per-group loop below.
+    # strides ("strides should be multiple of 16 bytes"): In and Out (D and I) must be multiples of 4 fp32 / 8 bf16
+    # numbers — Out too, because the backward multiplies by the (M, Out) gradient. Anything else takes the loop below.
     usable = (torch.float32, torch.float16, torch.bfloat16) if a.device.type == "cpu" else (torch.bfloat16,)
     dtype_ok = a.dtype in usable
-    aligned = a.shape[1] * a.element_size() % 16 == 0 and w.stride(1) * w.element_size() % 16 == 0
+    aligned = all(n * a.element_size() % 16 == 0 for n in (a.shape[1], w.shape[1], w.stride(1)))
     if hasattr(torch, "_grouped_mm") and dtype_ok and aligned:
         offs = counts.cumsum(0).to(torch.int32)  # end offset of every group (empty groups repeat an offset)
         return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
@@ -178,13 +186,38 @@ def moe_grouped(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Te
         return _moe_few_pairs(x, weights, flat, experts)
     order = flat.argsort(stable=True)  # (M,) pairs grouped by expert, token order kept inside a group
     counts = torch.bincount(flat, minlength=experts.num_experts)  # (E,) tokens per expert, zeros allowed
-    h = x[order // K]  # (M, D) gathered input rows, expert-sorted
+    tok = order // K  # (M,) token of each sorted pair
+    h = x[tok]  # (M, D) the only gather: input rows, expert-sorted
     act = F.silu(_grouped_matmul(h, experts.gate_proj, counts)) * _grouped_matmul(h, experts.up_proj, counts)  # (M, I)
     y = _grouped_matmul(act, experts.down_proj, counts)  # (M, D)
-    y = y.float() * weights.reshape(-1)[order, None]  # routing weight per pair, fp32 accumulation as the reference
-    out = torch.zeros(N * K, x.shape[1], dtype=torch.float32, device=x.device)
-    out[order] = y  # back to (token, slot) order; each row written once, so the sum below is deterministic
-    return out.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
+    y = y.float() * weights.reshape(-1)[order, None]  # routing weight per pair, fp32 as the reference
+    # the only scatter: each pair's row added into its token's row, in expert order as the reference loop adds them
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, tok, y).to(x.dtype)  # (N, D) fp32 accumulation as the reference
+
+
+def moe_segments(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
+    """Same contract as moe_reference; moe_grouped's sort, gather and scatter, with the experts run one by one on
+    their contiguous segments, all three matmuls of an expert before the next (small working set per expert)."""
+    N, K = idx.shape
+    flat = idx.reshape(-1)  # (M,)
+    if N * K <= experts.num_experts:  # decode: fewer pairs than experts (see moe_grouped)
+        return _moe_few_pairs(x, weights, flat, experts)
+    order = flat.argsort(stable=True)  # (M,) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()  # (E,) tokens per expert
+    tok = order // K  # (M,) token of each sorted pair
+    w = weights.reshape(-1)[order, None]  # (M, 1) routing weight of each sorted pair
+    # split (views; one cat in backward) and unbind, never [e]: indexing would build a full-size gradient per expert
+    rows, toks, ws = x[tok].split(counts), tok.split(counts), w.split(counts)  # E pieces of (n_e, D), (n_e,), (n_e, 1)
+    gate, up, down = experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0)
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    for e, n_e in enumerate(counts):
+        if n_e == 0:
+            continue
+        h = rows[e]  # (n_e, D)
+        y = F.linear(F.silu(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])  # (n_e, D)
+        out.index_add_(0, toks[e], y.float() * ws[e])  # (N, D) fp32, the reference's arithmetic in its order
+    return out.to(x.dtype)
 
 
 # The fused CUDA kernel (kernels.cu, built by setup.py when nvcc and a CUDA torch are present). Tried once, here.
@@ -194,19 +227,68 @@ try:
 except ImportError as err:
     _ext, _EXT_WHY = None, f"CUDA kernels not built ({err})"
 
-EXPERT_IMPLS = ("reference", "grouped", "cuda")
-# On a CPU the sorted path wins while its (pairs, D) copies of the rows stay in cache; beyond that the plain loop,
-# whose per-expert pieces are small, is faster. Measured on a 1 MiB-L2 core (bench_moe.py, cpu-small fp32): sorted
-# 1.4x faster at 128 tokens (0.38 MiB of rows), the loop 1.1x faster at 256 (0.75 MiB) and 1.5x at 512.
-CPU_SORTED_MAX_BYTES = 512 * 1024
+EXPERT_IMPLS = ("reference", "grouped", "segments", "cuda")
+SORTED_PATHS = {"grouped": moe_grouped, "segments": moe_segments}
+
+# Why a CPU measures instead of following a rule. The two sorted paths do the same FLOPs and differ in memory
+# traffic and call count: moe_grouped makes ~6 passes over whole (pairs, D) arrays with few, large calls (cheap while
+# those arrays fit in cache, Python overhead independent of E); moe_segments makes the same passes one expert's
+# (n_e, D) piece at a time (stays in cache at any batch, but ~10 calls per expert, forward and backward). Which wins
+# depends on this CPU's cache sizes, bandwidth and per-call overhead, and on D, I, E, K and the dtype (bench_moe.py
+# on one 2-core AMD EPYC, forward + backward: grouped 1.4-1.9x faster at 64 tokens, segments 1.1-1.4x faster at
+# 4,096, crossover between 1,000 and 4,000 tokens depending on config). No constant carries across machines, so
+# the first call of each shape times both (cuDNN's benchmark mode, for the same reason) and keeps the faster. Both
+# compute the same function — the choice changes speed, not results (tests force each path) — so a noisy timing
+# can only cost speed. Shapes are bucketed to the next power of two in pairs so a training run calibrates once
+# per layer shape; the cache lives in this process (a file would need invalidating whenever torch, the machine or
+# its load changes, and calibrating costs a few forward/backward calls, well under a second at these sizes).
+_CALIBRATED: dict[tuple, str] = {}
 
 
-def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                     sorted_bytes: int | None = None) -> tuple[str, str]:
-    """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "cuda";
-    the environment variable KIMI_EXPERT_IMPL overrides "auto". On a CPU "auto" depends on the call's size,
-    sorted_bytes = pairs · D · itemsize; without it the answer is "auto" with the rule as its reason.
-    Returns (impl, reason)."""
+def _calibration_key(x: Tensor, idx: Tensor, experts: Experts, grad: bool) -> tuple:
+    pairs = 1 << max(idx.numel() - 1, 0).bit_length()  # next power of two >= N·K
+    return (x.device.type, x.dtype, x.shape[1], experts.gate_proj.shape[1], experts.num_experts, idx.shape[1],
+            pairs, grad)
+
+
+def _calibrated(x: Tensor, idx: Tensor, experts: Experts) -> str:
+    """The faster sorted path for this call's shape class on this machine, timed on the first call of the class."""
+    params = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    key = _calibration_key(x, idx, experts, grad)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _time_sorted_paths(key, params)
+    return _CALIBRATED[key]
+
+
+def _time_sorted_paths(key: tuple, params: tuple[Tensor, Tensor, Tensor], repeats: int = 3) -> str:
+    """Time every SORTED_PATHS entry on random inputs of the key's shape (uniform routing), alternating, best of
+    `repeats`; forward + backward when the key says gradients flow. Own generator: the caller's RNG is untouched."""
+    _, dtype, D, _, E, K, pairs, grad = key
+    g = torch.Generator(device=params[0].device).manual_seed(0)
+    N = max(pairs // K, 1)
+    dev = params[0].device
+    x = torch.randn(N, D, generator=g, device=dev).to(dtype).requires_grad_(grad)
+    idx = torch.rand(N, E, generator=g, device=dev).argsort(dim=1)[:, :K]  # (N, K) K distinct experts per token
+    w = torch.rand(N, K, generator=g, device=dev)
+    stand_in = SimpleNamespace(num_experts=E, **{name: p.detach().requires_grad_(grad) for name, p in
+                                                 zip(("gate_proj", "up_proj", "down_proj"), params)})
+    best = {name: float("inf") for name in SORTED_PATHS}
+    with torch.enable_grad() if grad else torch.no_grad():
+        for _ in range(repeats):
+            for name, fn in SORTED_PATHS.items():
+                t = time.perf_counter()
+                out = fn(x, w, idx, stand_in)
+                if grad:
+                    out.sum().backward()
+                best[name] = min(best[name], time.perf_counter() - t)
+    return min(best, key=best.get)
+
+
+def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+    """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "segments" |
+    "cuda"; the environment variable KIMI_EXPERT_IMPL overrides "auto". On a CPU "auto" stays "auto": run_experts
+    then picks the faster sorted path per shape class, by timing both once (see _CALIBRATED). Returns (impl, reason)."""
     if requested == "auto":
         requested = os.environ.get("KIMI_EXPERT_IMPL", "auto")
     if requested not in EXPERT_IMPLS + ("auto",):
@@ -224,12 +306,7 @@ def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = 
         return "cuda", "kernels built, device is CUDA, dtype bf16"
     if device.type != "cpu":
         return "grouped", f"device is {device.type}"
-    limit = f"{CPU_SORTED_MAX_BYTES // 1024} KiB"
-    if sorted_bytes is None:
-        return "auto", f"device is cpu: grouped while the sorted rows (pairs x D) fit in {limit}, reference above"
-    if sorted_bytes <= CPU_SORTED_MAX_BYTES:
-        return "grouped", f"device is cpu and the sorted rows fit in {limit}"
-    return "reference", f"device is cpu and the sorted rows would exceed {limit}"
+    return "auto", "device is cpu: grouped or segments, whichever is faster here, timed once per shape"
 
 
 class FusedExperts(torch.autograd.Function):
@@ -260,13 +337,15 @@ class FusedExperts(torch.autograd.Function):
 
 def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """Dispatch to the chosen implementation; all share the contract of moe_reference. "auto" is resolved here, per
-    call, because on a CPU the faster path depends on the number of (token, slot) pairs (pick_expert_impl)."""
+    call, because on a CPU the faster sorted path depends on the shape (pick_expert_impl, _calibrated)."""
     if impl == "auto":
-        impl = pick_expert_impl("auto", x.device, x.dtype, idx.numel() * x.shape[1] * x.element_size())[0]
+        impl = pick_expert_impl("auto", x.device, x.dtype)[0]
+        if impl == "auto":
+            impl = "grouped" if idx.numel() <= experts.num_experts else _calibrated(x, idx, experts)
     if impl == "reference":
         return moe_reference(x, weights, idx, experts)
-    if impl == "grouped":
-        return moe_grouped(x, weights, idx, experts)
+    if impl in SORTED_PATHS:
+        return SORTED_PATHS[impl](x, weights, idx, experts)
     if impl == "cuda":
         return FusedExperts.apply(x, weights, idx, experts.gate_proj, experts.up_proj, experts.down_proj)
     raise ValueError(f"unknown expert impl {impl!r}")

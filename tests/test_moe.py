@@ -1,6 +1,7 @@
 """Protects MoE routing and dispatch: the correction bias picks experts but never weights them (DeepSeek-V3 §2.1.2),
-dropped groups are masked with -inf, weights are renormalised and scaled, and moe_grouped equals moe_reference
-(also at sizes and dtypes torch._grouped_mm rejects).
+dropped groups are masked with -inf, weights are renormalised and scaled, and the fast paths (moe_grouped,
+moe_segments) equal moe_reference, forward and gradients (also at sizes and dtypes torch._grouped_mm rejects); the
+measured choice between them never changes a result.
 Compares against: a dense all-experts MoE written here (every expert on every token, masked by the routing weights),
 a router written here from SPEC §2.7 in float64, and hand-made 4-expert cases.
 Tolerances: fp32 1e-5 relative; bf16 paths within 2x the bf16 reference's own error against fp64.
@@ -105,7 +106,7 @@ def test_reference_and_grouped_match_dense(kind, n):
     x = torch.randn(n, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(n))
     w, idx, _ = m.gate(x)
     ref = dense_all_experts(x, w, idx, m.experts)
-    for fn in (MOE.moe_reference, MOE.moe_grouped):
+    for fn in (MOE.moe_reference, MOE.moe_grouped, MOE.moe_segments):
         out = fn(x, w, idx, m.experts)
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
@@ -121,9 +122,10 @@ def test_grouped_handles_what_grouped_mm_rejects(dtype, D, I):
     w, idx, _ = m.gate(x)
     ref = dense_all_experts(x, w, idx, m.experts)
     err_ref = (MOE.moe_reference(x, w, idx, m.experts).double() - ref).abs().max().item()
-    err_grp = (MOE.moe_grouped(x, w, idx, m.experts).double() - ref).abs().max().item()
-    # fp32: 1e-5 of the scale; bf16: within twice the reference loop's own bf16 error
-    assert err_grp <= max(2 * err_ref, 1e-5 * ref.abs().max().item()), f"grouped {err_grp:.2e} vs {err_ref:.2e}"
+    for fn in (MOE.moe_grouped, MOE.moe_segments):
+        err = (fn(x, w, idx, m.experts).double() - ref).abs().max().item()
+        # fp32: 1e-5 of the scale; bf16: within twice the reference loop's own bf16 error
+        assert err <= max(2 * err_ref, 1e-5 * ref.abs().max().item()), f"{fn.__name__} {err:.2e} vs {err_ref:.2e}"
 
 
 def test_experts_with_no_tokens_and_skewed_routing():
@@ -132,23 +134,35 @@ def test_experts_with_no_tokens_and_skewed_routing():
     idx = torch.stack([torch.zeros(50, dtype=torch.long), torch.full((50,), 5)], 1)  # only experts 0 and 5 used
     w = torch.rand(50, 2, generator=torch.Generator().manual_seed(4))
     ref = dense_all_experts(x, w, idx, m.experts)
-    for fn in (MOE.moe_reference, MOE.moe_grouped):
+    for fn in (MOE.moe_reference, MOE.moe_grouped, MOE.moe_segments):
         torch.testing.assert_close(fn(x, w, idx, m.experts).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("n", [2, 33])  # 2 tokens x top-2 <= 8 experts: the gathered decode path
-def test_grouped_gradients_equal_reference(n):
-    m = make_moe("k2", seed=9)
-    x = torch.randn(n, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(9), requires_grad=True)
-    grads = []
-    for fn in (MOE.moe_reference, MOE.moe_grouped):
-        m.zero_grad()
-        x.grad = None
-        w, idx, _ = m.gate(x)
-        (fn(x, w, idx, m.experts) * torch.linspace(-1, 1, x.shape[1])).sum().backward()
-        grads.append([x.grad.clone(), m.gate.weight.grad.clone()] + [p.grad.clone() for p in m.experts.parameters()])
-    for a, b in zip(*grads):  # fp32, different summation orders: 1e-5 of each gradient's scale
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+def _outputs_and_grads(m, x, fn):
+    """fn's output and the gradients of x, the router and the expert stacks, for one fixed projection of it."""
+    m.zero_grad()
+    x.grad = None
+    w, idx, _ = m.gate(x)
+    out = fn(x, w, idx, m.experts)
+    (out * torch.linspace(-1, 1, x.shape[1])).sum().backward()
+    return [out.detach(), x.grad.clone(), m.gate.weight.grad.clone()] + [
+        torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.experts.parameters()]
+
+
+# random configs: expert counts that no thread count divides (7, 13), more experts than tokens (empty experts),
+# a single token, the decode case (pairs <= experts) and sizes _grouped_mm rejects (D = 45)
+@pytest.mark.parametrize("n,E,K,D", [(1, 8, 2, 64), (2, 8, 2, 64), (33, 8, 2, 64), (5, 13, 3, 48), (64, 7, 2, 45),
+                                     (200, 13, 4, 64)])
+def test_fast_paths_equal_reference_forward_and_gradients(n, E, K, D):
+    m = make_moe("k2", seed=9 + n, n_routed_experts=E, num_experts_per_tok=K, hidden_size=D)
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(n), requires_grad=True)
+    ref = _outputs_and_grads(m, x, MOE.moe_reference)
+    for fn in (MOE.moe_grouped, MOE.moe_segments):
+        got = _outputs_and_grads(m, x, fn)
+        for name, a, b in zip(["out", "x", "router", "gate", "up", "down"], ref, got):
+            # fp32, different summation orders: 1e-5 of each tensor's scale
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item() + 1e-12,
+                                       msg=lambda e: f"{fn.__name__} {name}: {e}")
 
 
 def test_bf16_paths_within_twice_reference_error():
@@ -179,22 +193,59 @@ def test_routing_bias_stays_fp32_and_load_is_counted():
 
 def test_impl_choice_is_explicit():
     cpu = torch.device("cpu")
-    assert MOE.pick_expert_impl("auto", cpu)[0] == "auto"  # on a CPU "auto" is decided per call, by its size
-    assert MOE.pick_expert_impl("auto", cpu, torch.float32, MOE.CPU_SORTED_MAX_BYTES)[0] == "grouped"
-    assert MOE.pick_expert_impl("auto", cpu, torch.float32, MOE.CPU_SORTED_MAX_BYTES + 1)[0] == "reference"
-    assert MOE.pick_expert_impl("reference", cpu, torch.float32, 1) == ("reference", "requested explicitly")
+    assert MOE.pick_expert_impl("auto", cpu)[0] == "auto"  # on a CPU "auto" is decided per call, by measurement
+    assert MOE.pick_expert_impl("reference", cpu, torch.float32) == ("reference", "requested explicitly")
+    assert MOE.pick_expert_impl("segments", cpu)[0] == "segments"
     with pytest.raises(RuntimeError, match="cuda"):
         MOE.pick_expert_impl("cuda", torch.device("cpu"))
     with pytest.raises(ValueError, match="expert impl"):
         MOE.pick_expert_impl("fast", torch.device("cpu"))
     model = random_model(tiny_args("k2"))
     ids = torch.randint(0, 320, (1, 16))
+    outs = []
     with torch.no_grad():
-        model.set_expert_impl("reference")
-        a = model(ids)
-        model.set_expert_impl("grouped")
-        b = model(ids)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
+        for impl in ("reference", "grouped", "segments", "auto"):
+            model.set_expert_impl(impl)
+            outs.append(model(ids))
+    for b in outs[1:]:
+        torch.testing.assert_close(b, outs[0], rtol=0, atol=1e-5 * outs[0].abs().max().item())
+
+
+@pytest.mark.parametrize("winner", ["grouped", "segments"])
+def test_measured_choice_never_changes_results(monkeypatch, winner):
+    """Whatever the timing says, a training step gives the same loss and gradients: force each winner."""
+    monkeypatch.setattr(MOE, "_CALIBRATED", {})
+    monkeypatch.setattr(MOE, "_time_sorted_paths", lambda key, params: winner)
+    model = random_model(tiny_args("k2"), seed=4).train()
+    ids = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for impl in ("reference", "auto"):
+        model.set_expert_impl(impl)
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        results[impl] = [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert set(MOE._CALIBRATED.values()) == {winner}  # the auto run went through the calibrated choice
+    for a, b in zip(results["reference"], results["auto"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_times_each_path_once_and_keeps_the_rng(monkeypatch):
+    """The real timing: one entry per shape class, the global RNG untouched, the result one of the sorted paths."""
+    monkeypatch.setattr(MOE, "_CALIBRATED", {})
+    m = make_moe("k2", seed=5)
+    x = torch.randn(40, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(5), requires_grad=True)
+    w, idx, _ = m.gate(x)
+    state = torch.get_rng_state()
+    a = MOE.run_experts("auto", x, w, idx, m.experts)
+    b = MOE.run_experts("auto", x[:33], w[:33], idx[:33], m.experts)  # 66 pairs: the same bucket (<= 128)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(MOE._CALIBRATED) == 1 and set(MOE._CALIBRATED.values()) <= set(MOE.SORTED_PATHS)
+    assert all(p.grad is None for p in m.experts.parameters())  # calibration's backward used detached stand-ins
+    torch.testing.assert_close(b, a[:33], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        MOE.run_experts("auto", x, w, idx, m.experts)  # no gradients: a separate shape class
+    assert len(MOE._CALIBRATED) == 2
 
 
 def test_fused_autograd_wrapper_with_a_stand_in_kernel(monkeypatch):
