@@ -175,8 +175,8 @@ def bench_one(shape: str, N: int, impls: list[str], args, device: torch.device, 
             rows.append(row)
     if device.type == "cpu" and "auto" in impls:  # what run_experts("auto") picks for this shape on this machine
         with torch.enable_grad() if args.backward else torch.no_grad():
-            pick = moe._calibrated(x.requires_grad_(args.backward), idx, experts)
-        rows.append(dict(shape=shape, T=N, D=D, I=I, E=E, K=K, impl="auto", pick=f"picks {pick} (timed once)"))
+            pick, why = moe.cpu_sorted_path(x.requires_grad_(args.backward), idx, experts)
+        rows.append(dict(shape=shape, T=N, D=D, I=I, E=E, K=K, impl="auto", pick=f"picks {pick}: {why}"))
     del x, w, idx, experts, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()

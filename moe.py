@@ -18,8 +18,9 @@ Dispatch — four implementations of one contract (x (N, D), weights (N, K), idx
 * `moe_segments`:  the same sort, gather and scatter, but expert by expert: all stages of one expert's segment run
                    while its rows are in cache (the reference loop's good habit, without its E scans and gradients).
 * "cuda":          the fused kernel from kernels.cu, when built and on a CUDA device.
-`pick_expert_impl` is the single place that chooses between them and says why; on a CPU "auto" times the two
-sorted paths once per shape (`_calibrated`) and keeps the faster. tests/test_moe.py holds every path to the reference.
+`pick_expert_impl` is the single place that chooses between them and says why; on a CPU "auto" picks a sorted path
+per call from its bytes and this machine's cache size (`cpu_sorted_path`). tests/test_moe.py holds every path to the
+reference.
 
 Expert parallelism (parallel.py): with W ranks, rank r holds experts [r·E/W, (r+1)·E/W) and the shared expert's
 and dense MLP's hidden units are split W ways. See MoE.forward for how tokens reach their experts' ranks.
@@ -30,8 +31,9 @@ G expert groups, M = N·K (token, slot) pairs.
 """
 from __future__ import annotations
 
+import functools
+import glob
 import os
-import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -150,20 +152,25 @@ def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> 
     return out.to(x.dtype)
 
 
+def _grouped_mm_ok(w: Tensor) -> bool:
+    """Whether torch._grouped_mm can multiply (M, In) rows of w's dtype by the stack w (G, Out, In); see below."""
+    usable = (torch.float32, torch.float16, torch.bfloat16) if w.device.type == "cpu" else (torch.bfloat16,)
+    aligned = all(n * w.element_size() % 16 == 0 for n in (w.shape[1], w.shape[2], w.stride(1)))
+    return hasattr(torch, "_grouped_mm") and w.dtype in usable and aligned
+
+
 def _grouped_matmul(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of `a` (M, In) sorted by group, group g has counts[g] rows; w (G, Out, In). -> (M, Out), row r @ w[g(r)]ᵀ."""
     # torch._grouped_mm takes fp32/fp16/bf16 on a CPU and bf16 on CUDA (not fp64), and needs 16-byte-aligned row
     # strides ("strides should be multiple of 16 bytes"): In and Out (D and I) must be multiples of 4 fp32 / 8 bf16
     # numbers — Out too, because the backward multiplies by the (M, Out) gradient. Anything else takes the loop below.
-    usable = (torch.float32, torch.float16, torch.bfloat16) if a.device.type == "cpu" else (torch.bfloat16,)
-    dtype_ok = a.dtype in usable
-    aligned = all(n * a.element_size() % 16 == 0 for n in (a.shape[1], w.shape[1], w.stride(1)))
-    if hasattr(torch, "_grouped_mm") and dtype_ok and aligned:
+    if a.dtype == w.dtype and _grouped_mm_ok(w):
         offs = counts.cumsum(0).to(torch.int32)  # end offset of every group (empty groups repeat an offset)
         return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
-    # fallback: one matmul per contiguous segment (no gathers: the rows are already sorted)
-    parts = torch.split(a, counts.tolist())
-    return torch.cat([p @ w[g].T for g, p in enumerate(parts)], dim=0)
+    # fallback: one matmul per contiguous segment (no gathers: the rows are already sorted); unbind, not w[g], so that
+    # the backward does not write a zero-filled gradient of the whole stack per group
+    parts, ws = torch.split(a, counts.tolist()), w.unbind(0)
+    return torch.cat([F.linear(p, ws[g]) for g, p in enumerate(parts)], dim=0)
 
 
 def _moe_few_pairs(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -> Tensor:
@@ -230,65 +237,56 @@ except ImportError as err:
 EXPERT_IMPLS = ("reference", "grouped", "segments", "cuda")
 SORTED_PATHS = {"grouped": moe_grouped, "segments": moe_segments}
 
-# Why a CPU measures instead of following a rule. The two sorted paths do the same FLOPs and differ in memory
-# traffic and call count: moe_grouped makes ~6 passes over whole (pairs, D) arrays with few, large calls (cheap while
-# those arrays fit in cache, Python overhead independent of E); moe_segments makes the same passes one expert's
-# (n_e, D) piece at a time (stays in cache at any batch, but ~10 calls per expert, forward and backward). Which wins
-# depends on this CPU's cache sizes, bandwidth and per-call overhead, and on D, I, E, K and the dtype (bench_moe.py
-# on one 2-core AMD EPYC, forward + backward: grouped 1.4-1.9x faster at 64 tokens, segments 1.1-1.4x faster at
-# 4,096, crossover between 1,000 and 4,000 tokens depending on config). No constant carries across machines, so
-# the first call of each shape times both (cuDNN's benchmark mode, for the same reason) and keeps the faster. Both
-# compute the same function — the choice changes speed, not results (tests force each path) — so a noisy timing
-# can only cost speed. Shapes are bucketed to the next power of two in pairs so a training run calibrates once
-# per layer shape; the cache lives in this process (a file would need invalidating whenever torch, the machine or
-# its load changes, and calibrating costs a few forward/backward calls, well under a second at these sizes).
-_CALIBRATED: dict[tuple, str] = {}
+# How a CPU chooses between the two sorted paths. They do the same FLOPs and differ in memory traffic and call
+# count: moe_grouped makes a few passes over whole (pairs, D) arrays with few, large calls (cheap while those arrays
+# stay in cache; Python overhead independent of E); moe_segments makes the same passes one expert's (n_e, D) piece
+# at a time (in cache at any batch size, but ~10 calls per expert, forward and backward). So the rule is a byte
+# count against THIS machine's largest cache as the OS reports it (`_cache_bytes`), not a constant: moe_grouped while
+# its gathered rows (input dtype) and fp32 weighted outputs — and in training their gradients, twice the bytes —
+# fit in the last-level cache, moe_segments beyond. Measured forward + backward on a 2-core AMD EPYC with 32 MiB of
+# L3 (bench_moe.py --backward): grouped 1.4-1.9x faster at 64 tokens, segments 1.1-1.4x faster at 4,096 tokens, on
+# cpu-small and the D 256 / 512, 32 / 64-expert layers of bench_model.py's sweep; the rule puts the switch at
+# 2,000-2,600 tokens there, and near the switch the two differ by a few percent. Why a rule and not a timing of
+# both paths: the choice must be the same in every process on a machine. The two sorted paths agree to rounding,
+# not to the bit (BLAS sums in an order that can depend on a buffer's address), and a resumed training run has to
+# repeat the uninterrupted one exactly (tests/test_train.py); a timing on a busy machine could flip between runs.
+@functools.lru_cache(maxsize=None)
+def _cache_bytes() -> int:
+    """Bytes of this CPU's largest cache (usually the shared L3), from sysconf or Linux sysfs; 0 if neither says."""
+    sizes = []
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            sizes.append(int(os.sysconf(name)))
+        except (ValueError, OSError):  # not a name this platform knows
+            pass
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):  # e.g. "32768K"
+        with open(f) as fh:
+            text = fh.read().strip()
+        scale = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
+        if text.rstrip("KM").isdigit():
+            sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=0)
 
 
-def _calibration_key(x: Tensor, idx: Tensor, experts: Experts, grad: bool) -> tuple:
-    pairs = 1 << max(idx.numel() - 1, 0).bit_length()  # next power of two >= N·K
-    return (x.device.type, x.dtype, x.shape[1], experts.gate_proj.shape[1], experts.num_experts, idx.shape[1],
-            pairs, grad)
-
-
-def _calibrated(x: Tensor, idx: Tensor, experts: Experts) -> str:
-    """The faster sorted path for this call's shape class on this machine, timed on the first call of the class."""
+def cpu_sorted_path(x: Tensor, idx: Tensor, experts: Experts) -> tuple[str, str]:
+    """The sorted path for this call on a CPU, and why (see the comment above). Same arguments, same answer."""
     params = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    if not (x.dtype == params[0].dtype and all(_grouped_mm_ok(p) for p in params)):
+        return "segments", "no torch._grouped_mm for this dtype or width: moe_grouped would loop over the experts too"
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    key = _calibration_key(x, idx, experts, grad)
-    if key not in _CALIBRATED:
-        _CALIBRATED[key] = _time_sorted_paths(key, params)
-    return _CALIBRATED[key]
-
-
-def _time_sorted_paths(key: tuple, params: tuple[Tensor, Tensor, Tensor], repeats: int = 3) -> str:
-    """Time every SORTED_PATHS entry on random inputs of the key's shape (uniform routing), alternating, best of
-    `repeats`; forward + backward when the key says gradients flow. Own generator: the caller's RNG is untouched."""
-    _, dtype, D, _, E, K, pairs, grad = key
-    g = torch.Generator(device=params[0].device).manual_seed(0)
-    N = max(pairs // K, 1)
-    dev = params[0].device
-    x = torch.randn(N, D, generator=g, device=dev).to(dtype).requires_grad_(grad)
-    idx = torch.rand(N, E, generator=g, device=dev).argsort(dim=1)[:, :K]  # (N, K) K distinct experts per token
-    w = torch.rand(N, K, generator=g, device=dev)
-    stand_in = SimpleNamespace(num_experts=E, **{name: p.detach().requires_grad_(grad) for name, p in
-                                                 zip(("gate_proj", "up_proj", "down_proj"), params)})
-    best = {name: float("inf") for name in SORTED_PATHS}
-    with torch.enable_grad() if grad else torch.no_grad():
-        for _ in range(repeats):
-            for name, fn in SORTED_PATHS.items():
-                t = time.perf_counter()
-                out = fn(x, w, idx, stand_in)
-                if grad:
-                    out.sum().backward()
-                best[name] = min(best[name], time.perf_counter() - t)
-    return min(best, key=best.get)
+    live = idx.numel() * x.shape[1] * (x.element_size() + 4) * (2 if grad else 1)  # rows, fp32 outputs (+ grads)
+    cache = _cache_bytes()
+    if cache == 0:
+        return "grouped", "the OS does not report a cache size; grouped, the faster path at small batches"
+    fits = live <= cache
+    return ("grouped" if fits else "segments"), (f"{live / 2**20:.1f} MiB of sorted arrays "
+                                                 f"{'fit' if fits else 'exceed'} the {cache / 2**20:.0f} MiB cache")
 
 
 def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "segments" |
     "cuda"; the environment variable KIMI_EXPERT_IMPL overrides "auto". On a CPU "auto" stays "auto": run_experts
-    then picks the faster sorted path per shape class, by timing both once (see _CALIBRATED). Returns (impl, reason)."""
+    then picks a sorted path per call by its size (cpu_sorted_path). Returns (impl, reason)."""
     if requested == "auto":
         requested = os.environ.get("KIMI_EXPERT_IMPL", "auto")
     if requested not in EXPERT_IMPLS + ("auto",):
@@ -306,7 +304,7 @@ def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = 
         return "cuda", "kernels built, device is CUDA, dtype bf16"
     if device.type != "cpu":
         return "grouped", f"device is {device.type}"
-    return "auto", "device is cpu: grouped or segments, whichever is faster here, timed once per shape"
+    return "auto", f"device is cpu: grouped while the sorted arrays fit the {_cache_bytes() / 2**20:.0f} MiB cache, segments beyond"
 
 
 class FusedExperts(torch.autograd.Function):
@@ -337,11 +335,11 @@ class FusedExperts(torch.autograd.Function):
 
 def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """Dispatch to the chosen implementation; all share the contract of moe_reference. "auto" is resolved here, per
-    call, because on a CPU the faster sorted path depends on the shape (pick_expert_impl, _calibrated)."""
+    call, because on a CPU the faster sorted path depends on the call's size (cpu_sorted_path)."""
     if impl == "auto":
         impl = pick_expert_impl("auto", x.device, x.dtype)[0]
         if impl == "auto":
-            impl = "grouped" if idx.numel() <= experts.num_experts else _calibrated(x, idx, experts)
+            impl = "grouped" if idx.numel() <= experts.num_experts else cpu_sorted_path(x, idx, experts)[0]
     if impl == "reference":
         return moe_reference(x, weights, idx, experts)
     if impl in SORTED_PATHS:
