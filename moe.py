@@ -178,9 +178,12 @@ def _moe_few_pairs(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -
     matrices in place — no grouping, no copy of any weight; only the K experts a token uses are touched.
     x (N, D), weights (N, K), flat (M,) expert of each pair -> (N, D)."""
     N, K = weights.shape
+    gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+    if torch.is_grad_enabled() and gate.requires_grad:  # training: unbind once (see moe_reference); decode indexes,
+        gate, up, down = gate.unbind(0), up.unbind(0), down.unbind(0)  # as E views per stack would cost more there
     rows = x.split(1)  # N views (1, D), one op; pair p = n·K + k reads token n's row
-    y = torch.cat([F.linear(F.silu(F.linear(rows[p // K], experts.gate_proj[e])) * F.linear(rows[p // K],
-                   experts.up_proj[e]), experts.down_proj[e]) for p, e in enumerate(flat.tolist())])  # (M, D)
+    y = torch.cat([F.linear(F.silu(F.linear(rows[p // K], gate[e])) * F.linear(rows[p // K], up[e]), down[e])
+                   for p, e in enumerate(flat.tolist())])  # (M, D)
     y = y.float() * weights.reshape(-1, 1)  # routing weight per pair, fp32 accumulation as the reference
     return y.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
 
