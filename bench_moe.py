@@ -22,6 +22,7 @@ Routing is drawn uniformly at random without replacement per token (a balanced r
 
 Run:  python bench_moe.py                                  # CPU: cpu-small at T in {1, 16, 256, 2048}, seconds
       python bench_moe.py --backward --dtype float32         # CPU, forward + backward: the training cost
+      python bench_moe.py --shapes 256:96:32:4,256:96:64:8    # layers given as D:I:E:K
       python bench_moe.py --device cuda                    # GPU: gpu-small and kimi-k2, T from 1 to 16,384
       python bench_moe.py --device cuda --shapes kimi-k2 --tokens 1,8 --configs --json out.json
 """
@@ -119,8 +120,11 @@ def uses_grouped_mm(x, w, idx, experts) -> bool:
 
 
 def bench_one(shape: str, N: int, impls: list[str], args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    cfg = model.load_args(shape)
-    D, I, E, K = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    if ":" in shape:  # a layer given by its sizes, D:I:E:K
+        D, I, E, K = (int(v) for v in shape.split(":"))
+    else:
+        cfg = model.load_args(shape)
+        D, I, E, K = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     x, w, idx, experts = make_inputs(N, D, I, E, K, dtype, device)
     flops = N * K * 3 * 2 * D * I * (3 if args.backward else 1)  # useful work only: the routed pairs (x3: + backward)
     touched = int(torch.unique(idx).numel())
@@ -223,8 +227,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- what to run
     p.add_argument("--device", default="", help="cpu | cuda; empty = cuda if available, else cpu")
-    p.add_argument("--shapes", default="", help="comma-separated model.PRESETS names; empty = cpu-small on CPU, "
-                   "gpu-small,kimi-k2 on CUDA")
+    p.add_argument("--shapes", default="", help="comma-separated model.PRESETS names or D:I:E:K layer sizes; empty = "
+                   "cpu-small on CPU, gpu-small,kimi-k2 on CUDA")
     p.add_argument("--tokens", default="", help="comma-separated token counts T; empty = 1,16,256,2048 on CPU, "
                    "1,8,64,512,4096,16384 on CUDA")
     p.add_argument("--impls", default="reference,grouped,segments,dense,fused,auto",
