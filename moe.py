@@ -201,9 +201,15 @@ def moe_grouped(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Te
     act = F.silu(_grouped_matmul(h, experts.gate_proj, counts)) * _grouped_matmul(h, experts.up_proj, counts)  # (M, I)
     y = _grouped_matmul(act, experts.down_proj, counts)  # (M, D)
     y = y.float() * weights.reshape(-1)[order, None]  # routing weight per pair, fp32 as the reference
-    # the only scatter: each pair's row added into its token's row, in expert order as the reference loop adds them
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-    return out.index_add_(0, tok, y).to(x.dtype)  # (N, D) fp32 accumulation as the reference
+    if x.device.type == "cpu":
+        # the only scatter: each pair's row added into its token's row, in expert order as the reference loop adds
+        # them (a CPU adds serially, so the sum is deterministic)
+        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, tok, y).to(x.dtype)  # (N, D) fp32 accumulation as the reference
+    # on a GPU index_add_ adds a token's K rows with atomics in any order: place each row once, then sum the K
+    out = torch.zeros(N * K, x.shape[1], dtype=torch.float32, device=x.device)
+    out[order] = y  # back to (token, slot) order; each row written once, so the sum below is deterministic
+    return out.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
 
 
 def moe_segments(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
