@@ -42,8 +42,11 @@ SWEEP_CONFIGS = {
 
 def hf_twin(ours: M.Transformer, tmpdir: str):
     """transformers' DeepseekV3ForCausalLM loaded from our own checkpoint (so the weights are identical)."""
+    import transformers
     from transformers import DeepseekV3ForCausalLM
 
+    transformers.utils.logging.set_verbosity_error()  # no YaRN-ratio warning per config (ours are small on purpose)
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar between the table's lines
     ours.save_pretrained(tmpdir)
     return DeepseekV3ForCausalLM.from_pretrained(tmpdir, dtype=ours.lm_head.weight.dtype)
 
