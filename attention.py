@@ -51,7 +51,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # y = x32 · rsqrt(mean(x32²) + eps) as one fused kernel (the same bits forward and backward, and 1 op
-        # instead of 5: a decode step runs 4 norms per layer); fp32 statistics: a mean of D squares is too coarse in bf16
+        # instead of 5: a decode step runs 4 norms per layer); fp32 statistics: a mean of D squares is too coarse
+        # in bf16
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)  # cast back first, then the weight (HF order)
 

@@ -158,7 +158,8 @@ def sweep(a) -> None:
     print(f"\n{'config':<12}{'dtype':<10}{'train ms ours':>14}{'theirs':>8}{'ratio':>7}{'MFU ours':>10}{'theirs':>8}"
           f"{'decode tok/s ours':>19}{'theirs':>8}{'ratio':>7}  targets (train >= 1.2, decode >= 2.5)")
     for name, dt, tr_o, tr_h, mfu_o, mfu_h, de_o, de_h in rows:
-        met = [f"train {'met' if tr_h / tr_o >= 1.2 else 'MISSED'}", f"decode {'met' if de_o / de_h >= 2.5 else 'MISSED'}"]
+        met = [f"train {'met' if tr_h / tr_o >= 1.2 else 'MISSED'}",
+               f"decode {'met' if de_o / de_h >= 2.5 else 'MISSED'}"]
         print(f"{name:<12}{dt:<10}{tr_o * 1e3:>14.0f}{tr_h * 1e3:>8.0f}{tr_h / tr_o:>7.2f}{mfu_o:>10.0%}{mfu_h:>8.0%}"
               f"{de_o:>19.1f}{de_h:>8.1f}{de_o / de_h:>7.2f}  {', '.join(met)}")
 
@@ -170,7 +171,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256, help="training sequence length")
     p.add_argument("--prompt", type=int, default=None, help="decode: prompt tokens (default 256; --sweep 128)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode: new tokens (default 256; --sweep 64)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median reported (default 3; --sweep 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per measurement, median reported (default 3; --sweep 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (0 = torch's default; --sweep: 1)")
     p.add_argument("--sweep", action="store_true", help="every SWEEP_CONFIGS config x --dtypes, with MFU (docstring)")
     p.add_argument("--configs", default="", help=f"--sweep: comma-separated subset of {', '.join(SWEEP_CONFIGS)}")

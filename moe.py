@@ -253,9 +253,9 @@ SORTED_PATHS = {"grouped": moe_grouped, "segments": moe_segments}
 # count against THIS machine's largest cache as the OS reports it (`_cache_bytes`), not a constant: moe_grouped while
 # its gathered rows (input dtype) and fp32 weighted outputs — and in training their gradients, twice the bytes —
 # fit in the last-level cache, moe_segments beyond. Measured forward + backward on a 2-core AMD EPYC with 32 MiB of
-# L3 (bench_moe.py --backward): grouped 1.4-1.9x faster at 64 tokens, segments 1.1-1.4x faster at 4,096 tokens, on
-# cpu-small and the D 256 / 512, 32 / 64-expert layers of bench_model.py's sweep; the rule puts the switch at
-# 2,000-2,600 tokens there, and near the switch the two differ by a few percent. Why a rule and not a timing of
+# L3 (bench_moe.py --backward): grouped 1.4-1.9x faster at 64 tokens, segments 1.05-1.5x faster at 4,096 tokens,
+# on cpu-small and the D 256 / 512, 32 / 64-expert layers of bench_model.py's sweep; the rule puts the switch at
+# 1,000-2,700 tokens there, and near the switch the two differ by a few percent. Why a rule and not a timing of
 # both paths: the choice must be the same in every process on a machine. The two sorted paths agree to rounding,
 # not to the bit (BLAS sums in an order that can depend on a buffer's address), and a resumed training run has to
 # repeat the uninterrupted one exactly (tests/test_train.py); a timing on a busy machine could flip between runs.
@@ -313,7 +313,8 @@ def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = 
         return "cuda", "kernels built, device is CUDA, dtype bf16"
     if device.type != "cpu":
         return "grouped", f"device is {device.type}"
-    return "auto", f"device is cpu: grouped while the sorted arrays fit the {_cache_bytes() / 2**20:.0f} MiB cache, segments beyond"
+    return "auto", (f"device is cpu: grouped while the sorted arrays fit the {_cache_bytes() / 2**20:.0f} MiB "
+                    "cache, segments beyond")
 
 
 class FusedExperts(torch.autograd.Function):
