@@ -13,8 +13,8 @@ Columns: time per call (median of events-timed repeats after warm-up); useful TF
 pairs' work, 3 matmuls · 2·D·I per (token, slot) (x3 with --backward); weight GB/s over the DISTINCT experts
 touched (each read once, 3·D·I bf16 values), the floor that matters at small T; on CUDA each as a fraction of the
 H200 ceilings measured on this workplace's machine (788 TFLOP/s bf16 matmul, 4.3 TB/s copy;
-.library/device/KINDS.md), and "roof" = the roofline time max(flops/peak, bytes/bandwidth) over the measured time. max|Δ| is the output's largest
-difference from moe_reference on the same inputs.
+.library/device/KINDS.md), and "roof" = the roofline time max(flops/peak, bytes/bandwidth) over the measured time.
+max|Δ| is the output's largest difference from moe_reference on the same inputs.
 
 Shapes come from model.PRESETS (D hidden_size, I moe_intermediate_size, E n_routed_experts, K num_experts_per_tok):
 kimi-k2 (7168, 2048, 384, 8), gpu-small (1536, 512, 64, 8), cpu-small (192, 96, 16, 4), tiny.
