@@ -1,25 +1,28 @@
-"""Benchmark of the routed-expert paths of one MoE layer, side by side on the same inputs (issue 7).
+"""Benchmark of the routed-expert paths of one MoE layer, side by side on the same inputs.
 
 Paths (all share moe.moe_reference's contract: x (N, D), weights/idx (N, K) -> (N, D)):
   reference  moe.moe_reference: a Python loop over the experts that received tokens
   grouped    moe.moe_grouped: sort the (token, slot) pairs by expert, grouped matmuls (torch._grouped_mm when the
              installed torch has it for this device and dtype; the header line says whether it was used)
+  segments   moe.moe_segments: the same sort, the experts one by one on their contiguous segments
   dense      every expert on every token, masked by the routing weights: E/K times the useful work, the naive bound
   fused      kernels.cu through kimi_k2_kernels.moe_forward (only when built and on CUDA); with --configs, also
              each tile configuration forced (fused:small / fused:medium / fused:large)
 
 Columns: time per call (median of events-timed repeats after warm-up); useful TFLOP/s counting only the routed
-pairs' work, 3 matmuls · 2·D·I per (token, slot); weight GB/s over the DISTINCT experts touched (each read once,
-3·D·I bf16 values), the floor that matters at small T; on CUDA each as a fraction of the H200 ceilings measured on
-this workplace's machine (788 TFLOP/s bf16 matmul, 4.3 TB/s copy; .library/device/KINDS.md), and "roof" = the
-roofline time max(flops/peak, bytes/bandwidth) over the measured time. max|Δ| is the output's largest
-difference from moe_reference on the same inputs.
+pairs' work, 3 matmuls · 2·D·I per (token, slot) (x3 with --backward); weight GB/s over the DISTINCT experts
+touched (each read once, 3·D·I bf16 values), the floor that matters at small T; on CUDA each as a fraction of the
+H200 ceilings measured on this workplace's machine (788 TFLOP/s bf16 matmul, 4.3 TB/s copy;
+.library/device/KINDS.md), and "roof" = the roofline time max(flops/peak, bytes/bandwidth) over the measured time.
+max|Δ| is the output's largest difference from moe_reference on the same inputs.
 
 Shapes come from model.PRESETS (D hidden_size, I moe_intermediate_size, E n_routed_experts, K num_experts_per_tok):
 kimi-k2 (7168, 2048, 384, 8), gpu-small (1536, 512, 64, 8), cpu-small (192, 96, 16, 4), tiny.
 Routing is drawn uniformly at random without replacement per token (a balanced router).
 
 Run:  python bench_moe.py                                  # CPU: cpu-small at T in {1, 16, 256, 2048}, seconds
+      python bench_moe.py --backward --dtype float32         # CPU, forward + backward: the training cost
+      python bench_moe.py --shapes 256:96:32:4,256:96:64:8    # layers given as D:I:E:K
       python bench_moe.py --device cuda                    # GPU: gpu-small and kimi-k2, T from 1 to 16,384
       python bench_moe.py --device cuda --shapes kimi-k2 --tokens 1,8 --configs --json out.json
 """
@@ -50,6 +53,15 @@ def dense_all_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
         h = F.silu(F.linear(x, experts.gate_proj[e])) * F.linear(x, experts.up_proj[e])  # (N, I)
         out += F.linear(h, experts.down_proj[e]).float() * dense_w[:, e, None]  # (N, D)
     return out.to(x.dtype)
+
+
+def with_backward(fn, x: torch.Tensor, experts: moe.Experts) -> None:
+    """fn's forward and backward into x and the expert stacks (the training cost of one MoE layer's experts)."""
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        for p in experts.parameters():
+            p.grad = None
+        fn().float().sum().backward()
 
 
 def make_inputs(N: int, D: int, I: int, E: int, K: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -109,15 +121,19 @@ def uses_grouped_mm(x, w, idx, experts) -> bool:
 
 
 def bench_one(shape: str, N: int, impls: list[str], args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    cfg = model.load_args(shape)
-    D, I, E, K = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    if ":" in shape:  # a layer given by its sizes, D:I:E:K
+        D, I, E, K = (int(v) for v in shape.split(":"))
+    else:
+        cfg = model.load_args(shape)
+        D, I, E, K = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     x, w, idx, experts = make_inputs(N, D, I, E, K, dtype, device)
-    flops = N * K * 3 * 2 * D * I  # useful work only: the routed pairs
+    flops = N * K * 3 * 2 * D * I * (3 if args.backward else 1)  # useful work only: the routed pairs (x3: + backward)
     touched = int(torch.unique(idx).numel())
     weight_bytes = touched * 3 * D * I * x.element_size()  # each distinct expert's three matrices, read once
     paths = {
         "reference": lambda: moe.moe_reference(x, w, idx, experts),
         "grouped": lambda: moe.moe_grouped(x, w, idx, experts),
+        "segments": lambda: moe.moe_segments(x, w, idx, experts),
         "dense": lambda: dense_all_experts(x, w, idx, experts),
     }
     if moe._ext is not None and device.type == "cuda":
@@ -144,7 +160,14 @@ def bench_one(shape: str, N: int, impls: list[str], args, device: torch.device, 
                 out = fn()
                 row["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
                 row["has_nan"] = bool(torch.isnan(out).any())
-                sec = time_call(fn, device, budget_s=args.budget)
+                timed_fn = fn
+                if args.backward and name in ("reference", "grouped", "segments"):
+                    timed_fn = (lambda f: lambda: with_backward(f, x, experts))(fn)
+                elif args.backward:
+                    row["skipped"] = "forward only (--backward times the PyTorch paths)"
+                    rows.append(row)
+                    continue
+                sec = time_call(timed_fn, device, budget_s=args.budget)
             except (RuntimeError, torch.OutOfMemoryError) as err:  # report and go on: one path failing is a result
                 row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 rows.append(row)
@@ -155,6 +178,10 @@ def bench_one(shape: str, N: int, impls: list[str], args, device: torch.device, 
                 row.update(frac_peak=row["tflops"] / args.peak_tflops,
                            frac_hbm=row["weight_gbps"] / (args.peak_tbps * 1e3), frac_roof=roof / sec)
             rows.append(row)
+    if device.type == "cpu" and "auto" in impls:  # what run_experts("auto") picks for this shape on this machine
+        with torch.enable_grad() if args.backward else torch.no_grad():
+            pick, why = moe.cpu_sorted_path(x.requires_grad_(args.backward), idx, experts)
+        rows.append(dict(shape=shape, T=N, D=D, I=I, E=E, K=K, impl="auto", pick=f"picks {pick}: {why}"))
     del x, w, idx, experts, ref
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -168,8 +195,8 @@ def print_table(rows: list[dict], device: torch.device) -> None:
     print(head + f" {'max|Δ|':>8s}  note")
     for r in rows:
         line = f"{r['shape']:10s} {r['T']:6d} {r['impl']:13s}"
-        if "skipped" in r:
-            print(f"{line} {'—':>9s}  skipped: {r['skipped']}")
+        if "skipped" in r or "pick" in r:
+            print(f"{line} {'—':>9s}  {r['pick'] if 'pick' in r else 'skipped: ' + r['skipped']}")
             continue
         line += f" {r['ms']:9.4g} {r['tflops']:8.3g} {r['weight_gbps']:11.4g}"
         if frac:
@@ -201,11 +228,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- what to run
     p.add_argument("--device", default="", help="cpu | cuda; empty = cuda if available, else cpu")
-    p.add_argument("--shapes", default="", help="comma-separated model.PRESETS names; empty = cpu-small on CPU, "
-                   "gpu-small,kimi-k2 on CUDA")
+    p.add_argument("--shapes", default="", help="comma-separated model.PRESETS names or D:I:E:K layer sizes; empty = "
+                   "cpu-small on CPU, gpu-small,kimi-k2 on CUDA")
     p.add_argument("--tokens", default="", help="comma-separated token counts T; empty = 1,16,256,2048 on CPU, "
                    "1,8,64,512,4096,16384 on CUDA")
-    p.add_argument("--impls", default="reference,grouped,dense,fused", help="paths to time (fused: CUDA + built only)")
+    p.add_argument("--impls", default="reference,grouped,segments,dense,fused,auto",
+                   help="paths to time (fused: CUDA + built only; auto: which sorted path moe picks on a CPU)")
+    p.add_argument("--backward", action="store_true", help="time forward + backward (reference, grouped, segments)")
     p.add_argument("--configs", action="store_true", help="also time the fused kernel with each tile config forced")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32 (the fused kernel is bf16 only)")
     # --- limits and ceilings

@@ -11,11 +11,16 @@ How it differs from a dense transformer FFN, in the order the forward pass runs:
 3. Shared expert(s) (`shared_experts`): one SwiGLU MLP every token always goes through, weight 1.
    y = Σ_{j∈topk} w_j · Expert_j(x) + Shared(x).
 
-Dispatch — three implementations of one contract (x (N, D), weights (N, K), idx (N, K) -> (N, D)):
+Dispatch — four implementations of one contract (x (N, D), weights (N, K), idx (N, K) -> (N, D)):
 * `moe_reference`: the definition, a loop over the experts that received tokens (the plain twin).
-* `moe_grouped`:   sort the (token, slot) pairs by expert, then grouped matmuls over contiguous segments.
+* `moe_grouped`:   sort the (token, slot) pairs by expert once, then each stage (gate/up, down) as ONE grouped
+                   matmul over all experts' contiguous segments; one gather, one scatter.
+* `moe_segments`:  the same sort, gather and scatter, but expert by expert: all stages of one expert's segment run
+                   while its rows are in cache (the reference loop's good habit, without its E scans and gradients).
 * "cuda":          the fused kernel from kernels.cu, when built and on a CUDA device.
-`pick_expert_impl` is the single place that chooses between them and says why.
+`pick_expert_impl` is the single place that chooses between them and says why; on a CPU "auto" picks a sorted path
+per call from its bytes and this machine's cache size (`cpu_sorted_path`). tests/test_moe.py holds every path to the
+reference.
 
 Expert parallelism (parallel.py): with W ranks, rank r holds experts [r·E/W, (r+1)·E/W) and the shared expert's
 and dense MLP's hidden units are split W ways. See MoE.forward for how tokens reach their experts' ranks.
@@ -26,6 +31,8 @@ G expert groups, M = N·K (token, slot) pairs.
 """
 from __future__ import annotations
 
+import functools
+import glob
 import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -132,30 +139,38 @@ class Experts(nn.Module):
 def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """The definition: each token's output is the weighted sum of its K experts. x (N, D), weights/idx (N, K) -> (N, D)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # fp32: sums K expert outputs per token (HF)
+    # unbind once, not stack[e] per expert: the backward of each stack[e] would write a zero-filled (E, ·, ·)
+    # gradient of the whole stack, E times per layer; unbind's backward stacks the E pieces once
+    gate, up, down = experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0)
     for e in range(experts.num_experts):
         tok, slot = (idx == e).nonzero(as_tuple=True)  # which tokens chose expert e, and in which slot
         if tok.numel() == 0:  # experts may receive no tokens at all
             continue
         h = x[tok]  # (n_e, D)
-        y = F.linear(F.silu(F.linear(h, experts.gate_proj[e])) * F.linear(h, experts.up_proj[e]), experts.down_proj[e])
+        y = F.linear(F.silu(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])  # (n_e, D)
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(x.dtype)
+
+
+def _grouped_mm_ok(w: Tensor) -> bool:
+    """Whether torch._grouped_mm can multiply (M, In) rows of w's dtype by the stack w (G, Out, In); see below."""
+    usable = (torch.float32, torch.float16, torch.bfloat16) if w.device.type == "cpu" else (torch.bfloat16,)
+    aligned = all(n * w.element_size() % 16 == 0 for n in (w.shape[1], w.shape[2], w.stride(1)))
+    return hasattr(torch, "_grouped_mm") and w.dtype in usable and aligned
 
 
 def _grouped_matmul(a: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of `a` (M, In) sorted by group, group g has counts[g] rows; w (G, Out, In). -> (M, Out), row r @ w[g(r)]ᵀ."""
     # torch._grouped_mm takes fp32/fp16/bf16 on a CPU and bf16 on CUDA (not fp64), and needs 16-byte-aligned row
-    # strides ("strides should be multiple of 16 bytes"): In = D for gate/up and I for down must be a multiple of
-    # 4 fp32 / 8 bf16 numbers. Anything else takes the per-group loop below.
-    usable = (torch.float32, torch.float16, torch.bfloat16) if a.device.type == "cpu" else (torch.bfloat16,)
-    dtype_ok = a.dtype in usable
-    aligned = a.shape[1] * a.element_size() % 16 == 0 and w.stride(1) * w.element_size() % 16 == 0
-    if hasattr(torch, "_grouped_mm") and dtype_ok and aligned:
+    # strides ("strides should be multiple of 16 bytes"): In and Out (D and I) must be multiples of 4 fp32 / 8 bf16
+    # numbers — Out too, because the backward multiplies by the (M, Out) gradient. Anything else takes the loop below.
+    if a.dtype == w.dtype and _grouped_mm_ok(w):
         offs = counts.cumsum(0).to(torch.int32)  # end offset of every group (empty groups repeat an offset)
         return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
-    # fallback: one matmul per contiguous segment (no gathers: the rows are already sorted)
-    parts = torch.split(a, counts.tolist())
-    return torch.cat([p @ w[g].T for g, p in enumerate(parts)], dim=0)
+    # fallback: one matmul per contiguous segment (no gathers: the rows are already sorted); unbind, not w[g], so that
+    # the backward does not write a zero-filled gradient of the whole stack per group
+    parts, ws = torch.split(a, counts.tolist()), w.unbind(0)
+    return torch.cat([F.linear(p, ws[g]) for g, p in enumerate(parts)], dim=0)
 
 
 def _moe_few_pairs(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -> Tensor:
@@ -163,9 +178,12 @@ def _moe_few_pairs(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -
     matrices in place — no grouping, no copy of any weight; only the K experts a token uses are touched.
     x (N, D), weights (N, K), flat (M,) expert of each pair -> (N, D)."""
     N, K = weights.shape
-    rows = [x[p // K:p // K + 1] for p in range(N * K)]  # pair p = n·K + k reads token n's row, (1, D)
-    y = torch.cat([F.linear(F.silu(F.linear(h, experts.gate_proj[e])) * F.linear(h, experts.up_proj[e]),
-                            experts.down_proj[e]) for h, e in zip(rows, flat.tolist())])  # (M, D)
+    gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+    if torch.is_grad_enabled() and gate.requires_grad:  # training: unbind once (see moe_reference); decode indexes,
+        gate, up, down = gate.unbind(0), up.unbind(0), down.unbind(0)  # as E views per stack would cost more there
+    rows = x.split(1)  # N views (1, D), one op; pair p = n·K + k reads token n's row
+    y = torch.cat([F.linear(F.silu(F.linear(rows[p // K], gate[e])) * F.linear(rows[p // K], up[e]), down[e])
+                   for p, e in enumerate(flat.tolist())])  # (M, D)
     y = y.float() * weights.reshape(-1, 1)  # routing weight per pair, fp32 accumulation as the reference
     return y.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
 
@@ -178,13 +196,44 @@ def moe_grouped(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Te
         return _moe_few_pairs(x, weights, flat, experts)
     order = flat.argsort(stable=True)  # (M,) pairs grouped by expert, token order kept inside a group
     counts = torch.bincount(flat, minlength=experts.num_experts)  # (E,) tokens per expert, zeros allowed
-    h = x[order // K]  # (M, D) gathered input rows, expert-sorted
+    tok = order // K  # (M,) token of each sorted pair
+    h = x[tok]  # (M, D) the only gather: input rows, expert-sorted
     act = F.silu(_grouped_matmul(h, experts.gate_proj, counts)) * _grouped_matmul(h, experts.up_proj, counts)  # (M, I)
     y = _grouped_matmul(act, experts.down_proj, counts)  # (M, D)
-    y = y.float() * weights.reshape(-1)[order, None]  # routing weight per pair, fp32 accumulation as the reference
+    y = y.float() * weights.reshape(-1)[order, None]  # routing weight per pair, fp32 as the reference
+    if x.device.type == "cpu":
+        # the only scatter: each pair's row added into its token's row, in expert order as the reference loop adds
+        # them (a CPU adds serially, so the sum is deterministic)
+        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, tok, y).to(x.dtype)  # (N, D) fp32 accumulation as the reference
+    # on a GPU index_add_ adds a token's K rows with atomics in any order: place each row once, then sum the K
     out = torch.zeros(N * K, x.shape[1], dtype=torch.float32, device=x.device)
     out[order] = y  # back to (token, slot) order; each row written once, so the sum below is deterministic
     return out.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
+
+
+def moe_segments(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
+    """Same contract as moe_reference; moe_grouped's sort, gather and scatter, with the experts run one by one on
+    their contiguous segments, all three matmuls of an expert before the next (small working set per expert)."""
+    N, K = idx.shape
+    flat = idx.reshape(-1)  # (M,)
+    if N * K <= experts.num_experts:  # decode: fewer pairs than experts (see moe_grouped)
+        return _moe_few_pairs(x, weights, flat, experts)
+    order = flat.argsort(stable=True)  # (M,) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()  # (E,) tokens per expert
+    tok = order // K  # (M,) token of each sorted pair
+    w = weights.reshape(-1)[order, None]  # (M, 1) routing weight of each sorted pair
+    # split (views; one cat in backward) and unbind, never [e]: indexing would build a full-size gradient per expert
+    rows, toks, ws = x[tok].split(counts), tok.split(counts), w.split(counts)  # E pieces of (n_e, D), (n_e,), (n_e, 1)
+    gate, up, down = experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0)
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    for e, n_e in enumerate(counts):
+        if n_e == 0:
+            continue
+        h = rows[e]  # (n_e, D)
+        y = F.linear(F.silu(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])  # (n_e, D)
+        out.index_add_(0, toks[e], y.float() * ws[e])  # (N, D) fp32, the reference's arithmetic in its order
+    return out.to(x.dtype)
 
 
 # The fused CUDA kernel (kernels.cu, built by setup.py when nvcc and a CUDA torch are present). Tried once, here.
@@ -194,19 +243,59 @@ try:
 except ImportError as err:
     _ext, _EXT_WHY = None, f"CUDA kernels not built ({err})"
 
-EXPERT_IMPLS = ("reference", "grouped", "cuda")
-# On a CPU the sorted path wins while its (pairs, D) copies of the rows stay in cache; beyond that the plain loop,
-# whose per-expert pieces are small, is faster. Measured on a 1 MiB-L2 core (bench_moe.py, cpu-small fp32): sorted
-# 1.4x faster at 128 tokens (0.38 MiB of rows), the loop 1.1x faster at 256 (0.75 MiB) and 1.5x at 512.
-CPU_SORTED_MAX_BYTES = 512 * 1024
+EXPERT_IMPLS = ("reference", "grouped", "segments", "cuda")
+SORTED_PATHS = {"grouped": moe_grouped, "segments": moe_segments}
+
+# How a CPU chooses between the two sorted paths. They do the same FLOPs and differ in memory traffic and call
+# count: moe_grouped makes a few passes over whole (pairs, D) arrays with few, large calls (cheap while those arrays
+# stay in cache; Python overhead independent of E); moe_segments makes the same passes one expert's (n_e, D) piece
+# at a time (in cache at any batch size, but ~10 calls per expert, forward and backward). So the rule is a byte
+# count against THIS machine's largest cache as the OS reports it (`_cache_bytes`), not a constant: moe_grouped while
+# its gathered rows (input dtype) and fp32 weighted outputs — and in training their gradients, twice the bytes —
+# fit in the last-level cache, moe_segments beyond. Measured forward + backward on a 2-core AMD EPYC with 32 MiB of
+# L3 (bench_moe.py --backward): grouped 1.4-1.9x faster at 64 tokens, segments 1.05-1.5x faster at 4,096 tokens,
+# on cpu-small and the D 256 / 512, 32 / 64-expert layers of bench_model.py's sweep; the rule puts the switch at
+# 1,000-2,700 tokens there, and near the switch the two differ by a few percent. Why a rule and not a timing of
+# both paths: the choice must be the same in every process on a machine. The two sorted paths agree to rounding,
+# not to the bit (BLAS sums in an order that can depend on a buffer's address), and a resumed training run has to
+# repeat the uninterrupted one exactly (tests/test_train.py); a timing on a busy machine could flip between runs.
+@functools.lru_cache(maxsize=None)
+def _cache_bytes() -> int:
+    """Bytes of this CPU's largest cache (usually the shared L3), from sysconf or Linux sysfs; 0 if neither says."""
+    sizes = []
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            sizes.append(int(os.sysconf(name)))
+        except (ValueError, OSError):  # not a name this platform knows
+            pass
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):  # e.g. "32768K"
+        with open(f) as fh:
+            text = fh.read().strip()
+        scale = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
+        if text.rstrip("KM").isdigit():
+            sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=0)
 
 
-def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                     sorted_bytes: int | None = None) -> tuple[str, str]:
-    """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "cuda";
-    the environment variable KIMI_EXPERT_IMPL overrides "auto". On a CPU "auto" depends on the call's size,
-    sorted_bytes = pairs · D · itemsize; without it the answer is "auto" with the rule as its reason.
-    Returns (impl, reason)."""
+def cpu_sorted_path(x: Tensor, idx: Tensor, experts: Experts) -> tuple[str, str]:
+    """The sorted path for this call on a CPU, and why (see the comment above). Same arguments, same answer."""
+    params = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    if not (x.dtype == params[0].dtype and all(_grouped_mm_ok(p) for p in params)):
+        return "segments", "no torch._grouped_mm for this dtype or width: moe_grouped would loop over the experts too"
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    live = idx.numel() * x.shape[1] * (x.element_size() + 4) * (2 if grad else 1)  # rows, fp32 outputs (+ grads)
+    cache = _cache_bytes()
+    if cache == 0:
+        return "grouped", "the OS does not report a cache size; grouped, the faster path at small batches"
+    fits = live <= cache
+    return ("grouped" if fits else "segments"), (f"{live / 2**20:.1f} MiB of sorted arrays "
+                                                 f"{'fit' if fits else 'exceed'} the {cache / 2**20:.0f} MiB cache")
+
+
+def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+    """The single place that chooses the expert path. requested: "auto" | "reference" | "grouped" | "segments" |
+    "cuda"; the environment variable KIMI_EXPERT_IMPL overrides "auto". On a CPU "auto" stays "auto": run_experts
+    then picks a sorted path per call by its size (cpu_sorted_path). Returns (impl, reason)."""
     if requested == "auto":
         requested = os.environ.get("KIMI_EXPERT_IMPL", "auto")
     if requested not in EXPERT_IMPLS + ("auto",):
@@ -224,12 +313,8 @@ def pick_expert_impl(requested: str, device: torch.device, dtype: torch.dtype = 
         return "cuda", "kernels built, device is CUDA, dtype bf16"
     if device.type != "cpu":
         return "grouped", f"device is {device.type}"
-    limit = f"{CPU_SORTED_MAX_BYTES // 1024} KiB"
-    if sorted_bytes is None:
-        return "auto", f"device is cpu: grouped while the sorted rows (pairs x D) fit in {limit}, reference above"
-    if sorted_bytes <= CPU_SORTED_MAX_BYTES:
-        return "grouped", f"device is cpu and the sorted rows fit in {limit}"
-    return "reference", f"device is cpu and the sorted rows would exceed {limit}"
+    return "auto", (f"device is cpu: grouped while the sorted arrays fit the {_cache_bytes() / 2**20:.0f} MiB "
+                    "cache, segments beyond")
 
 
 class FusedExperts(torch.autograd.Function):
@@ -260,13 +345,15 @@ class FusedExperts(torch.autograd.Function):
 
 def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """Dispatch to the chosen implementation; all share the contract of moe_reference. "auto" is resolved here, per
-    call, because on a CPU the faster path depends on the number of (token, slot) pairs (pick_expert_impl)."""
+    call, because on a CPU the faster sorted path depends on the call's size (cpu_sorted_path)."""
     if impl == "auto":
-        impl = pick_expert_impl("auto", x.device, x.dtype, idx.numel() * x.shape[1] * x.element_size())[0]
+        impl = pick_expert_impl("auto", x.device, x.dtype)[0]
+        if impl == "auto":
+            impl = "grouped" if idx.numel() <= experts.num_experts else cpu_sorted_path(x, idx, experts)[0]
     if impl == "reference":
         return moe_reference(x, weights, idx, experts)
-    if impl == "grouped":
-        return moe_grouped(x, weights, idx, experts)
+    if impl in SORTED_PATHS:
+        return SORTED_PATHS[impl](x, weights, idx, experts)
     if impl == "cuda":
         return FusedExperts.apply(x, weights, idx, experts.gate_proj, experts.up_proj, experts.down_proj)
     raise ValueError(f"unknown expert impl {impl!r}")

@@ -70,6 +70,27 @@ def test_rope_is_interleaved_pairs():
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # angles come from the fp32 tables
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_the_hf_formula(dtype):
+    """RMSNorm (a fused kernel) == x·rsqrt(mean(x²) + eps) in fp32, cast back, then the weight (HF's order),
+    forward and gradients; written out here."""
+    g = torch.Generator().manual_seed(1)
+    norm = A.RMSNorm(45, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(45, generator=g))
+    x = (3 * torch.randn(2, 5, 45, generator=g)).to(dtype).requires_grad_()
+    w = norm.weight.detach().clone().requires_grad_()
+    x32 = x.float()
+    ref = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    out = norm(x)
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(2, 5, 45, generator=g).to(dtype)
+    got = torch.autograd.grad(out, (x, norm.weight), up)
+    want = torch.autograd.grad(ref, (x, w), up)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- an attention written from the weights
 
 def reference_mla(attn: A.MLA, x: torch.Tensor, inv_freq: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:

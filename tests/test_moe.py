@@ -1,6 +1,7 @@
 """Protects MoE routing and dispatch: the correction bias picks experts but never weights them (DeepSeek-V3 §2.1.2),
-dropped groups are masked with -inf, weights are renormalised and scaled, and moe_grouped equals moe_reference
-(also at sizes and dtypes torch._grouped_mm rejects).
+dropped groups are masked with -inf, weights are renormalised and scaled, and the fast paths (moe_grouped,
+moe_segments) equal moe_reference, forward and gradients (also at sizes and dtypes torch._grouped_mm rejects); the
+size-dependent choice between them never changes a result beyond rounding.
 Compares against: a dense all-experts MoE written here (every expert on every token, masked by the routing weights),
 a router written here from SPEC §2.7 in float64, and hand-made 4-expert cases.
 Tolerances: fp32 1e-5 relative; bf16 paths within 2x the bf16 reference's own error against fp64.
@@ -105,7 +106,7 @@ def test_reference_and_grouped_match_dense(kind, n):
     x = torch.randn(n, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(n))
     w, idx, _ = m.gate(x)
     ref = dense_all_experts(x, w, idx, m.experts)
-    for fn in (MOE.moe_reference, MOE.moe_grouped):
+    for fn in (MOE.moe_reference, MOE.moe_grouped, MOE.moe_segments):
         out = fn(x, w, idx, m.experts)
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
@@ -121,9 +122,10 @@ def test_grouped_handles_what_grouped_mm_rejects(dtype, D, I):
     w, idx, _ = m.gate(x)
     ref = dense_all_experts(x, w, idx, m.experts)
     err_ref = (MOE.moe_reference(x, w, idx, m.experts).double() - ref).abs().max().item()
-    err_grp = (MOE.moe_grouped(x, w, idx, m.experts).double() - ref).abs().max().item()
-    # fp32: 1e-5 of the scale; bf16: within twice the reference loop's own bf16 error
-    assert err_grp <= max(2 * err_ref, 1e-5 * ref.abs().max().item()), f"grouped {err_grp:.2e} vs {err_ref:.2e}"
+    for fn in (MOE.moe_grouped, MOE.moe_segments):
+        err = (fn(x, w, idx, m.experts).double() - ref).abs().max().item()
+        # fp32: 1e-5 of the scale; bf16: within twice the reference loop's own bf16 error
+        assert err <= max(2 * err_ref, 1e-5 * ref.abs().max().item()), f"{fn.__name__} {err:.2e} vs {err_ref:.2e}"
 
 
 def test_experts_with_no_tokens_and_skewed_routing():
@@ -132,23 +134,35 @@ def test_experts_with_no_tokens_and_skewed_routing():
     idx = torch.stack([torch.zeros(50, dtype=torch.long), torch.full((50,), 5)], 1)  # only experts 0 and 5 used
     w = torch.rand(50, 2, generator=torch.Generator().manual_seed(4))
     ref = dense_all_experts(x, w, idx, m.experts)
-    for fn in (MOE.moe_reference, MOE.moe_grouped):
+    for fn in (MOE.moe_reference, MOE.moe_grouped, MOE.moe_segments):
         torch.testing.assert_close(fn(x, w, idx, m.experts).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("n", [2, 33])  # 2 tokens x top-2 <= 8 experts: the gathered decode path
-def test_grouped_gradients_equal_reference(n):
-    m = make_moe("k2", seed=9)
-    x = torch.randn(n, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(9), requires_grad=True)
-    grads = []
-    for fn in (MOE.moe_reference, MOE.moe_grouped):
-        m.zero_grad()
-        x.grad = None
-        w, idx, _ = m.gate(x)
-        (fn(x, w, idx, m.experts) * torch.linspace(-1, 1, x.shape[1])).sum().backward()
-        grads.append([x.grad.clone(), m.gate.weight.grad.clone()] + [p.grad.clone() for p in m.experts.parameters()])
-    for a, b in zip(*grads):  # fp32, different summation orders: 1e-5 of each gradient's scale
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+def _outputs_and_grads(m, x, fn):
+    """fn's output and the gradients of x, the router and the expert stacks, for one fixed projection of it."""
+    m.zero_grad()
+    x.grad = None
+    w, idx, _ = m.gate(x)
+    out = fn(x, w, idx, m.experts)
+    (out * torch.linspace(-1, 1, x.shape[1])).sum().backward()
+    return [out.detach(), x.grad.clone(), m.gate.weight.grad.clone()] + [
+        torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.experts.parameters()]
+
+
+# random configs: expert counts that no thread count divides (7, 13), more experts than tokens (empty experts),
+# a single token, the decode case (pairs <= experts) and sizes _grouped_mm rejects (D = 45)
+@pytest.mark.parametrize("n,E,K,D", [(1, 8, 2, 64), (2, 8, 2, 64), (33, 8, 2, 64), (5, 13, 3, 48), (64, 7, 2, 45),
+                                     (200, 13, 4, 64)])
+def test_fast_paths_equal_reference_forward_and_gradients(n, E, K, D):
+    m = make_moe("k2", seed=9 + n, n_routed_experts=E, num_experts_per_tok=K, hidden_size=D)
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(n), requires_grad=True)
+    ref = _outputs_and_grads(m, x, MOE.moe_reference)
+    for fn in (MOE.moe_grouped, MOE.moe_segments):
+        got = _outputs_and_grads(m, x, fn)
+        for name, a, b in zip(["out", "x", "router", "gate", "up", "down"], ref, got):
+            # fp32, different summation orders: 1e-5 of each tensor's scale
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item() + 1e-12,
+                                       msg=lambda e: f"{fn.__name__} {name}: {e}")
 
 
 def test_bf16_paths_within_twice_reference_error():
@@ -180,21 +194,82 @@ def test_routing_bias_stays_fp32_and_load_is_counted():
 def test_impl_choice_is_explicit():
     cpu = torch.device("cpu")
     assert MOE.pick_expert_impl("auto", cpu)[0] == "auto"  # on a CPU "auto" is decided per call, by its size
-    assert MOE.pick_expert_impl("auto", cpu, torch.float32, MOE.CPU_SORTED_MAX_BYTES)[0] == "grouped"
-    assert MOE.pick_expert_impl("auto", cpu, torch.float32, MOE.CPU_SORTED_MAX_BYTES + 1)[0] == "reference"
-    assert MOE.pick_expert_impl("reference", cpu, torch.float32, 1) == ("reference", "requested explicitly")
+    assert MOE.pick_expert_impl("reference", cpu, torch.float32) == ("reference", "requested explicitly")
+    assert MOE.pick_expert_impl("segments", cpu)[0] == "segments"
     with pytest.raises(RuntimeError, match="cuda"):
         MOE.pick_expert_impl("cuda", torch.device("cpu"))
     with pytest.raises(ValueError, match="expert impl"):
         MOE.pick_expert_impl("fast", torch.device("cpu"))
     model = random_model(tiny_args("k2"))
     ids = torch.randint(0, 320, (1, 16))
+    outs = []
     with torch.no_grad():
-        model.set_expert_impl("reference")
-        a = model(ids)
-        model.set_expert_impl("grouped")
-        b = model(ids)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
+        for impl in ("reference", "grouped", "segments", "auto"):
+            model.set_expert_impl(impl)
+            outs.append(model(ids))
+    for b in outs[1:]:
+        torch.testing.assert_close(b, outs[0], rtol=0, atol=1e-5 * outs[0].abs().max().item())
+
+
+def _train_step_results(model, ids):
+    model.zero_grad()
+    loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_path_choice_never_changes_results(monkeypatch, dtype):
+    """Whichever sorted path the cache-size rule picks, a training step gives the same loss and gradients: force
+    each. fp32: to 1e-5 of each tensor's scale (the two sum in the same order; BLAS may round a product differently
+    by the buffer's address); bf16: both within twice the reference loop's own distance from the fp32 step."""
+    model = random_model(tiny_args("k2"), seed=4).train()
+    ids = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(4))
+    model.set_expert_impl("reference")
+    exact = _train_step_results(model, ids)  # fp32 reference loop
+    model = model.to(dtype)
+    results = {}
+    for impl in ("reference", "grouped", "segments"):
+        model.set_expert_impl(impl)
+        results[impl] = _train_step_results(model, ids)
+    for impl in ("grouped", "segments"):
+        for e, r, a in zip(exact, results["reference"], results[impl]):
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * r.abs().max().item() + 1e-12)
+            else:
+                err_ref, err = (r.float() - e).abs().max().item(), (a.float() - e).abs().max().item()
+                assert err <= 2 * err_ref + 1e-6, f"{impl}: {err:.2e} vs the reference loop's {err_ref:.2e}"
+    # and "auto" is one of them, chosen by a pure function of the call: the same pick on every call
+    model.set_expert_impl("auto")
+    picks = []
+    monkeypatch.setattr(MOE, "SORTED_PATHS", {k: (lambda f, k=k: lambda *a: picks.append(k) or f(*a))(f)
+                                              for k, f in MOE.SORTED_PATHS.items()})
+    for _ in range(2):
+        _train_step_results(model, ids)
+    assert len(picks) == 4 and len(set(picks)) == 1  # 2 MoE layers x 2 steps, one choice
+
+
+def test_cpu_rule_follows_the_cache_size(monkeypatch):
+    """grouped while the sorted arrays fit the reported cache, segments beyond; training counts twice the bytes;
+    widths torch._grouped_mm rejects (D = 45 fp32) and float64 take segments whatever the size."""
+    assert MOE._cache_bytes.__wrapped__() >= 0  # the real reader runs on this platform
+    m = make_moe("k2", seed=6)
+    D = m.gate.weight.shape[1]
+    x = torch.randn(100, D, generator=torch.Generator().manual_seed(6))
+    w, idx, _ = m.gate(x)
+    live = idx.numel() * D * (4 + 4)  # fp32 rows + fp32 outputs, forward only
+    monkeypatch.setattr(MOE, "_cache_bytes", lambda: live)
+    with torch.no_grad():
+        assert MOE.cpu_sorted_path(x, idx, m.experts)[0] == "grouped"
+        monkeypatch.setattr(MOE, "_cache_bytes", lambda: live - 1)
+        assert MOE.cpu_sorted_path(x, idx, m.experts)[0] == "segments"
+    monkeypatch.setattr(MOE, "_cache_bytes", lambda: live)
+    assert MOE.cpu_sorted_path(x, idx, m.experts)[0] == "segments"  # grad enabled (parameters): twice the bytes
+    monkeypatch.setattr(MOE, "_cache_bytes", lambda: 1 << 40)
+    for dtype, width in ((torch.float32, 45), (torch.float64, 48)):
+        mm = make_moe("k2", seed=6, hidden_size=width).to(dtype)
+        xx = torch.randn(40, width).to(dtype)
+        assert MOE.cpu_sorted_path(xx, mm.gate(xx)[1], mm.experts)[0] == "segments"
 
 
 def test_fused_autograd_wrapper_with_a_stand_in_kernel(monkeypatch):
