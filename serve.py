@@ -851,7 +851,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"Invalid URL ({self.command} {path}): this server has GET /v1/models and "
                                     f"POST /v1/chat/completions")
         except APIError as err:
-            if err.status >= 500:
+            if err.status == 500:  # the server's fault (the model's output): say what, once
                 self.server.log(f"  {err.message}")
             self._send_error(err)
         except ConnectionError:  # the client went away (broken pipe, reset, closed while waiting)
@@ -919,12 +919,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
         """What the worker produces for job; a client that closes its connection meanwhile ends the wait."""
+        check_at = time.monotonic() + self.poll_seconds
         while True:
             try:
                 kind, value = job.events.get(timeout=self.poll_seconds)
             except queue.Empty:
+                kind = value = None
+            if time.monotonic() >= check_at:  # while queued, and while a non-streamed answer is being generated
                 if self._client_gone():
-                    raise ConnectionAbortedError("the client closed the connection") from None
+                    raise ConnectionAbortedError("the client closed the connection")
+                check_at = time.monotonic() + self.poll_seconds
+            if kind is None:
                 continue
             if kind == "error":
                 if isinstance(value, ModelFailure):

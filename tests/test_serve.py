@@ -94,6 +94,7 @@ class ScriptedModel:
         self.lm_head = SimpleNamespace(weight=torch.zeros(1))
         self.prompts: list[str] = []
         self.steps, self.delay = 0, 0.0  # decode steps taken; seconds per step (to make a reply slow)
+        self.reply = scripted_reply  # prompt -> the canned reply
 
     def new_cache(self, batch_size: int, max_len: int) -> dict:
         return {}
@@ -102,7 +103,7 @@ class ScriptedModel:
         if "script" not in cache:  # the prefill: our prompts fit one prefill chunk
             prompt = self.tok.decode(ids[0].tolist())
             self.prompts.append(prompt)
-            cache["script"], cache["pos"] = self.encode(scripted_reply(prompt)) + [self.tok.im_end_id], 0
+            cache["script"], cache["pos"] = self.encode(self.reply(prompt)) + [self.tok.im_end_id], 0
         else:
             cache["pos"] += 1
             self.steps += 1
