@@ -4,7 +4,8 @@
   GET  /v1/models              the one served model, in OpenAI's list shape
   POST /v1/chat/completions    OpenAI's chat wire format: every role incl. `tool` and assistant `tool_calls`; `tools`
                                (flat or wrapped schemas) and `tool_choice`; temperature, top_p, max_tokens, stop,
-                               seed; `stream: true` (server-sent events); usage; finish_reason stop/length/tool_calls
+                               seed; `stream: true` (server-sent events); usage; finish_reason stop/length/tool_calls;
+                               continuing a final assistant message (Kimi's `partial`, vLLM's `continue_final_message`)
 
 What differs from a textbook "wrap generate() in a web handler":
 1. Tool calls. The model writes K2's tool-call section as text (SPEC §6.5):
@@ -16,10 +17,16 @@ What differs from a textbook "wrap generate() in a web handler":
    "length" if the token limit cut the section off. We do the same with tools.parse_assistant. A call the model
    botched (broken JSON, a bad id) is still returned, with arguments "{}" so that the client can send the turn back
    (tokenizer.encode_chat accepts only JSON-object arguments); what was wrong is written to the server log.
+   Two rules keep a model's text from acting as a call. The structure comes from special token ids only: a model
+   can spell `<|tool_call_begin|>` with ordinary byte tokens too, so the text of ordinary tokens reaches this file
+   with its '|' masked (tokenizer.PIPE_MASK; unmasked in what is sent), and such a spelling stays content. And a
+   call to a tool the request did not declare (or whose name is unreadable) is never returned: it is dropped and
+   logged; if no call is left, the answer is the content before the section, with finish_reason "stop".
 2. Streaming without leaking markers. Text is held back while it may be the start of a tool-call section; inside a
    section each call is sent as soon as its id is complete (index, id, type, name) and its arguments once the call
-   is closed, as one fragment, because only then is it known whether they are JSON (`ToolCallStreamer`). So the
-   concatenated deltas equal the non-streamed answer, always (tests/test_serve.py checks it).
+   is closed, as one fragment, because only then is it known whether they are JSON (`ToolCallStreamer`, a state
+   machine: the work per token does not grow with the answer). So the concatenated deltas equal the non-streamed
+   answer, always (tests/test_serve.py checks it).
 3. tool_choice (OpenAI's four forms), done by shaping the prompt, as constrained engines do:
    - "auto" (the default when tools are given): tools declared; the model decides.
    - "none" (the default without tools): tools are NOT rendered into the prompt (a model shown tools is primed to
@@ -41,23 +48,38 @@ What differs from a textbook "wrap generate() in a web handler":
    is less about corruption than about keeping it that way whatever the model grows (a kernel workspace, a shared
    cache) and about predictability: each request runs at full speed with the whole CPU/GPU, and gets exactly the
    answer it would get alone with its seed. No batching: with 8 clients the 8th waits for 7 answers
-   (bench_serve.py measures it); continuous batching is what vLLM and SGLang add.
+   (bench_serve.py measures it); continuous batching is what vLLM and SGLang add. At most --max-queue requests wait
+   (more get 429 with Retry-After), and a request whose client disconnects, streamed or not, is cancelled, so
+   nobody waits behind an answer no one will read.
+5. Continuing a message. A last assistant message with `"partial": true` (Moonshot's API), or the request field
+   `continue_final_message: true` (vLLM's), renders the prompt without that message's <|im_end|> and without a new
+   turn (add_generation_prompt false), so the model continues the given text; the answer is the continuation only.
 
 Why the standard library's http.server.ThreadingHTTPServer and not FastAPI/uvicorn: it is well known, has zero
 dependencies, and is enough for an educational single-model server whose throughput is bound by the model anyway;
 server-sent events are plain chunked writes.
 
-Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key),
-temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC §8), max_tokens when absent = min(256,
-what is left of the context) (--default-max-tokens), request bodies up to 4 MiB (--max-body-bytes).
+Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key, or
+$KIMI_API_KEY, which does not show in `ps`), temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC
+§8), max_tokens when absent = min(256, what is left of the context) (--default-max-tokens), request bodies up to
+4 MiB (--max-body-bytes), 32 waiting requests (--max-queue).
 
-Not supported, and answered with a 400 rather than ignored: n > 1, logprobs, logit_bias, response_format other
-than text, non-zero frequency/presence penalties. Unknown fields are ignored (as vLLM does). Images are refused by
-the tokenizer (K2-Instruct has no vision input).
+A local server is also reachable from any web page its user opens. So by default it answers only requests whose
+Host is a loopback name or --host (a page that rebinds its own domain to 127.0.0.1 still sends that domain as
+Host; --allowed-hosts adds names), refuses requests carrying a browser's Origin header (--allowed-origins allows
+a page, with CORS), and wants `Content-Type: application/json` on POST (a page can send text/plain anywhere
+without asking). HTTP framing that could be read two ways (Content-Length with chunked, differing lengths, other
+transfer codings, chunk sizes that are not hex digits) is refused and the connection closed.
+
+Not supported, and answered with a 400 naming the field rather than ignored: any field not in FIELDS (e.g.
+repetition_penalty, min_p, best_of, functions), n > 1, logprobs, logit_bias, response_format other than text,
+non-zero frequency/presence penalties, store. Null counts as absent. Images are refused by the tokenizer
+(K2-Instruct has no vision input).
 
 References: OpenAI API reference, Chat Completions (create, the chat.completion and chat.completion.chunk objects,
 streaming, error codes); MoonshotAI/Kimi-K2 docs/tool_call_guidance.md and deploy_guidance.md (SPEC §6.5, §6.6,
-§8); vLLM's `kimi_k2` tool parser (id handling). No tensors in this file, so no shape legend.
+§8); vLLM's `kimi_k2` tool parser (id handling); Moonshot's partial mode (platform docs, "Partial Mode"); RFC 9110
+and RFC 9112 (HTTP semantics and framing). No shapes in this file, so no shape legend.
 """
 from __future__ import annotations
 

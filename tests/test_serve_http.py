@@ -27,7 +27,8 @@ import torch
 import model as M
 import serve
 from conftest import ROOT, random_model
-from test_serve import GET_WEATHER_TOOLS, Live, ScriptedModel, error_of, scripted_reply, section, tiny_ckpt, tok  # noqa: F401
+from test_serve import (GET_WEATHER_TOOLS, Live, ScriptedModel, error_of, scripted_reply, section,  # noqa: F401
+                        tiny_ckpt, tok)
 from tokenizer import CALL_ARG_BEGIN, CALL_BEGIN, SECTION_BEGIN, mask_pipes, unmask_pipes
 
 openai = pytest.importorskip("openai")
@@ -84,7 +85,7 @@ def chunked(body: bytes) -> bytes:
 def test_bad_chunk_size_lines_are_refused_at_once(scripted, size_line):
     """A size line that is not 1-8 hex digits (and well-formed extensions) is a 400, answered without waiting for
     more of the body: `-1` used to read until the client closed, whatever --max-body-bytes said."""
-    data = post(scripted, "Transfer-Encoding: chunked\r\n", b"") + size_line + b"\r\n"  # and the client keeps the socket
+    data = post(scripted, "Transfer-Encoding: chunked\r\n", b"") + size_line + b"\r\n"  # then nothing more
     status, _, body, closed = exchange(scripted, data, timeout=5)
     assert status == 400 and closed and "chunk size line" in body["error"]["message"]
 
@@ -98,7 +99,8 @@ def test_chunk_extensions_that_parse_are_accepted(scripted):
 def test_negative_chunk_on_the_401_path_is_not_read_either(tok):
     live = Live(serve.ModelEngine(ScriptedModel(tok), tok), api_key="sekrit")
     try:
-        status, _, body, closed = exchange(live, post(live, "Transfer-Encoding: chunked\r\n", b"") + b"-1\r\n", timeout=5)
+        data = post(live, "Transfer-Encoding: chunked\r\n", b"") + b"-1\r\n"
+        status, _, body, closed = exchange(live, data, timeout=5)
         assert status == 401 and closed and body["error"]["code"] == "invalid_api_key"
     finally:
         live.close()
