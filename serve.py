@@ -820,6 +820,7 @@ class Handler(BaseHTTPRequestHandler):
     # delayed ACK of the first (RFC 1122 §4.2.3.2): ~40 ms added to every answer on a keep-alive connection.
     disable_nagle_algorithm = True
     poll_seconds = 0.2  # while a request waits for the model: how often to check that its client is still there
+    cors: str | None = None  # the request's Origin, when it is allowed (per request; see _handle)
     server: ChatServer
 
     # --- entry points: every method goes through _handle, so every failure is an OpenAI-shaped error
@@ -849,6 +850,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_error(self, format: str, *args: Any) -> None:  # malformed request lines, timeouts
         self.server.log(f"{self.address_string()} {format % args}")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header block: 400, 414, 431, 505) in OpenAI's
+        shape rather than its HTML page, and always with a status line: for a request line it could not read,
+        http.server would otherwise answer as to HTTP/0.9, with a bare body."""
+        self.log_error("code %d, message %s", code, message)
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.0"
+        err = APIError(code, message or "the request could not be read")
+        self._send_json(code, err.body(), close=True)
 
     def _handle(self) -> None:
         # one Handler serves every request of a keep-alive connection: reset the per-request state

@@ -136,6 +136,14 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(scripted, header
     assert len(new) == 1 and "Traceback" not in new[0], new  # logged once, as a request line
 
 
+@pytest.mark.parametrize("line,status", [(b"POST /v1/chat/completions HTTP/2.0", 505),
+                                         (b"GET /" + b"a" * 70_000 + b" HTTP/1.1", 414), (b"GET / HTTP/x", 400)],
+                         ids=["http2", "long-line", "bad-version"])
+def test_unreadable_request_lines_get_a_status_line_and_openai_shape(scripted, line, status):
+    got, _, body, closed = exchange(scripted, line + b"\r\nHost: localhost\r\n\r\n")
+    assert (got, closed) == (status, True) and set(body["error"]) == {"message", "type", "param", "code"}
+
+
 def test_http11_without_host_is_refused(scripted):
     status, _, body, closed = exchange(scripted, b"GET /v1/models HTTP/1.1\r\n\r\n")
     assert status == 400 and closed and "Host" in body["error"]["message"]
@@ -481,3 +489,16 @@ def test_log_lines_carry_no_terminal_escapes(scripted):
     new = "\n".join(new_lines(scripted, before))
     assert "GET /v1/\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m 404" in new
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", new)
+
+
+@pytest.mark.slow
+def test_a_small_fault_campaign():
+    """bench_faults.py in small: fuzzed requests all answered without a 500, the server still serving during and
+    after an idle-socket flood, and a train.py run killed with SIGKILL mid-save resumes."""
+    import bench_faults
+
+    r = bench_faults.campaign(requests=40, idle=40, n_kills=1, seed=1)
+    f, flood, t = r["fuzz"], r["flood"], r["train"]
+    assert (f["served"], f["status_500"], f["still_serving"], r["tracebacks"]) == (40, 0, True, 0), r
+    assert (flood["status"], flood["after"]) == (200, 200), flood
+    assert t["resumable"] == 1 and not t["errors"], t
