@@ -788,8 +788,8 @@ HOST_RE = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::\d*)?|(?P<name>[^:\[\]/@\s]
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\r\n]|\\.)*\"))?)*"
                            rb"\r?\n" % (_TOKEN, _TOKEN))
-MAX_LINE = 1024  # bytes in a chunk-size or trailer line
-MAX_TRAILERS = 32  # trailer lines after the last chunk
+MAX_LINE = 1024  # ours: bytes in a chunk-size or trailer line (a real one is a few bytes)
+MAX_TRAILERS = 32  # ours: trailer lines after the last chunk (clients send none)
 
 
 def _printable(line: str) -> str:
@@ -819,7 +819,7 @@ class Handler(BaseHTTPRequestHandler):
     # A response is two writes (headers, body); with Nagle's algorithm (RFC 896) the second waits for the client's
     # delayed ACK of the first (RFC 1122 §4.2.3.2): ~40 ms added to every answer on a keep-alive connection.
     disable_nagle_algorithm = True
-    poll_seconds = 0.2  # while a request waits for the model: how often to check that its client is still there
+    poll_seconds = 0.2  # ours: while a request waits for the model, how often to check that its client is there
     cors: str | None = None  # the request's Origin, when it is allowed (per request; see _handle)
     server: ChatServer
 
