@@ -227,7 +227,7 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
             raise bad(f"messages[{i}] must be an object with a string 'role', got {json.dumps(m)[:120]}",
                       f"messages[{i}]")
         if "partial" in m:  # Kimi's partial mode: the last message, an assistant one, is continued
-            if m["partial"] not in (None, True, False):
+            if not isinstance(m["partial"], (bool, type(None))):
                 raise bad(f"messages[{i}].partial must be true or false", f"messages[{i}].partial")
             if m["partial"] and (i != len(messages) - 1 or m["role"] != "assistant"):
                 raise bad("partial: true marks the last message, an assistant one, whose text the model continues",
@@ -307,7 +307,7 @@ def _continue_final(body: dict, msgs: list[dict], partial: bool) -> bool:
     new turn, and the answer is what the model writes next."""
     cont, gen = body.get("continue_final_message"), body.get("add_generation_prompt")
     for name, v in (("continue_final_message", cont), ("add_generation_prompt", gen)):
-        if v not in (None, True, False):
+        if not isinstance(v, (bool, type(None))):
             raise bad(f"{name} must be true or false, got {json.dumps(v)[:40]}", name)
     if cont and gen:
         raise bad("continue_final_message and add_generation_prompt cannot both be true (as in vLLM): continuing "

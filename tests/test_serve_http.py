@@ -337,6 +337,7 @@ def test_partial_and_continue_final_message_continue_the_assistant_text(scripted
     (dict(extra_body={"continue_final_message": True}), "messages"),  # the last message is the user's
     (dict(extra_body={"continue_final_message": True, "add_generation_prompt": True}), "add_generation_prompt"),
     (dict(extra_body={"add_generation_prompt": False}), "add_generation_prompt"),
+    (dict(extra_body={"continue_final_message": 1}), "continue_final_message"),  # 1 == True, but not a boolean
     (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
     (dict(extra_body={"min_p": 0.1}), "min_p"),
     (dict(extra_body={"best_of": 2}), "best_of"),
