@@ -248,11 +248,12 @@ def test_full_queue_answers_429_with_retry_after(tok):
     try:
         running = threading.Thread(target=send)
         running.start()
-        while live.server.worker.current is None:  # the first one runs
+        deadline = time.monotonic() + 10
+        while live.server.worker.current is None and time.monotonic() < deadline:  # the first one runs
             time.sleep(0.005)
         waiting = threading.Thread(target=send)
         waiting.start()
-        while live.server.worker.jobs.qsize() < 1:  # the second one waits
+        while live.server.worker.jobs.qsize() < 1 and time.monotonic() < deadline:  # the second one waits
             time.sleep(0.005)
         status, headers, body, _ = exchange(live, post(live, f"Content-Length: {len(CHAT)}\r\n"))
         assert status == 429 and int(headers["Retry-After"]) >= 1
