@@ -152,9 +152,9 @@ def split_long_input(text: str, max_chars: int = MAX_ENCODE_CHARS, max_run: int 
 
 # Every K2 marker is spelled `<|...|>`. A model can also spell one with ordinary byte tokens, and then it is text, not
 # structure: with the '|' of ordinary tokens replaced by PIPE_MASK, a marker in decoded text can only come from its
-# special id. U+FDD0 is a Unicode noncharacter, "permanently reserved for internal use" (Unicode 15, §23.7): like '|'
-# it is neither \s nor \w in a regex and may stand inside a JSON string, so masked text parses exactly as the
-# original would; the rare U+FDD0 that a model writes itself becomes U+FFFD.
+# special id. U+FDD0 is a Unicode noncharacter, a code point set aside for a program's internal use and never
+# assigned (Unicode Standard, §23.7 Noncharacters): like '|' it is neither \s nor \w in a regex and may stand
+# inside a JSON string, so masked text parses as the original would; a U+FDD0 the model writes becomes U+FFFD.
 PIPE_MASK = "\ufdd0"
 
 
