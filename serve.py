@@ -62,7 +62,9 @@ server-sent events are plain chunked writes.
 Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key, or
 $KIMI_API_KEY, which does not show in `ps`), temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC
 §8), max_tokens when absent = min(256, what is left of the context) (--default-max-tokens), request bodies up to
-4 MiB (--max-body-bytes), 32 waiting requests (--max-queue).
+4 MiB (--max-body-bytes, refused on the headers when they declare more, and never read), 32 waiting requests
+(--max-queue), 128 open connections (--max-connections; at the cap the one that has waited longest without a
+complete request makes room), 30 s to send a request's header.
 
 A local server is also reachable from any web page its user opens. So by default it answers only requests whose
 Host is a loopback name or --host (a page that rebinds its own domain to 127.0.0.1 still sends that domain as
@@ -116,7 +118,6 @@ DEFAULT_MAX_TOKENS = 256  # ours: OpenAI's default is "the rest of the context",
 # ours: a full 128K-token context is ~0.5 MB of text; 4 MiB leaves room for JSON escaping and tool schemas, and
 # still stops a runaway client before it costs memory
 DEFAULT_MAX_BODY_BYTES = 4 << 20
-DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read and discarded, so the client sees the 413
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 MAX_STOP = 4  # OpenAI's limit: "Up to 4 sequences where the API will stop generating" (Chat Completions, stop)
 # ours (OpenAI states none): every token is checked against every prefix of every stop string, so their length
@@ -125,6 +126,14 @@ MAX_STOP_CHARS = 128
 # ours: requests waiting for the model beyond the one it runs; more get 429. With one request at a time a long queue
 # only turns into timeouts; 32 still lets bench_serve.py's 8 clients and a classroom's worth of users line up
 DEFAULT_MAX_QUEUE = 32
+# ours: open connections (one thread each). At most --max-queue + 1 of them are busy with a request (the rest wait
+# for one); 128 leaves room for a classroom's keep-alive connections besides a full default queue. A larger
+# --max-queue raises it to twice the busy ones
+DEFAULT_MAX_CONNECTIONS = 128
+# ours: seconds a connection may wait for its next request line (and each header line) before it is closed; nginx
+# waits 60 s for a request's header (client_header_timeout); the openai client drops its idle keep-alive
+# connections after 5 s (httpx's keepalive_expiry)
+HEADER_TIMEOUT = 30
 API_KEY_ENV = "KIMI_API_KEY"  # --api-key's fallback: a key in the environment does not show in `ps`
 LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
 
@@ -740,15 +749,27 @@ class ChatServer(ThreadingHTTPServer):
     allowed_hosts: Host header names accepted besides loopback ones and the bound address ("*" = any); a browser
     page that reaches 127.0.0.1 through DNS rebinding sends its own domain as Host, so it is refused.
     allowed_origins: web origins (e.g. http://localhost:3000) whose pages may call the server ("*" = any); any other
-    request with an Origin header, i.e. from a browser page, is refused."""
+    request with an Origin header, i.e. from a browser page, is refused.
+    max_connections: open connections at most (None: DEFAULT_MAX_CONNECTIONS, or twice max_queue + 1 if more);
+    header_timeout: seconds a connection may wait for its next request line before it is closed."""
     daemon_threads = True  # a connection left open never blocks shutdown
+    # the listen backlog: socketserver's default of 5 drops the connects of a burst (each then retried by the
+    # client's kernel after 1 s); the system's maximum, as uvicorn and nginx use a large one (2048, 511)
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000,
                  served_model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  log: Callable[[str], None] | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = ()):
+                 allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = (),
+                 max_connections: int | None = None, header_timeout: float = HEADER_TIMEOUT):
         super().__init__((host, port), Handler)
+        self.max_connections = (max(DEFAULT_MAX_CONNECTIONS, 2 * (max_queue + 1)) if max_connections is None
+                                else max_connections)
+        self.header_timeout = header_timeout
+        # open connections -> since when each has waited for a request (time.monotonic()), None while it has one
+        self.waiting_since: dict[socket.socket, float | None] = {}
+        self.connections_lock = threading.Lock()
         self.engine, self.worker = engine, Worker(engine, max_queue)
         self.served_model_name, self.api_key = served_model_name, api_key
         self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
@@ -761,6 +782,58 @@ class ChatServer(ThreadingHTTPServer):
 
     def host_allowed(self, name: str) -> bool:
         return bool(LOOPBACK.match(name)) or name in self.allowed_hosts or "*" in self.allowed_hosts
+
+    # --- the connection cap. At the cap, a new connection takes the place of the one that has waited longest
+    # without sending a complete request (its socket is shut down, which ends its thread's read at once). A flood
+    # of idle or trickling sockets therefore only ever evicts its own oldest members, while a normal client's
+    # connection is the newest and sends its request within milliseconds, after which it cannot be evicted. Only
+    # when every connection is busy with a request (at most --max-queue + 1 can be, plus answers being written) is
+    # the new one refused: 503 with Retry-After, written here without starting a thread.
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            if len(self.waiting_since) >= self.max_connections:
+                waiting = [(since, sock) for sock, since in self.waiting_since.items() if since is not None]
+                if not waiting:
+                    self._refuse(request, client_address)
+                    return
+                oldest = min(waiting, key=lambda w: w[0])[1]
+                del self.waiting_since[oldest]
+                try:
+                    peer = "%s:%s" % oldest.getpeername()[:2]
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    peer = "a client"
+                self.log(f"{peer}: closed, to make room at {self.max_connections} connections (--max-connections) "
+                         f"(it had waited longest without a complete request)")
+            self.waiting_since[request] = time.monotonic()
+        super().process_request(request, client_address)
+
+    def mark_waiting(self, sock: socket.socket, waiting: bool) -> None:
+        """A connection starts waiting for a request (True) or has received one in full (False)."""
+        with self.connections_lock:
+            if sock in self.waiting_since:  # not if it was evicted meanwhile
+                self.waiting_since[sock] = time.monotonic() if waiting else None
+
+    def shutdown_request(self, request: socket.socket) -> None:  # socketserver's hook: a connection ends
+        with self.connections_lock:
+            self.waiting_since.pop(request, None)
+        super().shutdown_request(request)
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        wait = max(1, math.ceil(self.worker.seconds_per_job))  # a connection frees when the running request ends
+        err = APIError(503, f"all {self.max_connections} connections this server accepts (--max-connections) are "
+                            f"busy with requests; retry in about {wait} s", code="server_busy")
+        body = json.dumps(err.body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
+                f"{len(body)}\r\nRetry-After: {wait}\r\nConnection: close\r\n\r\n").encode()
+        try:  # a fresh socket's send buffer is empty: this never blocks the accepting thread
+            request.setblocking(False)
+            request.send(head + body)
+        except OSError:
+            pass
+        super().shutdown_request(request)
+        self.log(f"{client_address[0]}:{client_address[1]} refused: 503, all {self.max_connections} connections "
+                 f"busy")
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Errors outside a request (socketserver's hook). A client dropping an idle keep-alive connection is
@@ -815,7 +888,8 @@ class Handler(BaseHTTPRequestHandler):
     """One HTTP/1.1 connection (keep-alive, as the openai client uses it). Checks, routes, answers, errors."""
     protocol_version = "HTTP/1.1"
     server_version = "kimi-k2-serve/1"
-    timeout = 120  # seconds any one socket read or write may block; a stalled client then frees its thread
+    timeout = 120  # seconds any one socket read or write within a request may block; a stalled client then frees
+    # its thread. Waiting for a request line and headers is bounded by the server's header_timeout instead
     # A response is two writes (headers, body); with Nagle's algorithm (RFC 896) the second waits for the client's
     # delayed ACK of the first (RFC 1122 §4.2.3.2): ~40 ms added to every answer on a keep-alive connection.
     disable_nagle_algorithm = True
@@ -845,6 +919,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self) -> None:  # and a CORS preflight from an allowed origin
         self._handle()
 
+    def handle_one_request(self) -> None:
+        """http.server reads the request line and headers, then calls do_METHOD (which goes to _handle)."""
+        self.server.mark_waiting(self.connection, True)
+        self.connection.settimeout(self.server.header_timeout)
+        super().handle_one_request()
+
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass  # replaced by the one line per request _handle writes
 
@@ -865,10 +945,13 @@ class Handler(BaseHTTPRequestHandler):
         # one Handler serves every request of a keep-alive connection: reset the per-request state
         t0, self.status, self.usage, self.streaming = time.perf_counter(), 0, None, False
         self.body_touched = self.body_read = False
-        self.drain, self.cors = 0, None  # bytes of a refused body to read anyway; the allowed Origin
+        self.cors = None  # the allowed Origin
         path = self.path.split("?", 1)[0]
+        self.connection.settimeout(self.timeout)
         try:
             self._check_framing()
+            if not self.headers.get("Transfer-Encoding") and int(self.headers.get("Content-Length", "0")) == 0:
+                self.server.mark_waiting(self.connection, False)  # no body: the request is complete
             self._check_host()
             self._check_origin()
             if self.command == "OPTIONS" and self.cors is not None:
@@ -1115,14 +1198,14 @@ class Handler(BaseHTTPRequestHandler):
             raw = self._read_chunked(limit)
         else:
             n = int(self.headers.get("Content-Length", "0"))  # _check_framing checked that it is a number
-            if n > limit:
-                self.drain = n
+            if n > limit:  # refused on the headers alone: none of the body is read (_send_error closes)
                 raise APIError(413, f"request body is {n:,} bytes; this server accepts at most {limit:,} "
                                     f"(--max-body-bytes)", code="request_too_large")
             raw = self.rfile.read(n)
             if len(raw) < n:
                 raise bad(f"the request body ended after {len(raw):,} of its {n:,} bytes (Content-Length)")
         self.body_read = True
+        self.server.mark_waiting(self.connection, False)
         if not raw.strip():
             raise bad("the request body is empty; send a JSON object")
         try:
@@ -1199,13 +1282,12 @@ class Handler(BaseHTTPRequestHandler):
             self._end_stream()
             return
         # A body left unread would be parsed as the next request of this connection: read it if it is within
-        # the limit; otherwise answer, close, and drain a bounded amount of a body that declared its size, so the
-        # client reads the answer rather than a connection reset.
+        # the limit. A body over the limit is never read: answer and close at once. A client still sending then
+        # gets a connection reset for what follows; the answer was sent before it and stays readable (httpx, the
+        # openai library's transport, reads it; Python's http.client gives up on the failed send). nginx instead
+        # reads and discards up to 30 s more (lingering_close), the reading of a refused body this server avoids.
         reusable = self.body_read or self._skip_body()
         self._send_json(err.status, err.body(), close=not reusable, headers=err.headers)
-        left = min(self.drain, DRAIN_LIMIT)
-        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-            left -= len(chunk)
 
     # --- server-sent events over chunked transfer encoding (HTTP/1.0 clients: plain body, then close)
     def _start_stream(self) -> None:
@@ -1259,17 +1341,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="max_tokens for requests that give none (capped at what is left of the context)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests that may wait for the model; more get 429 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help=f"connections open at once (default {DEFAULT_MAX_CONNECTIONS}, or 2 x (--max-queue + 1) if "
+                        f"more); at the cap the one that has waited longest without sending a complete request is "
+                        f"closed to make room, and if all are busy with requests the new one gets 503")
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
     a = p.parse_args(argv)
-    if a.max_body_bytes < 1 or a.default_max_tokens < 1 or a.max_queue < 0:
-        sys.exit("error: --max-body-bytes and --default-max-tokens must be at least 1, --max-queue at least 0")
+    connections = 1 if a.max_connections is None else a.max_connections
+    if min(a.max_body_bytes, a.default_max_tokens, connections) < 1 or a.max_queue < 0:
+        sys.exit("error: --max-body-bytes, --default-max-tokens and --max-connections must be at least 1, "
+                 "--max-queue at least 0")
     api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         engine = ModelEngine.load(a.ckpt, a.device, a.dtype)
         server = ChatServer(engine, a.host, a.port, a.served_model_name, api_key, a.max_body_bytes,
-                            a.default_max_tokens, max_queue=a.max_queue,
+                            a.default_max_tokens, max_queue=a.max_queue, max_connections=a.max_connections,
                             allowed_hosts=[h.strip() for h in a.allowed_hosts.split(",") if h.strip()],
                             allowed_origins=[o.strip() for o in a.allowed_origins.split(",") if o.strip()])
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -76,6 +76,56 @@ def chunked(body: bytes) -> bytes:
     return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
 
+def server_closed(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """True once the server has closed the connection (end of file or a reset), False if it is still open and
+    silent after `timeout` seconds (e.g. because it still waits to read more)."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def sends_fail(sock: socket.socket, total: int = 64 << 20) -> bool:
+    """Keep sending up to `total` bytes: True if a send fails first (nobody reads them), False if all were taken."""
+    piece = b"x" * (1 << 16)
+    try:
+        for _ in range(total // len(piece)):
+            sock.sendall(piece)
+    except OSError:  # a broken pipe, a reset, or a timeout of the filled buffers
+        return True
+    return False
+
+
+def answer_on_open_socket(sock: socket.socket) -> tuple[int, dict, dict]:
+    """Read one response from a socket that stays open afterwards -> (status, headers, JSON body)."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp.status, dict(resp.getheaders()), json.loads(resp.read())
+
+
+class CountingReader:
+    """Wraps a handler's rfile and counts the bytes the handler took from it (request line, headers, body)."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def readline(self, *args):
+        line = self.f.readline(*args)
+        self.n += len(line)
+        return line
+
+    def read(self, *args):
+        data = self.f.read(*args)
+        self.n += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bodies and framing
 
@@ -112,6 +162,51 @@ def test_chunked_body_over_the_limit_is_refused_before_it_is_read(tok):
         status, _, body, closed = exchange(live, post(live, "Transfer-Encoding: chunked\r\n", b"") + b"200000\r\n",
                                            timeout=5)
         assert status == 413 and closed and body["error"]["code"] == "request_too_large"
+    finally:
+        live.close()
+
+
+@pytest.mark.parametrize("api_key", [None, "sekrit"], ids=["413", "401"])
+def test_a_declared_body_over_the_limit_is_answered_on_the_headers_and_never_read(tok, api_key):
+    """Content-Length over --max-body-bytes: the answer (413; 401 without the key) comes before any of the body is
+    sent, the server closes, and what the client sends afterwards is not read (it used to be read and discarded
+    up to 64 MiB, so the connection stayed open waiting for it)."""
+    live = Live(serve.ModelEngine(ScriptedModel(tok), tok), max_body_bytes=1000, api_key=api_key)
+    try:
+        for framing in (b"Content-Length: 10000000\r\n", b"Transfer-Encoding: chunked\r\n"):
+            with socket.create_connection((live.host, live.port), timeout=10) as sock:
+                sock.sendall(post(live, framing.decode(), b"") + (b"3e9\r\n" if b"chunked" in framing else b""))
+                status, headers, body = answer_on_open_socket(sock)
+                assert status == (401 if api_key else 413) and headers["Connection"] == "close", body
+                assert body["error"]["code"] == ("invalid_api_key" if api_key else "request_too_large")
+                assert server_closed(sock) and sends_fail(sock)
+        assert live.raw("GET", "/v1/models", headers={"Authorization": f"Bearer {api_key}"})[0] == 200
+    finally:
+        live.close()
+
+
+def test_chunked_body_is_refused_once_its_total_passes_the_limit(tok):
+    """The handler reads the body up to the size line that takes the total over the limit and no further: not
+    that chunk's data, not what the client sends after the 413."""
+    readers = []
+
+    class Probe(serve.Handler):
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = CountingReader(self.rfile)
+            readers.append(self.rfile)
+
+    live = Live(serve.ModelEngine(ScriptedModel(tok), tok), max_body_bytes=1000)
+    live.server.RequestHandlerClass = Probe
+    try:
+        head = post(live, "Transfer-Encoding: chunked\r\n", b"")
+        first, over = b"3e8\r\n" + b"x" * 1000 + b"\r\n", b"1\r\n"  # 1,000 bytes: the limit; 1 more: over it
+        with socket.create_connection((live.host, live.port), timeout=10) as sock:
+            sock.sendall(head + first + over)  # and not the byte itself
+            status, _, body = answer_on_open_socket(sock)
+            assert status == 413 and body["error"]["code"] == "request_too_large"
+            assert server_closed(sock) and sends_fail(sock)
+        assert [r.n for r in readers] == [len(head) + len(first) + len(over)]
     finally:
         live.close()
 
@@ -262,6 +357,91 @@ def test_full_queue_answers_429_with_retry_after(tok):
         running.join(30)
         waiting.join(30)
         assert results == [200, 200]
+    finally:
+        live.close()
+
+
+def handler_threads() -> int:
+    """Threads socketserver started for connections (in this process: every Live server's)."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_idle_socket_flood_cannot_lock_out_a_normal_request(tok):
+    """With --max-connections 8, 8 + 24 idle sockets (nothing sent, half a request line, a header block and one byte
+    of a 1,000-byte body): each new one takes the place of the longest-waiting one, a normal request still gets its
+    200, and the server holds no more than 8 connection threads. Without a cap every socket held a thread."""
+    cap, extra = 8, 24
+    live = Live(serve.ModelEngine(ScriptedModel(tok), tok), max_connections=cap)
+    before, sockets = handler_threads(), []
+    idle = [b"", b"POST /v1/chat/comp", post(live, "Content-Length: 1000\r\n", b"{")]
+    try:
+        for i in range(cap + extra):
+            sockets.append(socket.create_connection((live.host, live.port), timeout=10))
+            sockets[-1].sendall(idle[i % 3])
+        status, _, body, _ = exchange(live, post(live, f"Content-Length: {len(CHAT)}\r\n"), timeout=30)
+        assert status == 200 and body["choices"][0]["message"]["content"] == "echo: hi"
+        deadline = time.monotonic() + 10  # evicted connections' threads end as their reads return
+        while handler_threads() > before + cap and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handler_threads() <= before + cap and len(live.server.waiting_since) <= cap
+        closed: set[socket.socket] = set()  # each connection past the cap evicted one (the normal one too)
+        while len(closed) < extra + 1 and time.monotonic() < deadline:
+            closed |= {s for s in sockets if s not in closed and server_closed(s, timeout=0.01)}
+        assert len(closed) == extra + 1 and sum("closed, to make room" in line for line in live.lines) == extra + 1
+    finally:
+        for s in sockets:
+            s.close()
+        live.close()
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_503(tok):
+    """Busy connections (a request running, one queued) are never evicted; past the cap the newcomer is told."""
+    model = ScriptedModel(tok)
+    model.delay = 0.01
+    live = Live(serve.ModelEngine(model, tok), max_connections=2, max_queue=4)
+    slow = json.dumps({"model": "kimi-k2-instruct", "max_tokens": 60,
+                       "messages": [{"role": "user", "content": "long"}]}).encode()
+    results = []
+
+    def send() -> None:
+        results.append(live.raw("POST", "/v1/chat/completions", slow, {"Content-Type": "application/json"})[0])
+
+    try:
+        running = threading.Thread(target=send)
+        running.start()
+        deadline = time.monotonic() + 10
+        while live.server.worker.current is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        waiting = threading.Thread(target=send)
+        waiting.start()
+        while live.server.worker.jobs.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        status, headers, body, closed = exchange(live, post(live, f"Content-Length: {len(CHAT)}\r\n"))
+        assert (status, closed) == (503, True) and int(headers["Retry-After"]) >= 1
+        assert body["error"]["code"] == "server_busy" and set(body["error"]) == {"message", "type", "param", "code"}
+        running.join(30)
+        waiting.join(30)
+        assert results == [200, 200]
+        assert live.raw("GET", "/v1/models")[0] == 200
+    finally:
+        live.close()
+
+
+def test_a_connection_may_wait_for_its_request_only_so_long(tok):
+    """A connection that sends no request line (or no complete header) within the header timeout is closed; once
+    the header is in, a slower body is still waited for (the 120 s per-read timeout)."""
+    live = Live(serve.ModelEngine(ScriptedModel(tok), tok), header_timeout=0.3)
+    try:
+        for sent in (b"", b"GET /v1/mo", b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"):
+            with socket.create_connection((live.host, live.port)) as sock:
+                sock.sendall(sent)
+                assert server_closed(sock, timeout=10), sent  # it used to wait 120 s
+        with socket.create_connection((live.host, live.port), timeout=10) as sock:
+            sock.sendall(post(live, f"Content-Length: {len(CHAT)}\r\n", b""))
+            time.sleep(1.0)  # over the header timeout, between the header and the body
+            sock.sendall(CHAT)
+            status, _, body = answer_on_open_socket(sock)
+            assert status == 200 and body["choices"][0]["message"]["content"] == "echo: hi"
     finally:
         live.close()
 
