@@ -2,7 +2,7 @@
 a train.py run survive kill -9 in the middle of a checkpoint save? Prints one table; asserts nothing.
 
     python bench_faults.py                                  # about a minute on 2 shared CPU cores
-    python bench_faults.py --requests 1000 --idle 800 --kills 20
+    python bench_faults.py --requests 1000 --idle 800 --max-connections 128 --kills 20
 
 1. Fuzz. A real `python serve.py` (a random-weight `tiny` model saved with the shipped tokenizer, on a free
    127.0.0.1 port) gets --requests requests, each a valid chat request spoiled one way, chosen by a seeded RNG:
@@ -12,10 +12,11 @@ a train.py run survive kill -9 in the middle of a checkpoint save? Prints one ta
    answered: "served" counts answers that are not a 500 (an error in OpenAI's shape, a 200 for the few spoilings
    that are still valid, http.server's own 400/414/431 for a broken request line or header block), within 10 s.
    Every 50 requests, and at the end, a normal request must still get its 200.
-2. Idle-socket flood. --idle connections (capped at this count, below the file-descriptor limit) are opened and
-   left idle: a third send nothing, a third half a request line, a third a whole header block and one byte of a
-   declared 1,000-byte body. With all of them open a normal request is timed; the server's peak resident memory
-   (VmHWM) and thread count are read from /proc.
+2. Idle-socket flood. The server runs with --max-connections (64 here, below --idle). --idle connections (below
+   the file-descriptor limit) are opened and left idle: a third send nothing, a third half a request line, a third
+   a whole header block and one byte of a declared 1,000-byte body. With all of them open a normal request is
+   timed; the server's resident memory (VmRSS, and VmHWM, the peak of the whole run) and thread count are read
+   from /proc, and the idle sockets the server closed to stay within its cap are counted.
 3. kill -9 during a save. `python train.py --config tiny` (a byte-level tokenizer and a slice of the default
    corpus, --save-every 1) is started, and killed with SIGKILL as soon as a checkpoint save has begun (its
    `.ckpt.tmp-PID` folder appears; the first save of the run is let through, so that there is a checkpoint to
@@ -32,6 +33,7 @@ import os
 import random
 import re
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -157,6 +159,18 @@ def proc_status(pid: int) -> dict:
     return out
 
 
+def closed_by_server(sockets: list[socket.socket]) -> int:
+    """How many of the sockets the server has closed (they read as end-of-file or a reset); waits for none."""
+    readable, _, _ = select.select(sockets, [], [], 0)
+    closed = 0
+    for s in readable:
+        try:
+            closed += s.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            closed += 1
+    return closed
+
+
 def flood(port: int, pid: int, n: int) -> dict:
     before = proc_status(pid)
     sockets = []
@@ -166,14 +180,18 @@ def flood(port: int, pid: int, n: int) -> dict:
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(partial[i % 3])
             sockets.append(s)
-        time.sleep(0.5)  # every connection accepted and its thread started
+        time.sleep(0.5)  # every connection accepted, and its thread started or ended
+        during = proc_status(pid)
         status, seconds = normal_request(port)
-        peak = proc_status(pid)
+        time.sleep(0.5)
+        peak, closed = proc_status(pid), closed_by_server(sockets)
     finally:
         for s in sockets:
             s.close()
     return {"sockets": n, "status": status, "seconds": seconds, "rss_before": before["VmRSS"],
-            "peak_rss": peak["VmHWM"], "threads": peak["Threads"], "after": normal_request(port)[0]}
+            "rss_during": max(during["VmRSS"], peak["VmRSS"]), "peak_rss": peak["VmHWM"],
+            "threads_before": before["Threads"],
+            "threads": max(during["Threads"], peak["Threads"]), "closed": closed, "after": normal_request(port)[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,10 +255,11 @@ def kills(tmp: Path, n: int, seed: int) -> dict:
 # The campaign
 
 
-def start_server(ckpt: Path, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt: Path, log: Path, max_connections: int) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
-                             "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--device", "cpu", "--max-connections", str(max_connections)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE,
                             stderr=log.open("w"), text=True)
     for line in proc.stdout:
         if m := re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line):
@@ -248,7 +267,7 @@ def start_server(ckpt: Path, log: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError(f"serve.py did not start: {log.read_text()[-2000:]}")
 
 
-def campaign(requests: int, idle: int, n_kills: int, seed: int = 0) -> dict:
+def campaign(requests: int, idle: int, n_kills: int, seed: int = 0, max_connections: int = 64) -> dict:
     """Run the three parts, each bounded by its count; returns their figures."""
     from bench_serve import random_checkpoint
 
@@ -256,7 +275,7 @@ def campaign(requests: int, idle: int, n_kills: int, seed: int = 0) -> dict:
         tmp = Path(tmp)
         ckpt = random_checkpoint("tiny", tmp / "ckpt")
         log = tmp / "serve.log"
-        server, port = start_server(ckpt, log)
+        server, port = start_server(ckpt, log, max_connections)
         try:
             out = {"fuzz": fuzz(port, requests, seed), "flood": flood(port, server.pid, idle)}
         finally:
@@ -270,25 +289,28 @@ def campaign(requests: int, idle: int, n_kills: int, seed: int = 0) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="bounded fault campaign: fuzzed requests, idle sockets, kill -9 in saves")
     p.add_argument("--requests", type=int, default=300, help="fuzzed requests")
-    p.add_argument("--idle", type=int, default=300, help="idle sockets in the flood (the cap)")
+    p.add_argument("--idle", type=int, default=300, help="idle sockets in the flood")
+    p.add_argument("--max-connections", type=int, default=64, help="the server's connection cap (serve.py's flag)")
     p.add_argument("--kills", type=int, default=5, help="kill -9 of train.py during a checkpoint save (0 = skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the spoilings and of the kill delays")
     a = p.parse_args(argv)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if a.idle > limit // 2 - 64:
-        sys.exit(f"error: --idle {a.idle} needs about that many file descriptors in both processes; the limit is "
-                 f"{limit} (ulimit -n): use at most {limit // 2 - 64}")
+    if max(a.idle, a.max_connections) > limit - 64:
+        sys.exit(f"error: --idle and --max-connections need about that many file descriptors; the limit is {limit} "
+                 f"(ulimit -n): use at most {limit - 64}")
     t0 = time.perf_counter()
-    r = campaign(a.requests, a.idle, a.kills, a.seed)
+    r = campaign(a.requests, a.idle, a.kills, a.seed, a.max_connections)
     f, fl, t = r["fuzz"], r["flood"], r["train"]
     print(f"\n| fault | result |\n|---|---|")
     print(f"| {f['total']} fuzzed requests (seed {a.seed}) | {f['served']}/{f['total']} served (not a 500, answered "
           f"within 10 s); {f['ok_200']} were still valid (200); 500s: {f['status_500']}; no answer: "
           f"{f['no_answer']}; tracebacks in the log: {r['tracebacks']}; a normal request got its 200 in "
           f"{f['checks']}/{f['checks']} checks |")
-    print(f"| {fl['sockets']} idle sockets | normal request: {fl['status']} in {fl['seconds'] * 1e3:.0f} ms; server "
-          f"peak RSS {fl['peak_rss']:.0f} MiB ({fl['rss_before']:.0f} MiB before), {fl['threads']} threads; after "
-          f"the flood: {fl['after']} |")
+    print(f"| {fl['sockets']} idle sockets, --max-connections {a.max_connections} | normal request: {fl['status']} "
+          f"in {fl['seconds'] * 1e3:.0f} ms; the server closed {fl['closed']} idle sockets to stay within its cap; "
+          f"{fl['threads']} threads ({fl['threads_before']} before); RSS {fl['rss_during']:.0f} MiB "
+          f"({fl['rss_before']:.0f} MiB before; the run's peak so far {fl['peak_rss']:.0f} MiB); after the flood: "
+          f"{fl['after']} |")
     if t:
         print(f"| {t['kills']} kill -9 during a save | {t['resumable']}/{t['kills']} resumable ({t['landed_in_save']} "
               f"kills left a save's folder behind; {t['left_behind']} such folders at the end); the run reached "

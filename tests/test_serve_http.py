@@ -676,11 +676,13 @@ def test_log_lines_carry_no_terminal_escapes(scripted):
 @pytest.mark.slow
 def test_a_small_fault_campaign():
     """bench_faults.py in small: fuzzed requests all answered without a 500, the server still serving during and
-    after an idle-socket flood, and a train.py run killed with SIGKILL mid-save resumes."""
+    after an idle-socket flood past its connection cap, with its threads bounded by the cap, and a train.py run
+    killed with SIGKILL mid-save resumes."""
     import bench_faults
 
-    r = bench_faults.campaign(requests=40, idle=40, n_kills=1, seed=1)
+    r = bench_faults.campaign(requests=40, idle=40, n_kills=1, seed=1, max_connections=16)
     f, flood, t = r["fuzz"], r["flood"], r["train"]
     assert (f["served"], f["status_500"], f["still_serving"], r["tracebacks"]) == (40, 0, True, 0), r
     assert (flood["status"], flood["after"]) == (200, 200), flood
+    assert flood["closed"] >= 40 - 16 and flood["threads"] <= flood["threads_before"] + 16 + 4, flood
     assert t["resumable"] == 1 and not t["errors"], t
