@@ -182,12 +182,16 @@ class TextStream:
     After iteration: `text` (the whole completion, stop string or stop token excluded), `finish_reason` ("stop" on a
     stop token or string, "length" at max_new_tokens), `prompt_tokens`, `completion_tokens`, `seconds`.
     Multi-byte characters split across tokens are held back until complete (tokenizer.StreamDecoder), and so is text
-    that might be the start of a stop string.
+    that might be the start of a stop string. mask_pipes=True: the text of ordinary tokens has its '|' masked
+    (tokenizer.PIPE_MASK), so K2's markers in it come only from special ids; stop strings are then matched against
+    the masked text.
     """
 
-    def __init__(self, model: Transformer, tok: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams):
+    def __init__(self, model: Transformer, tok: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                 mask_pipes: bool = False):
         check_context(model, len(prompt_ids), params.max_new_tokens)
         self.model, self.tok, self.prompt_ids, self.params = model, tok, list(prompt_ids), params
+        self.mask_pipes = mask_pipes
         self.text, self.finish_reason = "", None
         self.prompt_tokens, self.completion_tokens, self.seconds = len(self.prompt_ids), 0, 0.0
 
@@ -197,7 +201,7 @@ class TextStream:
         gen = torch.Generator(device=device)
         gen.manual_seed(p.seed if p.seed is not None else torch.seed())
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
-        dec, pending, t0 = tok.stream_decoder(), "", time.perf_counter()
+        dec, pending, t0 = tok.stream_decoder(self.mask_pipes), "", time.perf_counter()
         self.finish_reason = "length"
         for ids in generate_tokens(self.model, prompt, p.max_new_tokens, p.temperature, p.top_k, p.top_p, gen,
                                    stop_ids=tok.stop_ids, allowed_starts=p.allowed_starts):

@@ -4,7 +4,8 @@
   GET  /v1/models              the one served model, in OpenAI's list shape
   POST /v1/chat/completions    OpenAI's chat wire format: every role incl. `tool` and assistant `tool_calls`; `tools`
                                (flat or wrapped schemas) and `tool_choice`; temperature, top_p, max_tokens, stop,
-                               seed; `stream: true` (server-sent events); usage; finish_reason stop/length/tool_calls
+                               seed; `stream: true` (server-sent events); usage; finish_reason stop/length/tool_calls;
+                               continuing a final assistant message (Kimi's `partial`, vLLM's `continue_final_message`)
 
 What differs from a textbook "wrap generate() in a web handler":
 1. Tool calls. The model writes K2's tool-call section as text (SPEC §6.5):
@@ -16,10 +17,16 @@ What differs from a textbook "wrap generate() in a web handler":
    "length" if the token limit cut the section off. We do the same with tools.parse_assistant. A call the model
    botched (broken JSON, a bad id) is still returned, with arguments "{}" so that the client can send the turn back
    (tokenizer.encode_chat accepts only JSON-object arguments); what was wrong is written to the server log.
+   Two rules keep a model's text from acting as a call. The structure comes from special token ids only: a model
+   can spell `<|tool_call_begin|>` with ordinary byte tokens too, so the text of ordinary tokens reaches this file
+   with its '|' masked (tokenizer.PIPE_MASK; unmasked in what is sent), and such a spelling stays content. And a
+   call to a tool the request did not declare (or whose name is unreadable) is never returned: it is dropped and
+   logged; if no call is left, the answer is the content before the section, with finish_reason "stop".
 2. Streaming without leaking markers. Text is held back while it may be the start of a tool-call section; inside a
    section each call is sent as soon as its id is complete (index, id, type, name) and its arguments once the call
-   is closed, as one fragment, because only then is it known whether they are JSON (`ToolCallStreamer`). So the
-   concatenated deltas equal the non-streamed answer, always (tests/test_serve.py checks it).
+   is closed, as one fragment, because only then is it known whether they are JSON (`ToolCallStreamer`, a state
+   machine: the work per token does not grow with the answer). So the concatenated deltas equal the non-streamed
+   answer, always (tests/test_serve.py checks it).
 3. tool_choice (OpenAI's four forms), done by shaping the prompt, as constrained engines do:
    - "auto" (the default when tools are given): tools declared; the model decides.
    - "none" (the default without tools): tools are NOT rendered into the prompt (a model shown tools is primed to
@@ -41,32 +48,53 @@ What differs from a textbook "wrap generate() in a web handler":
    is less about corruption than about keeping it that way whatever the model grows (a kernel workspace, a shared
    cache) and about predictability: each request runs at full speed with the whole CPU/GPU, and gets exactly the
    answer it would get alone with its seed. No batching: with 8 clients the 8th waits for 7 answers
-   (bench_serve.py measures it); continuous batching is what vLLM and SGLang add.
+   (bench_serve.py measures it); continuous batching is what vLLM and SGLang add. At most --max-queue requests wait
+   (more get 429 with Retry-After), and a request whose client disconnects, streamed or not, is cancelled, so
+   nobody waits behind an answer no one will read.
+5. Continuing a message. A last assistant message with `"partial": true` (Moonshot's API), or the request field
+   `continue_final_message: true` (vLLM's), renders the prompt without that message's <|im_end|> and without a new
+   turn (add_generation_prompt false), so the model continues the given text; the answer is the continuation only.
 
 Why the standard library's http.server.ThreadingHTTPServer and not FastAPI/uvicorn: it is well known, has zero
 dependencies, and is enough for an educational single-model server whose throughput is bound by the model anyway;
 server-sent events are plain chunked writes.
 
-Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key),
-temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC §8), max_tokens when absent = min(256,
-what is left of the context) (--default-max-tokens), request bodies up to 4 MiB (--max-body-bytes).
+Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key, or
+$KIMI_API_KEY, which does not show in `ps`), temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC
+§8), max_tokens when absent = min(256, what is left of the context) (--default-max-tokens), request bodies up to
+4 MiB (--max-body-bytes, refused on the headers when they declare more, and never read), 32 waiting requests
+(--max-queue), 128 open connections (--max-connections; at the cap the one that has waited longest without a
+complete request makes room), 30 s to send a request's header.
 
-Not supported, and answered with a 400 rather than ignored: n > 1, logprobs, logit_bias, response_format other
-than text, non-zero frequency/presence penalties. Unknown fields are ignored (as vLLM does). Images are refused by
-the tokenizer (K2-Instruct has no vision input).
+A local server is also reachable from any web page its user opens. So by default it answers only requests whose
+Host is a loopback name or --host (a page that rebinds its own domain to 127.0.0.1 still sends that domain as
+Host; --allowed-hosts adds names), refuses requests carrying a browser's Origin header (--allowed-origins allows
+a page, with CORS), and wants `Content-Type: application/json` on POST (a page can send text/plain anywhere
+without asking). HTTP framing that could be read two ways (Content-Length with chunked, differing lengths, other
+transfer codings, chunk sizes that are not hex digits) is refused and the connection closed.
+
+Not supported, and answered with a 400 naming the field rather than ignored: any field not in FIELDS (e.g.
+repetition_penalty, min_p, best_of, functions), n > 1, logprobs, logit_bias, response_format other than text,
+non-zero frequency/presence penalties, store. Null counts as absent. Images are refused by the tokenizer
+(K2-Instruct has no vision input).
 
 References: OpenAI API reference, Chat Completions (create, the chat.completion and chat.completion.chunk objects,
 streaming, error codes); MoonshotAI/Kimi-K2 docs/tool_call_guidance.md and deploy_guidance.md (SPEC §6.5, §6.6,
-§8); vLLM's `kimi_k2` tool parser (id handling). No tensors in this file, so no shape legend.
+§8); vLLM's `kimi_k2` tool parser (id handling); Moonshot's partial mode (platform docs, "Partial Mode"); RFC 9110
+and RFC 9112 (HTTP semantics and framing). No shapes in this file, so no shape legend.
 """
 from __future__ import annotations
 
 import argparse
 import hmac
 import json
+import math
+import os
 import queue
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -75,11 +103,13 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Protocol, Sequence
+
+import torch
 
 import generate as G
-from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_ID_RE, CALL_RE, ROLES, SECTION_BEGIN, SECTION_END,
-                       Tokenizer, normalize_tools, tool_call_id)
+from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN, SECTION_END,
+                       Tokenizer, mask_pipes, normalize_tools, tool_call_id, unmask_pipes)
 from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
 
 DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the name the seed document's client code asks for
@@ -88,8 +118,24 @@ DEFAULT_MAX_TOKENS = 256  # ours: OpenAI's default is "the rest of the context",
 # ours: a full 128K-token context is ~0.5 MB of text; 4 MiB leaves room for JSON escaping and tool schemas, and
 # still stops a runaway client before it costs memory
 DEFAULT_MAX_BODY_BYTES = 4 << 20
-DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read and discarded, so the client sees the 413
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+MAX_STOP = 4  # OpenAI's limit: "Up to 4 sequences where the API will stop generating" (Chat Completions, stop)
+# ours (OpenAI states none): every token is checked against every prefix of every stop string, so their length
+# bounds the work per token; 128 characters is far beyond any real stop sequence
+MAX_STOP_CHARS = 128
+# ours: requests waiting for the model beyond the one it runs; more get 429. With one request at a time a long queue
+# only turns into timeouts; 32 still lets bench_serve.py's 8 clients and a classroom's worth of users line up
+DEFAULT_MAX_QUEUE = 32
+# ours: open connections (one thread each). At most --max-queue + 1 of them are busy with a request (the rest wait
+# for one); 128 leaves room for a classroom's keep-alive connections besides a full default queue. A larger
+# --max-queue raises it to twice the busy ones
+DEFAULT_MAX_CONNECTIONS = 128
+# ours: seconds a connection may wait for its next request line (and each header line) before it is closed; nginx
+# waits 60 s for a request's header (client_header_timeout); the openai client drops its idle keep-alive
+# connections after 5 s (httpx's keepalive_expiry)
+HEADER_TIMEOUT = 30
+API_KEY_ENV = "KIMI_API_KEY"  # --api-key's fallback: a key in the environment does not show in `ps`
+LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,13 +143,15 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed acc
 # ---------------------------------------------------------------------------------------------------------------
 
 class APIError(Exception):
-    """An error response: {"error": {"message", "type", "param", "code"}} with an HTTP status (OpenAI's shape)."""
+    """An error response: {"error": {"message", "type", "param", "code"}} with an HTTP status (OpenAI's shape).
+    headers: extra response headers (Retry-After on a 429)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -135,6 +183,23 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     parallel_tool_calls: bool = True  # OpenAI's default; False: at most one call comes back
+    continue_final: bool = False  # continue the last (assistant) message instead of starting a new turn
+
+
+# The request fields this server reads; README lists them. Any other field with a value other than null is a 400
+# naming it: silently ignoring, say, repetition_penalty would return an answer the client did not ask for.
+FIELDS = frozenset({
+    # OpenAI Chat Completions (create), implemented
+    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
+    "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+    # OpenAI, accepted at the value that changes nothing (_refuse_unsupported)
+    "n", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias", "response_format",
+    "store",
+    # OpenAI, about who asks or how to route, not about the answer: accepted and ignored
+    "user", "safety_identifier", "prompt_cache_key", "metadata", "service_tier",
+    # vLLM's sampling and chat-template extensions (the last two accepted at their neutral value only)
+    "top_k", "continue_final_message", "add_generation_prompt", "repetition_penalty", "min_p",
+})
 
 
 def _is_number(x: Any) -> bool:
@@ -161,11 +226,23 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
         raise bad("'messages' is a required property", "messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array of message objects", "messages")
-    msgs = []
+    unknown = next((k for k, v in body.items() if k not in FIELDS and v is not None), None)
+    if unknown is not None:
+        raise bad(f"{unknown} is not supported by this server (it would be ignored, and the answer would not be the "
+                  f"one asked for); remove it. Accepted fields: {', '.join(sorted(FIELDS))}", unknown)
+    msgs, partial = [], False
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string 'role', got {json.dumps(m)[:120]}",
                       f"messages[{i}]")
+        if "partial" in m:  # Kimi's partial mode: the last message, an assistant one, is continued
+            if not isinstance(m["partial"], (bool, type(None))):
+                raise bad(f"messages[{i}].partial must be true or false", f"messages[{i}].partial")
+            if m["partial"] and (i != len(messages) - 1 or m["role"] != "assistant"):
+                raise bad("partial: true marks the last message, an assistant one, whose text the model continues",
+                          f"messages[{i}].partial")
+            partial = bool(m["partial"])
+            m = {k: v for k, v in m.items() if k != "partial"}
         if m["role"] == "developer":  # OpenAI's newer name for the system role
             m = {**m, "role": "system"}
         # OpenAI allows text parts as assistant and tool content too; the template wants one string there (beside
@@ -203,6 +280,11 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad(f"stop must be a string or an array of strings, got {json.dumps(body.get('stop'))[:120]}", "stop")
+    if len(stop) > MAX_STOP:
+        raise bad(f"stop: at most {MAX_STOP} sequences, got {len(stop)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"stop: each sequence may have at most {MAX_STOP_CHARS} characters, got one of "
+                  f"{max(len(s) for s in stop):,}", "stop")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise bad(f"seed must be an integer in [-2**63, 2**64), got {json.dumps(seed)[:40]}", "seed")
@@ -221,10 +303,34 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
         raise bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
     include_usage = bool(options and options.get("include_usage"))
     _refuse_unsupported(body)
+    continue_final = _continue_final(body, msgs, partial)
     tools, tool_choice, function = _parse_tools(body.get("tools"), body.get("tool_choice"))
     return ChatRequest(msgs, tools, tool_choice, function, max_tokens, max_param, temperature, top_p,
                        max(top_k or 0, 0), seed, stop, stream, include_usage,
-                       body.get("parallel_tool_calls") is not False)
+                       body.get("parallel_tool_calls") is not False, continue_final)
+
+
+def _continue_final(body: dict, msgs: list[dict], partial: bool) -> bool:
+    """Kimi's `partial: true` on the last message, or vLLM's `continue_final_message: true` (which vLLM pairs with
+    `add_generation_prompt: false`): the prompt ends inside the last assistant message, with no <|im_end|> and no
+    new turn, and the answer is what the model writes next."""
+    cont, gen = body.get("continue_final_message"), body.get("add_generation_prompt")
+    for name, v in (("continue_final_message", cont), ("add_generation_prompt", gen)):
+        if not isinstance(v, (bool, type(None))):
+            raise bad(f"{name} must be true or false, got {json.dumps(v)[:40]}", name)
+    if cont and gen:
+        raise bad("continue_final_message and add_generation_prompt cannot both be true (as in vLLM): continuing "
+                  "the last message means no new assistant turn", "add_generation_prompt")
+    if not (cont or partial):
+        if gen is False:
+            raise bad("add_generation_prompt false is supported together with continue_final_message true only",
+                      "add_generation_prompt")
+        return False
+    last = msgs[-1]
+    if last["role"] != "assistant" or last.get("tool_calls") or not isinstance(last.get("content"), str):
+        raise bad("continuing the final message (partial / continue_final_message) needs the last message to be an "
+                  "assistant message with string content and no tool_calls", "messages")
+    return True
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -242,6 +348,11 @@ def _refuse_unsupported(body: dict) -> None:
                   "response_format")
     if body.get("parallel_tool_calls") not in (None, True, False):
         raise bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    if body.get("store"):
+        raise bad("store is not supported by this server: completions are not kept", "store")
+    for name, neutral in (("repetition_penalty", 1), ("min_p", 0)):
+        if body.get(name) not in (None, neutral):
+            raise bad(f"{name} is not supported by this server (only {neutral}, which changes nothing)", name)
 
 
 def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str | None]:
@@ -302,9 +413,9 @@ class Prompt:
 def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
     """The 0905 chat template with the generation prompt, plus the tool_choice prefill (module docstring, point 3)."""
     first_index = count_tool_calls(req.messages)
-    try:
+    try:  # continuing the last message: no <|im_end|> after it and no new turn (tokenizer._chat_segments, rule 5)
         ids, _ = tok.encode_chat(req.messages, req.tools if req.tool_choice != "none" else None,
-                                 add_generation_prompt=True)
+                                 add_generation_prompt=not req.continue_final)
     except ValueError as err:  # bad roles, content, tool_calls, tool results: the tokenizer says what and where
         raise bad(str(err), "tools" if str(err).startswith("tools") else "messages") from None
     prefill, extra, starts = "", [], []
@@ -325,8 +436,9 @@ def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
 # ---------------------------------------------------------------------------------------------------------------
 
 class TextStreamLike(Protocol):
-    """generate.TextStream's contract: iterate for text pieces; afterwards finish_reason ("stop"/"length"),
-    prompt_tokens and completion_tokens."""
+    """generate.TextStream's contract: iterate for text pieces, in which the '|' of ordinary tokens is masked
+    (tokenizer.PIPE_MASK) so that K2's markers come only from special ids; afterwards finish_reason
+    ("stop"/"length"), prompt_tokens and completion_tokens."""
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -363,7 +475,31 @@ class ModelEngine:
                                f"; device {dev} ({why_dev}); dtype {str(dt).removeprefix('torch.')} ({why_dt})")
 
     def stream(self, prompt_ids: Sequence[int], params: G.SamplingParams) -> TextStreamLike:
-        return G.TextStream(self.model, self.tok, prompt_ids, params)
+        return G.TextStream(_CheckedModel(self.model), self.tok, prompt_ids, params, mask_pipes=True)
+
+
+class ModelFailure(RuntimeError):
+    """The model produced logits that are not numbers: a server-side fault, answered with a 500 that says so."""
+
+
+class _CheckedModel:
+    """The model, with its logits checked: NaN (or +inf) weights, e.g. from a damaged checkpoint, would otherwise end
+    in torch.multinomial's "probability tensor contains either inf, nan or element < 0" deep inside sampling, or,
+    with temperature 0, in argmax quietly picking the first NaN's token every step. (-inf is a masked token: fine.)"""
+
+    def __init__(self, model: Any):
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = self._model(*args, **kwargs)
+        if bool((logits.isnan() | logits.isposinf()).any()):
+            raise ModelFailure("the model produced NaN or infinite logits, so no token can be sampled: its weights "
+                               "(or activations) are not finite numbers. Check the checkpoint (a damaged or "
+                               "diverged one), or try --dtype fp32 if fp16 overflows.")
+        return logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,17 +516,27 @@ class Job:
 
 
 class Worker:
-    """Owns the engine; runs jobs one at a time in arrival order (queue.Queue is FIFO)."""
+    """Owns the engine; runs jobs one at a time in arrival order (queue.Queue is FIFO). At most max_queue jobs wait
+    (cancelled ones do not count); one more is refused with a 429 whose Retry-After is the measured wait."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, max_queue: int = DEFAULT_MAX_QUEUE):
+        self.engine, self.max_queue = engine, max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.current: Job | None = None
+        self.seconds_per_job = 1.0  # running average (weight 1/4 on the newest), for Retry-After
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
-        self.jobs.put(job)
+        with self.lock:
+            waiting = sum(1 for j in list(self.jobs.queue) if j is not None and not j.cancelled.is_set())
+            if waiting >= self.max_queue:
+                wait = max(1, math.ceil((waiting + 1) * self.seconds_per_job))
+                raise APIError(429, f"The server is busy: {waiting} requests are waiting for the model (at most "
+                                    f"{self.max_queue}, --max-queue). Retry in about {wait} s.",
+                               code="rate_limit_exceeded", type="requests", headers={"Retry-After": str(wait)})
+            self.jobs.put(job)
         return job
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -404,7 +550,7 @@ class Worker:
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():
                 continue
-            self.current = job
+            self.current, t0 = job, time.perf_counter()
             try:
                 stream = self.engine.stream(job.prompt_ids, job.params)
                 for piece in stream:
@@ -416,43 +562,52 @@ class Worker:
                 job.events.put(("error", err))
             finally:
                 self.current = None
+                self.seconds_per_job += (time.perf_counter() - t0 - self.seconds_per_job) / 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Model text -> OpenAI message and stream deltas
 # ---------------------------------------------------------------------------------------------------------------
 
-def finish_reason(text: str, stream_reason: str | None) -> str:
-    """SPEC §6.6: "tool_calls" when the completion holds a tool-call section, except "length" when the token limit
-    cut that section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
-    start = text.find(SECTION_BEGIN)
-    if start < 0:
+def finish_reason(text: str, stream_reason: str | None, has_calls: bool) -> str:
+    """SPEC §6.6: "tool_calls" when the answer carries tool calls, except "length" when the token limit cut their
+    section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
+    if not has_calls:
         return stream_reason or "stop"
-    if stream_reason == "length" and SECTION_END not in text[start:]:
+    if stream_reason == "length" and SECTION_END not in text[text.find(SECTION_BEGIN):]:
         return "length"
     return "tool_calls"
 
 
-def assistant_message(text: str, first_index: int, max_calls: int | None = None) -> tuple[dict, list[str]]:
-    """The whole completion -> ({"role", "content", ["tool_calls"]}, problems for the log). max_calls: keep only the
-    first calls (1 for parallel_tool_calls false); None = all."""
+def assistant_message(text: str, first_index: int, max_calls: int | None = None,
+                      declared: Collection[str] | None = None) -> tuple[dict, list[str]]:
+    """The whole completion (pipes masked, TextStreamLike) -> ({"role", "content", ["tool_calls"]}, problems for the
+    log). declared: the request's tool names; a call to any other tool is dropped (module docstring, point 1);
+    None = keep all. max_calls: keep only the first calls (1 for parallel_tool_calls false); None = all."""
     turn = parse_assistant(text, None, first_index)
     problems = list(turn.notes) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
+    if declared is not None:
+        problems += [f"{c.id}: dropped, {c.name!r} is not a tool this request declared" for c in turn.calls
+                     if c.name not in declared]
+        turn.calls = [c for c in turn.calls if c.name in declared]
     if max_calls is not None and len(turn.calls) > max_calls:
         problems.append(f"parallel_tool_calls is false: dropped {len(turn.calls) - max_calls} call(s) after the first")
         turn.calls = turn.calls[:max_calls]
     # content: the text before the section; null when there is none but there are calls (as K2 deployments do)
-    msg: dict[str, Any] = {"role": "assistant", "content": turn.content if turn.content or not turn.calls else None}
+    content = unmask_pipes(turn.content)
+    msg: dict[str, Any] = {"role": "assistant", "content": content if content or not turn.calls else None}
     if turn.calls:
         msg["tool_calls"] = [c.to_openai() for c in turn.calls]
-    return msg, problems
+        for call in msg["tool_calls"]:
+            call["function"]["arguments"] = unmask_pipes(call["function"]["arguments"])
+    return msg, [unmask_pipes(p) for p in problems]
 
 
 def _json_object_or_empty(raw: str) -> str:
     """tools.ToolCall.to_openai's rule: the model's argument text if it is a JSON object, else "{}"."""
     try:
         return raw if isinstance(json.loads(raw), dict) else "{}"
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer over 4,300 digits, nesting too deep
         return "{}"
 
 
@@ -465,55 +620,101 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 class ToolCallStreamer:
-    """The growing completion text -> OpenAI delta dicts, such that the deltas add up to assistant_message(text).
+    """The completion text, piece by piece -> OpenAI delta dicts that add up to assistant_message(whole text).
 
-    Content is sent up to the tool-call section, holding back a tail that could be the start of its marker. In the
-    section, call j's header (index, id, type, name) goes out once `functions.NAME:IDX<|tool_call_argument_begin|>`
-    is complete, and its arguments once `<|tool_call_end|>` closes it. Both are final at that point (the id is read
-    from the same text the parser reads, with the official regexes), so nothing sent is ever taken back. Calls
-    go out in order; a malformed call, and every call after it, waits for finish(), which takes the rest from
-    the parser itself. Recomputed from the whole text on every piece: simple, and cheap at these lengths.
-    max_calls: as in assistant_message (calls after the first max_calls are never sent)."""
+    A small state machine over K2's markers, so each character is looked at a bounded number of times (the work
+    per piece does not grow with the text before it): content is sent up to the tool-call section, holding back a
+    tail that could be the start of its marker; in the section, call j's header (index, id, type, name) goes out
+    once `functions.NAME:IDX<|tool_call_argument_begin|>` is complete, and its arguments once `<|tool_call_end|>`
+    closes them. Both are final then (the same rules as the parser: tokenizer.CALL_RE), so nothing sent is ever
+    taken back. A call to an undeclared tool is skipped; a malformed call stops the streaming of calls, and
+    finish() sends the rest from the parser itself. Text is masked (TextStreamLike); deltas are not.
+    max_calls and declared: as in assistant_message."""
 
-    def __init__(self, first_index: int, max_calls: int | None = None):
-        self.first_index, self.max_calls, self.text = first_index, max_calls, ""
+    def __init__(self, first_index: int, max_calls: int | None = None, declared: Collection[str] | None = None):
+        self.first_index, self.max_calls, self.declared = first_index, max_calls, declared
+        self.pieces: list[str] = []  # everything fed, for finish()
+        self.state = "content"  # -> section -> head -> args -> section ...; or done (section over), stuck (malformed)
+        self.tail = ""  # fed text not consumed yet: a possible marker start, plus the newest piece
+        self.field: list[str] = []  # the current call's id or arguments so far
+        self.keep = False  # the current call goes out (declared, and within max_calls)
         self.content_sent, self.headers_sent, self.args_sent = 0, 0, 0
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def feed(self, piece: str) -> list[dict]:
-        self.text += piece
-        text, out = self.text, []
-        start = text.find(SECTION_BEGIN)
-        content_end = start if start >= 0 else len(text) - _partial_suffix(text, SECTION_BEGIN)
-        if content_end > self.content_sent:
-            out.append({"content": text[self.content_sent:content_end]})
-            self.content_sent = content_end
-        if start < 0:
-            return out
-        body = text[start + len(SECTION_BEGIN):]
-        end = body.find(SECTION_END)
-        parts = (body if end < 0 else body[:end]).split(CALL_BEGIN)[1:]  # as tokenizer.parse_tool_calls splits
-        parts = parts[:self.max_calls]  # [:None] keeps all
-        for j in range(self.args_sent, len(parts)):
-            part = parts[j]
-            if j == self.headers_sent:
-                if CALL_ARG_BEGIN not in part:
+        self.pieces.append(piece)
+        self.tail += piece
+        out: list[dict] = []
+        while self.state not in ("done", "stuck"):
+            if self.state == "content":
+                before, marker = self._next(SECTION_BEGIN)
+                if before:
+                    out.append({"content": unmask_pipes(before)})
+                    self.content_sent += len(before)
+                if marker is None:
                     break
-                head = part.split(CALL_ARG_BEGIN, 1)[0].strip()
-                idm = CALL_ID_RE.match(head)
-                if idm is None:  # a malformed id: the parser will make one up in finish()
+                self.state = "section"
+            elif self.state == "section":  # between calls: text here is not part of any call
+                _, marker = self._next(CALL_BEGIN, SECTION_END)
+                if marker is None:
                     break
-                out.append(self._header(j, head, idm.group("name")))
-                self.headers_sent += 1
-            call = CALL_RE.match(CALL_BEGIN + part)
-            if call is None:  # arguments not closed yet
-                break
-            out.append(self._arguments(j, _json_object_or_empty(call.group("function_arguments"))))
-            self.args_sent += 1
+                self.state, self.field = ("head", []) if marker == CALL_BEGIN else ("done", [])
+            else:  # head or args: collect up to the marker that ends them
+                ending = CALL_ARG_BEGIN if self.state == "head" else CALL_END
+                before, marker = self._next(ending, CALL_BEGIN, SECTION_END)
+                self.field.append(before)
+                if marker is None:
+                    break
+                if marker != ending:  # a call without its argument marker or end marker: malformed
+                    self.state = "stuck"
+                elif self.state == "head":
+                    out += self._head("".join(self.field).strip())
+                else:
+                    out += self._args("".join(self.field).strip())
+        if self.state in ("done", "stuck"):
+            self.tail = ""
         return out
+
+    def _next(self, *markers: str) -> tuple[str, str | None]:
+        """Consume the tail up to and including the first of markers -> (text before it, marker); or, with none in
+        it, up to a possible start of one -> (that text, None)."""
+        hits = [(i, m) for m in markers if (i := self.tail.find(m)) >= 0]
+        if hits:
+            i, marker = min(hits)
+            before, self.tail = self.tail[:i], self.tail[i + len(marker):]
+            return before, marker
+        cut = len(self.tail) - max(_partial_suffix(self.tail, m) for m in markers)
+        before, self.tail = self.tail[:cut], self.tail[cut:]
+        return before, None
+
+    def _head(self, head: str) -> list[dict]:
+        idm = CALL_ID_RE.match(head)
+        if idm is None:  # a malformed id: the parser will make one up in finish()
+            self.state = "stuck"
+            return []
+        self.state, self.field = "args", []
+        self.keep = (self.declared is None or idm.group("name") in self.declared) and (
+            self.max_calls is None or self.headers_sent < self.max_calls)
+        if not self.keep:
+            return []
+        self.headers_sent += 1
+        return [self._header(self.headers_sent - 1, head, idm.group("name"))]
+
+    def _args(self, raw: str) -> list[dict]:
+        self.state, self.field = "section", []
+        if not self.keep:
+            return []
+        self.args_sent += 1
+        if self.max_calls is not None and self.args_sent >= self.max_calls:
+            self.state = "done"
+        return [self._arguments(self.args_sent - 1, unmask_pipes(_json_object_or_empty(raw)))]
 
     def finish(self) -> list[dict]:
         """End of the completion: the content and calls not sent yet, straight from assistant_message."""
-        msg, _ = assistant_message(self.text, self.first_index, self.max_calls)
+        msg, _ = assistant_message(self.text, self.first_index, self.max_calls, self.declared)
         out = []
         content = msg["content"] or ""
         if len(content) > self.content_sent:
@@ -539,23 +740,100 @@ class ToolCallStreamer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. HTTP
+# 6. HTTP: the server, then one request's story (checks, route, answer), then the plumbing under it
 # ---------------------------------------------------------------------------------------------------------------
 
 class ChatServer(ThreadingHTTPServer):
-    """The HTTP server: one thread per connection (ThreadingHTTPServer), one Worker for the model."""
+    """The HTTP server: one thread per connection (ThreadingHTTPServer), one Worker for the model.
+
+    allowed_hosts: Host header names accepted besides loopback ones and the bound address ("*" = any); a browser
+    page that reaches 127.0.0.1 through DNS rebinding sends its own domain as Host, so it is refused.
+    allowed_origins: web origins (e.g. http://localhost:3000) whose pages may call the server ("*" = any); any other
+    request with an Origin header, i.e. from a browser page, is refused.
+    max_connections: open connections at most (None: DEFAULT_MAX_CONNECTIONS, or twice max_queue + 1 if more);
+    header_timeout: seconds a connection may wait for its next request line before it is closed."""
     daemon_threads = True  # a connection left open never blocks shutdown
+    # the listen backlog: socketserver's default of 5 drops the connects of a burst (each then retried by the
+    # client's kernel after 1 s); the system's maximum, as uvicorn and nginx use a large one (2048, 511)
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000,
                  served_model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = (),
+                 max_connections: int | None = None, header_timeout: float = HEADER_TIMEOUT):
         super().__init__((host, port), Handler)
-        self.engine, self.worker = engine, Worker(engine)
+        self.max_connections = (max(DEFAULT_MAX_CONNECTIONS, 2 * (max_queue + 1)) if max_connections is None
+                                else max_connections)
+        self.header_timeout = header_timeout
+        # open connections -> since when each has waited for a request (time.monotonic()), None while it has one
+        self.waiting_since: dict[socket.socket, float | None] = {}
+        self.connections_lock = threading.Lock()
+        self.engine, self.worker = engine, Worker(engine, max_queue)
         self.served_model_name, self.api_key = served_model_name, api_key
         self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        sink = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = lambda line: sink(_printable(line))  # request paths and headers are the client's text
+        self.allowed_hosts = {h.lower() for h in allowed_hosts} | ({host.lower()} if host not in ("", "0.0.0.0", "::")
+                                                                   else set())
+        self.allowed_origins = set(allowed_origins)
         self.started = int(time.time())
+
+    def host_allowed(self, name: str) -> bool:
+        return bool(LOOPBACK.match(name)) or name in self.allowed_hosts or "*" in self.allowed_hosts
+
+    # --- the connection cap. At the cap, a new connection takes the place of the one that has waited longest
+    # without sending a complete request (its socket is shut down, which ends its thread's read at once). A flood
+    # of idle or trickling sockets therefore only ever evicts its own oldest members, while a normal client's
+    # connection is the newest and sends its request within milliseconds, after which it cannot be evicted. Only
+    # when every connection is busy with a request (at most --max-queue + 1 can be, plus answers being written) is
+    # the new one refused: 503 with Retry-After, written here without starting a thread.
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            if len(self.waiting_since) >= self.max_connections:
+                waiting = [(since, sock) for sock, since in self.waiting_since.items() if since is not None]
+                if not waiting:
+                    self._refuse(request, client_address)
+                    return
+                oldest = min(waiting, key=lambda w: w[0])[1]
+                del self.waiting_since[oldest]
+                try:
+                    peer = "%s:%s" % oldest.getpeername()[:2]
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    peer = "a client"
+                self.log(f"{peer}: closed, to make room at {self.max_connections} connections (--max-connections) "
+                         f"(it had waited longest without a complete request)")
+            self.waiting_since[request] = time.monotonic()
+        super().process_request(request, client_address)
+
+    def mark_waiting(self, sock: socket.socket, waiting: bool) -> None:
+        """A connection starts waiting for a request (True) or has received one in full (False)."""
+        with self.connections_lock:
+            if sock in self.waiting_since:  # not if it was evicted meanwhile
+                self.waiting_since[sock] = time.monotonic() if waiting else None
+
+    def shutdown_request(self, request: socket.socket) -> None:  # socketserver's hook: a connection ends
+        with self.connections_lock:
+            self.waiting_since.pop(request, None)
+        super().shutdown_request(request)
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        wait = max(1, math.ceil(self.worker.seconds_per_job))  # a connection frees when the running request ends
+        err = APIError(503, f"all {self.max_connections} connections this server accepts (--max-connections) are "
+                            f"busy with requests; retry in about {wait} s", code="server_busy")
+        body = json.dumps(err.body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: "
+                f"{len(body)}\r\nRetry-After: {wait}\r\nConnection: close\r\n\r\n").encode()
+        try:  # a fresh socket's send buffer is empty: this never blocks the accepting thread
+            request.setblocking(False)
+            request.send(head + body)
+        except OSError:
+            pass
+        super().shutdown_request(request)
+        self.log(f"{client_address[0]}:{client_address[1]} refused: 503, all {self.max_connections} connections "
+                 f"busy")
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Errors outside a request (socketserver's hook). A client dropping an idle keep-alive connection is
@@ -576,15 +854,47 @@ class ChatServer(ThreadingHTTPServer):
         self.worker.stop()
 
 
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline: terminal escapes
+HOST_RE = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::\d*)?|(?P<name>[^:\[\]/@\s]+)(?::\d*)?")  # RFC 9110 §7.2
+# RFC 9112 §7.1.1: chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ), value a
+# token or a quoted-string. Eight hex digits are 4 GiB, already far over any body limit.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|\"(?:[^\"\\\r\n]|\\.)*\"))?)*"
+                           rb"\r?\n" % (_TOKEN, _TOKEN))
+MAX_LINE = 1024  # ours: bytes in a chunk-size or trailer line (a real one is a few bytes)
+MAX_TRAILERS = 32  # ours: trailer lines after the last chunk (clients send none)
+
+
+def _printable(line: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
 
 
+def _json_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # over Python's int_max_str_digits (4,300 by default): a client error, not a 500
+        raise ValueError(f"an integer of {len(digits):,} digits (at most {sys.get_int_max_str_digits():,})") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity); send a number")
+
+
 class Handler(BaseHTTPRequestHandler):
-    """One HTTP/1.1 connection (keep-alive, as the openai client uses it). Routes, auth, body limits, errors."""
+    """One HTTP/1.1 connection (keep-alive, as the openai client uses it). Checks, routes, answers, errors."""
     protocol_version = "HTTP/1.1"
     server_version = "kimi-k2-serve/1"
-    timeout = 120  # seconds any one socket read or write may block; a stalled client then frees its thread
+    timeout = 120  # seconds any one socket read or write within a request may block; a stalled client then frees
+    # its thread. Waiting for a request line and headers is bounded by the server's header_timeout instead
+    # A response is two writes (headers, body); with Nagle's algorithm (RFC 896) the second waits for the client's
+    # delayed ACK of the first (RFC 1122 §4.2.3.2): ~40 ms added to every answer on a keep-alive connection.
+    disable_nagle_algorithm = True
+    poll_seconds = 0.2  # ours: while a request waits for the model, how often to check that its client is there
+    cors: str | None = None  # the request's Origin, when it is allowed (per request; see _handle)
     server: ChatServer
 
     # --- entry points: every method goes through _handle, so every failure is an OpenAI-shaped error
@@ -606,8 +916,14 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # both answered 405 in OpenAI's shape rather than http.server's HTML 501 page
         self._handle()
 
-    def do_OPTIONS(self) -> None:
+    def do_OPTIONS(self) -> None:  # and a CORS preflight from an allowed origin
         self._handle()
+
+    def handle_one_request(self) -> None:
+        """http.server reads the request line and headers, then calls do_METHOD (which goes to _handle)."""
+        self.server.mark_waiting(self.connection, True)
+        self.connection.settimeout(self.server.header_timeout)
+        super().handle_one_request()
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         pass  # replaced by the one line per request _handle writes
@@ -615,12 +931,31 @@ class Handler(BaseHTTPRequestHandler):
     def log_error(self, format: str, *args: Any) -> None:  # malformed request lines, timeouts
         self.server.log(f"{self.address_string()} {format % args}")
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header block: 400, 414, 431, 505) in OpenAI's
+        shape rather than its HTML page, and always with a status line: for a request line it could not read,
+        http.server would otherwise answer as to HTTP/0.9, with a bare body."""
+        self.log_error("code %d, message %s", code, message)
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.0"
+        err = APIError(code, message or "the request could not be read")
+        self._send_json(code, err.body(), close=True)
+
     def _handle(self) -> None:
         # one Handler serves every request of a keep-alive connection: reset the per-request state
         t0, self.status, self.usage, self.streaming = time.perf_counter(), 0, None, False
         self.body_touched = self.body_read = False
+        self.cors = None  # the allowed Origin
         path = self.path.split("?", 1)[0]
+        self.connection.settimeout(self.timeout)
         try:
+            self._check_framing()
+            if not self.headers.get("Transfer-Encoding") and int(self.headers.get("Content-Length", "0")) == 0:
+                self.server.mark_waiting(self.connection, False)  # no body: the request is complete
+            self._check_host()
+            self._check_origin()
+            if self.command == "OPTIONS" and self.cors is not None:
+                return self._preflight()
             self._check_auth()
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 self._require_method("GET")
@@ -632,123 +967,19 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"Invalid URL ({self.command} {path}): this server has GET /v1/models and "
                                     f"POST /v1/chat/completions")
         except APIError as err:
+            if err.status == 500:  # the server's fault (the model's output): say what, once
+                self.server.log(f"  {err.message}")
             self._send_error(err)
-        except ConnectionError:  # the client went away (broken pipe, reset)
+        except ConnectionError:  # the client went away (broken pipe, reset, closed while waiting)
             self.close_connection = True
             self.status = 499  # nginx's "client closed request"
         except Exception as err:  # a bug: answer 500 with the message, keep serving
             self.server.log(traceback.format_exc())
             self._send_error(APIError(500, f"internal error: {type(err).__name__}: {err}"))
-        tokens = (f" tokens={self.usage['prompt_tokens']}+{self.usage['completion_tokens']}" if self.usage else "")
-        self.server.log(f"{self.command} {path} {self.status}{tokens} {time.perf_counter() - t0:.2f}s")
-
-    def _require_method(self, method: str) -> None:
-        if self.command != method:
-            raise APIError(405, f"Method {self.command} not allowed on {self.path.split('?')[0]}; use {method}",
-                           code="method_not_allowed")
-
-    def _check_auth(self) -> None:
-        key = self.server.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
-            raise APIError(401, "Incorrect API key provided. Send the key given to --api-key as 'Authorization: "
-                                "Bearer KEY'." if given else "You didn't provide an API key. Send "
-                                "'Authorization: Bearer KEY' (the key given to --api-key).", code="invalid_api_key")
-
-    # --- responses
-    def _send_json(self, status: int, obj: Any, close: bool = False) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":  # a HEAD response has headers only (RFC 9110 §9.3.2)
-            self.wfile.write(data)
-        self.status = status
-
-    def _send_error(self, err: APIError) -> None:
-        if self.streaming:  # headers are out: report in-band, as OpenAI does, and end the stream
-            self._write_event(_sse({"error": err.body()["error"]}))
-            self._end_stream()
-            return
-        # A body left unread would be parsed as the next request of this connection: read it if it is within
-        # the limit; otherwise answer, close, and drain a bounded amount so the client reads the answer rather
-        # than a connection reset.
-        reusable = self.body_read or self._skip_body()
-        self._send_json(err.status, err.body(), close=not reusable)
-        n = self._content_length()
-        if not reusable and n is not None and not self._chunked_upload():
-            left = min(n, DRAIN_LIMIT)
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
-
-    # --- request bodies
-    def _skip_body(self) -> bool:
-        """Read and drop the body of a request refused before its body was read. False when that is not possible
-        (too large, malformed, or half read already): the connection must then close."""
-        if self.body_touched:
-            return False
-        try:
-            self._read_json()
-        except APIError:  # a body that is read but is not JSON is still out of the way
-            return self.body_read
-        return True
-
-    def _read_chunked(self, limit: int) -> bytes:
-        """A body sent with Transfer-Encoding: chunked (RFC 9112 §7.1): hex size line, data, CRLF; 0 ends it."""
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise bad(f"malformed chunk size line {line[:40]!r} in a chunked request body") from None
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise APIError(413, f"request body is over {limit:,} bytes, the most this server accepts "
-                                    f"(--max-body-bytes)", code="request_too_large")
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)  # the CRLF after the data
-        while self.rfile.readline(1024).strip():  # trailer fields, up to the blank line
-            pass
-        return b"".join(parts)
-
-    def _chunked_upload(self) -> bool:
-        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-
-    def _content_length(self) -> int | None:
-        """The Content-Length header as a number (0 if absent), None if it is not a valid one."""
-        length = self.headers.get("Content-Length", "0")
-        return int(length) if length.strip().isdigit() else None
-
-    def _read_json(self) -> Any:
-        limit, self.body_touched = self.server.max_body_bytes, True
-        if self._chunked_upload():
-            raw = self._read_chunked(limit)
-        else:
-            n = self._content_length()
-            if n is None:
-                raise bad(f"invalid Content-Length header {self.headers.get('Content-Length')!r}")
-            if n > limit:
-                raise APIError(413, f"request body is {n:,} bytes; this server accepts at most {limit:,} "
-                                    f"(--max-body-bytes)", code="request_too_large")
-            raw = self.rfile.read(n)
-        self.body_read = True
-        if not raw.strip():
-            raise bad("the request body is empty; send a JSON object")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise bad(f"the request body is not valid JSON: {err}") from None
-        except RecursionError:
-            raise bad("the request body nests JSON too deeply") from None
+        finally:
+            tokens = (f" tokens={self.usage['prompt_tokens']}+{self.usage['completion_tokens']}" if self.usage
+                      else "")
+            self.server.log(f"{self.command} {path} {self.status}{tokens} {time.perf_counter() - t0:.2f}s")
 
     # --- routes
     def _models(self, path: str) -> None:
@@ -764,6 +995,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chat(self) -> None:
         server, engine = self.server, self.server.engine
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":  # a web page can POST text/plain cross-origin without asking (CORS)
+            raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                           code="unsupported_media_type")
         req = parse_request(self._read_json(), server.served_model_name)
         prompt = build_prompt(engine.tok, req)
         n_prompt, context = len(prompt.ids), engine.context
@@ -780,25 +1015,41 @@ class Handler(BaseHTTPRequestHandler):
                       req.max_tokens_param, "context_length_exceeded")
         else:
             max_tokens = req.max_tokens
+        # the model's text has its ordinary '|' masked (TextStreamLike), so user stop strings are matched masked;
         # tool_choice "none": the section marker stops generation, so no call can come out (docstring, point 3)
-        stop = req.stop + ([SECTION_BEGIN] if req.tool_choice == "none" else [])
+        stop = [mask_pipes(s) for s in req.stop] + ([SECTION_BEGIN] if req.tool_choice == "none" else [])
         params = G.SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, stop,
                                   allowed_starts=prompt.allowed_starts)
         job = server.worker.submit(Job(prompt.ids, params))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": server.served_model_name}
+        declared = {t["function"]["name"] for t in req.tools or []}
+        max_calls = None if req.parallel_tool_calls else 1
         try:
             if req.stream:
-                self._chat_stream(job, prompt, req, meta)
+                self._chat_stream(job, prompt, req, meta, ToolCallStreamer(prompt.first_index, max_calls, declared))
             else:
-                self._chat_once(job, prompt, req, meta)
+                self._chat_once(job, prompt, meta, max_calls, declared)
         finally:
             job.cancelled.set()  # no-op when it finished; stops the decode loop if the client went away
 
     def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
+        """What the worker produces for job; a client that closes its connection meanwhile ends the wait."""
+        check_at = time.monotonic() + self.poll_seconds
         while True:
-            kind, value = job.events.get()
+            try:
+                kind, value = job.events.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                kind = value = None
+            if time.monotonic() >= check_at:  # while queued, and while a non-streamed answer is being generated
+                if self._client_gone():
+                    raise ConnectionAbortedError("the client closed the connection")
+                check_at = time.monotonic() + self.poll_seconds
+            if kind is None:
+                continue
             if kind == "error":
+                if isinstance(value, ModelFailure):
+                    raise APIError(500, str(value), code="model_error")
                 if isinstance(value, ValueError):  # e.g. generate.check_context: the request's fault
                     raise bad(str(value))
                 raise value
@@ -811,7 +1062,7 @@ class Handler(BaseHTTPRequestHandler):
         self.usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         return self.usage
 
-    def _chat_once(self, job: Job, prompt: Prompt, req: ChatRequest, meta: dict) -> None:
+    def _chat_once(self, job: Job, prompt: Prompt, meta: dict, max_calls: int | None, declared: set[str]) -> None:
         pieces, stream = [prompt.prefill], None
         for kind, value in self._events(job):
             if kind == "text":
@@ -819,15 +1070,15 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 stream = value
         text = "".join(pieces)
-        msg, problems = assistant_message(text, prompt.first_index, None if req.parallel_tool_calls else 1)
+        msg, problems = assistant_message(text, prompt.first_index, max_calls, declared)
         for p in problems:
             self.server.log(f"  tool-call problem: {p}")
-        self._send_json(200, {**meta, "choices": [
-            {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish_reason(text, stream.finish_reason)}],
-            "usage": self._usage(stream)})
+        reason = finish_reason(text, stream.finish_reason, "tool_calls" in msg)
+        self._send_json(200, {**meta, "choices": [{"index": 0, "message": msg, "logprobs": None,
+                                                   "finish_reason": reason}], "usage": self._usage(stream)})
 
-    def _chat_stream(self, job: Job, prompt: Prompt, req: ChatRequest, meta: dict) -> None:
-        splitter = ToolCallStreamer(prompt.first_index, None if req.parallel_tool_calls else 1)
+    def _chat_stream(self, job: Job, prompt: Prompt, req: ChatRequest, meta: dict,
+                     splitter: ToolCallStreamer) -> None:
         base = {**meta, "object": "chat.completion.chunk"}
         if req.include_usage:
             base["usage"] = None  # OpenAI: every chunk has usage null, then one last chunk carries it
@@ -850,17 +1101,200 @@ class Handler(BaseHTTPRequestHandler):
                 stream = value
         for delta in splitter.finish():
             self._write_event(chunk(delta))
-        self._write_event(chunk({}, finish_reason(splitter.text, stream.finish_reason)))
+        self._write_event(chunk({}, finish_reason(splitter.text, stream.finish_reason, splitter.headers_sent > 0)))
         usage = self._usage(stream)
         if req.include_usage:
             self._write_event(_sse({**base, "choices": [], "usage": usage}))
         self._end_stream()
+
+    # --- checks, in the order _handle runs them
+    def _check_framing(self) -> None:
+        """RFC 9112's rules for where a request and its body end (§6.1, §6.3) and for Host (§3.2). A request that
+        breaks them could be read two ways (by a proxy in front, and by us), so it is refused and the connection
+        closed rather than guessed at."""
+        h = self.headers
+        hosts, lengths = h.get_all("Host") or [], h.get_all("Content-Length") or []
+        codings = h.get_all("Transfer-Encoding") or []
+        err = None
+        if len(hosts) > 1 or (not hosts and self.request_version == "HTTP/1.1"):
+            err = bad("an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)")
+        elif codings and lengths:
+            err = bad("Content-Length and Transfer-Encoding together: send one of them (RFC 9112 §6.3)")
+        elif codings and ",".join(codings).strip().lower() != "chunked":
+            err = APIError(501, f"Transfer-Encoding {','.join(codings)[:40]!r} is not supported; send the body with "
+                                f"Content-Length or Transfer-Encoding: chunked", code="not_implemented")
+        elif len({v.strip() for v in lengths}) > 1:
+            err = bad(f"differing Content-Length headers {[v[:20] for v in lengths][:4]}: send one")
+        elif lengths and not re.fullmatch(r"[0-9]{1,15}", lengths[0].strip()):
+            err = bad(f"invalid Content-Length header {lengths[0][:40]!r}: expected a number of bytes")
+        if err is not None:
+            self.body_touched = True  # where the body ends is unknown: answer and close
+            raise err
+
+    def _check_host(self) -> None:
+        host = self.headers.get("Host")
+        if host is None:  # HTTP/1.0 (an HTTP/1.1 request without one was refused above)
+            return
+        m = HOST_RE.fullmatch(host.strip())
+        name = (m.group("v6") or m.group("name")).lower().rstrip(".") if m else ""
+        if not self.server.host_allowed(name):
+            raise APIError(400, f"Host {host[:80]!r} is not a name this server answers to (loopback by default, so "
+                                f"that a web page cannot reach it through DNS rebinding); start the server with "
+                                f"--allowed-hosts NAME to accept more", code="host_not_allowed")
+
+    def _check_origin(self) -> None:
+        """A browser marks a page's requests with Origin; other clients (the openai library, curl) send none."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        if origin in self.server.allowed_origins or "*" in self.server.allowed_origins:
+            self.cors = origin
+            return
+        raise APIError(403, f"Requests from web pages (here Origin {origin[:80]!r}) are refused: any site could "
+                            f"otherwise use this server from its visitors' browsers. To allow one, start the server "
+                            f"with --allowed-origins ORIGIN", code="origin_not_allowed")
+
+    def _preflight(self) -> None:
+        """The CORS preflight a browser sends before a page's JSON POST (Fetch standard, CORS protocol)."""
+        self.send_response(204)
+        self._cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers", "authorization, content-type"))
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.status = 204
+
+    def _check_auth(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
+            raise APIError(401, "Incorrect API key provided. Send the key given to --api-key as 'Authorization: "
+                                "Bearer KEY'." if given else "You didn't provide an API key. Send "
+                                "'Authorization: Bearer KEY' (the key given to --api-key).", code="invalid_api_key")
+
+    def _require_method(self, method: str) -> None:
+        if self.command != method:
+            raise APIError(405, f"Method {self.command} not allowed on {self.path.split('?')[0]}; use {method}",
+                           code="method_not_allowed")
+
+    def _client_gone(self) -> bool:
+        """True when the client has closed its end: the socket reads as end-of-file. MSG_PEEK leaves any pipelined
+        request in place. (A client that half-closes and still waits for its answer looks gone too; HTTP clients
+        do not do that.)"""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # --- request bodies
+    def _read_json(self) -> Any:
+        limit, self.body_touched = self.server.max_body_bytes, True
+        if self.headers.get("Transfer-Encoding"):  # _check_framing let only "chunked" through
+            raw = self._read_chunked(limit)
+        else:
+            n = int(self.headers.get("Content-Length", "0"))  # _check_framing checked that it is a number
+            if n > limit:  # refused on the headers alone: none of the body is read (_send_error closes)
+                raise APIError(413, f"request body is {n:,} bytes; this server accepts at most {limit:,} "
+                                    f"(--max-body-bytes)", code="request_too_large")
+            raw = self.rfile.read(n)
+            if len(raw) < n:
+                raise bad(f"the request body ended after {len(raw):,} of its {n:,} bytes (Content-Length)")
+        self.body_read = True
+        self.server.mark_waiting(self.connection, False)
+        if not raw.strip():
+            raise bad("the request body is empty; send a JSON object")
+        try:
+            return json.loads(raw, parse_int=_json_int, parse_constant=_no_constant)
+        except RecursionError:
+            raise bad("the request body nests JSON too deeply") from None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN, a 5,000-digit integer
+            raise bad(f"the request body is not valid JSON: {err}") from None
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """A body sent with Transfer-Encoding: chunked (RFC 9112 §7.1): hex size line, data, CRLF; 0 ends it. Never
+        reads more than `limit` bytes of data, and every line it reads is bounded."""
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(MAX_LINE)
+            m = CHUNK_LINE_RE.fullmatch(line)
+            if m is None:
+                raise bad(f"malformed chunk size line {line[:40]!r} in a chunked request body: expected 1-8 hex "
+                          f"digits, optional ;extensions, CRLF")
+            size = int(m.group(1), 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise APIError(413, f"request body is over {limit:,} bytes, the most this server accepts "
+                                    f"(--max-body-bytes)", code="request_too_large")
+            parts.append(self.rfile.read(size))
+            if len(parts[-1]) < size or self.rfile.read(2) != b"\r\n":
+                raise bad("a chunk of the request body is shorter than its size line says, or not followed by CRLF")
+        for _ in range(MAX_TRAILERS):  # trailer fields, up to the blank line
+            line = self.rfile.readline(MAX_LINE)
+            if line in (b"\r\n", b"\n"):
+                return b"".join(parts)
+            if not line.endswith(b"\n"):
+                break
+        raise bad(f"the chunked request body does not end with a blank line within {MAX_TRAILERS} trailer lines")
+
+    def _skip_body(self) -> bool:
+        """Read and drop the body of a request refused before its body was read. False when that is not possible
+        (too large, malformed, or half read already): the connection must then close."""
+        if self.body_touched:
+            return False
+        try:
+            self._read_json()
+        except APIError:  # a body that is read but is not JSON is still out of the way
+            return self.body_read
+        return True
+
+    # --- responses
+    def _cors_headers(self) -> None:
+        if self.cors is not None:
+            self.send_header("Access-Control-Allow-Origin", self.cors)
+            self.send_header("Vary", "Origin")
+
+    def _send_json(self, status: int, obj: Any, close: bool = False, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self._cors_headers()
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":  # a HEAD response has headers only (RFC 9110 §9.3.2)
+            self.wfile.write(data)
+        self.status = status
+
+    def _send_error(self, err: APIError) -> None:
+        if self.streaming:  # headers are out: report in-band, as OpenAI does, and end the stream
+            self._write_event(_sse({"error": err.body()["error"]}))
+            self._end_stream()
+            return
+        # A body left unread would be parsed as the next request of this connection: read it if it is within
+        # the limit. A body over the limit is never read: answer and close at once. A client still sending then
+        # gets a connection reset for what follows; the answer was sent before it and stays readable (httpx, the
+        # openai library's transport, reads it; Python's http.client gives up on the failed send). nginx instead
+        # reads and discards up to 30 s more (lingering_close), the reading of a refused body this server avoids.
+        reusable = self.body_read or self._skip_body()
+        self._send_json(err.status, err.body(), close=not reusable, headers=err.headers)
 
     # --- server-sent events over chunked transfer encoding (HTTP/1.0 clients: plain body, then close)
     def _start_stream(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
+        self._cors_headers()
         self._chunked = self.request_version != "HTTP/1.0"
         if self._chunked:
             self.send_header("Transfer-Encoding", "chunked")
@@ -883,9 +1317,6 @@ class Handler(BaseHTTPRequestHandler):
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 
-LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Serve a Kimi K2 checkpoint with OpenAI's chat completions API.")
     # --- what to serve
@@ -896,31 +1327,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     # --- where
     p.add_argument("--host", default="127.0.0.1", help="address to bind; loopback by default (no TLS here)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free port (printed at start)")
-    p.add_argument("--api-key", default=None, help="if set, requests need 'Authorization: Bearer KEY' (else 401)")
+    p.add_argument("--api-key", default=None, help=f"if set, requests need 'Authorization: Bearer KEY' (else 401); "
+                                                   f"default: ${API_KEY_ENV}, which unlike this flag does not show "
+                                                   f"in `ps`")
+    p.add_argument("--allowed-hosts", default="", help="comma-separated Host names to accept besides loopback ones "
+                                                       "and --host (* = any); needed with --host 0.0.0.0")
+    p.add_argument("--allowed-origins", default="", help="comma-separated web origins whose pages may call the "
+                                                         "server, e.g. http://localhost:3000 (* = any); default none")
     # --- limits
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="max_tokens for requests that give none (capped at what is left of the context)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests that may wait for the model; more get 429 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help=f"connections open at once (default {DEFAULT_MAX_CONNECTIONS}, or 2 x (--max-queue + 1) if "
+                        f"more); at the cap the one that has waited longest without sending a complete request is "
+                        f"closed to make room, and if all are busy with requests the new one gets 503")
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
     G.add_threads_argument(p)
     a = p.parse_args(argv)
-    if a.max_body_bytes < 1 or a.default_max_tokens < 1:
-        sys.exit("error: --max-body-bytes and --default-max-tokens must be at least 1")
+    connections = 1 if a.max_connections is None else a.max_connections
+    if min(a.max_body_bytes, a.default_max_tokens, connections) < 1 or a.max_queue < 0:
+        sys.exit("error: --max-body-bytes, --default-max-tokens and --max-connections must be at least 1, "
+                 "--max-queue at least 0")
+    api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
     threads, why_threads = G.set_threads(a.threads)  # before the worker thread starts: it inherits the count
     print(f"{threads} CPU thread(s) ({why_threads})", flush=True)
     try:
         engine = ModelEngine.load(a.ckpt, a.device, a.dtype)
-        server = ChatServer(engine, a.host, a.port, a.served_model_name, a.api_key, a.max_body_bytes,
-                            a.default_max_tokens)
+        server = ChatServer(engine, a.host, a.port, a.served_model_name, api_key, a.max_body_bytes,
+                            a.default_max_tokens, max_queue=a.max_queue, max_connections=a.max_connections,
+                            allowed_hosts=[h.strip() for h in a.allowed_hosts.split(",") if h.strip()],
+                            allowed_origins=[o.strip() for o in a.allowed_origins.split(",") if o.strip()])
     except (ValueError, FileNotFoundError, OSError) as err:
         sys.exit(f"error: {err}")
     print(f"model: {engine.description}", flush=True)
     if not LOOPBACK.match(a.host):
         print(f"warning: listening on {a.host}, not loopback: anyone who can reach this port can use the model "
-              f"(plain HTTP{'' if a.api_key else ', no --api-key'})", flush=True)
+              f"(plain HTTP{'' if api_key else ', no --api-key'}); requests must name this machine in Host: "
+              f"{', '.join(sorted(server.allowed_hosts)) or 'only loopback names, so pass --allowed-hosts'}",
+              flush=True)
     print(f"serving '{a.served_model_name}' at {server.url} (Ctrl-C to stop)", flush=True)
 
     def on_sigterm(signum: int, frame: Any) -> None:  # `kill` shuts down as cleanly as Ctrl-C

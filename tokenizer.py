@@ -150,13 +150,31 @@ def split_long_input(text: str, max_chars: int = MAX_ENCODE_CHARS, max_run: int 
     return pieces
 
 
+# Every K2 marker is spelled `<|...|>`. A model can also spell one with ordinary byte tokens, and then it is text, not
+# structure: with the '|' of ordinary tokens replaced by PIPE_MASK, a marker in decoded text can only come from its
+# special id. U+FDD0 is a Unicode noncharacter, a code point set aside for a program's internal use and never
+# assigned (Unicode Standard, §23.7 Noncharacters): like '|' it is neither \s nor \w in a regex and may stand
+# inside a JSON string, so masked text parses as the original would; a U+FDD0 the model writes becomes U+FFFD.
+PIPE_MASK = "\ufdd0"
+
+
+def mask_pipes(text: str) -> str:
+    """Ordinary text -> text in which no K2 marker can appear (see PIPE_MASK); unmask_pipes undoes it."""
+    return text.replace(PIPE_MASK, "\ufffd").replace("|", PIPE_MASK)
+
+
+def unmask_pipes(text: str) -> str:
+    return text.replace(PIPE_MASK, "|")
+
+
 class StreamDecoder:
     """Turns ids into text as they arrive, for streaming output. Bytes of a character split across tokens are held
     back until the character is complete, so a stream never shows U+FFFD for valid text; the concatenation of all
-    `feed` results and `flush()` equals `Tokenizer.decode` of all ids."""
+    `feed` results and `flush()` equals `Tokenizer.decode` of all ids. With masked=True the text of ordinary ids
+    goes through mask_pipes, so that markers come only from special ids (serve.py parses tool calls that way)."""
 
-    def __init__(self, tokenizer: "Tokenizer") -> None:
-        self._tok = tokenizer
+    def __init__(self, tokenizer: "Tokenizer", masked: bool = False) -> None:
+        self._tok, self._masked = tokenizer, masked
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # buffers an incomplete sequence
 
     def feed(self, ids: int | Iterable[int]) -> str:
@@ -165,7 +183,12 @@ class StreamDecoder:
             ids = [operator.index(ids)]  # a Python, NumPy or 0-d torch integer
         except TypeError:
             pass
-        return self._utf8.decode(self._tok.decode_bytes(ids))
+        if not self._masked:
+            return self._utf8.decode(self._tok.decode_bytes(ids))
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        # a special id's text is its name, after any U+FFFD for bytes left incomplete before it: never a '|' to mask
+        return "".join(self._utf8.decode(self._tok.decode_bytes([i])) if i >= self._tok.n_ranks else
+                       mask_pipes(self._utf8.decode(self._tok.decode_bytes([i]))) for i in ids)
 
     def flush(self) -> str:
         """End of stream: return what is left (an unfinished character becomes U+FFFD)."""
@@ -252,9 +275,9 @@ class Tokenizer:
         etc. in the text); byte sequences that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> StreamDecoder:
+    def stream_decoder(self, masked: bool = False) -> StreamDecoder:
         """A fresh incremental decoder for streaming generation (see StreamDecoder)."""
-        return StreamDecoder(self)
+        return StreamDecoder(self, masked)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
