@@ -3,10 +3,12 @@
 How it differs from textbook multi-head attention:
 * Keys and values are rebuilt from a small per-token latent c_kv (kv_lora_rank = 512 numbers) plus ONE rotary key
   k_pe (qk_rope_head_dim = 64) shared by all heads, so the cache holds 576 numbers per token and layer instead of
-  H·(Dn+Dr) + H·Dv = 20,480 (SPEC §1.4: 35.6x less for K2). Queries also go through a low-rank bottleneck (q_lora_rank).
+  H·(Dn+Dr) + H·Dv = 20,480 (35.6x less for K2's config.json; config.kv_cache_bytes_per_token). Queries also go
+  through a low-rank bottleneck (q_lora_rank).
 * Each head's query/key is split into a "nope" part (no position) and a "rope" part (rotated). RoPE is applied only
   to the rope parts; the rope key is shared (MQA-like), the nope key and value are per head.
-* RoPE uses INTERLEAVED pairs (x_2i, x_2i+1), the layout of the released weights (SPEC §2.5); rotating half-split
+* RoPE uses INTERLEAVED pairs (x_2i, x_2i+1), the layout of the released weights (DeepSeek-V3 inference/model.py
+  `apply_rotary_emb` treats each pair as one complex number); rotating half-split
   pairs (x_i, x_i+32) on these weights silently breaks the model.
 * YaRN (arXiv 2309.00071) stretches the low-frequency pairs by `factor` and puts its whole temperature correction
   into the softmax scale: scale = qk_head_dim^-0.5 · m², m = 0.1·mscale_all_dim·ln(factor) + 1, at every length.
@@ -15,7 +17,8 @@ Two formulations of the same function, tests/test_attention.py keeps them equal:
 * "naive"   : up-project the latent into per-head k_nope and v (the definition; cheaper for long prefill).
 * "absorb"  : fold W^UK into the query and W^UV into the output, attend directly against the cached latent
               (DeepSeek's `attn_impl="absorb"`; reads 576 numbers per cached token — the fast decode path).
-Both read the same latent cache (`KVCache`): c_kv AFTER kv_a_layernorm, k_pe AFTER RoPE (SPEC §2.4).
+Both read the same latent cache (`KVCache`): c_kv AFTER kv_a_layernorm, k_pe AFTER RoPE (DeepSeek-V3
+inference/model.py `MLA.forward`, absorb branch).
 
 References: DeepSeek-V2 §2.1 (arXiv 2405.04434) for MLA, DeepSeek-V3 (arXiv 2412.19437), YaRN (arXiv 2309.00071),
 Kimi K2 (arXiv 2507.20534) §2.1 for QK-Clip, whose per-head max logit is recorded here (`record_max_logits`).
@@ -29,20 +32,18 @@ W^DKV+W^KR kv_a_proj_with_mqa, W^UK+W^UV kv_b_proj, W^O o_proj, c^KV c_kv, k^R k
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import parallel
-
-if TYPE_CHECKING:
-    from model import ModelArgs
+from config import ModelArgs
 
 
 class RMSNorm(nn.Module):
-    """y = w · cast_back(x / sqrt(mean(x²) + eps)), statistics in fp32 (SPEC §2.2, HF order). x (..., dim)."""
+    """y = w · cast_back(x / sqrt(mean(x²) + eps)), statistics in fp32 (transformers' DeepseekV3RMSNorm
+    order). x (..., dim)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -66,11 +67,12 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_parameters(args: "ModelArgs") -> tuple[Tensor, float]:
+def rope_parameters(args: ModelArgs) -> tuple[Tensor, float]:
     """Inverse frequencies (Dr/2,) fp32 and the cos/sin multiplier for `args.rope_scaling` (None or YaRN).
 
-    YaRN (SPEC §2.6): pair i keeps its base frequency if its wavelength fits in the original context many times
-    (beta_fast), is divided by `factor` if it fits less than beta_slow times, and is blended linearly in between.
+    YaRN's "NTK-by-parts" interpolation (arXiv 2309.00071; transformers' `_compute_yarn_parameters`): pair i
+    keeps its base frequency if its wavelength fits in the original context many times (beta_fast), is divided
+    by `factor` if it fits less than beta_slow times, and is blended linearly in between.
     K2 (base 50000, L0 4096, factor 32, beta_fast = beta_slow = 1): a hard step — pairs 0..19 keep the base
     frequency, pairs 20..31 are divided by 32.
     """
@@ -105,8 +107,9 @@ def rope_parameters(args: "ModelArgs") -> tuple[Tensor, float]:
     return inv_freq, mult
 
 
-def softmax_scale(args: "ModelArgs") -> float:
-    """qk_head_dim^-0.5 · m², m = yarn_get_mscale(factor, mscale_all_dim) when YaRN sets mscale_all_dim (SPEC §2.3).
+def softmax_scale(args: ModelArgs) -> float:
+    """qk_head_dim^-0.5 · m², m = yarn_get_mscale(factor, mscale_all_dim) when YaRN sets mscale_all_dim
+    (DeepSeek-V3 inference/model.py `MLA.__init__`).
 
     K2: 192^-0.5 · (1 + 0.1·ln 32)² = 0.13086080, at every sequence length (not only beyond 4096 tokens).
     """
@@ -147,13 +150,13 @@ class KVCache:
     """MLA's cache: per layer and token, one row [c_kv | k_pe] — the normed latent c_kv (Ckv) and the rotated shared
     key k_pe (Dr). `c_kv` and `k_pe` are views of the two parts; the absorbed decode reads whole rows as its key.
 
-    That is kv_lora_rank + qk_rope_head_dim = 576 numbers per token per layer for K2 (SPEC §1.4), read by both the
+    That is kv_lora_rank + qk_rope_head_dim = 576 numbers per token per layer for K2 (DeepSeek-V2 §2.1.2), read by both the
     naive and the absorbed formulation. `pos` is the number of tokens already cached; the model writes the new
     tokens at [pos, pos+T) in every layer and then advances `pos` once. Set `pos` back to rewind (e.g. to reuse a
     shared prompt prefix).
     """
 
-    def __init__(self, args: "ModelArgs", batch_size: int, max_len: int,
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         L, Ckv, Dr = args.num_hidden_layers, args.kv_lora_rank, args.qk_rope_head_dim
         if max_len > args.max_position_embeddings:
@@ -234,7 +237,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, start: int,
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention of one layer. Module names are the Hugging Face checkpoint's (SPEC §2.3).
+    """Multi-head Latent Attention of one layer. Module names are the Hugging Face checkpoint's
+    (Kimi-K2-Instruct model.safetensors.index.json).
 
     Tensor parallelism (parallel.py): with W ranks this rank computes H/W of the heads, `first_head` onward.
     `num_heads` is that LOCAL count and every per-head tensor (q_b_proj/q_proj and kv_b_proj rows, o_proj columns,
@@ -245,7 +249,7 @@ class MLA(nn.Module):
     # state-dict names split across ranks -> the dim they are split on (rows = heads; o_proj: columns)
     SHARD_DIMS = {"q_proj.weight": 0, "q_b_proj.weight": 0, "kv_b_proj.weight": 0, "o_proj.weight": 1}
 
-    def __init__(self, args: "ModelArgs"):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         D = args.hidden_size
         H, self.first_head = parallel.split(args.num_attention_heads, "num_attention_heads")  # this rank's heads
@@ -258,7 +262,7 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * qk_head_dim, bias=False)
         else:  # K2 / DeepSeek-V3: low-rank query, per head rows [q_nope Dn | q_pe Dr]
             self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)  # always 1e-6: HF builds it without eps (SPEC §2.2)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)  # always 1e-6: HF builds it without eps
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_head_dim, bias=False)
         # output rows [c_kv Ckv | k_pe Dr]: the latent and the one rope key shared by all heads
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)

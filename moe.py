@@ -5,7 +5,8 @@ How it differs from a dense transformer FFN, in the order the forward pass runs:
    gradients; moved by muonclip.update_routing_bias_ to balance load) is added ONLY to choose the top-k experts;
    the chosen experts are weighted by their UNBIASED scores, renormalised to sum to 1 and multiplied by
    routed_scaling_factor (K2 2.827). DeepSeek-V3 first keeps the topk_group best of n_group expert groups
-   (group-limited routing); K2 and Moonlight use one group, i.e. a plain top-k. (DeepSeek-V3 §2.1.2, SPEC §2.7.)
+   (group-limited routing); K2 and Moonlight use one group, i.e. a plain top-k. (DeepSeek-V3 §2.1.2;
+   DeepSeek-V3 inference/model.py `Gate`.)
 2. Routed experts (`Experts`): n_routed_experts small SwiGLU MLPs, stored stacked (E, I, D) so they can be run as
    grouped matmuls and orthogonalised by Muon in one batched call. Each token visits num_experts_per_tok of them.
 3. Shared expert(s) (`shared_experts`): one SwiGLU MLP every token always goes through, weight 1.
@@ -35,16 +36,13 @@ import functools
 import glob
 import os
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import parallel
-
-if TYPE_CHECKING:
-    from model import ModelArgs
+from config import ModelArgs
 
 
 class MLP(nn.Module):
@@ -79,16 +77,18 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Sigmoid top-k router with the aux-loss-free correction bias. HF names: `mlp.gate.weight`, `.e_score_correction_bias`."""
 
-    def __init__(self, args: "ModelArgs"):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
         self.norm_topk_prob, self.routed_scaling_factor = args.norm_topk_prob, args.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))  # (E, D) expert centroids
-        # fp32 buffer, not a parameter: no gradient, no optimizer; moved only by the balancing rule (SPEC §3.1).
+        # fp32 buffer, not a parameter: no gradient, no optimizer; moved only by the balancing rule
+        # (DeepSeek-V3 §2.1.2, auxiliary-loss-free load balancing).
         self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not round the bias: steps of 1e-3 would vanish in bf16 (SPEC §9.8)
+        # model.to(torch.bfloat16) must not round the bias: steps of 1e-3 (DeepSeek-V3 §4.2) would vanish
+        # in bf16; the released checkpoints store it in fp32
         super()._apply(fn, recurse)
         self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
         return self
@@ -104,7 +104,8 @@ class Gate(nn.Module):
             group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G) sum of each group's 2 best
             keep = group_score.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
-            # -inf, not 0.0: biased scores can be negative, a 0.0 from a dropped group could win (SPEC §2.7)
+            # -inf, not 0.0: biased scores can be negative, a 0.0 from a dropped group could win
+            # (DeepSeek-V3 inference/model.py `Gate` masks with -inf; transformers' router fills 0.0)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, E)
         idx = choice.topk(self.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(1, idx)  # (N, K) UNBIASED scores of the chosen experts
@@ -363,10 +364,38 @@ def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Exp
 # 3. The MoE layer
 
 
+# ----------------------------------------------------------------------------------------------------
+# The optional sequence-wise balance loss (training only)
+
+# DeepSeek-V3 §4.2 (alpha = 0.0001); the configs' aux_loss_alpha = 0.001 differs
+SEQ_AUX_ALPHA = 1e-4
+
+
+def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, top_k: int,
+                          alpha: float = SEQ_AUX_ALPHA) -> Tensor:
+    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.1.2), averaged over the
+    N sequences.
+
+    scores (N, T, E): unbiased sigmoid router scores (fp32, with grad); idx (N, T, K): the experts each
+    token was routed to. L = alpha · Σ_i f_i·P_i with f_i = E/(K·T)·#{t: i in idx_t} (no gradient) and
+    P_i the mean over t of the scores renormalised over all E experts. Equals alpha at perfect balance.
+    Off by default in the reference.
+    """
+    N, T, E = scores.shape
+    assert E == n_experts and idx.shape == (N, T, top_k), \
+        f"scores {tuple(scores.shape)}, idx {tuple(idx.shape)}"
+    s = scores.float()  # fp32: a mean over E·T small numbers
+    P = (s / s.sum(-1, keepdim=True)).mean(1)  # (N, E)
+    counts = torch.zeros(N, E, device=s.device).scatter_add_(
+        1, idx.reshape(N, T * top_k), torch.ones(N, T * top_k, device=s.device))  # (N, E) per expert
+    f = counts * (E / (top_k * T))  # (N, E), 1 everywhere at perfect balance
+    return alpha * (f * P).sum(-1).mean()
+
+
 class MoE(nn.Module):
     """Router + routed experts + shared expert(s) of one layer. HF names: `mlp.gate`, `mlp.experts`, `mlp.shared_experts`."""
 
-    def __init__(self, args: "ModelArgs"):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = Gate(args)  # replicated: every rank routes every token, identically
         n_local, first = parallel.split(args.n_routed_experts, "n_routed_experts")  # this rank's experts
@@ -376,7 +405,8 @@ class MoE(nn.Module):
         self.impl = "auto"  # pick_expert_impl ("auto": chosen per call); set per model with Transformer.set_expert_impl
         # tokens routed to each expert during training forwards since the last reset (read by the bias update)
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
-        # optional complementary sequence-wise balance loss (SPEC §3.2): off by default; 1e-4 (DeepSeek-V3) when on.
+        # optional complementary sequence-wise balance loss (DeepSeek-V3 §2.1.2): off by default;
+        # 1e-4 (DeepSeek-V3 §4.2) when on.
         # The trainer sets seq_aux_alpha and adds up `aux_loss` over the MoE layers.
         self.seq_aux_alpha, self.aux_loss = 0.0, None
 
@@ -400,7 +430,6 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel()).float()
             if self.seq_aux_alpha > 0:
-                from muonclip import sequence_balance_loss  # training-only dependency, imported where it is used
                 B, T = shape[0], shape[1]
                 self.aux_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), scores.shape[-1],
                                                       idx.shape[-1], self.seq_aux_alpha)

@@ -49,6 +49,9 @@ import torch
 from torch import Tensor, nn
 
 import parallel
+from attention import MLA
+# re-exported: the loss lives with the MoE it balances; train.py and tests import it from here
+from moe import SEQ_AUX_ALPHA, MoE, sequence_balance_loss  # noqa: F401
 
 # Newton-Schulz quintic coefficients, tuned by K. Jordan to maximise the slope at 0 (KellerJordan/Muon muon.py; the
 # same in Moonlight toy_train.py and torch.optim.Muon; SPEC §4.1). They trade exact convergence for speed: see below.
@@ -59,7 +62,6 @@ MUON_RMS = 0.2          # target update RMS, "matches AdamW's typical 0.2-0.4" (
 QK_CLIP_TAU = 100.0     # K2 report §2.1 / SPEC §4.3: tau = 100
 BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3 §4.2 (gamma = 0.001 for the first 14.3T tokens); SPEC §3.1
 MUON_BATCH_NUMEL = 2**27  # parameters orthogonalised together, at most (512 MB of fp32 momentum): see _chunks
-SEQ_AUX_ALPHA = 1e-4    # DeepSeek-V3 §4.2 (alpha = 0.0001); the configs' aux_loss_alpha = 0.001 differs (SPEC §3.2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,15 +402,14 @@ def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> MuonCli
 # QK-Clip (Kimi K2 §2.1; SPEC §4.3)
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """MLA modules, found by the attributes of the attention contract (max_logits buffer, kv_b_proj)."""
-    return [m for m in model.modules() if hasattr(m, "max_logits") and hasattr(m, "kv_b_proj")]
+def _attention_modules(model: nn.Module) -> list[MLA]:
+    """The model's attention layers (attention.MLA): their max_logits buffers and query/key weights."""
+    return [m for m in model.modules() if isinstance(m, MLA)]
 
 
-def _moe_modules(model: nn.Module) -> list[nn.Module]:
-    """MoE modules, found by the expert_load buffer and the gate's correction bias."""
-    return [m for m in model.modules()
-            if hasattr(m, "expert_load") and hasattr(getattr(m, "gate", None), "e_score_correction_bias")]
+def _moe_modules(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers (moe.MoE): their expert_load buffers and routing biases."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def qk_clip_gamma(max_logits: Tensor, tau: float) -> Tensor:
@@ -506,21 +507,3 @@ def update_routing_bias_(model: nn.Module, speed: float = BIAS_UPDATE_SPEED, rul
             moe.gate.e_score_correction_bias.add_(routing_bias_delta(load, speed, rule))
         moe.expert_load.zero_()
     return {"load_maxvio": maxvio}
-
-
-def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, top_k: int,
-                          alpha: float = SEQ_AUX_ALPHA) -> Tensor:
-    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.1.2; SPEC §3.2), averaged over the N sequences.
-
-    scores (N, T, E): unbiased sigmoid router scores (fp32, with grad); idx (N, T, K): the experts each token was
-    routed to. L = alpha · Σ_i f_i·P_i with f_i = E/(K·T)·#{t: i in idx_t} (no gradient) and P_i the mean over t of
-    the scores renormalised over all E experts. Equals alpha at perfect balance. Off by default in the reference.
-    """
-    N, T, E = scores.shape
-    assert E == n_experts and idx.shape == (N, T, top_k), f"scores {tuple(scores.shape)}, idx {tuple(idx.shape)}"
-    s = scores.float()                                                      # fp32: a mean over E·T small numbers
-    P = (s / s.sum(-1, keepdim=True)).mean(1)                               # (N, E)
-    counts = torch.zeros(N, E, device=s.device).scatter_add_(
-        1, idx.reshape(N, T * top_k), torch.ones(N, T * top_k, device=s.device))  # (N, E) tokens per expert
-    f = counts * (E / (top_k * T))                                          # (N, E), 1 everywhere at perfect balance
-    return alpha * (f * P).sum(-1).mean()

@@ -23,11 +23,16 @@ partial outputs are summed. Together they give every replicated tensor the same 
 Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `init` joins the job with
 NCCL on CUDA devices and gloo on CPU. A rank that fails ends its process at once (`abort_on_error`), so torchrun
 stops the others instead of leaving them blocked in a collective that can never complete.
+
+What a split costs each rank, before buying the machines: `memory_plan` counts the bytes one of W ranks
+holds (weights, latent KV cache, activation workspace) from the shapes alone, on the meta device;
+`python model.py --config kimi-k2 --plan --world-size 16` prints it.
 """
 from __future__ import annotations
 
 import datetime
 import gc
+import math
 import os
 import sys
 import traceback
@@ -37,6 +42,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from config import kv_cache_bytes_per_token, valid_world_sizes, world_size_problems
 
 # this process's place in the job; set once by init(), read by the modules when they are built
 _WORLD_SIZE = 1
@@ -249,3 +256,126 @@ def abort_on_error() -> Iterator[None]:
               flush=True)
         sys.stdout.flush()
         os._exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory plan per rank (python model.py --config kimi-k2 --plan --world-size 16)
+
+# H200: "141 GB" (NVIDIA datasheet); nvidia-smi on an H200 reports 143,771 MiB = 140.4 GiB, which is
+# what we count
+H200_GIB = 143_771 / 1024
+# CUDA context, cuBLAS workspace, NCCL buffers and allocator fragmentation: a rough allowance, UNVERIFIED
+# (measure torch.cuda.mem_get_info() after the first forward on the real machine)
+RESERVE_GIB = 4.0
+
+
+def _stored_fp8(name: str) -> bool:
+    """Is this tensor FP8 in the released checkpoint? Every projection matrix of attention, MLPs and
+    experts; not the router, norms, embedding or lm_head (DeepSeek-V3 README_WEIGHTS.md; the
+    Kimi-K2-Instruct safetensors index lists a weight_scale_inv beside exactly these)."""
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight")) or ".mlp.experts." in name
+
+
+def memory_plan(model: torch.nn.Module, world_size: int, batch: int = 1, context: int = 131072,
+                prefill_chunk: int = 8192) -> dict[str, float]:
+    """Bytes ONE of world_size ranks needs, from the shapes alone. `model`: the network built on the
+    meta device (nothing allocated) in this process; its `shard_dims()` says which tensors W ranks split.
+
+    weights_*: the split tensors (1/W each) and the replicated ones, in bf16 (what this reference runs:
+    FP8 checkpoints are dequantized at load) and with FP8 kept (1 byte + one fp32 scale per 128x128
+    block, what vLLM/SGLang run). kv_cache: the MLA latent cache in bf16, replicated on every rank
+    (every head reads all of it). workspace: an ESTIMATE of the largest activations of one forward over
+    batch x prefill_chunk tokens with `context` keys (prefill is the peak; decode needs far less),
+    counted from the tensors the code creates:
+      residual stream h, its normed copy, a partial output and its fp32 all-reduce copy: N·D·(2+2+2+4)
+      + the larger of: attention (this rank's heads; naive prefill up-projects K/V of all S keys; the
+        T x S scores are not counted, a fused SDPA kernel never materializes them), the MoE layer
+        (router scores; this rank's M = N·K/W (token, expert) pairs at perfect balance through
+        moe_grouped; the fp32 per-token accumulator), the dense MLP
+      + the last position's logits (fp32, full vocabulary on every rank).
+    """
+    args = model.args
+    problems = world_size_problems(args, world_size)
+    if problems:
+        raise ValueError(f"world size {world_size} does not divide {', '.join(problems)}; world sizes "
+                         f"that work: {valid_world_sizes(args, 64)}")
+    dims, W = model.shard_dims(), world_size
+    out = dict(weights_split_bf16=0, weights_replicated_bf16=0, weights_split_fp8=0,
+               weights_replicated_fp8=0)
+    for name, t in model.state_dict().items():
+        shape = list(t.shape)
+        # this process's shape is already 1/_WORLD_SIZE of the full one
+        if name in dims:
+            shape[dims[name]] = shape[dims[name]] * _WORLD_SIZE // W
+        n = math.prod(shape)
+        # the routing bias stays fp32 (moe.Gate)
+        bf16 = n * (4 if name.endswith("e_score_correction_bias") else 2)
+        fp8 = bf16
+        # one byte per weight + an fp32 scale per 128x128 block of each matrix
+        if _stored_fp8(name):
+            *stack, rows, cols = shape
+            fp8 = n + 4 * math.prod(stack) * math.ceil(rows / 128) * math.ceil(cols / 128)
+        where = "split" if name in dims else "replicated"
+        out[f"weights_{where}_bf16"] += bf16
+        out[f"weights_{where}_fp8"] += fp8
+    out["kv_cache"] = batch * context * kv_cache_bytes_per_token(args)[0]
+    # activation workspace of one forward (bf16 activations = 2 bytes), see the docstring
+    N, S, D, V = batch * prefill_chunk, batch * context, args.hidden_size, args.vocab_size
+    Hl = args.num_attention_heads // W
+    Dn, Dr, Dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    residual = N * D * (2 + 2 + 2 + 4)
+    attention = 2 * (N * Hl * (Dn + Dr) + S * Hl * (Dn + Dv) + S * Hl * (Dn + Dr) + N * Hl * Dv)
+    E, K, Ie = args.n_routed_experts, args.num_experts_per_tok, args.moe_intermediate_size
+    M = N * K // W
+    moe = N * E * 4 * 2 + M * D * 2 + M * Ie * 2 * 3 + M * D * (2 + 4 + 4) + N * D * 4
+    moe += N * (Ie * args.n_shared_experts // W) * 2 * 3
+    dense = N * (args.intermediate_size // W) * 2 * 3
+    logits = batch * V * 4 + batch * (V // W) * 2
+    out["workspace"] = residual + max(attention, moe, dense) + logits
+    for kind in ("bf16", "fp8"):
+        out[f"total_{kind}"] = (out[f"weights_split_{kind}"] + out[f"weights_replicated_{kind}"]
+                                + out["kv_cache"] + out["workspace"])
+    return out
+
+
+def print_memory_plan(model: torch.nn.Module, name: str, world_size: int, batch: int, context: int,
+                      prefill_chunk: int, gpu_gib: float = H200_GIB,
+                      reserve_gib: float = RESERVE_GIB) -> None:
+    """Print memory_plan for `world_size` ranks, then the per-rank totals of every world size that
+    splits the config evenly. `model`: the network on the meta device, as for memory_plan."""
+    args = model.args
+    plan = memory_plan(model, world_size, batch, context, prefill_chunk)
+    usable = (gpu_gib - reserve_gib) * 2**30
+    W = world_size
+    print(f"memory plan: {name} on {W} ranks, per rank (from the shapes; nothing is allocated)")
+    print(f"  each rank: {args.num_attention_heads // W} of {args.num_attention_heads} heads, "
+          f"{args.n_routed_experts // W} of {args.n_routed_experts} experts, {args.vocab_size // W:,} of "
+          f"{args.vocab_size:,} vocabulary rows, 1/{W} of the dense and shared MLP units")
+    print(f"  {'':<56}{'bf16':>12}{'FP8 kept':>12}")
+    rows = [("weights split across ranks (1/%d each)" % W, "weights_split_bf16", "weights_split_fp8"),
+            ("weights replicated (latent path, norms, router)", "weights_replicated_bf16",
+             "weights_replicated_fp8"),
+            (f"MLA latent KV cache, {batch} x {context:,} tokens (replicated)", "kv_cache", "kv_cache"),
+            (f"activation workspace, {prefill_chunk:,}-token prefill (estimate)", "workspace",
+             "workspace"),
+            ("TOTAL", "total_bf16", "total_fp8")]
+    for label, a, b in rows:
+        print(f"  {label:<56}{plan[a] / 2**30:>8.1f} GiB{plan[b] / 2**30:>8.1f} GiB")
+    verdict = {True: "fits", False: "does NOT fit"}
+    print(f"  H200: {gpu_gib:.1f} GiB ('141 GB') - {reserve_gib:.1f} GiB reserve = "
+          f"{usable / 2**30:.1f} GiB usable: bf16 {verdict[plan['total_bf16'] <= usable]}, "
+          f"FP8 kept {verdict[plan['total_fp8'] <= usable]}")
+    print("  bf16 = what this reference runs (the FP8 checkpoint is dequantized to bf16 at load);")
+    print("  FP8 kept = what vLLM/SGLang run with FP8 matmul kernels; this reference does not implement it.")
+    print(f"world sizes that split {name} evenly; 'seqs' = how many {context:,}-token caches fit beside "
+          "the weights:")
+    print(f"  {'W':>4}{'bf16 / rank':>15}{'seqs':>7}{'FP8 kept / rank':>19}{'seqs':>7}")
+    for w in valid_world_sizes(args, 64):
+        p = memory_plan(model, w, 1, context, prefill_chunk)
+        row = f"  {w:>4}"
+        for kind in ("bf16", "fp8"):
+            free = usable - (p["total_" + kind] - p["kv_cache"])  # room left for latent caches
+            row += f"{p['total_' + kind] / 2**30:>11.1f} GiB{max(int(free // p['kv_cache']), 0):>7}"
+        print(row)
+    print("  (a rank that fits 0 sequences cannot run at this context; Moonshot's deployment guide names "
+          "16 GPUs as the smallest FP8 unit at 128K, which leaves room to batch)")

@@ -13,8 +13,8 @@ import sys
 
 from setuptools import setup
 
-MODULES = ["model", "attention", "moe", "parallel", "muonclip", "tokenizer", "generate", "tools", "chat_data", "train",
-           "serve"]
+MODULES = ["config", "model", "checkpoint", "attention", "moe", "parallel", "muonclip", "tokenizer", "generate",
+           "tools", "chat_data", "train", "serve"]
 
 
 def cuda_extension():
