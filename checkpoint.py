@@ -1,18 +1,20 @@
-"""The Hugging Face checkpoint format of Kimi K2: reading it, writing it, and never leaving half of one.
+"""The Hugging Face checkpoint format of Kimi K2: reading it, writing it, never leaving half of one.
 
 A checkpoint is a directory: config.json plus model.safetensors, or shards named by
-model.safetensors.index.json (`{"metadata": {"total_size": ...}, "weight_map": {tensor: shard file}}`).
-The network's module names ARE the checkpoint names, with one exception, the name table here:
-* the routed experts are stored stacked (E, ·, ·) in the model (moe.Experts) and one by one on disk, so
-  `mlp.experts.{e}.gate_proj.weight` is row e of `mlp.experts.gate_proj` (`checkpoint_names`).
+model.safetensors.index.json (`{"metadata": {"total_size": ...}, "weight_map": {tensor: shard
+file}}`). The network's module names ARE the checkpoint names, with one exception, the name table
+here:
+* the routed experts are stored stacked (E, ·, ·) in the model (moe.Experts) and one by one on disk,
+  so `mlp.experts.{e}.gate_proj.weight` is row e of `mlp.experts.gate_proj` (`checkpoint_names`).
 Reading (`from_pretrained`) goes tensor by tensor, never the whole file, and under tensor + expert
-parallelism (parallel.py) each rank reads only its share: its own experts and its rows/columns of the
-split matrices (`_read_share`, a safetensors slice). The released K2 and DeepSeek-V3 weights are FP8
-(e4m3) with one fp32 `weight_scale_inv` per 128 x 128 block; `dequantize_fp8` turns them into floats as
-they are read. Writing (`save_pretrained`) gathers the split tensors to rank 0 and writes the usual
-layout through `write_atomically`: write -> fsync -> rename -> clean up, so a kill or a power loss at
-any moment leaves the old version or the complete new one (`recover_interrupted_save` finishes or undoes
-what a kill interrupted). train.py saves its token cache and training checkpoints the same way.
+parallelism (parallel.py) each rank reads only its share: its own experts and its rows/columns of
+the split matrices (`_read_share`, a safetensors slice). The released K2 and DeepSeek-V3 weights are
+FP8 (e4m3) with one fp32 `weight_scale_inv` per 128 x 128 block; `dequantize_fp8` turns them into
+floats as they are read. Writing (`save_pretrained`) gathers the split tensors to rank 0 and writes
+the usual layout through `write_atomically`: write -> fsync -> rename -> clean up, so a kill or a
+power loss at any moment leaves the old version or the complete new one (`recover_interrupted_save`
+finishes or undoes what a kill interrupted). train.py saves its token cache and training checkpoints
+the same way.
 
 References: DeepSeek-V3 README_WEIGHTS.md (FP8 blocks; the MTP layer model.layers.61.*, not loaded)
 and inference/kernel.py `weight_dequant`; the safetensors format (huggingface/safetensors);
@@ -36,15 +38,17 @@ from config import ModelArgs
 from moe import Experts, MoE
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The name table: checkpoint tensors <-> the model's state dict
 
 
 def checkpoint_names(model: nn.Module) -> dict[str, tuple[str, int | None]]:
-    """Map every checkpoint tensor name of the FULL model to (our state-dict name, expert index or None).
+    """Map every checkpoint tensor name of the FULL model to (our state-dict name, expert index or
+    None).
 
     Expert indices are global (0..E-1); under expert parallelism this rank's stack holds rows for
-    experts `first_expert` onward only (moe.Experts), and `_owned_row` maps a global index to one of them.
+    experts `first_expert` onward only (moe.Experts), and `_owned_row` maps a global index to one of
+    them.
     """
     names = {}
     for name in model.state_dict():
@@ -64,12 +68,13 @@ def _owned_row(model: nn.Module, name: str, e: int) -> int | None:
     return row if 0 <= row < stack.num_experts else None
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading: sharded, per rank, FP8 dequantized on the way in
 
 
 def from_pretrained(build: Callable[[ModelArgs], nn.Module], path: str | os.PathLike,
-                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+                    device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
     """Transformer.from_pretrained: `build(args)` makes the network (on the meta device, then
     allocated in `dtype` on `device`); see its docstring for the contract. If loading fails on any
     rank, every rank raises (parallel.check_all_ok) instead of waiting for the others."""
@@ -80,8 +85,8 @@ def from_pretrained(build: Callable[[ModelArgs], nn.Module], path: str | os.Path
         model = _load(build, Path(path), device, dtype)
     # the reader's own words ("incomplete metadata, file not fully covered")
     except SafetensorError as e:
-        err = ValueError(f"cannot read the checkpoint {path}: {e}; a *.safetensors file is damaged or "
-                         "incomplete (a copy cut short?)")
+        err = ValueError(f"cannot read the checkpoint {path}: {e}; a *.safetensors file is damaged "
+                         "or incomplete (a copy cut short?)")
     # handed to check_all_ok, which re-raises it (on every rank, if any failed)
     except Exception as e:
         err = e
@@ -112,16 +117,17 @@ def _load(build: Callable[[ModelArgs], nn.Module], path: Path, device: str | tor
     sizes = {name: t.numel() for name, t in model.state_dict().items()}
     # a zero-width tensor (n_shared_experts 0 or null) holds nothing: a checkpoint may leave it out
     missing = sorted(k for k, (name, _) in expected.items() if k not in located and sizes[name])
-    unexpected = sorted(k for k in located if k not in expected and not _ignorable(k, located, args))
+    unexpected = sorted(k for k in located
+                        if k not in expected and not _ignorable(k, located, args))
     if missing:
         problems.append(f"missing tensors: {missing}")
     if unexpected:
         problems.append(f"unexpected tensors: {unexpected}")
     if (missing or unexpected) and args.moe_layer_freq != 1:
-        problems.append(f"note: moe_layer_freq={args.moe_layer_freq} makes layer l MoE only if l % "
-                        f"{args.moe_layer_freq} == 0 (DeepSeek's modeling_deepseek.py); transformers' "
-                        "DeepseekV3 ignores the key and writes experts in every layer >= "
-                        "first_k_dense_replace")
+        problems.append(f"note: moe_layer_freq={args.moe_layer_freq} makes layer l MoE only if "
+                        f"l % {args.moe_layer_freq} == 0 (DeepSeek's modeling_deepseek.py); "
+                        "transformers' DeepseekV3 ignores the key and writes experts in every "
+                        "layer >= first_k_dense_replace")
     block = args.fp8_block_size()  # (rows, columns) per FP8 scale
     # allocate this rank's share once, in the final dtype
     model = model.to(dtype).to_empty(device=device)
@@ -168,10 +174,10 @@ def _load(build: Callable[[ModelArgs], nn.Module], path: Path, device: str | tor
                     bytes_read += scale.nbytes
                     blocks = [math.ceil(n / b) for n, b in zip(on_disk, block)]
                     if list(scale.shape) != blocks:
-                        problems.append(f"{scale_key}: shape {tuple(scale.shape)}, expected "
-                                        f"{tuple(blocks)} (one scale per {block[0]}x{block[1]} block "
-                                        f"of {tuple(on_disk)}; quantization_config.weight_block_size "
-                                        "sets the block)")
+                        problems.append(
+                            f"{scale_key}: shape {tuple(scale.shape)}, expected {tuple(blocks)} "
+                            f"(one scale per {block[0]}x{block[1]} block of {tuple(on_disk)}; "
+                            "quantization_config.weight_block_size sets the block)")
                         continue
                     offset = (start, 0) if dim == 0 else (0, start)
                     # dequantize on the device
@@ -219,9 +225,9 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def _ignorable(key: str, located: dict, args: ModelArgs) -> bool:
-    """Checkpoint tensors that are legitimately not loaded: the RoPE frequencies (recomputed from the
-    config), the FP8 scales (read beside their weights) and DeepSeek-V3's multi-token-prediction layer
-    (DeepSeek-V3 README_WEIGHTS.md: model.layers.61.*)."""
+    """Checkpoint tensors that are legitimately not loaded: the RoPE frequencies (recomputed from
+    the config), the FP8 scales (read beside their weights) and DeepSeek-V3's multi-token-prediction
+    layer (DeepSeek-V3 README_WEIGHTS.md: model.layers.61.*)."""
     if key.endswith("rotary_emb.inv_freq") or key.endswith(".weight_scale_inv"):
         return True
     parts = key.split(".")
@@ -231,9 +237,10 @@ def _ignorable(key: str, located: dict, args: ModelArgs) -> bool:
 
 
 def _read_share(sf, key: str, dim: int | None) -> tuple[Tensor, int]:
-    """This rank's share of one checkpoint tensor, as stored (FP8 stays FP8): the whole tensor if dim is
-    None, else its rows (dim 0) or columns (dim 1) for this rank. Returns (tensor, index of its first
-    row/column). A safetensors slice reads only those bytes from the memory-mapped file."""
+    """This rank's share of one checkpoint tensor, as stored (FP8 stays FP8): the whole tensor if
+    dim is None, else its rows (dim 0) or columns (dim 1) for this rank. Returns (tensor, index of
+    its first row/column). A safetensors slice reads only those bytes from the memory-mapped file.
+    """
     if dim is None:
         return sf.get_tensor(key), 0
     sl = sf.get_slice(key)
@@ -247,28 +254,30 @@ def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int | tuple[int, int] = 
     inference/kernel.py `weight_dequant`, README_WEIGHTS.md.
 
     block: the (rows, columns) of one scale block, 128 x 128 for K2 / DeepSeek-V3
-    (quantization_config's weight_block_size). w may be a slice of the full matrix whose first element
-    is at (row, column) `offset` (a rank's share under tensor parallelism); scale_inv is always the FULL
-    matrix's (ceil(rows/br), ceil(cols/bc)) block scales. A slice need not start on a block boundary:
-    it takes the scales of the blocks it overlaps.
+    (quantization_config's weight_block_size). w may be a slice of the full matrix whose first
+    element is at (row, column) `offset` (a rank's share under tensor parallelism); scale_inv is
+    always the FULL matrix's (ceil(rows/br), ceil(cols/bc)) block scales. A slice need not start on
+    a block boundary: it takes the scales of the blocks it overlaps.
     """
     br, bc = (block, block) if isinstance(block, int) else block
     out, inp = w.shape
     r0, c0 = offset
-    rows, cols = slice(r0 // br, (r0 + out - 1) // br + 1), slice(c0 // bc, (c0 + inp - 1) // bc + 1)
+    rows = slice(r0 // br, (r0 + out - 1) // br + 1)
+    cols = slice(c0 // bc, (c0 + inp - 1) // bc + 1)
     s = scale_inv.float()[rows, cols]  # the scales of the blocks this slice overlaps
     s = s.repeat_interleave(br, 0).repeat_interleave(bc, 1)  # one scale per element of those blocks
     s = s[r0 % br:r0 % br + out, c0 % bc:c0 % bc + inp]  # (out, in)
     return w.float() * s
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Writing: gathered to rank 0, sharded, atomic
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = 2 << 30,
                     extra: Callable[[Path], None] | None = None) -> None:
-    """Transformer.save_pretrained (see its docstring): every rank joins the gathers, rank 0 writes."""
+    """Transformer.save_pretrained (see its docstring): every rank joins the gathers, rank 0 writes.
+    """
     dims, rank0 = model.shard_dims(), parallel.rank() == 0
     full = {}
     # every rank joins each gather; rank 0 keeps the result
@@ -296,7 +305,8 @@ def _write_hf(model: nn.Module, path: Path, state: dict[str, Tensor], max_shard_
 
 def _write_files(model: nn.Module, tmp: Path, path: Path, state: dict[str, Tensor],
                  max_shard_bytes: int, extra: Callable[[Path], None] | None) -> None:
-    """Everything a checkpoint holds, into `tmp`; files of `path` that we do not write are copied over."""
+    """Everything a checkpoint holds, into `tmp`; files of `path` that we do not write are copied
+    over."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -345,23 +355,24 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith(".safetensors") or name in ("model.safetensors.index.json", "config.json")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Crash-safe writes (checkpoints, train.py's token cache): write -> fsync -> rename -> clean up
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Replace `path` (a file, or a folder that write() creates) so that after a kill -9 or a power loss
-    at any instant it is the previous version or the complete new one, never a mix, and nothing is left
-    behind for good:
-      1. recover_interrupted_save(path): finish (or undo) a save that a kill interrupted, remove what it
-         left;
-      2. write(tmp) into the sibling `.NAME.tmp-PID`, then fsync every file in it and the folder itself:
-         the data is on the disk before any name points at it (without that a power loss after the
-         rename can leave `path` naming empty files: ext4 and XFS allocate data blocks late);
+    """Replace `path` (a file, or a folder that write() creates) so that after a kill -9 or a power
+    loss at any instant it is the previous version or the complete new one, never a mix, and nothing
+    is left behind for good:
+      1. recover_interrupted_save(path): finish (or undo) a save that a kill interrupted, remove
+         what it left;
+      2. write(tmp) into the sibling `.NAME.tmp-PID`, then fsync every file in it and the folder
+         itself: the data is on the disk before any name points at it (without that a power loss
+         after the rename can leave `path` naming empty files: ext4 and XFS allocate data blocks
+         late);
       3. a file is renamed over `path` (atomic). A folder cannot be renamed over a non-empty one, so
-         `path` is first renamed to `.NAME.old-PID`, then tmp to `path`, the parent folder fsynced after
-         each rename (the renames themselves reach the disk in that order), and the old copy deleted
-         last.
+         `path` is first renamed to `.NAME.old-PID`, then tmp to `path`, the parent folder fsynced
+         after each rename (the renames themselves reach the disk in that order), and the old copy
+         deleted last.
     A write that fails (a full disk, a folder not writable) removes tmp and raises one OSError that
     names `path` and says the previous version is intact; any other exception (Ctrl-C, a bug) also
     removes tmp and goes through."""
@@ -394,28 +405,29 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def recover_interrupted_save(path: Path) -> Path | None:
-    """Bring `path` back to a complete version after write_atomically was killed, and delete what the
-    kill left. Returns the leftover folder that became `path` (None if `path` needed nothing). The states
-    a kill leaves, by the step of write_atomically it interrupted (P: the killed process's id, which its
-    leftovers carry in their names):
+    """Bring `path` back to a complete version after write_atomically was killed, and delete what
+    the kill left. Returns the leftover folder that became `path` (None if `path` needed nothing).
+    The states a kill leaves, by the step of write_atomically it interrupted (P: the killed
+    process's id, which its leftovers carry in their names):
         on disk                    interrupted                  newest complete version -> action
         NAME                       nothing                      NAME
         NAME + .tmp-P              2, or 3 before the first     NAME; delete tmp-P (maybe partial)
                                    rename
         .tmp-P alone               2: writing the first version none; delete tmp-P
-        .old-P + .tmp-P, no NAME   3: between the two renames   tmp-P: fsynced before the first rename,
-                                                                so complete and newer -> NAME;
-                                                                delete old-P
+        .old-P + .tmp-P, no NAME   3: between the two renames   tmp-P: fsynced before the first
+                                                                rename, so complete and newer
+                                                                -> NAME; delete old-P
         NAME + .old-P              3: deleting old-P (the last  NAME; delete old-P (maybe partial)
                                    step)
         .old-* without its .tmp-*  never left by a kill (moved  the one whose config.json is newest
         and no NAME                by hand)                     -> NAME
-    A kill during this recovery (step 1) leaves one of these states again. Only a .tmp-P beside its own
-    .old-P is known to be complete: the number is a process id, not a step, and says nothing about which
-    leftover is newer (sorting them as text once restored a copy 20 steps old). A leftover is deleted
-    only when its process is gone (or is this one): a live process may be writing it. Restoring needs no
-    such check: a live save is between its renames for an instant only, and if two processes rename the
-    same tmp-P the second rename fails and that save reports it."""
+    A kill during this recovery (step 1) leaves one of these states again. Only a .tmp-P beside its
+    own .old-P is known to be complete: the number is a process id, not a step, and says nothing
+    about which leftover is newer (sorting them as text once restored a copy 20 steps old). A
+    leftover is deleted only when its process is gone (or is this one): a live process may be
+    writing it. Restoring needs no such check: a live save is between its renames for an instant
+    only, and if two processes rename the same tmp-P the second rename fails and that save reports
+    it."""
     path = Path(path).resolve()
     parent = path.parent
     if not path.name or not parent.is_dir():
@@ -447,7 +459,8 @@ def recover_interrupted_save(path: Path) -> Path | None:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (this process counts as gone: it is not saving while it cleans up)."""
+    """Whether process `pid` exists (this process counts as gone: it is not saving while it cleans
+    up)."""
     if pid == os.getpid():
         return False
     # os.kill(pid, 0) would end the process there; never delete another process's files
@@ -464,8 +477,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk. Windows flushes only files opened for
-    writing, and no folders."""
+    """Flush a file's data, or a folder's entries, to the disk. Windows flushes only files opened
+    for writing, and no folders."""
     if os.name == "nt" and path.is_dir():
         return
     fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
@@ -494,8 +507,8 @@ def _remove(p: Path) -> None:
 
 
 def _write_failure(path: Path, err: BaseException) -> str:
-    """One line for a failed write: what failed, whether the disk is full, and that the previous version
-    is kept."""
+    """One line for a failed write: what failed, whether the disk is full, and that the previous
+    version is kept."""
     text = str(err)
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text \
         or "No space left" in text

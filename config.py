@@ -2,17 +2,18 @@
 
 A real config.json loads with a key filter, not a translation, so the same `ModelArgs` describes the
 released Kimi K2, DeepSeek-V3 and Moonlight checkpoints and the scaled-down presets this repository
-trains. Every rule a field must obey is checked once, in `__post_init__`, with an error that names the
-field, its value, the rule and the fix, before any module is built.
+trains. Every rule a field must obey is checked once, in `__post_init__`, with an error that names
+the field, its value, the rule and the fix, before any module is built.
 
-This file imports nothing of the network: attention.py, moe.py and model.py import the config type from
-here, and the network from model.py.
+This file imports nothing of the network: attention.py, moe.py and model.py import the config type
+from here, and the network from model.py.
 
-* `ModelArgs`: the fields (defaults = Kimi-K2-Instruct), validation, `from_dict` / `from_json` (Kimi K2,
-  DeepSeek-V3, Moonlight, or a config.json written by transformers v5) and `to_dict`.
+* `ModelArgs`: the fields (defaults = Kimi-K2-Instruct), validation, `from_dict` / `from_json` (Kimi
+  K2, DeepSeek-V3, Moonlight, or a config.json written by transformers v5) and `to_dict`.
 * `PRESETS`: the real models (kimi-k2, deepseek-v3, moonlight-16b-a3b) and scaled-down ones (tiny,
   cpu-small, gpu-small); `load_args` takes a preset name or a config.json path.
-* `world_size_problems` / `valid_world_sizes`: which numbers of ranks split a config evenly (parallel.py).
+* `world_size_problems` / `valid_world_sizes`: which numbers of ranks split a config evenly
+  (parallel.py).
 * `kv_cache_bytes_per_token`: MLA's latent cache against the multi-head K/V cache it replaces.
 
 References: Kimi-K2-Instruct config.json (Hugging Face, July 2025); DeepSeek-V3 config.json and
@@ -33,12 +34,14 @@ from typing import Any, Callable
 class ModelArgs:
     """Kimi K2's configuration. Defaults are the Kimi-K2-Instruct `config.json` (HF, July 2025)."""
     # --- trunk
-    # 163,584 BPE ranks of the official tiktoken.model + 256 special/reserved ids (tokenization_kimi.py)
+    # 163,584 BPE ranks of the official tiktoken.model + 256 special/reserved ids
+    # (tokenization_kimi.py)
     vocab_size: int = 163840
     hidden_size: int = 7168
     num_hidden_layers: int = 61
     first_k_dense_replace: int = 1  # layer 0 dense SwiGLU; layers 1..60 MoE (DeepSeek-V3: 3)
-    moe_layer_freq: int = 1  # layer l is MoE iff l >= first_k_dense_replace and l % moe_layer_freq == 0
+    # layer l is MoE iff l >= first_k_dense_replace and l % moe_layer_freq == 0
+    moe_layer_freq: int = 1
     intermediate_size: int = 18432  # dense MLP width
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False  # untied lm_head
@@ -78,7 +81,8 @@ class ModelArgs:
     bos_token_id: int | None = 163584  # [BOS]
     eos_token_id: int | list | None = 163585  # [EOS]
     pad_token_id: int | None = None
-    num_nextn_predict_layers: int = 0  # MTP modules in the checkpoint (DeepSeek-V3: 1, ignored on load)
+    # MTP modules in the checkpoint (DeepSeek-V3: 1, ignored on load)
+    num_nextn_predict_layers: int = 0
     model_type: str = "kimi_k2"
     torch_dtype: str = "bfloat16"
     quantization_config: dict | None = None
@@ -101,7 +105,7 @@ class ModelArgs:
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)",
                 "use an even number")
-        # first_k_dense_replace >= num_hidden_layers: every layer dense (HF: layer l is MoE iff l >= it)
+        # first_k_dense_replace >= num_hidden_layers: every layer dense (HF: l is MoE iff l >= it)
         if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
             bad("first_k_dense_replace", "must be an integer >= 0", "fix the value")
         # DeepSeek's remote modeling_deepseek.py: null = no shared expert
@@ -109,18 +113,20 @@ class ModelArgs:
             self.n_shared_experts = 0
         if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             bad("n_shared_experts", "must be an integer >= 0 (or null: none)", "fix the value")
-        # routing settings matter only if some layer is MoE (an all-dense model builds no router, as in HF)
+        # routing settings matter only if some layer is MoE (an all-dense model builds no router,
+        # as in HF)
         if any(self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)):
             E, G = self.n_routed_experts, self.n_group
             if not self.num_experts_per_tok <= E:
-                bad("num_experts_per_tok", f"must be <= n_routed_experts={E}", "lower it or add experts")
+                bad("num_experts_per_tok", f"must be <= n_routed_experts={E}",
+                    "lower it or add experts")
             if E % G:
                 bad("n_group", f"must divide n_routed_experts={E}", "use a divisor, or 1")
             if not self.topk_group <= G:
                 bad("topk_group", f"must be <= n_group={G}", "lower it")
             if G > 1 and E // G < 2:
-                bad("n_group", "leaves fewer than 2 experts per group (a group's score is its 2 best "
-                    "experts)", "lower it")
+                bad("n_group", "leaves fewer than 2 experts per group (a group's score is its 2 "
+                    "best experts)", "lower it")
             if self.num_experts_per_tok > self.topk_group * (E // G):
                 bad("num_experts_per_tok", f"exceeds the experts in the kept groups "
                     f"({self.topk_group} x {E // G})", "raise topk_group or lower top-k")
@@ -155,13 +161,14 @@ class ModelArgs:
         # README_WEIGHTS.md)
         if qc is not None:
             if qc.get("quant_method") != "fp8":
-                bad("quantization_config", f"has quant_method={qc.get('quant_method')!r}, which this "
-                    "reference cannot dequantize (supported: 'fp8' with per-block weight_scale_inv, "
-                    "as DeepSeek-V3 / Kimi K2)", "dequantize the checkpoint to bf16 first, or remove "
-                    "the key if its weights are not quantized")
+                bad("quantization_config", f"has quant_method={qc.get('quant_method')!r}, which "
+                    "this reference cannot dequantize (supported: 'fp8' with per-block "
+                    "weight_scale_inv, as DeepSeek-V3 / Kimi K2)", "dequantize the checkpoint to "
+                    "bf16 first, or remove the key if its weights are not quantized")
             if not self.fp8_block_size():
-                bad("quantization_config", f"has weight_block_size={qc.get('weight_block_size')!r}; "
-                    "supported: two positive integers (K2: [128, 128])", "fix the value")
+                block = qc.get("weight_block_size")
+                bad("quantization_config", f"has weight_block_size={block!r}; supported: two "
+                    "positive integers (K2: [128, 128])", "fix the value")
 
     def fp8_block_size(self) -> tuple[int, int] | None:
         """(rows, columns) of one FP8 scale block: quantization_config's weight_block_size, default
@@ -259,9 +266,9 @@ class ModelArgs:
         d = {"architectures": ["DeepseekV3ForCausalLM"], **dataclasses.asdict(self)}
         # nominal under MLA; transformers' default 128 breaks eager attention
         d["num_key_value_heads"] = self.num_attention_heads
-        # transformers has no "kimi_k2" model type (the real K2 repo ships remote code for it); writing
-        # the architecture's own type lets DeepseekV3ForCausalLM load our checkpoints and fuse the
-        # per-expert tensors
+        # transformers has no "kimi_k2" model type (the real K2 repo ships remote code for it);
+        # writing the architecture's own type lets DeepseekV3ForCausalLM load our checkpoints and
+        # fuse the per-expert tensors
         d["model_type"] = "deepseek_v3"
         if d["quantization_config"] is None:
             del d["quantization_config"]
@@ -269,10 +276,11 @@ class ModelArgs:
 
 
 # Small presets keep K2's structure (one dense layer first, one shared expert, sigmoid routing with
-# scaling 2.827, YaRN factor 32 with beta 1/1, theta 50000, nope/rope/value = 2:1:2) at sizes that fit
-# their purpose.
+# scaling 2.827, YaRN factor 32 with beta 1/1, theta 50000, nope/rope/value = 2:1:2) at sizes that
+# fit their purpose.
 _SMALL = dict(rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64,
-                            "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+                            "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+                            "mscale_all_dim": 1.0},
               bos_token_id=None, eos_token_id=None, torch_dtype="float32")
 
 
@@ -283,7 +291,7 @@ def _small(**overrides) -> ModelArgs:
 PRESETS: dict[str, Callable[[], ModelArgs]] = {
     # the real 1T model: the shapes for loading the official weights (about 2 TB in bf16)
     "kimi-k2": lambda: ModelArgs(),
-    # DeepSeek-V3 (671B), its config.json and inference/configs/config_671B.json: group-limited routing
+    # DeepSeek-V3 (671B), config.json and inference/configs/config_671B.json: group-limited routing
     "deepseek-v3": lambda: ModelArgs(
         vocab_size=129280, num_attention_heads=128, first_k_dense_replace=3,
         max_position_embeddings=163840, rope_theta=10000.0,
@@ -297,7 +305,8 @@ PRESETS: dict[str, Callable[[], ModelArgs]] = {
         hidden_size=2048, num_hidden_layers=27, intermediate_size=11264, num_attention_heads=16,
         q_lora_rank=None, max_position_embeddings=8192, rope_scaling=None, n_routed_experts=64,
         num_experts_per_tok=6, n_shared_experts=2, moe_intermediate_size=1408,
-        routed_scaling_factor=2.446, rms_norm_eps=1e-5, eos_token_id=163586, model_type="deepseek_v3"),
+        routed_scaling_factor=2.446, rms_norm_eps=1e-5, eos_token_id=163586,
+        model_type="deepseek_v3"),
     # one GPU (about 2.3B total / 0.83B active, 4.6 GB in bf16): exercises the CUDA expert kernel;
     # random init, no released weights. K2's head dims and vocab; 64 experts top-8.
     "gpu-small": lambda: _small(
@@ -306,8 +315,8 @@ PRESETS: dict[str, Callable[[], ModelArgs]] = {
         num_attention_heads=12, q_lora_rank=512, kv_lora_rank=256, max_position_embeddings=131072,
         n_routed_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
         torch_dtype="bfloat16"),
-    # laptop CPU (about 5M parameters): the shipped demo model is trained from this in minutes; vocab
-    # fits the shipped 4,096-rank tokenizer (+256 specials)
+    # laptop CPU (about 5M parameters): the shipped demo model is trained from this in minutes;
+    # vocab fits the shipped 4,096-rank tokenizer (+256 specials)
     "cpu-small": lambda: _small(
         vocab_size=4352, hidden_size=192, num_hidden_layers=4, intermediate_size=512,
         num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
@@ -333,8 +342,8 @@ def load_args(name_or_path: str) -> ModelArgs:
 
 
 def world_size_problems(args: ModelArgs, world_size: int) -> list[str]:
-    """Why `world_size` ranks cannot split this config evenly (empty list: they can). See parallel.py
-    for the split."""
+    """Why `world_size` ranks cannot split this config evenly (empty list: they can). See
+    parallel.py for the split."""
     split = {"num_attention_heads": args.num_attention_heads,
              "n_routed_experts": args.n_routed_experts, "vocab_size": args.vocab_size,
              "intermediate_size": args.intermediate_size,
@@ -348,9 +357,10 @@ def valid_world_sizes(args: ModelArgs, up_to: int = 1024) -> list[int]:
 
 
 def kv_cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> tuple[int, int]:
-    """(MLA latent cache, equivalent multi-head K/V cache) bytes per token over all layers: the latent
-    c_kv plus the shared rope key k_pe, against H·(Dn+Dr) keys + H·Dv values (DeepSeek-V2 §2.1.2)."""
+    """(MLA latent cache, equivalent multi-head K/V cache) bytes per token over all layers: the
+    latent c_kv plus the shared rope key k_pe, against H·(Dn+Dr) keys + H·Dv values
+    (DeepSeek-V2 §2.1.2)."""
     mla = (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers * bytes_per_value
-    mha = (args.num_attention_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
-           * args.num_hidden_layers * bytes_per_value)
+    head_dims = args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim  # Dn+Dr+Dv
+    mha = args.num_attention_heads * head_dims * args.num_hidden_layers * bytes_per_value
     return mla, mha

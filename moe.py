@@ -26,6 +26,9 @@ reference.
 Expert parallelism (parallel.py): with W ranks, rank r holds experts [r·E/W, (r+1)·E/W) and the shared expert's
 and dense MLP's hidden units are split W ways. See MoE.forward for how tokens reach their experts' ranks.
 
+Training: MoE.forward counts each expert's load (read by muonclip.update_routing_bias_) and, when asked,
+adds DeepSeek-V3's optional sequence-wise balance loss (`sequence_balance_loss`, at the end of this file).
+
 References: DeepSeekMoE (arXiv 2401.06066), DeepSeek-V3 §2.1.2 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534).
 Shapes: N tokens (B·T flattened), D hidden, E routed experts, K experts per token, I expert intermediate size,
 G expert groups, M = N·K (token, slot) pairs.
@@ -364,34 +367,6 @@ def run_experts(impl: str, x: Tensor, weights: Tensor, idx: Tensor, experts: Exp
 # 3. The MoE layer
 
 
-# ----------------------------------------------------------------------------------------------------
-# The optional sequence-wise balance loss (training only)
-
-# DeepSeek-V3 §4.2 (alpha = 0.0001); the configs' aux_loss_alpha = 0.001 differs
-SEQ_AUX_ALPHA = 1e-4
-
-
-def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, top_k: int,
-                          alpha: float = SEQ_AUX_ALPHA) -> Tensor:
-    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.1.2), averaged over the
-    N sequences.
-
-    scores (N, T, E): unbiased sigmoid router scores (fp32, with grad); idx (N, T, K): the experts each
-    token was routed to. L = alpha · Σ_i f_i·P_i with f_i = E/(K·T)·#{t: i in idx_t} (no gradient) and
-    P_i the mean over t of the scores renormalised over all E experts. Equals alpha at perfect balance.
-    Off by default in the reference.
-    """
-    N, T, E = scores.shape
-    assert E == n_experts and idx.shape == (N, T, top_k), \
-        f"scores {tuple(scores.shape)}, idx {tuple(idx.shape)}"
-    s = scores.float()  # fp32: a mean over E·T small numbers
-    P = (s / s.sum(-1, keepdim=True)).mean(1)  # (N, E)
-    counts = torch.zeros(N, E, device=s.device).scatter_add_(
-        1, idx.reshape(N, T * top_k), torch.ones(N, T * top_k, device=s.device))  # (N, E) per expert
-    f = counts * (E / (top_k * T))  # (N, E), 1 everywhere at perfect balance
-    return alpha * (f * P).sum(-1).mean()
-
-
 class MoE(nn.Module):
     """Router + routed experts + shared expert(s) of one layer. HF names: `mlp.gate`, `mlp.experts`, `mlp.shared_experts`."""
 
@@ -447,3 +422,31 @@ class MoE(nn.Module):
                 y = y.index_add(0, tok, y_mine.float())  # (N, D)
         y = y + self.shared_experts(x)  # shared expert: weight 1 (under TP, this rank's partial sum of it)
         return parallel.reduce_from_ranks(y).to(x.dtype).view(shape)  # sum over ranks; identity on one device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The optional sequence-wise balance loss (training only; MoE.forward adds it when asked)
+
+# DeepSeek-V3 §4.2 (alpha = 0.0001); the configs' aux_loss_alpha = 0.001 differs
+SEQ_AUX_ALPHA = 1e-4
+
+
+def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, top_k: int,
+                          alpha: float = SEQ_AUX_ALPHA) -> Tensor:
+    """Complementary sequence-wise balance loss (DeepSeek-V3 §2.1.2), averaged over the N sequences.
+
+    scores (N, T, E): unbiased sigmoid router scores (fp32, with grad); idx (N, T, K): the experts
+    each token was routed to. L = alpha · Σ_i f_i·P_i with f_i = E/(K·T)·#{t: i in idx_t} (no
+    gradient) and P_i the mean over t of the scores renormalised over all E experts. Equals alpha at
+    perfect balance. Off by default in the reference.
+    """
+    N, T, E = scores.shape
+    assert E == n_experts and idx.shape == (N, T, top_k), \
+        f"scores {tuple(scores.shape)}, idx {tuple(idx.shape)}"
+    s = scores.float()  # fp32: a mean over E·T small numbers
+    P = (s / s.sum(-1, keepdim=True)).mean(1)  # (N, E)
+    ones = torch.ones(N, T * top_k, device=s.device)
+    # (N, E) tokens routed to each expert
+    counts = torch.zeros(N, E, device=s.device).scatter_add_(1, idx.reshape(N, T * top_k), ones)
+    f = counts * (E / (top_k * T))  # (N, E), 1 everywhere at perfect balance
+    return alpha * (f * P).sum(-1).mean()

@@ -122,7 +122,7 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Collectives inside the forward pass (autograd-aware; the identity at world size 1)
 
 
@@ -184,7 +184,7 @@ def gather_from_ranks(x: Tensor, dim: int = -1) -> Tensor:
     return x if _WORLD_SIZE == 1 else _GatherFromRanks.apply(x, dim % x.dim())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Collectives outside autograd: statistics, sampled tokens, whole tensors (for checkpoints and optimizers)
 
 
@@ -216,7 +216,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Failing cleanly
 
 
@@ -258,14 +258,14 @@ def abort_on_error() -> Iterator[None]:
         os._exit(1)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Memory plan per rank (python model.py --config kimi-k2 --plan --world-size 16)
 
 # H200: "141 GB" (NVIDIA datasheet); nvidia-smi on an H200 reports 143,771 MiB = 140.4 GiB, which is
 # what we count
 H200_GIB = 143_771 / 1024
-# CUDA context, cuBLAS workspace, NCCL buffers and allocator fragmentation: a rough allowance, UNVERIFIED
-# (measure torch.cuda.mem_get_info() after the first forward on the real machine)
+# CUDA context, cuBLAS workspace, NCCL buffers and allocator fragmentation: a rough allowance,
+# UNVERIFIED (measure torch.cuda.mem_get_info() after the first forward on the real machine)
 RESERVE_GIB = 4.0
 
 
@@ -279,26 +279,27 @@ def _stored_fp8(name: str) -> bool:
 def memory_plan(model: torch.nn.Module, world_size: int, batch: int = 1, context: int = 131072,
                 prefill_chunk: int = 8192) -> dict[str, float]:
     """Bytes ONE of world_size ranks needs, from the shapes alone. `model`: the network built on the
-    meta device (nothing allocated) in this process; its `shard_dims()` says which tensors W ranks split.
+    meta device (nothing allocated) in this process; its `shard_dims()` says which tensors W ranks
+    split.
 
-    weights_*: the split tensors (1/W each) and the replicated ones, in bf16 (what this reference runs:
-    FP8 checkpoints are dequantized at load) and with FP8 kept (1 byte + one fp32 scale per 128x128
-    block, what vLLM/SGLang run). kv_cache: the MLA latent cache in bf16, replicated on every rank
-    (every head reads all of it). workspace: an ESTIMATE of the largest activations of one forward over
-    batch x prefill_chunk tokens with `context` keys (prefill is the peak; decode needs far less),
-    counted from the tensors the code creates:
+    weights_*: the split tensors (1/W each) and the replicated ones, in bf16 (what this reference
+    runs: FP8 checkpoints are dequantized at load) and with FP8 kept (1 byte + one fp32 scale per
+    128x128 block, what vLLM/SGLang run). kv_cache: the MLA latent cache in bf16, replicated on
+    every rank (every head reads all of it). workspace: an ESTIMATE of the largest activations of
+    one forward over batch x prefill_chunk tokens with `context` keys (prefill is the peak; decode
+    needs far less), counted from the tensors the code creates:
       residual stream h, its normed copy, a partial output and its fp32 all-reduce copy: N·D·(2+2+2+4)
-      + the larger of: attention (this rank's heads; naive prefill up-projects K/V of all S keys; the
-        T x S scores are not counted, a fused SDPA kernel never materializes them), the MoE layer
-        (router scores; this rank's M = N·K/W (token, expert) pairs at perfect balance through
+      + the larger of: attention (this rank's heads; naive prefill up-projects K/V of all S keys;
+        the T x S scores are not counted, a fused SDPA kernel never materializes them), the MoE
+        layer (router scores; this rank's M = N·K/W (token, expert) pairs at perfect balance through
         moe_grouped; the fp32 per-token accumulator), the dense MLP
       + the last position's logits (fp32, full vocabulary on every rank).
     """
     args = model.args
     problems = world_size_problems(args, world_size)
     if problems:
-        raise ValueError(f"world size {world_size} does not divide {', '.join(problems)}; world sizes "
-                         f"that work: {valid_world_sizes(args, 64)}")
+        raise ValueError(f"world size {world_size} does not divide {', '.join(problems)}; world "
+                         f"sizes that work: {valid_world_sizes(args, 64)}")
     dims, W = model.shard_dims(), world_size
     out = dict(weights_split_bf16=0, weights_replicated_bf16=0, weights_split_fp8=0,
                weights_replicated_fp8=0)
@@ -349,13 +350,15 @@ def print_memory_plan(model: torch.nn.Module, name: str, world_size: int, batch:
     W = world_size
     print(f"memory plan: {name} on {W} ranks, per rank (from the shapes; nothing is allocated)")
     print(f"  each rank: {args.num_attention_heads // W} of {args.num_attention_heads} heads, "
-          f"{args.n_routed_experts // W} of {args.n_routed_experts} experts, {args.vocab_size // W:,} of "
-          f"{args.vocab_size:,} vocabulary rows, 1/{W} of the dense and shared MLP units")
+          f"{args.n_routed_experts // W} of {args.n_routed_experts} experts, "
+          f"{args.vocab_size // W:,} of {args.vocab_size:,} vocabulary rows, 1/{W} of the dense and "
+          "shared MLP units")
     print(f"  {'':<56}{'bf16':>12}{'FP8 kept':>12}")
-    rows = [("weights split across ranks (1/%d each)" % W, "weights_split_bf16", "weights_split_fp8"),
+    rows = [(f"weights split across ranks (1/{W} each)", "weights_split_bf16", "weights_split_fp8"),
             ("weights replicated (latent path, norms, router)", "weights_replicated_bf16",
              "weights_replicated_fp8"),
-            (f"MLA latent KV cache, {batch} x {context:,} tokens (replicated)", "kv_cache", "kv_cache"),
+            (f"MLA latent KV cache, {batch} x {context:,} tokens (replicated)", "kv_cache",
+             "kv_cache"),
             (f"activation workspace, {prefill_chunk:,}-token prefill (estimate)", "workspace",
              "workspace"),
             ("TOTAL", "total_bf16", "total_fp8")]
@@ -366,9 +369,10 @@ def print_memory_plan(model: torch.nn.Module, name: str, world_size: int, batch:
           f"{usable / 2**30:.1f} GiB usable: bf16 {verdict[plan['total_bf16'] <= usable]}, "
           f"FP8 kept {verdict[plan['total_fp8'] <= usable]}")
     print("  bf16 = what this reference runs (the FP8 checkpoint is dequantized to bf16 at load);")
-    print("  FP8 kept = what vLLM/SGLang run with FP8 matmul kernels; this reference does not implement it.")
-    print(f"world sizes that split {name} evenly; 'seqs' = how many {context:,}-token caches fit beside "
-          "the weights:")
+    print("  FP8 kept = what vLLM/SGLang run with FP8 matmul kernels; this reference does not "
+          "implement it.")
+    print(f"world sizes that split {name} evenly; 'seqs' = how many {context:,}-token caches fit "
+          "beside the weights:")
     print(f"  {'W':>4}{'bf16 / rank':>15}{'seqs':>7}{'FP8 kept / rank':>19}{'seqs':>7}")
     for w in valid_world_sizes(args, 64):
         p = memory_plan(model, w, 1, context, prefill_chunk)
@@ -377,5 +381,5 @@ def print_memory_plan(model: torch.nn.Module, name: str, world_size: int, batch:
             free = usable - (p["total_" + kind] - p["kv_cache"])  # room left for latent caches
             row += f"{p['total_' + kind] / 2**30:>11.1f} GiB{max(int(free // p['kv_cache']), 0):>7}"
         print(row)
-    print("  (a rank that fits 0 sequences cannot run at this context; Moonshot's deployment guide names "
-          "16 GPUs as the smallest FP8 unit at 128K, which leaves room to batch)")
+    print("  (a rank that fits 0 sequences cannot run at this context; Moonshot's deployment guide "
+          "names 16 GPUs as the smallest FP8 unit at 128K, which leaves room to batch)")

@@ -299,3 +299,25 @@ def test_fused_autograd_wrapper_with_a_stand_in_kernel(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     impl, why = MOE.pick_expert_impl("auto", torch.device("cuda"), torch.float32)
     assert impl == "grouped" and "bf16-only" in why
+
+
+def test_sequence_balance_loss_against_a_loop():
+    gen = torch.Generator().manual_seed(12)
+    N, T, E, K, alpha = 3, 10, 6, 2, 1e-4
+    scores = torch.rand(N, T, E, generator=gen, dtype=torch.float64).requires_grad_()
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N * T)]).view(N, T, K)
+    loss = MOE.sequence_balance_loss(scores, idx, E, K, alpha)
+    ref = 0.0
+    for n in range(N):                                       # DeepSeek-V3 §2.1.2, one sequence at a time
+        for i in range(E):
+            f = E / (K * T) * sum(int(i in idx[n, t].tolist()) for t in range(T))
+            P = sum(scores[n, t, i] / scores[n, t].sum() for t in range(T)) / T
+            ref = ref + f * P
+    ref = alpha * ref / N
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    loss.backward()
+    assert scores.grad.abs().sum() > 0                       # the gradient flows through the scores, not f
+    # perfect balance (uniform scores, every expert chosen equally often) gives exactly alpha
+    uniform = torch.full((1, E, E), 0.5)
+    rotate = torch.stack([torch.tensor([t, (t + 1) % E]) for t in range(E)])[None]
+    assert MOE.sequence_balance_loss(uniform, rotate, E, K, alpha).item() == pytest.approx(alpha)
