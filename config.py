@@ -234,7 +234,7 @@ class ModelArgs:
                          if k not in names and k not in cls.IGNORED_KEYS and not k.startswith("_"))
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; remove them or check their spelling "
-                             f"(known keys: the fields of model.ModelArgs)")
+                             f"(known keys: the fields of config.ModelArgs)")
         rs = d.get("rope_scaling")
         if isinstance(rs, dict) and "rope_type" in rs and "type" not in rs:
             rs = dict(rs)

@@ -11,7 +11,7 @@ YaRN factor 32, vocab 163,840.
 
 This file:
 * `Transformer`: `model(tokens)` gives fp32 logits, `model(tokens, cache)` decodes incrementally
-  against MLA's latent cache (attention.KVCache). State-dict names are the Hugging Face checkpoint's.
+  against MLA's latent cache (attention.KVCache). State-dict names are the HF checkpoint's.
 * `Transformer.from_pretrained` / `save_pretrained`: the HF safetensors layout, read and written by
   checkpoint.py (sharded, FP8 dequantized on load, crash-safe saves).
 * `param_report` and `python model.py --config kimi-k2`: parameter counts and KV-cache sizes on the
@@ -23,7 +23,8 @@ This file:
   every rank.
 The configuration (`ModelArgs`, `PRESETS`, `load_args`) lives in config.py and is re-exported here.
 
-References: DeepSeek-V3 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534), Kimi-K2-Instruct config.json.
+References: DeepSeek-V3 (arXiv 2412.19437), Kimi K2 (arXiv 2507.20534), Kimi-K2-Instruct
+config.json (Hugging Face, July 2025).
 Shapes: B batch, T tokens, D hidden, V vocab, L layers, E routed experts, K experts per token.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ParallelEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if parallel.world_size() == 1:
             return F.embedding(ids, self.weight)  # (B, T, D), what nn.Embedding does
-        mine = (ids >= self.first_row) & (ids < self.first_row + self.num_rows)  # (B, T) ids it owns
+        mine = (ids >= self.first_row) & (ids < self.first_row + self.num_rows)  # (B, T) owned ids
         h = F.embedding(torch.where(mine, ids - self.first_row, 0), self.weight)  # (B, T, D)
         # each id's row from its owner
         return parallel.reduce_from_ranks(h.masked_fill(~mine[..., None], 0.0))  # (B, T, D)
@@ -340,8 +341,8 @@ def _fmt_bytes(n: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Print a Kimi K2 config's parameter counts and "
-                                "KV-cache sizes, or with --plan the memory per GPU (meta device: no "
-                                "memory is allocated).")
+                                "KV-cache sizes, or with --plan the memory per GPU (meta device: "
+                                "no memory is allocated).")
     p.add_argument("--config", default="kimi-k2",
                    help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
     p.add_argument("--context", type=int, default=131072,
@@ -354,8 +355,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1,
                    help="sequences in flight, each with a --context cache (--plan)")
     p.add_argument("--prefill-chunk", type=int, default=8192,
-                   help="tokens per prefill forward, as generate.PREFILL_CHUNK (--plan's activation "
-                        "estimate)")
+                   help="tokens per prefill forward, as generate.PREFILL_CHUNK (--plan's "
+                        "activation estimate)")
     p.add_argument("--gpu-gib", type=float, default=parallel.H200_GIB,
                    help="memory per GPU (default: an H200)")
     a = p.parse_args()
