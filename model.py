@@ -116,8 +116,7 @@ class Transformer(nn.Module):
         vocab_rows = parallel.split(args.vocab_size, "vocab_size")[0]
         self.lm_head = nn.Linear(args.hidden_size, vocab_rows, bias=False)
         inv_freq, self.rope_mult = rope_parameters(args)
-        # (Dr/2,) recomputed, never loaded
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dr/2,) never stored
         self.reset_parameters()
 
     @torch.no_grad()
