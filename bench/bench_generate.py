@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-# bench/ holds scripts (named bench_* so none shadows a project module): import the project from the repo root
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M

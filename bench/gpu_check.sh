@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh: the fused MoE kernel's whole GPU check in one command, for a machine with an NVIDIA GPU, nvcc
-# and a CUDA build of torch. Builds kimi_k2_kernels from kernels.cu, runs tests/test_kernels.py (compile tier + the
-# gpu tier), runs bench/bench_moe.py (gpu-small and kimi-k2, T from 1 to 16,384, every tile config), then
-# compute-sanitizer on a small case. Each step has its own time limit and the script goes on after a failure, so one
-# run reports on every step (the limits add up to 13 minutes at most). The steps run in order of importance and
-# each writes its file as it goes, so a run stopped early keeps what came before.
+# bench/gpu_check.sh: the fused MoE kernel's whole GPU check in one command, for a machine with an NVIDIA
+# GPU, nvcc and a CUDA build of torch. Builds kimi_k2_kernels from kernels.cu, runs tests/test_kernels.py
+# (compile tier + the gpu tier), runs bench/bench_moe.py (gpu-small and kimi-k2, T from 1 to 16,384, every
+# tile config), then compute-sanitizer on a small case. Each step has its own time limit and the script goes
+# on after a failure, so one run reports on every step (the limits add up to 13 minutes at most). The steps
+# run in order of importance and each writes its file as it goes, so a run stopped early keeps what came
+# before.
 #
 #   bash bench/gpu_check.sh                       (from anywhere; results in /tmp/gpu_check)
 #   OUT=/some/folder PYTHON=python3.12 bash bench/gpu_check.sh
 #
-# Files: env.txt, build.log, pytest.log, bench.txt, bench.json, sanitizer.log, summary.txt (the last lines of each).
+# Files: env.txt, build.log, pytest.log, bench.txt, bench.json, sanitizer.log,
+#        summary.txt (the last lines of each).
 set -uo pipefail
 cd "$(dirname "$0")/.."  # the repository root: setup.py, tests/ and bench/ are named from there
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}  # the Python whose torch is a CUDA build
-# the project's modules are imported from this checkout (setup.py installs none), also by the script in /tmp below
+# setup.py installs no module: import the project's from this checkout (also in the /tmp script below)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 # torch guesses CUDA_HOME as nvcc's grandparent folder, wrong when nvcc on PATH is a symlink (e.g. /usr/local/bin)
@@ -54,7 +56,8 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20 | tee -a "$OUT/summary.tx
 
 # --- 3. benchmark: every path side by side, fused tile configs forced too
 t0=$SECONDS
-timeout 180 "$PY" bench/bench_moe.py --device cuda --configs --budget 0.3 --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
+timeout 180 "$PY" bench/bench_moe.py --device cuda --configs --budget 0.3 --json "$OUT/bench.json" \
+  >"$OUT/bench.txt" 2>&1
 rc=$?
 status bench "exit $rc in $((SECONDS - t0)) s"
 sed -n '/^shape /,$p' "$OUT/bench.txt" | grep -E "^shape|fused|grouped|target" | tee -a "$OUT/summary.txt"
