@@ -331,7 +331,7 @@ def set_threads(requested: int = 0) -> tuple[int, str]:
     only when its OWN threads outnumber the CPUs: another process does not count. So beside a busy process, with one
     thread per core, a teammate spins on the core the late one needs, and each operator waits for a scheduler time
     slice (milliseconds). Decode runs thousands of small operators per second: a 2-core machine decoded 5-100x slower
-    with 2 threads than with 1 (bench_threads.py). The same call in a second Python thread was fast by accident (its
+    with 2 threads than with 1 (bench/bench_threads.py). The same call in a second Python thread was fast by accident (its
     teammate used 0.15 of a core, not a whole one): with the main thread's idle team and the new one, libgomp manages
     more threads than the 2 CPUs and throttles the spinning."""
     if requested < 0:

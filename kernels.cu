@@ -59,14 +59,14 @@
  * weights, 164 us at 4.3 TB/s; the six launches and the binding's int32 cast of idx add a few us each. At
  * gpu-small T=16384 (D 1536, I 512, 64 experts, top-8) the useful work is 0.62 TFLOP, 0.78 ms at 788 TFLOP/s, and
  * the fp32 y buffer is written and read once (2 × 0.8 GB, about 0.37 ms at 4.3 TB/s): a visible share there.
- * Tuning leads for the first GPU session, largest expected gain first (measure each with bench_moe.py --configs):
+ * Tuning leads for the first GPU session, largest expected gain first (measure each with bench/bench_moe.py --configs):
  *   - the config thresholds in pick_config (24 and 96 rows per expert) are guesses;
  *   - y in bf16 instead of fp32 halves the combine traffic (vLLM's fused MoE keeps this buffer in the activation
  *     dtype); the error stays below the PyTorch bf16 path's, which rounds every expert output to bf16 anyway;
  *   - decode: one fused sort kernel when M <= 2048 (a single chunk), and a down-GEMM grid that fits one wave;
  *   - prefill: wgmma + TMA on sm_90a (the stretch), or BK 64 with 3 stages for the large tile.
  *
- * Version log (no speed figures until measured on a GPU; bench_moe.py is the command that will measure them):
+ * Version log (no speed figures until measured on a GPU; bench/bench_moe.py is the command that will measure them):
  *   v1  2026-11: histogram/scan/stable-scatter sort, gather-GEMM with SiLU·up epilogue, weighted down GEMM into a
  *       per-slot buffer, fixed-order combine; mma.sync m16n8k16 + ldmatrix + cp.async, three tile configs.
  *       Compiled for sm_80 and sm_90 with nvcc 13.0 and inspected (HMMA present, 0 spills, see
@@ -497,7 +497,7 @@ Workspace carve(unsigned char* base, int64_t N, int K, int E, int D, int I, int 
 enum Config { kAuto = 0, kSmall = 1, kMedium = 2, kLarge = 3 };
 
 int pick_config(int64_t N, int K, int E) {
-  // mean rows per expert if routing were balanced; a guess to tune with bench_moe.py --configs (issue 7)
+  // mean rows per expert if routing were balanced; a guess to tune with bench/bench_moe.py --configs (issue 7)
   const double rows = (double)N * K / (E > 0 ? E : 1);
   return rows < 24 ? kSmall : rows < 96 ? kMedium : kLarge;
 }

@@ -48,7 +48,7 @@ What differs from a textbook "wrap generate() in a web handler":
    is less about corruption than about keeping it that way whatever the model grows (a kernel workspace, a shared
    cache) and about predictability: each request runs at full speed with the whole CPU/GPU, and gets exactly the
    answer it would get alone with its seed. No batching: with 8 clients the 8th waits for 7 answers
-   (bench_serve.py measures it); continuous batching is what vLLM and SGLang add. At most --max-queue requests wait
+   (bench/bench_serve.py measures it); continuous batching is what vLLM and SGLang add. At most --max-queue requests wait
    (more get 429 with Retry-After), and a request whose client disconnects, streamed or not, is cancelled, so
    nobody waits behind an answer no one will read.
 5. Continuing a message. A last assistant message with `"partial": true` (Moonshot's API), or the request field
@@ -124,7 +124,7 @@ MAX_STOP = 4  # OpenAI's limit: "Up to 4 sequences where the API will stop gener
 # bounds the work per token; 128 characters is far beyond any real stop sequence
 MAX_STOP_CHARS = 128
 # ours: requests waiting for the model beyond the one it runs; more get 429. With one request at a time a long queue
-# only turns into timeouts; 32 still lets bench_serve.py's 8 clients and a classroom's worth of users line up
+# only turns into timeouts; 32 still lets bench/bench_serve.py's 8 clients and a classroom's worth of users line up
 DEFAULT_MAX_QUEUE = 32
 # ours: open connections (one thread each). At most --max-queue + 1 of them are busy with a request (the rest wait
 # for one); 128 leaves room for a classroom's keep-alive connections besides a full default queue. A larger

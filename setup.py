@@ -1,4 +1,9 @@
-"""Install the Kimi K2 reference: flat modules, plus the optional fused CUDA expert kernel.
+"""Install the Kimi K2 reference's dependencies and its optional fused CUDA kernel, none of its modules.
+
+Safe install: none of the project's modules goes into site-packages, where their generic flat names (model,
+tools, tokenizer, train, ...) would answer another project's `import model`; they run from the checkout, where
+`python X.py` and `python -m pytest` find them, and code elsewhere that imports them puts the checkout on its
+path (`PYTHONPATH=/path/to/checkout`). The compiled kernel keeps its own name, `kimi_k2_kernels`.
 
     python3 -m venv .venv && . .venv/bin/activate             # stock Linux Pythons refuse pip outside one (PEP 668)
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # CPU-only torch, a small download
@@ -12,9 +17,6 @@ import os
 import sys
 
 from setuptools import setup
-
-MODULES = ["config", "model", "checkpoint", "attention", "moe", "parallel", "muonclip", "tokenizer", "generate",
-           "tools", "chat_data", "train", "serve"]
 
 
 def cuda_extension():
@@ -52,7 +54,9 @@ setup(
     version="0.1.0",
     description="Educational reference implementation of Kimi K2 (MLA + MoE + MuonClip) in PyTorch",
     python_requires=">=3.10",
-    py_modules=[m for m in MODULES if os.path.exists(f"{m}.py")],
+    # none, stated rather than left to setuptools' discovery: the modules run from the checkout (see above)
+    py_modules=[],
+    packages=[],
     # torch: a range that 2.13.0 satisfies and that stops there, so a fresh CPU machine takes the local CPU wheel
     # instead of downloading a several-GB CUDA build of a newer release.
     # regex: the BPE trainer's pre-tokenizer needs \p{..} classes and && intersections (tiktoken depends on it too)

@@ -674,10 +674,11 @@ def test_log_lines_carry_no_terminal_escapes(scripted):
 
 
 @pytest.mark.slow
-def test_a_small_fault_campaign():
-    """bench_faults.py in small: fuzzed requests all answered without a 500, the server still serving during and
-    after an idle-socket flood past its connection cap, with its threads bounded by the cap, and a train.py run
+def test_a_small_fault_campaign(monkeypatch):
+    """bench/bench_faults.py in small: fuzzed requests all answered without a 500, the server still serving during
+    and after an idle-socket flood past its connection cap, with its threads bounded by the cap, and a train.py run
     killed with SIGKILL mid-save resumes."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # a folder of scripts: bench_faults imports bench_serve
     import bench_faults
 
     r = bench_faults.campaign(requests=40, idle=40, n_kills=1, seed=1, max_connections=16)

@@ -11,8 +11,8 @@ its teammates spin-wait (generate.set_threads explains it). This script runs the
 Prints the decode tokens/s that generate.py reports (median of --repeats, the runs interleaved) and the ratio of
 the new default to the old one. Bounded: every run has a timeout and the busy loops are killed at the end.
 
-    python bench_threads.py                          # 0 and 1 busy loops, 3 repeats: about a minute on 2 cores
-    python bench_threads.py --busy 0 1 2 --repeats 5
+    python bench/bench_threads.py                    # 0 and 1 busy loops, 3 repeats: about a minute on 2 cores
+    python bench/bench_threads.py --busy 0 1 2 --repeats 5
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 PROMPT = "import os\nimport sys\n\n\ndef main():\n"
 
 

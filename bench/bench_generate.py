@@ -7,16 +7,21 @@ For each context length (the prompt), times --new-tokens greedy steps three ways
 * recompute        : no cache; every step runs the whole sequence again (use_cache=False, the plain twin).
 Prints new tokens/s and the speed-ups. Timings alternate between the three and the median of --repeats is kept.
 
-    python bench_generate.py                          # the shipped demo model (demo/)
-    python bench_generate.py --preset gpu-small --contexts 64 256 --new-tokens 4 --repeats 1   # random weights
+    python bench/bench_generate.py                    # the shipped demo model (demo/)
+    python bench/bench_generate.py --preset gpu-small --contexts 64 256 --new-tokens 4 --repeats 1  # random weights
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M
 from generate import DEMO_DIR, generate_tokens

@@ -1,8 +1,8 @@
 """A bounded fault campaign: does serve.py keep serving under malformed requests and an idle-socket flood, and does
 a train.py run survive kill -9 in the middle of a checkpoint save? Prints one table; asserts nothing.
 
-    python bench_faults.py                                  # about a minute on 2 shared CPU cores
-    python bench_faults.py --requests 1000 --idle 800 --max-connections 128 --kills 20
+    python bench/bench_faults.py                            # about a minute on 2 shared CPU cores
+    python bench/bench_faults.py --requests 1000 --idle 800 --max-connections 128 --kills 20
 
 1. Fuzz. A real `python serve.py` (a random-weight `tiny` model saved with the shipped tokenizer, on a free
    127.0.0.1 port) gets --requests requests, each a valid chat request spoiled one way, chosen by a seeded RNG:
@@ -43,7 +43,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parent
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 CHAT = {"model": "kimi-k2-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "stop", "seed", "n", "stream", "stream_options",
           "tools", "tool_choice", "logit_bias", "response_format", "top_k", "continue_final_message",

@@ -1,11 +1,11 @@
 """Benchmark of tokenizer.py: how long the BPE trainer takes, and how fast and how well the result encodes.
 
-Target (issue 3): 8,192 ranks learned from 10 MB of text in under 60 s on 2 CPU cores. The trainer is single-threaded
+Target: 8,192 ranks learned from 10 MB of text in under 60 s on 2 CPU cores. The trainer is single-threaded
 pure Python (pre-tokenization with `regex`, merges with incremental pair counts); encoding is tiktoken's Rust BPE on
 one thread. Prints one table; nothing is asserted (tests/test_tokenizer.py checks correctness, this checks speed).
 
-Run: python bench_tokenizer.py                      # 8,192 ranks on the first 10 MB of the default corpus
-     python bench_tokenizer.py --vocab-size 4096 --max-bytes 8000000   # the shipped demo/tiktoken.model setting
+Run: python bench/bench_tokenizer.py                # 8,192 ranks on the first 10 MB of the default corpus
+     python bench/bench_tokenizer.py --vocab-size 4096 --max-bytes 8000000  # the shipped demo/tiktoken.model setting
 """
 import argparse
 import datetime
@@ -13,8 +13,12 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import tiktoken
+
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenizer as T
 

@@ -1,9 +1,9 @@
 """Benchmark of train.py: training throughput on cpu-small, and a short MuonClip / Muon / AdamW run at equal steps.
 Prints tables and writes a plot; asserts nothing (the numbers belong in the README beside this command).
 
-    python bench_train.py                            # about 5 minutes on 2 shared CPU cores
-    python bench_train.py --skip-compare             # throughput only, under a minute
-    python bench_train.py --threads 1 2              # also measure 2 threads (see below)
+    python bench/bench_train.py                      # about 5 minutes on 2 shared CPU cores
+    python bench/bench_train.py --skip-compare       # throughput only, under a minute
+    python bench/bench_train.py --threads 1 2        # also measure 2 threads (see below)
 
 Throughput: one Trainer per optimizer on the default corpus, timed step by step in alternating rounds (the
 machine is shared, so the three see the same background load), reporting the median and the best step. A step is
@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
+
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train
 

@@ -1,19 +1,24 @@
 """Benchmark of muonclip.py: optimizer step time of MuonClip vs torch.optim.AdamW, and batched vs looped
 Newton-Schulz over expert stacks. Prints tables; asserts nothing (timings belong in the README with this command).
 
-    python bench_muonclip.py                          # CPU, cpu-small preset, a minute or so
-    python bench_muonclip.py --preset gpu-small --device cuda
+    python bench/bench_muonclip.py                    # CPU, cpu-small preset, a minute or so
+    python bench/bench_muonclip.py --preset gpu-small --device cuda
 
-The issue's target is MuonClip <= 1.5x AdamW per optimizer step. Muon does more arithmetic than AdamW by design
+The target is MuonClip <= 1.5x AdamW per optimizer step. Muon does more arithmetic than AdamW by design
 (5 Newton-Schulz steps, three matmuls each, per matrix), so the ratio depends on the shapes and on how fast bf16
 matmuls are on the device; Moonlight (arXiv 2502.16982 §2.3) measures the overhead against a whole training step instead.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as kimi
 from generate import add_threads_argument, set_threads

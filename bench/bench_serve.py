@@ -9,7 +9,7 @@ continuous batching, which real engines (vLLM, SGLang) do and this reference doe
 
 Model: --ckpt, else the shipped demo model (demo/), else a random-weight model of the demo's preset (cpu-small),
 saved to a temporary directory with demo/tiktoken.model beside it: same shapes, so the same cost per token.
-Run: python bench_serve.py   (CPU, about a minute; needs `pip install openai`)
+Run: python bench/bench_serve.py  (CPU, about a minute; needs `pip install openai`)
 """
 from __future__ import annotations
 
@@ -18,16 +18,20 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import generate as G
 import serve
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 DEMO = ROOT / "demo"
 
 

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the one-shot GPU check of issue 7, for a session that has an H200 (device tool, one call).
-# Builds kimi_k2_kernels from kernels.cu, runs tests/test_kernels.py (compile tier + the gpu tier), runs
-# bench_moe.py (gpu-small and kimi-k2, T from 1 to 16,384, every tile config), then compute-sanitizer on a small
-# case. Each step has its own time limit and the script goes on after a failure, so one call returns everything;
-# the whole run is planned for about 5 minutes (call it with timeout_s=600); the steps run in order of importance
-# and each writes its file as it goes, so a run cut off at the limit still returns what came before.
+# bench/gpu_check.sh: the fused MoE kernel's whole GPU check in one command, for a machine with an NVIDIA
+# GPU, nvcc and a CUDA build of torch. Builds kimi_k2_kernels from kernels.cu, runs tests/test_kernels.py
+# (compile tier + the gpu tier), runs bench/bench_moe.py (gpu-small and kimi-k2, T from 1 to 16,384, every
+# tile config), then compute-sanitizer on a small case. Each step has its own time limit and the script goes
+# on after a failure, so one run reports on every step (the limits add up to 13 minutes at most). The steps
+# run in order of importance and each writes its file as it goes, so a run stopped early keeps what came
+# before.
 #
-#   device run:  bash gpu_check.sh                  (results under $OUT: at most 7 files, the device tool's limit)
-#   by hand:     OUT=/tmp/gpu_check bash gpu_check.sh
+#   bash bench/gpu_check.sh                       (from anywhere; results in /tmp/gpu_check)
+#   OUT=/some/folder PYTHON=python3.12 bash bench/gpu_check.sh
 #
-# Files: env.txt, build.log, pytest.log, bench.txt, bench.json, sanitizer.log, summary.txt (the last lines of each).
+# Files: env.txt, build.log, pytest.log, bench.txt, bench.json, sanitizer.log,
+#        summary.txt (the last lines of each).
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: setup.py, tests/ and bench/ are named from there
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}  # the device image's python3 is the one that holds its CUDA torch
+PY=${PYTHON:-python3}  # the Python whose torch is a CUDA build
+# setup.py installs no module: import the project's from this checkout (also in the /tmp script below)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 # torch guesses CUDA_HOME as nvcc's grandparent folder, wrong when nvcc on PATH is a symlink (e.g. /usr/local/bin)
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
@@ -52,7 +56,8 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20 | tee -a "$OUT/summary.tx
 
 # --- 3. benchmark: every path side by side, fused tile configs forced too
 t0=$SECONDS
-timeout 180 "$PY" bench_moe.py --device cuda --configs --budget 0.3 --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
+timeout 180 "$PY" bench/bench_moe.py --device cuda --configs --budget 0.3 --json "$OUT/bench.json" \
+  >"$OUT/bench.txt" 2>&1
 rc=$?
 status bench "exit $rc in $((SECONDS - t0)) s"
 sed -n '/^shape /,$p' "$OUT/bench.txt" | grep -E "^shape|fused|grouped|target" | tee -a "$OUT/summary.txt"

@@ -6,9 +6,9 @@ Measures, side by side in one run (ratios > 1 mean this reference is faster):
   cache; transformers: its DynamicCache of per-head keys/values, `generate(do_sample=False)`).
 Timings alternate between the two implementations and report the median of --repeats runs.
 
-    python bench_model.py                      # cpu-small preset, fp32, this CPU
-    python bench_model.py --preset tiny --batch 4 --seq 128 --new-tokens 64
-    python bench_model.py --sweep              # SWEEP_CONFIGS x {fp32, bf16}, 1 thread, a few minutes
+    python bench/bench_model.py                # cpu-small preset, fp32, this CPU
+    python bench/bench_model.py --preset tiny --batch 4 --seq 128 --new-tokens 64
+    python bench/bench_model.py --sweep        # SWEEP_CONFIGS x {fp32, bf16}, 1 thread, a few minutes
 
 --sweep runs every config of SWEEP_CONFIGS in fp32 and bf16 with batch x seq 4 x 256 and 64 greedy tokens after a
 128-token prompt (flags change them), and adds the training step's model FLOP utilisation (MFU) of both
@@ -20,10 +20,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+# scripts named bench_* shadow no project module; import the project's modules from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M
 from generate import set_threads
