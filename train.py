@@ -1273,9 +1273,9 @@ def plot_main(argv: Sequence[str]) -> int:
 
 # The stages of `python train.py recipe` (flags of this file), sized to about 45 minutes on 2 CPU cores.
 RECIPE_TOKENIZER = ["--vocab-size", "4096", "--max-bytes", "8000000"]  # tokenizer.py train: demo/tiktoken.model
-RECIPE_PRETRAIN = ["--config", "cpu-small", "--steps", "400", "--batch-size", "8", "--seq-len", "256", "--seed", "0"]
+RECIPE_PRETRAIN = ["--config", "cpu-small", "--steps", "250", "--batch-size", "8", "--seq-len", "256", "--seed", "0"]
 # seq-len 768: the longest chat_data conversation (two tool rounds, extra tools declared) has about 750 tokens
-RECIPE_SFT = ["--sft", "--steps", "3200", "--batch-size", "4", "--seq-len", "768", "--sft-conversations", "20000",
+RECIPE_SFT = ["--sft", "--steps", "2800", "--batch-size", "4", "--seq-len", "768", "--sft-conversations", "20000",
               "--seed", "0", "--eval-every", "200", "--save-every", "200"]
 
 
