@@ -49,7 +49,9 @@ The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --t
 At this scale the max logits stay far below K2's tau = 100 (the logit growth of SPEC §4.3 appears in large models
 trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench_train.py` runs a shorter
 version of the same comparison.
-The demo model (demo/): see README "The demo model" for the commands (pretraining, then --sft --init).
+6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository alone: tokenizer,
+   a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export and the held-out evaluation, keeping
+   finished stages so that the same command continues after an interruption (README "The demo model").
 
 References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 / SPEC §4.4 (schedule); Moonlight (arXiv 2502.16982)
 for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2 (balancing), §4.2 (gradient clipping 1.0).
@@ -1271,7 +1273,7 @@ def plot_main(argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # 6. The demo model's recipe: every stage from the repository alone, one command
 
-# The stages of `python train.py recipe` (flags of this file), sized to about 45 minutes on 2 CPU cores.
+# The stages of `python train.py recipe` (flags of this file), sized to about 45 minutes on 2 idle CPU cores.
 RECIPE_TOKENIZER = ["--vocab-size", "4096", "--max-bytes", "8000000"]  # tokenizer.py train: demo/tiktoken.model
 RECIPE_PRETRAIN = ["--config", "cpu-small", "--steps", "250", "--batch-size", "8", "--seq-len", "256", "--seed", "0"]
 # seq-len 768: the longest chat_data conversation (two tool rounds, extra tools declared) has about 750 tokens
