@@ -49,7 +49,9 @@ The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --t
 At this scale the max logits stay far below K2's tau = 100 (the logit growth of SPEC §4.3 appears in large models
 trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench_train.py` runs a shorter
 version of the same comparison.
-The demo model (demo/): see README "The demo model" for the commands (pretraining, then --sft --init).
+6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository alone: tokenizer,
+   a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export and the held-out evaluation, keeping
+   finished stages so that the same command continues after an interruption (README "The demo model").
 
 References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 / SPEC §4.4 (schedule); Moonlight (arXiv 2502.16982)
 for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2 (balancing), §4.2 (gradient clipping 1.0).
@@ -1268,6 +1270,108 @@ def plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 6. The demo model's recipe: every stage from the repository alone, one command
+
+# The stages of `python train.py recipe` (flags of this file), sized to about 45 minutes on 2 idle CPU cores.
+RECIPE_TOKENIZER = ["--vocab-size", "4096", "--max-bytes", "8000000"]  # tokenizer.py train: demo/tiktoken.model
+RECIPE_PRETRAIN = ["--config", "cpu-small", "--steps", "250", "--batch-size", "8", "--seq-len", "256", "--seed", "0"]
+# seq-len 768: the longest chat_data conversation (two tool rounds, extra tools declared) has about 750 tokens
+RECIPE_SFT = ["--sft", "--steps", "2800", "--batch-size", "4", "--seq-len", "768", "--sft-conversations", "20000",
+              "--seed", "0", "--eval-every", "200", "--save-every", "200"]
+
+
+def _flag(flags: list[str], name: str, value: str) -> list[str]:
+    """flags with --name set to value (replaced if present)."""
+    flags = list(flags)
+    if name in flags:
+        flags[flags.index(name) + 1] = value
+        return flags
+    return flags + [name, value]
+
+
+def _recipe_stage(name: str, run_dir: Path, flags: list[str], threads: int) -> None:
+    """Run one training stage in run_dir, or continue it (--resume) if it was interrupted, or skip it if finished."""
+    steps = int(flags[flags.index("--steps") + 1])
+    ckpt = run_dir / "ckpt"
+    if (ckpt / "trainer_state.json").exists():
+        done = read_trainer_state(ckpt)["step"]
+        if done >= steps:
+            say(f"[recipe] {name}: finished earlier ({done} steps, {ckpt})")
+            return
+        say(f"[recipe] {name}: continuing {run_dir} from step {done}")
+        argv = ["--resume", str(run_dir)]
+    else:
+        if run_dir.exists():  # stopped before its first checkpoint: nothing in it is worth keeping
+            shutil.rmtree(run_dir)
+        argv = flags + ["--out", str(run_dir)] + (["--threads", str(threads)] if threads else [])
+        say(f"[recipe] {name}: python train.py {' '.join(argv)}")
+    args, given = parse_args(argv)
+    code = Trainer(args, given).run()
+    if code != 0:
+        raise TrainingError(f"the {name} stage stopped (exit code {code}); run the same command again to continue")
+
+
+def recipe_main(argv: Sequence[str]) -> int:
+    """`python train.py recipe`: the shipped demo model from scratch, tokenizer -> pretraining -> fine-tuning ->
+    export -> held-out evaluation, each stage printing its progress. Finished stages are kept in --out; after an
+    interruption the same command continues where it stopped."""
+    p = argparse.ArgumentParser(prog="train.py recipe", description=recipe_main.__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/recipe", help="folder of the stages (tokenizer, pretrain/, sft/, eval.txt)")
+    p.add_argument("--export", default=None, help="folder the finished model is written to (default: OUT/model); "
+                                                  "`--export demo` replaces the shipped demo model")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's pretraining steps")
+    p.add_argument("--sft-steps", type=int, default=None, help="override the recipe's fine-tuning steps")
+    p.add_argument("--eval-items", type=int, default=220, help="held-out items of the final evaluation")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    export = Path(a.export) if a.export else out / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    times = {}
+
+    rank_file = out / "tiktoken.model"
+    if rank_file.exists():
+        say(f"[recipe] tokenizer: finished earlier ({rank_file})")
+    else:
+        say(f"[recipe] tokenizer: python tokenizer.py train {' '.join(RECIPE_TOKENIZER)} --out {rank_file}")
+        tk.main(["train", *RECIPE_TOKENIZER, "--out", str(rank_file)])
+    times["tokenizer"] = time.perf_counter() - t0
+
+    pretrain = _flag(RECIPE_PRETRAIN, "--tokenizer", str(rank_file))
+    if a.pretrain_steps:
+        pretrain = _flag(pretrain, "--steps", str(a.pretrain_steps))
+    _recipe_stage("pretraining", out / "pretrain", pretrain, a.threads)
+    times["pretraining"] = time.perf_counter() - t0 - sum(times.values())
+
+    sft = _flag(RECIPE_SFT, "--init", str(out / "pretrain" / "ckpt"))
+    if a.sft_steps:
+        sft = _flag(sft, "--steps", str(a.sft_steps))
+    _recipe_stage("fine-tuning", out / "sft", sft, a.threads)
+    times["fine-tuning"] = time.perf_counter() - t0 - sum(times.values())
+
+    model = M.Transformer.from_pretrained(out / "sft" / "ckpt", dtype=torch.float32).to(torch.bfloat16)
+    model.save_pretrained(export, extra=lambda tmp: shutil.copyfile(rank_file, tmp / "tiktoken.model"))
+    say(f"[recipe] export: {export} (bf16 weights, config.json, tiktoken.model)")
+
+    import chat_data
+    from generate import load
+    say(f"[recipe] evaluation: python chat_data.py eval --ckpt {export} -n {a.eval_items}")
+    t_eval = time.perf_counter()
+    model, tok = load(export)
+    table, ok = chat_data.report(chat_data.evaluate(model, tok, a.eval_items, log=say)["rows"])
+    times["evaluation"] = time.perf_counter() - t_eval
+    total = time.perf_counter() - t0
+    summary = (f"held-out evaluation of {export} ({a.eval_items} items, greedy):\n{table}\n"
+               f"targets {'met' if ok else 'NOT met'}\n"
+               f"stage times (this invocation): " + ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items())
+               + f"; total {_fmt_time(total)}\n")
+    (out / "eval.txt").write_text(summary, encoding="utf-8")
+    say(summary + f"[recipe] done; written to {out / 'eval.txt'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. Under torchrun every rank runs it: the same batches and seed on every rank (tensor + expert
     parallelism splits the weights, not the tokens), rank 0 prints, logs and writes checkpoints, and a rank that fails
@@ -1277,6 +1381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if argv[:1] == ["plot"]:
                 return plot_main(argv[1:])
+            if argv[:1] == ["recipe"]:
+                return recipe_main(argv[1:])
             args, given = parse_args(argv)
             code = Trainer(args, given).run()
         except (ValueError, OSError, TrainingError) as err:  # OSError: a folder not writable, a disk full, ...

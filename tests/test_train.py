@@ -912,3 +912,35 @@ def test_sft_jsonl_problems_name_the_line_or_the_reason(files, tmp_path, capsys,
     jsonl.write_bytes(good.encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')  # Latin-1
     assert sft(jsonl) == 1 and "chats.jsonl is not UTF-8 text" in capsys.readouterr().err  # was: no file name
     assert sft(tmp_path) == 1 and "is a folder" in capsys.readouterr().err  # was: "does not exist"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the demo model's recipe
+
+
+@pytest.mark.slow
+def test_recipe_runs_every_stage_and_keeps_finished_ones(files, tmp_path, monkeypatch, capsys):
+    """`train.py recipe` at toy size: tokenizer -> pretraining -> fine-tuning -> export -> eval; run again, every
+    finished stage is skipped and the export and eval are written again from the same weights."""
+    monkeypatch.setattr(train, "RECIPE_TOKENIZER", ["--vocab-size", "256", "--corpus", str(files["corpus"])])
+    monkeypatch.setattr(train, "RECIPE_PRETRAIN", ["--config", "tiny", "--steps", "2", "--batch-size", "2",
+                                                   "--seq-len", "32", "--data", str(files["corpus"]),
+                                                   "--data-cache", str(files["cache"])])
+    monkeypatch.setattr(train, "RECIPE_SFT", ["--sft", "--steps", "2", "--batch-size", "1", "--seq-len", "768",
+                                              "--sft-conversations", "20"])
+    out = tmp_path / "recipe"
+    argv = ["recipe", "--out", str(out), "--eval-items", "2", "--threads", "1"]
+    assert train.main(argv) == 0
+    first = capsys.readouterr().out
+    for stage in ("tokenizer:", "pretraining:", "fine-tuning:", "export:", "evaluation:"):
+        assert f"[recipe] {stage}" in first
+    model_files = {p.name for p in (out / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tiktoken.model"} <= model_files
+    assert (out / "model" / "tiktoken.model").read_bytes() == (out / "tiktoken.model").read_bytes()
+    table = (out / "eval.txt").read_text()
+    assert "right tool" in table and "stage times" in table
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    assert train.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier") == 3 and "step " not in again
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
