@@ -47,7 +47,7 @@ The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --t
     python train.py --optimizer muonclip --qk-clip-tau 5 --out runs/muonclip
     python train.py plot runs/adamw runs/muon runs/muonclip --out runs/compare.png
 At this scale the max logits stay far below K2's tau = 100 (the logit growth of SPEC §4.3 appears in large models
-trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench_train.py` runs a shorter
+trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench/bench_train.py` runs a shorter
 version of the same comparison.
 6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository alone: tokenizer,
    a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export and the held-out evaluation, keeping
