@@ -329,33 +329,40 @@ def test_abandoned_non_streamed_request_is_cancelled(scripted):
     assert any(re.match(r"POST /v1/chat/completions 499 ", line) for line in scripted.lines), scripted.lines[-5:]
 
 
-def test_full_queue_answers_429_with_retry_after(tok):
-    model = ScriptedModel(tok)
-    model.delay = 0.01
-    live = Live(serve.ModelEngine(model, tok), max_queue=1)
+def one_running_one_queued(live) -> tuple[list[int], list[threading.Thread]]:
+    """Start two slow requests: the first running in the worker, the second waiting in its queue. Returns the
+    status list the two fill in and their threads (join them)."""
     slow = json.dumps({"model": "kimi-k2-instruct", "max_tokens": 60,
                        "messages": [{"role": "user", "content": "long"}]}).encode()
-    results = []
+    results: list[int] = []
 
     def send() -> None:
         results.append(live.raw("POST", "/v1/chat/completions", slow, {"Content-Type": "application/json"})[0])
 
+    running = threading.Thread(target=send)
+    running.start()
+    deadline = time.monotonic() + 10
+    while live.server.worker.current is None and time.monotonic() < deadline:  # the first one runs
+        time.sleep(0.005)
+    waiting = threading.Thread(target=send)
+    waiting.start()
+    while live.server.worker.jobs.qsize() < 1 and time.monotonic() < deadline:  # the second one waits
+        time.sleep(0.005)
+    return results, [running, waiting]
+
+
+def test_full_queue_answers_429_with_retry_after(tok):
+    model = ScriptedModel(tok)
+    model.delay = 0.01
+    live = Live(serve.ModelEngine(model, tok), max_queue=1)
     try:
-        running = threading.Thread(target=send)
-        running.start()
-        deadline = time.monotonic() + 10
-        while live.server.worker.current is None and time.monotonic() < deadline:  # the first one runs
-            time.sleep(0.005)
-        waiting = threading.Thread(target=send)
-        waiting.start()
-        while live.server.worker.jobs.qsize() < 1 and time.monotonic() < deadline:  # the second one waits
-            time.sleep(0.005)
+        results, threads = one_running_one_queued(live)
         status, headers, body, _ = exchange(live, post(live, f"Content-Length: {len(CHAT)}\r\n"))
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert body["error"]["code"] == "rate_limit_exceeded" and set(body["error"]) == {"message", "type", "param",
                                                                                           "code"}
-        running.join(30)
-        waiting.join(30)
+        for t in threads:
+            t.join(30)
         assert results == [200, 200]
     finally:
         live.close()
@@ -399,28 +406,13 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(tok):
     model = ScriptedModel(tok)
     model.delay = 0.01
     live = Live(serve.ModelEngine(model, tok), max_connections=2, max_queue=4)
-    slow = json.dumps({"model": "kimi-k2-instruct", "max_tokens": 60,
-                       "messages": [{"role": "user", "content": "long"}]}).encode()
-    results = []
-
-    def send() -> None:
-        results.append(live.raw("POST", "/v1/chat/completions", slow, {"Content-Type": "application/json"})[0])
-
     try:
-        running = threading.Thread(target=send)
-        running.start()
-        deadline = time.monotonic() + 10
-        while live.server.worker.current is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        waiting = threading.Thread(target=send)
-        waiting.start()
-        while live.server.worker.jobs.qsize() < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        results, threads = one_running_one_queued(live)
         status, headers, body, closed = exchange(live, post(live, f"Content-Length: {len(CHAT)}\r\n"))
         assert (status, closed) == (503, True) and int(headers["Retry-After"]) >= 1
         assert body["error"]["code"] == "server_busy" and set(body["error"]) == {"message", "type", "param", "code"}
-        running.join(30)
-        waiting.join(30)
+        for t in threads:
+            t.join(30)
         assert results == [200, 200]
         assert live.raw("GET", "/v1/models")[0] == 200
     finally:
