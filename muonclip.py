@@ -1,6 +1,6 @@
 """MuonClip: the Muon optimizer with QK-Clip, and the training-time load balancing of Kimi K2.
 
-One training step of K2 (SPEC §4.3, algorithm summary) uses this file in this order:
+One training step of K2 (Kimi K2 tech report, arXiv 2507.20534, MuonClip algorithm) uses this file in this order:
     forward (every MLA layer records its per-head max pre-softmax logit) -> backward -> MuonClip.step():
       1. Muon on every hidden matrix, AdamW on the rest, decoupled weight decay 0.1 on both (muon_updates, adamw_update)
       2. aux-loss-free routing-bias update from the expert loads counted in that step           (update_routing_bias_)
@@ -12,7 +12,7 @@ How it differs from a textbook optimizer:
   ~1), computed with 5 Newton-Schulz steps in bf16 instead of an SVD. Moonshot rescales it by 0.2·sqrt(max(A, B)) so
   its RMS matches AdamW's, which lets Muon reuse AdamW's learning rate and weight decay (Moonlight §2.2).
 - Routed experts are stored stacked, (E, I, D). Each expert is its own matrix: the whole stack is orthogonalised in
-  one batched call, never flattened into one big matrix (SPEC §4.1) and never looped over in Python.
+  one batched call, never flattened into one big matrix (Moonlight toy_train.py) and never looped over in Python.
 - QK-Clip is not an optimizer rule: after the step it rescales weights so that no head's logit can exceed tau for the
   inputs of that step. For MLA it scales q^C and k^C by sqrt(gamma), q^R by gamma, and leaves the shared k^R alone.
 - The routing bias e_score_correction_bias is a buffer that no optimizer sees: a sign rule moves it toward balanced load.
@@ -36,7 +36,7 @@ MoonshotAI/Moonlight examples/toy_train.py (param split, momentum, AdamW setting
 (MuonClip, QK-Clip); DeepSeek-V3, arXiv 2412.19437 §2.1.2 (aux-loss-free balancing, sequence-wise loss), §4.2 (values);
 Wang et al., "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664 (bias rule, MaxVio).
 
-Shapes: A, B rows and columns of one weight matrix (SPEC §4.1's names); E routed experts, I expert intermediate,
+Shapes: A, B rows and columns of one weight matrix (Moonlight's [A, B] notation); E routed experts, I expert intermediate,
 D hidden; H heads, Dn/Dr/Dv nope/rope/value head dims, Cq/Ckv query/KV latent ranks; N sequences, T tokens per
 sequence, K experts per token.
 """
@@ -54,13 +54,13 @@ from attention import MLA
 from moe import SEQ_AUX_ALPHA, MoE, sequence_balance_loss  # noqa: F401
 
 # Newton-Schulz quintic coefficients, tuned by K. Jordan to maximise the slope at 0 (KellerJordan/Muon muon.py; the
-# same in Moonlight toy_train.py and torch.optim.Muon; SPEC §4.1). They trade exact convergence for speed: see below.
+# same in Moonlight toy_train.py and torch.optim.Muon). They trade exact convergence for speed: see below.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS_STEPS = 5            # Moonlight toy_train.py ns_steps=5; SPEC §4.1
+NS_STEPS = 5            # Moonlight toy_train.py ns_steps=5
 NS_EPS = 1e-7           # Frobenius-norm guard, KellerJordan/Muon and Moonlight
-MUON_RMS = 0.2          # target update RMS, "matches AdamW's typical 0.2-0.4" (Moonlight §2.2); SPEC §4.1
-QK_CLIP_TAU = 100.0     # K2 report §2.1 / SPEC §4.3: tau = 100
-BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3 §4.2 (gamma = 0.001 for the first 14.3T tokens); SPEC §3.1
+MUON_RMS = 0.2          # target update RMS, "matches AdamW's typical 0.2-0.4" (Moonlight arXiv 2502.16982 §2.2)
+QK_CLIP_TAU = 100.0     # Kimi K2 tech report (arXiv 2507.20534): tau = 100
+BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3 §4.2 (gamma = 0.001 for the first 14.3T tokens)
 MUON_BATCH_NUMEL = 2**27  # parameters orthogonalised together, at most (512 MB of fp32 momentum): see _chunks
 
 
@@ -78,7 +78,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
     """
     assert G.ndim >= 2, f"Newton-Schulz needs matrices, got shape {tuple(G.shape)}"
     a, b, c = NS_COEFFICIENTS
-    # bf16 on purpose (SPEC §4.1): NS is stable in bf16 and the result only needs to be near-orthogonal
+    # bf16 on purpose (Moonlight toy_train.py): NS is stable in bf16 and the result only needs to be near-orthogonal
     X = G.bfloat16()
     transposed = G.size(-2) > G.size(-1)
     if transposed:                       # iterate on the wide side so the Gram matrix X Xᵀ is the small one
@@ -105,7 +105,7 @@ def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
     A, B = shape[-2], shape[-1]
     # Why: an A×B matrix with min(A, B) unit singular values has RMS sqrt(1/max(A, B)), so raw Muon updates get smaller
     # as matrices grow. Multiplying by sqrt(max(A, B)) gives RMS ~1 for every shape, and 0.2 matches the update RMS of
-    # AdamW (0.2-0.4), so AdamW's lr and weight decay carry over unchanged (Moonlight §2.2, Lemma 1; SPEC §4.1).
+    # AdamW (0.2-0.4), so AdamW's lr and weight decay carry over unchanged (Moonlight arXiv 2502.16982 §2.2, Lemma 1).
     # Keller Jordan's max(1, A/B)^0.5 is a different rule (torch.optim.Muon adjust_lr_fn="original").
     return MUON_RMS * math.sqrt(max(A, B))
 
@@ -114,7 +114,7 @@ def muon_updates(grads: list[Tensor], momentum_buffers: list[Tensor], beta: floa
                  ns_steps: int = NS_STEPS, shard_dims: list[int | None] | None = None) -> list[Tensor]:
     """Muon updates of several matrices or stacks of matrices: grads[i] (..., A, B) -> update (..., A, B), fp32, RMS
     ~0.2 for every matrix. Updates each momentum buffer in place: M <- beta·M + G (Moonlight's accumulating buffer,
-    SPEC §4.1). The caller does W <- W·(1 - lr·wd) - lr·update. Every leading index (an expert of an (E, I, D)
+    toy_train.py). The caller does W <- W·(1 - lr·wd) - lr·update. Every leading index (an expert of an (E, I, D)
     stack) is its own matrix.
 
     Newton-Schulz runs once per matrix shape, not once per tensor: each matrix is turned wide side out (A <= B) and
@@ -130,7 +130,7 @@ def muon_updates(grads: list[Tensor], momentum_buffers: list[Tensor], beta: floa
     for grad, buf, dim in zip(grads, momentum_buffers, shard_dims):
         buf.mul_(beta).add_(grad)                                           # M_t = μ·M_{t-1} + G_t (Moonlight toy_train.py)
         # Nesterov: look one momentum step ahead, U_t = G_t + μ·M_t. (KellerJordan/Muon and torch.optim.Muon keep an
-        # EMA instead, M = μM + (1-μ)G: this buffer times (1-μ), a factor NS's normalisation removes; SPEC §4.1.)
+        # EMA instead, M = μM + (1-μ)G: this buffer times (1-μ), a factor NS's normalisation removes.)
         U = grad.add(buf, alpha=beta) if nesterov else buf
         inside.append(dim if dim is not None and dim % U.ndim >= U.ndim - 2 else None)
         U = parallel.gather_full(U, inside[-1])                             # (..., A, B) the whole matrix
@@ -174,13 +174,13 @@ def adamw_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Which parameter goes where (SPEC §4.2, Moonlight toy_train.py get_optimizer)
+# Which parameter goes where (Moonlight toy_train.py get_optimizer)
 
 
 def uses_muon(name: str, p: Tensor) -> bool:
     """Moonshot's split: Muon for every matrix (ndim >= 2) except the token embedding and the output head."""
     # Muon is meant for hidden layers; the embedding (a lookup of one-hot inputs) and the head train better with
-    # AdamW, an empirical finding (KellerJordan/Muon docstring and post) that Moonlight keeps (toy_train.py, SPEC §4.2).
+    # AdamW, an empirical finding (KellerJordan/Muon docstring and post) that Moonlight keeps (toy_train.py).
     # The router gate.weight (E, D) is a matrix and goes to Muon under this rule; K2's exact split is UNVERIFIED.
     return p.ndim >= 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
@@ -193,7 +193,8 @@ def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
             continue
         if name.endswith("e_score_correction_bias"):
             raise ValueError(f"{name} is an nn.Parameter, but the routing bias must be a buffer: it is moved by "
-                             "update_routing_bias_, never by a gradient (SPEC §3.1); register it with register_buffer")
+                             "update_routing_bias_, never by a gradient (DeepSeek-V3 §2.1.2); "
+                             "register it with register_buffer")
         if p.ndim > 3:
             raise ValueError(f"{name} has shape {tuple(p.shape)}: Muon handles matrices (A, B) and expert stacks "
                              "(E, A, B) only; reshape it or route it to AdamW explicitly")
@@ -206,7 +207,7 @@ def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
 
 
 class MuonClip(torch.optim.Optimizer):
-    """Muon + AdamW in one optimizer, then the routing-bias update and QK-Clip (SPEC §4.3 algorithm summary).
+    """Muon + AdamW in one optimizer, then the routing-bias update and QK-Clip (MuonClip, Kimi K2 tech report).
 
     Param groups carry `use_muon` (True: Muon, for (A, B) matrices and (E, A, B) expert stacks; False: AdamW).
     Both kinds get decoupled weight decay W <- W·(1 - lr·wd) with the unadjusted lr (Moonlight toy_train.py).
@@ -220,8 +221,8 @@ class MuonClip(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, model: nn.Module | None = None,
                  qk_clip_tau: float | None = QK_CLIP_TAU, bias_update_speed: float = BIAS_UPDATE_SPEED,
                  bias_update_rule: str = "deepseek") -> None:
-        # defaults: lr 2e-4 is K2's peak lr (SPEC §4.4); momentum 0.95, Nesterov, betas (0.9, 0.95), eps 1e-8 and
-        # weight decay 0.1 are Moonlight toy_train.py's values (SPEC §4.1-4.2)
+        # defaults: lr 2e-4 is K2's peak lr (K2 report); momentum 0.95, Nesterov, betas (0.9, 0.95), eps 1e-8 and
+        # weight decay 0.1 are Moonlight toy_train.py's values
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         betas=betas, eps=eps)
         param_groups = [dict(g) for g in param_groups]
@@ -339,7 +340,7 @@ class MuonClip(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                     p.add_(update, alpha=-lr)
         if self.model is not None:
-            # SPEC §4.3: optimizer step -> bias update -> QK-Clip, on the weights the step just produced
+            # Kimi K2 tech report: optimizer step -> bias update -> QK-Clip, on the weights the step just produced
             stats = update_routing_bias_(self.model, self.bias_update_speed, self.bias_update_rule)
             stats.update(qk_clip_(self.model, self.qk_clip_tau))
             self.last_stats = stats
@@ -399,7 +400,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> MuonCli
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# QK-Clip (Kimi K2 §2.1; SPEC §4.3)
+# QK-Clip (Kimi K2 tech report, arXiv 2507.20534)
 
 
 def _attention_modules(model: nn.Module) -> list[MLA]:
@@ -423,12 +424,12 @@ def qk_clip_gamma(max_logits: Tensor, tau: float) -> Tensor:
 def qk_clip_(model: nn.Module, tau: float | None = QK_CLIP_TAU) -> dict:
     """Rescale the q/k rows of every head whose recorded max logit exceeded tau, then reset the records.
 
-    Per head h with gamma_h < 1 (SPEC §4.3 table): q_b_proj (or q_proj) rows of q^C x sqrt(gamma_h), rows of q^R
+    Per head h with gamma_h < 1 (Kimi K2 tech report): q_b_proj (or q_proj) rows of q^C x sqrt(gamma_h), rows of q^R
     x gamma_h; kv_b_proj rows of k^C x sqrt(gamma_h); v rows, kv_a_proj_with_mqa (the shared k^R), q_a_proj, norms and
     o_proj untouched. Every logit of head h is then exactly gamma_h times what it was, so for this step's inputs the
     largest one becomes tau. Heads at or under tau are bit-identical (multiplied by exactly 1.0).
     S_max is the logit as fed to softmax, YaRN's m² included; the report writes q·k/sqrt(d), and which of the two
-    K2 clips is UNVERIFIED (SPEC §4.3). tau=None only reads and resets.
+    K2 clips is UNVERIFIED (the Kimi K2 tech report does not say). tau=None only reads and resets.
     Returns {"max_logit": per-layer max over heads (before clipping),
     "clipped_heads": total count, "clipped_per_layer": per-layer counts}.
     """
@@ -459,7 +460,7 @@ def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
     root = gamma.sqrt()                                                     # (H,); sqrt(1.0) == 1.0 exactly
     q = (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight  # (H·(Dn+Dr), Cq or D)
     qh = q.view(H, Dn + Dr, q.size(-1))                                     # (H, Dn+Dr, Cq); per head [q^C | q^R]
-    # q^C·k^C gets sqrt·sqrt = gamma; q^R·k^R gets gamma from q^R alone, because k^R is shared by all heads (SPEC §4.3)
+    # q^C·k^C gets sqrt·sqrt = gamma; q^R·k^R gets gamma from q^R alone, because k^R is shared by all heads (K2 report)
     qh[:, :Dn].mul_(root.to(q.dtype)[:, None, None])
     qh[:, Dn:].mul_(gamma.to(q.dtype)[:, None, None])
     kv = attn.kv_b_proj.weight                                              # (H·(Dn+Dv), Ckv)
@@ -468,7 +469,7 @@ def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Load balancing (DeepSeek-V3 §2.1.2; SPEC §3)
+# Load balancing (DeepSeek-V3 report, arXiv 2412.19437, §2.1.2)
 
 
 def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Tensor:
@@ -477,10 +478,10 @@ def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Te
     'deepseek' (DeepSeek-V3 §2.1.2; Wang et al. 2408.15664): delta_i = speed · sign(mean_load - load_i), so
     over-loaded experts get less attractive and under-loaded ones more. 'moonlight' (Moonlight App. C):
     delta_i = speed · (sign(e_i) - mean_j sign(e_j)), the same minus its mean, which keeps sum(b) from drifting and
-    changes no top-k choice. Which rule K2 used is UNVERIFIED (SPEC §3.1).
+    changes no top-k choice. Which rule K2 used is UNVERIFIED (neither the Kimi K2 report nor its config says).
     """
-    load = load.float()                                                     # fp32: the bias is fp32 (SPEC §2.7)
-    # mean_load = T·K/E in SPEC §3.1; equal to load.mean() because every token is routed to exactly K experts
+    load = load.float()                                 # fp32: e_score_correction_bias is fp32 in the checkpoint
+    # mean_load = T·K/E (DeepSeek-V3 §2.1.2); equal to load.mean() because every token is routed to exactly K experts
     err = load.mean() - load                                                # (E,), > 0 for under-loaded experts
     direction = torch.sign(err)
     if rule == "moonlight":
