@@ -17,7 +17,7 @@ How it differs from a textbook tokenizer: the pattern splits Han runs apart and 
 emits special tokens by id instead of writing their text and parsing it back, so nothing a user types can become
 a control token.
 
-References: SPEC.md §5 (tokenizer) and §6 (chat template, tool calls), which cite Kimi-K2-Instruct
+References: Kimi-K2-Instruct
 `tokenization_kimi.py` and `tokenizer_config.json`, Kimi-K2-Instruct-0905 `chat_template.jinja`
 (tests/data/k2_instruct_0905.jinja), MoonshotAI/Kimi-K2 `docs/tool_call_guidance.md`, SGLang `kimik2_detector.py`,
 tiktoken `_educational.py` (the trainer's reference) and tiktoken issue #195 (long inputs).
@@ -60,7 +60,7 @@ import tiktoken
 # 1. Constants
 # ---------------------------------------------------------------------------------------------------------------
 
-# Kimi K2's pre-tokenization pattern, exactly as `tokenization_kimi.py` passes it to tiktoken (SPEC §5). Eight
+# Kimi K2's pre-tokenization pattern, exactly as `tokenization_kimi.py` passes it to tiktoken. Eight
 # alternatives: Han runs | [prefix] Upper* lower+ ['s...] | [prefix] Upper+ lower* ['s...] | 1-3 digits |
 # [space] punctuation run + CR/LF | whitespace ending in newlines | whitespace not before non-space | whitespace.
 PAT_STR = "|".join([
@@ -74,13 +74,13 @@ PAT_STR = "|".join([
     r"""\s+""",
 ])
 # The same pattern for Python's `regex`: `&&` is class intersection only in V1 mode. In the default V0 mode the
-# pattern still compiles but silently drops every Latin word (SPEC §5, §9.12). tiktoken rejects the (?V1) prefix,
-# so the flag is passed here instead of being written into PAT_STR.
+# pattern still compiles but silently drops every Latin word (`regex` module docs, V0/V1). tiktoken rejects the
+# (?V1) prefix, so the flag is passed here instead of being written into PAT_STR.
 PRETOKENIZE_V1 = regex.compile(PAT_STR, flags=regex.V1)
 
-N_SPECIAL = 256  # special/reserved ids after the BPE ranks: K2 has 163,584 ranks + 256 = vocab_size 163,840 (SPEC §5)
+N_SPECIAL = 256  # special/reserved ids after the BPE ranks: K2 has 163,584 ranks + 256 = vocab_size 163,840 (config.json)
 
-# Offset (id - n_ranks) -> name, from `added_tokens_decoder` in Kimi-K2-Instruct tokenizer_config.json (SPEC §5).
+# Offset (id - n_ranks) -> name, from `added_tokens_decoder` in Kimi-K2-Instruct tokenizer_config.json.
 # Every other offset below 256 is `<|reserved_token_{absolute id}|>`.
 NAMED_SPECIALS: dict[int, str] = {
     0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
@@ -94,7 +94,7 @@ IM_END, IM_USER, IM_ASSISTANT, IM_SYSTEM, IM_MIDDLE = (
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, CALL_ARG_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 
-# Long inputs (SPEC §5, `tokenization_kimi.py`): tiktoken can panic on very long texts and is quadratic on very long
+# Long inputs (`tokenization_kimi.py`): tiktoken can panic on very long texts and is quadratic on very long
 # runs without whitespace (tiktoken issue #195), so encode slices of at most 400,000 characters, each cut further so
 # that no run of whitespace or of non-whitespace exceeds 25,000 characters.
 MAX_ENCODE_CHARS = 400_000
@@ -107,7 +107,7 @@ def special_token_table(n_ranks: int) -> dict[str, int]:
     """The 256 special tokens for a vocabulary of `n_ranks` BPE ranks: name -> id, ids n_ranks .. n_ranks+255.
 
     K2's own tokenization_kimi.py builds names over range(n_ranks, n_ranks + 256 + 2), so tiktoken's n_vocab there is
-    163,842 while the model has 163,840 rows (SPEC §5, "+2 quirk"); the two extra ids are unused reserved names.
+    163,842 while the model has 163,840 rows; the two extra ids are unused reserved names.
     We use exactly 256, so n_vocab equals the model's vocab_size.
     """
     return {NAMED_SPECIALS.get(off, f"<|reserved_token_{n_ranks + off}|>"): n_ranks + off for off in range(N_SPECIAL)}
@@ -138,9 +138,10 @@ def _valid_unicode(text: str) -> str:
 
 
 def split_long_input(text: str, max_chars: int = MAX_ENCODE_CHARS, max_run: int = MAX_RUN_CHARS) -> list[str]:
-    """Cut `text` into pieces that tiktoken encodes safely (SPEC §5): slices of <= max_chars characters, each cut
-    inside any run of whitespace / non-whitespace longer than max_run, every max_run characters from the run's
-    start. Same cuts as `_split_whitespaces_or_nonwhitespaces` in tokenization_kimi.py; "".join(pieces) == text."""
+    """Cut `text` into pieces that tiktoken encodes safely (as tokenization_kimi.py does): slices of <= max_chars
+    characters, each cut inside any run of whitespace / non-whitespace longer than max_run, every max_run
+    characters from the run's start. Same cuts as `_split_whitespaces_or_nonwhitespaces` in tokenization_kimi.py;
+    "".join(pieces) == text."""
     pieces = []
     for start in range(0, len(text), max_chars):
         s = text[start:start + max_chars]
@@ -199,8 +200,9 @@ class Tokenizer:
     """Kimi K2's tokenizer: tiktoken BPE with K2's pattern, plus 256 special ids at K2's offsets.
 
     Attributes: n_ranks (BPE ranks), n_vocab (= n_ranks + 256, the model's vocab_size), special_tokens
-    (name -> id), stop_ids ({<|im_end|>, [EOS]}: generation stops on either, SPEC §5), and one `*_id` attribute per
-    named special token. Nothing adds [BOS] automatically: K2 chat prompts do not start with it (SPEC §5).
+    (name -> id), stop_ids ({<|im_end|>, [EOS]}: generation stops on either), and one `*_id` attribute per
+    named special token. Nothing adds [BOS] automatically: K2 chat prompts do not start with it
+    (chat_template.jinja has no [BOS]).
     """
 
     def __init__(self, mergeable_ranks: Mapping[bytes, int], name: str = "kimi-k2") -> None:
@@ -238,7 +240,8 @@ class Tokenizer:
         """Text -> BPE ids. Never returns a special id: `<|im_end|>` typed by a user becomes ordinary tokens.
 
         Surrogates are repaired first (see `_valid_unicode`); inputs over 400,000 characters or with runs over 25,000
-        characters are encoded piece by piece (SPEC §5), so tokens never merge across those cuts."""
+        characters are encoded piece by piece (as tokenization_kimi.py does), so tokens never merge across those
+        cuts."""
         if not isinstance(text, str):  # otherwise the first regex call fails with "cannot use a string pattern ..."
             hint = "decode the bytes first, e.g. data.decode('utf-8')" if isinstance(text, (bytes, bytearray)) \
                 else "pass the text as a str"
@@ -568,7 +571,7 @@ def read_corpus(paths: Iterable[str | os.PathLike] | None = None, max_bytes: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. Chat template (Kimi-K2-Instruct-0905 chat_template.jinja, rendered in Python; SPEC §6.2)
+# 6. Chat template (Kimi-K2-Instruct-0905 chat_template.jinja, rendered in Python)
 # ---------------------------------------------------------------------------------------------------------------
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."  # 0905 template, verbatim
@@ -600,8 +603,9 @@ def tool_call_id(name: str, index: int) -> str:
 
 
 def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Tool schemas -> the official wrapped form {"type": "function", "function": {...}} (SPEC §6.6).
-    Accepts that form and the flat {"name", "description", "parameters"} form; keys keep their given order."""
+    """Tool schemas -> the official wrapped form {"type": "function", "function": {...}} (MoonshotAI/Kimi-K2
+    docs/tool_call_guidance.md). Accepts that form and the flat {"name", "description", "parameters"} form; keys
+    keep their given order."""
     _check_list(tools, "tools", "tool schema")
     out = []
     for i, tool in enumerate(tools):
@@ -621,7 +625,7 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 def _normalize_tool_calls(calls: Sequence[Mapping[str, Any]], at: str, first_index: int) -> list[tuple[str, str]]:
     """OpenAI tool_calls -> [(id, arguments JSON text)]. A missing id becomes functions.{name}:{idx}, idx counting
-    every tool call of the conversation so far (vLLM's convention, SPEC §6.5). String arguments must be JSON objects
+    every tool call of the conversation so far (vLLM's kimi_k2 tool parser). String arguments must be JSON objects
     and are kept byte for byte; dict arguments go through tojson, as in the template."""
     _check_list(calls, f"{at}.tool_calls", "tool call")
     out = []
@@ -753,7 +757,7 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
 
 def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                         add_generation_prompt: bool = True) -> str:
-    """Render OpenAI-style messages exactly as Kimi-K2-Instruct-0905's chat_template.jinja does (SPEC §6.2).
+    """Render OpenAI-style messages exactly as Kimi-K2-Instruct-0905's chat_template.jinja does.
 
     messages: dicts with role system | user | assistant | tool; optional `name` (replaces the role in the header);
     assistant `tool_calls` in OpenAI form (missing ids become functions.{name}:{idx}); tool messages need
@@ -763,7 +767,7 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[M
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Tool calls in generated text (SPEC §6.5)
+# 7. Tool calls in generated text (Moonshot's docs/tool_call_guidance.md)
 # ---------------------------------------------------------------------------------------------------------------
 
 # Official reference parser regexes (tool_call_guidance.md), DOTALL, verbatim.
