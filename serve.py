@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat server for Kimi K2: the seed document's `openai` client code runs unchanged against it.
+"""An OpenAI-compatible chat server for Kimi K2: `openai` client code (the README's examples) runs unchanged.
 
 `python serve.py` serves the shipped demo model on http://127.0.0.1:8000/v1 under the name `kimi-k2-instruct`:
   GET  /v1/models              the one served model, in OpenAI's list shape
@@ -8,12 +8,13 @@
                                continuing a final assistant message (Kimi's `partial`, vLLM's `continue_final_message`)
 
 What differs from a textbook "wrap generate() in a web handler":
-1. Tool calls. The model writes K2's tool-call section as text (SPEC §6.5):
+1. Tool calls. The model writes K2's tool-call section as text (Moonshot's docs/tool_call_guidance.md):
    `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}...`.
-   A K2 deployment (vLLM/SGLang with the `kimi_k2` parser, SPEC §8) returns that as structured `tool_calls`: the id
-   as the model wrote it (K2 numbers its calls on from those already in the history; ids made up for botched calls,
-   and the forced ones of point 3, count the same way), type function, the name, the arguments as a JSON string;
-   `content` is the text before the section (null if empty), and finish_reason is "tool_calls" (SPEC §6.6), or
+   A K2 deployment (vLLM/SGLang with the `kimi_k2` parser, deploy_guidance.md) returns that as structured
+   `tool_calls`: the id as the model wrote it (K2 numbers its calls on from those already in the history; ids
+   made up for botched calls, and the forced ones of point 3, count the same way), type function, the name, the
+   arguments as a JSON string;
+   `content` is the text before the section (null if empty), and finish_reason is "tool_calls" (same guide), or
    "length" if the token limit cut the section off. We do the same with tools.parse_assistant. A call the model
    botched (broken JSON, a bad id) is still returned, with arguments "{}" so that the client can send the turn back
    (tokenizer.encode_chat accepts only JSON-object arguments); what was wrong is written to the server log.
@@ -60,8 +61,9 @@ dependencies, and is enough for an educational single-model server whose through
 server-sent events are plain chunked writes.
 
 Defaults: loopback only (127.0.0.1; there is no TLS, so exposing it means --host 0.0.0.0 and --api-key, or
-$KIMI_API_KEY, which does not show in `ps`), temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct, SPEC
-§8), max_tokens when absent = min(256, what is left of the context) (--default-max-tokens), request bodies up to
+$KIMI_API_KEY, which does not show in `ps`), temperature 0.6 (Moonshot's recommendation for Kimi-K2-Instruct,
+MoonshotAI/Kimi-K2 README), max_tokens when absent = min(256, what is left of the context)
+(--default-max-tokens), request bodies up to
 4 MiB (--max-body-bytes, refused on the headers when they declare more, and never read), 32 waiting requests
 (--max-queue), 128 open connections (--max-connections; at the cap the one that has waited longest without a
 complete request makes room), 30 s to send a request's header.
@@ -79,8 +81,8 @@ non-zero frequency/presence penalties, store. Null counts as absent. Images are 
 (K2-Instruct has no vision input).
 
 References: OpenAI API reference, Chat Completions (create, the chat.completion and chat.completion.chunk objects,
-streaming, error codes); MoonshotAI/Kimi-K2 docs/tool_call_guidance.md and deploy_guidance.md (SPEC §6.5, §6.6,
-§8); vLLM's `kimi_k2` tool parser (id handling); Moonshot's partial mode (platform docs, "Partial Mode"); RFC 9110
+streaming, error codes); MoonshotAI/Kimi-K2 docs/tool_call_guidance.md and deploy_guidance.md; vLLM's `kimi_k2`
+tool parser (id handling); Moonshot's partial mode (platform docs, "Partial Mode"); RFC 9110
 and RFC 9112 (HTTP semantics and framing). No shapes in this file, so no shape legend.
 """
 from __future__ import annotations
@@ -112,8 +114,8 @@ from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, 
                        Tokenizer, mask_pipes, normalize_tools, tool_call_id, unmask_pipes)
 from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
 
-DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the name the seed document's client code asks for
-DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (MoonshotAI/Kimi-K2 README; SPEC §8)
+DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the model name the README's `openai` client examples use
+DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (MoonshotAI/Kimi-K2 README)
 DEFAULT_MAX_TOKENS = 256  # ours: OpenAI's default is "the rest of the context", too slow on a CPU for a default
 # ours: a full 128K-token context is ~0.5 MB of text; 4 MiB leaves room for JSON escaping and tool schemas, and
 # still stops a runaway client before it costs memory
@@ -370,7 +372,7 @@ def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str |
             fn = t["function"]
             name = fn.get("name")
             if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
-                # the model names a tool only through the id functions.NAME:IDX, whose regex allows [\w.] (SPEC §6.5)
+                # the model names a tool only through the id functions.NAME:IDX, whose regex allows [\w.] (Moonshot)
                 raise bad(f"tools[{i}]: function name {name!r} must be letters, digits, '_' or '.' (K2's call id "
                           f"functions.NAME:IDX cannot carry other characters)", f"tools[{i}].function.name")
             if name in names:
@@ -406,7 +408,7 @@ class Prompt:
     """What the model is fed: ids (template + prefill), and the prefill as text (it is part of the answer)."""
     ids: list[int]
     prefill: str
-    first_index: int  # tool calls already in the history: the IDX of the next one (SPEC §6.5)
+    first_index: int  # tool calls already in the history: the IDX of the next one (vLLM's kimi_k2 tool parser)
     allowed_starts: list[list[int]] = field(default_factory=list)  # what the completion may begin with (required)
 
 
@@ -570,8 +572,8 @@ class Worker:
 # ---------------------------------------------------------------------------------------------------------------
 
 def finish_reason(text: str, stream_reason: str | None, has_calls: bool) -> str:
-    """SPEC §6.6: "tool_calls" when the answer carries tool calls, except "length" when the token limit cut their
-    section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
+    """Moonshot's tool_call_guidance.md: "tool_calls" when the answer carries tool calls, except "length" when the
+    token limit cut their section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
     if not has_calls:
         return stream_reason or "stop"
     if stream_reason == "length" and SECTION_END not in text[text.find(SECTION_BEGIN):]:
@@ -1323,7 +1325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ckpt", default=str(G.DEMO_DIR), help="checkpoint directory (config.json, safetensors, "
                                                            "tiktoken.model); default: the shipped demo model")
     p.add_argument("--served-model-name", default=DEFAULT_MODEL_NAME,
-                   help="the model name requests must ask for (the seed document's code uses kimi-k2-instruct)")
+                   help="the model name requests must ask for (the README's client examples use kimi-k2-instruct)")
     # --- where
     p.add_argument("--host", default="127.0.0.1", help="address to bind; loopback by default (no TLS here)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free port (printed at start)")
