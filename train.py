@@ -10,7 +10,7 @@ What one run does, top to bottom of this file:
    (chat_data.conversations, or a JSONL file) with tokenizer.encode_chat, packs whole conversations into rows of
    --seq-len+1 tokens (the rest padded) and keeps the loss mask: only what the assistant wrote is trained on.
 2. The loop. LR: linear warmup, constant, then cosine decay to 10% of the peak, the shape of K2's schedule
-   (2e-4 constant for 10T tokens, cosine to 2e-5 over 5.5T; SPEC §4.4) given as fractions of the run's steps.
+   (2e-4 constant for 10T tokens, cosine to 2e-5 over 5.5T; K2 report) given as fractions of the run's steps.
    Gradient accumulation; bf16 autocast on a GPU (fp32 on CPU, and the reason is printed); optional gradient
    clipping; MuonClip / Muon / AdamW (muonclip.build_optimizer), whose step also moves the routing bias and applies
    QK-Clip; the optional sequence-wise balance loss. Every step appends one JSON line to log.jsonl: loss, lr,
@@ -37,7 +37,7 @@ What one run does, top to bottom of this file:
 
 How this differs from a textbook training loop: the optimizer step is three things in a fixed order (Muon/AdamW
 update -> routing-bias update from the step's expert loads -> QK-Clip of the heads whose logits exceeded tau;
-SPEC §4.3), which is why the attention layers record their max logits during training forwards and the MoE layers
+K2 report), which is why the attention layers record their max logits during training forwards and the MoE layers
 count tokens per expert; and the loss of a step is normalised by the number of target tokens of the WHOLE step
 (all micro-batches), so gradient accumulation and SFT masks weigh every supervised token equally.
 
@@ -46,14 +46,14 @@ The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --t
     python train.py --optimizer muon            --out runs/muon      # Muon, no QK-Clip
     python train.py --optimizer muonclip --qk-clip-tau 5 --out runs/muonclip
     python train.py plot runs/adamw runs/muon runs/muonclip --out runs/compare.png
-At this scale the max logits stay far below K2's tau = 100 (the logit growth of SPEC §4.3 appears in large models
+At this scale the max logits stay far below K2's tau = 100 (the logit growth in the K2 report appears in large models
 trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench/bench_train.py` runs a shorter
 version of the same comparison.
 6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository alone: tokenizer,
    a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export and the held-out evaluation, keeping
    finished stages so that the same command continues after an interruption (README "The demo model").
 
-References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 / SPEC §4.4 (schedule); Moonlight (arXiv 2502.16982)
+References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 (schedule); Moonlight (arXiv 2502.16982)
 for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2 (balancing), §4.2 (gradient clipping 1.0).
 Shapes: B batch (sequences per micro-batch), T tokens per sequence (--seq-len), V vocab, N tokens in the corpus.
 """
@@ -93,7 +93,7 @@ from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"  # token cache; gitignored (/data/)
-# K2's schedule (SPEC §4.4): 2e-4 constant for 10T of 15.5T tokens, then cosine to 2e-5 over the last 5.5T
+# K2's schedule (Kimi K2 report): 2e-4 constant for 10T of 15.5T tokens, then cosine to 2e-5 over the last 5.5T
 K2_DECAY_FRAC = 5.5 / 15.5  # = 0.355 of the run decays
 K2_FINAL_LR_FRAC = 2e-5 / 2e-4  # = 0.1: decay ends at 10% of the peak
 GRAD_CLIP = 1.0  # DeepSeek-V3 §4.2: "the gradient clipping norm is set to 1.0"; K2's value is not published
@@ -378,7 +378,7 @@ class ChatRows:
 def lr_at(step: int, total: int, peak: float, warmup_frac: float, decay_frac: float = K2_DECAY_FRAC,
           final_frac: float = K2_FINAL_LR_FRAC) -> float:
     """LR of update `step` (0-based) of `total`: linear warmup to `peak` over the first warmup_frac of the steps,
-    constant, then cosine from peak to final_frac·peak over the last decay_frac (K2's shape, SPEC §4.4).
+    constant, then cosine from peak to final_frac·peak over the last decay_frac (K2's shape, K2 report).
     The first update uses peak/warmup_steps (never 0) and the last one exactly final_frac·peak."""
     warmup = round(warmup_frac * total)
     decay = round(decay_frac * total)
