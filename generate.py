@@ -9,7 +9,8 @@ How generation works here (the same loop a serving engine runs, minus batching t
 3. Sampling (`sample`): temperature (default 0.6, the value Moonshot recommends for Kimi-K2-Instruct; 0 = greedy),
    then top-k, then top-p, from fp32 logits, with an explicit torch.Generator so a seed reproduces a run.
    Optionally the first tokens are constrained to begin one of given id sequences (`constrain_start`).
-4. Stop on <|im_end|> or [EOS] (K2's two stop tokens, SPEC §5), on a user stop string, or at max_new_tokens.
+4. Stop on <|im_end|> or [EOS] (K2's two stop tokens: the chat template ends turns with <|im_end|>, [EOS] is
+   tokenizer_config.json's eos_token), on a user stop string, or at max_new_tokens.
 
 `python generate.py` loads the shipped demo model (demo/: Hugging Face format + tiktoken.model) and, on a terminal,
 opens a chat REPL with the chat template (`--tools` lets the model call the built-in tools); `--prompt TEXT` (or a

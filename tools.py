@@ -1,14 +1,14 @@
 """Tools for Kimi K2's agent loop: a registry, argument validation, two offline demo tools, and the client loop.
 
 What is here, top to bottom:
-  1. `ToolRegistry`: Python functions with their JSON schemas, in the seed document's flat form
+  1. `ToolRegistry`: Python functions with their JSON schemas, in the flat form
      {"name", "description", "parameters"} or OpenAI's {"type": "function", "function": {...}}; `schemas()` is the
      wrapped list the chat template declares to the model (tokenizer.normalize_tools).
   2. `validate`: the part of JSON Schema that tool schemas use (type, enum, const, properties, required,
      additionalProperties, items, and the min/max/length/pattern bounds), written out here, no dependency.
   3. `parse_assistant`: the model's text -> its content + `ToolCall`s, through tokenizer.parse_tool_calls.
   4. `execute`: one call -> the tool message's content, a JSON string. Never raises.
-  5. `run_agent`: the client loop of SPEC §6.6 (render -> complete -> run the calls -> append the results -> repeat).
+  5. `run_agent`: Moonshot's client loop (render -> complete -> run the calls -> append the results -> repeat).
   6. Demo tools, offline and deterministic: `get_weather` (made-up weather derived from a hash of the city name)
      and `calculator` (arithmetic through an AST whitelist; never eval).
 
@@ -24,11 +24,11 @@ and its argument text byte for byte, so re-rendering the conversation reproduces
 exception: arguments that are not a JSON object are stored as "{}" (tokenizer.apply_chat_template rejects other
 strings), and the error message quotes what the model wrote instead.
 
-References: SPEC.md §6.5 (tool-call format, ids, parsing) and §6.6 (schemas, client loop), which cite
-MoonshotAI/Kimi-K2 docs/tool_call_guidance.md and the vLLM/SGLang kimi_k2 parsers; JSON Schema 2020-12:
-Validation §6.1-6.5 (type, enum, const, numeric/string/array/object bounds; §6.1.1: "integer" matches any number
-with a zero fractional part) and Core §10.3 (properties, additionalProperties, items); `format` is an annotation
-only (Validation §7), so it is not checked. Python's `ast` module documentation (the calculator's node types).
+References: MoonshotAI/Kimi-K2 docs/tool_call_guidance.md (tool-call format, ids, schemas, client loop) and the
+vLLM/SGLang kimi_k2 parsers; JSON Schema 2020-12: Validation §6.1-6.5 (type, enum, const,
+numeric/string/array/object bounds; §6.1.1: "integer" matches any number with a zero fractional part) and Core
+§10.3 (properties, additionalProperties, items); `format` is an annotation only (Validation §7), so it is not
+checked. Python's `ast` module documentation (the calculator's node types).
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ class ToolRegistry:
         if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
             # the model names a tool only through its id functions.NAME:IDX, and the official regex allows [\w.]
             raise ValueError(f"register: tool name {name!r} must be letters, digits, '_' or '.' (the id "
-                             f"functions.NAME:IDX could not carry it otherwise; SPEC §6.5)")
+                             f"functions.NAME:IDX could not carry it otherwise; Moonshot's tool-call guide)")
         if name in self._tools:
             raise ValueError(f"register: a tool named {name!r} is already registered")
         if "description" in spec and not isinstance(spec["description"], str):
@@ -391,7 +391,7 @@ def parse_assistant(text: str, registry: ToolRegistry | None = None, first_index
 
     Every call the tokenizer's parser finds becomes a ToolCall; malformed ones carry `error`. A call whose own id
     is unusable gets `functions.{name}:{idx}`: name = what the broken id starts with if that is a registered tool,
-    else 'unknown'; idx = `first_index` (tool calls earlier in the conversation, vLLM's count, SPEC §6.5) + its
+    else 'unknown'; idx = `first_index` (tool calls earlier in the conversation, vLLM's kimi_k2 parser) + its
     position in this turn, moved up past any id this turn already uses. If the section is not closed, every call in
     it gets an error (a cut-off turn is not acted on). A section with no call at all still yields one error call,
     so the model hears about it."""
@@ -483,7 +483,7 @@ def execute(registry: ToolRegistry, call: ToolCall | tokenizer.ParsedToolCall) -
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. The agent loop (SPEC §6.6)
+# 5. The agent loop (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md)
 # ---------------------------------------------------------------------------------------------------------------
 
 def count_tool_calls(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -529,7 +529,7 @@ def run_agent(complete: Callable[[list[dict], list[dict] | None], str], messages
 # 6. Demo tools: offline, deterministic
 # ---------------------------------------------------------------------------------------------------------------
 
-# The seed document's schema ("Getting Started: Chat and Tool Calls"), verbatim. It marks nothing required; a call
+# The flat-form get_weather schema that chat_data.py and the tests also use. It marks nothing required; a call
 # without `city` is still refused, by get_weather's signature (execute binds the arguments before calling).
 GET_WEATHER_SCHEMA = {
     "name": "get_weather",
