@@ -1,7 +1,7 @@
 """Protects tokenizer.py: Kimi K2's pre-tokenization, special-token layout, chat template and tool-call format.
 
 What it protects: decode(encode(s)) == s for any valid Unicode (lone surrogates -> U+FFFD, documented); user text
-never becomes special ids; the long-input cuts of SPEC §5; special ids at K2's offsets (on a synthetic 163,584-rank
+never becomes special ids; the long-input cuts; special ids at K2's offsets (on a synthetic 163,584-rank
 table: real ids 163,584..163,839); the trainer's merges; the 0905 chat template byte for byte; encode_chat's ids
 and loss mask (also on generated conversations); the tool-call format and a parser that never raises and stays
 fast on degenerate output; clear errors on bad rank files, bad messages and wrong input types.
@@ -10,8 +10,9 @@ Compares against independent references: Python's `regex` in V1 mode (pre-tokeni
 `load_tiktoken_bpe` (file format), the official template tests/data/k2_instruct_0905.jinja rendered with jinja2
 in Hugging Face's settings and with transformers' own renderer (chat text), tiktoken's special-token splitting
 of the rendered text (chat ids) and of the template with sentinels around assistant turns (loss mask), the
-guide's call regex verbatim (parser), a port of tokenization_kimi.py's run splitter (long inputs), SPEC §5/§6.4
-literals, and hand-written expectations. All comparisons are exact (strings and ints): no tolerances.
+guide's call regex verbatim (parser), a port of tokenization_kimi.py's run splitter (long inputs), literal
+pattern splits and 0905-template renderings, and hand-written expectations. All comparisons are exact
+(strings and ints): no tolerances.
 Run: python -m pytest -q tests/test_tokenizer.py   (CPU, ~15 s on 2 cores; -m "not slow" skips the 5 s rebuild
      of demo/tiktoken.model, which runs only on Python 3.11.7)
 """
@@ -39,7 +40,7 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 TEMPLATE_0905 = (DATA / "k2_instruct_0905.jinja").read_text(encoding="utf-8")  # copy of ../shared/reference
 SPEC_CHECK = "Hello World! I'm Kimi, 你好世界 12345 HTTPServer\n\n  done."
 SPEC_CHECK_SPLIT = ["Hello", " World", "!", " I'm", " Kimi", ",", " ", "你好世界", " ", "123", "45", " HTTPServer",
-                    "\n\n", " ", " done", "."]  # SPEC §5, verbatim
+                    "\n\n", " ", " done", "."]  # the split by V1 regex and tiktoken alike
 
 # Text that exercises every alternative of the pattern: Han runs, kana/hangul (Lo), Greek/Cyrillic case, combining
 # marks, contractions in both cases, long digit runs, punctuation runs with CR/LF, tabs, NBSP, U+3000, emoji.
@@ -81,7 +82,7 @@ def synthetic_k2_ranks() -> dict[bytes, int]:
 
 @functools.lru_cache(maxsize=None)
 def jinja_template(source: str) -> jinja2.Template:
-    """A template compiled in Hugging Face's Jinja settings (SPEC §6): sandboxed, trim_blocks, lstrip_blocks,
+    """A template compiled in Hugging Face's Jinja settings: sandboxed, trim_blocks, lstrip_blocks,
     tojson = json.dumps(ensure_ascii=False)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
@@ -104,7 +105,7 @@ def test_pattern_is_spec_pattern_and_splits_spec_check_string():
         assert T.PAT_STR in text.split("**Pre-tokenization pattern (exact):**")[1].split("```")[1]
     assert regex.findall(T.PAT_STR, SPEC_CHECK, flags=regex.V1) == SPEC_CHECK_SPLIT
     assert T.count_chunks(SPEC_CHECK) == Counter(SPEC_CHECK_SPLIT)
-    # The trap of SPEC §9.12: in regex's default V0 mode `&&` is not intersection and Latin words vanish
+    # The known trap (regex docs): in regex's default V0 mode `&&` is not intersection and Latin words vanish
     assert "Hello" not in regex.findall(T.PAT_STR, SPEC_CHECK)
 
 
@@ -126,7 +127,7 @@ def test_tiktoken_split_equals_regex_v1_on_varied_text():
         assert tk.encode(text) == [tk.mergeable_ranks[c] for c in chunks], text
 
 
-# Splits worked out by hand from the eight alternatives of SPEC §5 (not from running the pattern).
+# Splits worked out by hand from the pattern's eight alternatives (not from running the pattern).
 PRETOKENIZE_BY_HAND = {
     "1234567": ["123", "456", "7"],                                          # digits in groups of three
     "$100,000.50": ["$", "100", ",", "000", ".", "50"],
@@ -266,7 +267,7 @@ def test_stream_decoder_equals_decode_on_any_ids(tok, ids):
 # Special tokens
 # ---------------------------------------------------------------------------------------------------------------
 
-K2_IDS = {  # SPEC §5 table (Kimi-K2-Instruct tokenizer_config.json), written out by hand
+K2_IDS = {  # added_tokens_decoder of Kimi-K2-Instruct tokenizer_config.json, written out by hand
     "[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587, "<|im_assistant|>": 163588,
     "<|start_header_id|>": 163590, "<|end_header_id|>": 163591, "[EOT]": 163593, "<|im_system|>": 163594,
     "<|tool_calls_section_begin|>": 163595, "<|tool_calls_section_end|>": 163596, "<|tool_call_begin|>": 163597,
@@ -580,7 +581,7 @@ def deep_sorted(x):
 
 
 def test_spec_6_4_literal_examples():
-    # SPEC §6.4, the three 0905 examples, verbatim
+    # the 0905 template's output for three conversations, verbatim
     assert T.apply_chat_template([{"role": "user", "content": "Hello"}]) == '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>Hello<|im_end|><|im_assistant|>assistant<|im_middle|>'  # noqa: E501
     messages, tools, _ = CONVERSATIONS["one_call_round_trip"]
     assert T.apply_chat_template(messages, tools) == '<|im_system|>tool_declare<|im_middle|>\n  # Tools\n  [{"type": "function", "function": {"name": "get_weather", "description": "Get weather information. Call this tool when the user needs to get weather information", "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string", "description": "City name"}}}}}]<|im_end|><|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>What\'s the weather like in Beijing today? Let\'s check using the tool.<|im_end|><|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Beijing"}<|tool_call_end|><|tool_calls_section_end|><|im_end|><|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n    {"weather": "Sunny"}<|im_end|><|im_assistant|>assistant<|im_middle|>'  # noqa: E501
