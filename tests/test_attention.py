@@ -1,8 +1,9 @@
 """Protects MLA: YaRN frequencies and softmax scale (hand-computed K2 / DeepSeek-V3 numbers), the interleaved RoPE
 convention, the latent cache (what it stores and its size), cached decode == full forward for the naive and absorbed
 formulations, absorbed == naive, causality, and QK-Clip's recorded max logit.
-Compares against: hand-computed values from SPEC §2.3/§2.6, complex-number RoPE in float64, an attention written
-from the weights in this file (no model code), and the model's own full forward for the cache tests.
+Compares against: hand-computed values (HF _compute_yarn_parameters' formulas), complex-number RoPE in float64,
+an attention written from the weights in this file (no model code), and the model's own full forward for the cache
+tests.
 Tolerances: fp32 1e-5 relative to the logit scale (observed ~1e-7); float64 RoPE 1e-12.
 Run: pytest tests/test_attention.py -q   (CPU, seconds)"""
 import math
@@ -20,7 +21,7 @@ from conftest import random_model, tiny_args
 def test_k2_yarn_frequencies_are_a_hard_step():
     inv_freq, mult = A.rope_parameters(M.PRESETS["kimi-k2"]())
     base = torch.tensor([50000.0 ** (-2 * i / 64) for i in range(32)], dtype=torch.float64)
-    expect = torch.cat([base[:20], base[20:] / 32])  # pairs 0..19 kept, 20..31 divided by 32 (SPEC §2.6)
+    expect = torch.cat([base[:20], base[20:] / 32])  # pairs 0..19 kept, 20..31 divided by 32 (K2's YaRN)
     torch.testing.assert_close(inv_freq.double(), expect, rtol=1e-6, atol=0)
     assert mult == 1.0  # mscale == mscale_all_dim: cos/sin are not scaled
 
@@ -29,7 +30,7 @@ def test_deepseek_v3_yarn_ramp():
     inv_freq, mult = A.rope_parameters(M.PRESETS["deepseek-v3"]())
     base = torch.tensor([10000.0 ** (-2 * i / 64) for i in range(32)], dtype=torch.float64)
     ratio = inv_freq.double() / base
-    # SPEC §2.6: 1.0 for i <= 10, then 0.925, 0.85, ... down to 0.1 at i = 22, and 1/40 from i = 23
+    # DeepSeek-V3's YaRN: 1.0 for i <= 10, then 0.925, 0.85, ... down to 0.1 at i = 22, and 1/40 from i = 23
     expect = [1.0] * 11 + [1.0 - (i - 10) / 13 * (1 - 1 / 40) for i in range(11, 23)] + [1 / 40] * 9
     torch.testing.assert_close(ratio, torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=0)
     assert abs(ratio[11].item() - 0.925) < 1e-5 and mult == 1.0
@@ -94,7 +95,8 @@ def test_rmsnorm_is_the_hf_formula(dtype):
 # ---------------------------------------------------------------- an attention written from the weights
 
 def reference_mla(attn: A.MLA, x: torch.Tensor, inv_freq: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head MLA in float64 straight from SPEC §2.3's equations, with a complex-number RoPE. -> (out, max logits)."""
+    """Per-head MLA in float64 straight from the MLA equations (DeepSeek-V3 report), with a complex-number
+    RoPE. -> (out, max logits)."""
     B, T, D = x.shape
     H, Dn, Dr, Dv, Ckv = (args.num_attention_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim,
                           args.kv_lora_rank)
@@ -220,5 +222,5 @@ def test_cache_stores_normed_latent_and_rotated_rope_key_only():
 
 def test_k2_cache_bytes_per_token():
     mla, mha = M.kv_cache_bytes_per_token(M.PRESETS["kimi-k2"]())
-    assert (mla, mha) == (70_272, 2_498_560)  # SPEC §1.4
+    assert (mla, mha) == (70_272, 2_498_560)  # 576·2·61 and 64·320·2·61 bytes, from config.json
     assert mla * 131072 == 9_210_691_584

@@ -3,7 +3,7 @@ weight decay on every parameter, QK-Clip's per-head rescaling of MLA rows, the r
 sequence-wise balance loss, and exact resume from state_dict.
 Compares against: SVD (torch.linalg.svd) and an fp64 scalar iteration of the NS polynomial; torch.optim.Muon
 (adjust_lr_fn="match_rms_adamw") and torch.optim.AdamW step for step; max attention logits recomputed in fp64 from the
-weights with SPEC §2.3/§2.6 math, written here (never by calling MLA.forward); hand-computed bias updates; a per-
+weights with HF's YaRN math, written here (never by calling MLA.forward); hand-computed bias updates; a per-
 sequence loop for the balance loss.
 Run: pytest tests/test_muonclip.py -q   (CPU, a few seconds)
 """
@@ -171,7 +171,7 @@ def _muon_pair(momentum: float, seed: int = 4):
     ref += [torch.nn.Parameter(stack.detach()[e].clone()) for e in range(stack.shape[0])]
     lr, wd = 0.02, 0.1
     opt = MuonClip([dict(params=ours, use_muon=True)], lr=lr, weight_decay=wd, momentum=momentum)
-    # the reference configuration named in SPEC §4.1
+    # Moonlight's Muon settings in torch.optim.Muon (the PyTorch docs' match_rms_adamw rule)
     ref_opt = torch.optim.Muon(ref, lr=lr, weight_decay=wd, momentum=momentum, nesterov=True,
                                ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
                                adjust_lr_fn="match_rms_adamw")
@@ -329,7 +329,7 @@ def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def yarn_ref(args) -> tuple[torch.Tensor, float, float]:
-    """(inv_freq fp64, cos/sin multiplier, softmax scale), written from SPEC §2.3 and §2.6."""
+    """(inv_freq fp64, cos/sin multiplier, softmax scale), written from HF's _compute_yarn_parameters formulas."""
     d, base = args.qk_rope_head_dim, args.rope_theta
     f = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
@@ -365,7 +365,7 @@ def mla_logits_ref(attn, x: torch.Tensor, args) -> torch.Tensor:
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq             # (T, Dr/2)
     cos, sin = ang.cos() * mult, ang.sin() * mult
 
-    def rope(v):  # interleaved pairs (SPEC §2.5)
+    def rope(v):  # interleaved pairs (DeepSeek-V3 inference/model.py)
         v0, v1 = v[..., 0::2], v[..., 1::2]
         cs, sn = (cos, sin) if v.dim() == 3 else (cos[:, None], sin[:, None])
         return torch.stack([v0 * cs - v1 * sn, v0 * sn + v1 * cs], -1).flatten(-2)
@@ -442,7 +442,7 @@ def test_qk_clip_bounds_every_head_and_leaves_the_rest_bit_identical(q_lora_rank
 
 
 def test_step_order_is_update_then_bias_then_clip():
-    # SPEC §4.3: optimizer step -> bias update -> QK-Clip. Replay the three by hand on a copy and compare bitwise.
+    # K2 report: optimizer step -> bias update -> QK-Clip. Replay the three by hand on a copy and compare bitwise.
     m = tiny_model(seed=16)
     ids = torch.randint(0, m.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(17))
     opt = MuonClip.from_model(m, lr=1e-2, qk_clip_tau=0.02, bias_update_speed=1e-3)   # tau 0.02: clips every head
