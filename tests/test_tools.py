@@ -2,11 +2,11 @@
 malformed call answered by an error tool result with the right id, never an exception, never dropped), the agent
 loop's message shapes and step limit, and the two demo tools (a safe calculator, deterministic fake weather).
 
-Compares against independent references: conversations rendered by hand from the rules of SPEC §6.2 (and the
-model's own output, which must re-render byte for byte), tokenizer.format_tool_calls (round trip), Python's own
-arithmetic on random expression trees built and evaluated directly in this file, hand-computed values, the
-documented get_weather rule recomputed here with hashlib (and in a second process with another PYTHONHASHSEED),
-and the seed document's get_weather example (tool and schema verbatim).
+Compares against independent references: conversations rendered by hand from the Kimi-K2-Instruct-0905
+chat_template.jinja (and the model's own output, which must re-render byte for byte), tokenizer.format_tool_calls
+(round trip), Python's own arithmetic on random expression trees built and evaluated directly in this file,
+hand-computed values, the documented get_weather rule recomputed here with hashlib (and in a second process with
+another PYTHONHASHSEED), and a minimal flat-form get_weather tool and schema (the one chat_data.py also uses).
 Run: python -m pytest -q tests/test_tools.py   (CPU, a few seconds; no model is loaded, the "model" is scripted)
 """
 import ast
@@ -34,7 +34,7 @@ S, Z, B, A, E = K.SECTION_BEGIN, K.SECTION_END, K.CALL_BEGIN, K.CALL_ARG_BEGIN, 
 SYSTEM = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"
 
-# The seed document's example ("Getting Started: Chat and Tool Calls"), verbatim.
+# A minimal flat-form get_weather tool and schema, as chat_data.py and tools.GET_WEATHER_SCHEMA have it.
 SEED_TOOLS = [{
     "name": "get_weather",
     "description": "Retrieve current weather for a given city.",
@@ -56,13 +56,13 @@ def user(text: str) -> dict:
 
 
 def tools_block(schemas: list[dict]) -> str:
-    """SPEC §6.2 rule 1, by hand."""
+    """The tool_declare block of the 0905 chat_template.jinja, by hand."""
     return "<|im_system|>tool_declare<|im_middle|>\n  # Tools\n  " + json.dumps(schemas, ensure_ascii=False) + \
         "<|im_end|>"
 
 
 def tool_turn(name: str, call_id: str, content: str) -> str:
-    """SPEC §6.2 rules 3-4 for a tool message with a `name`, by hand."""
+    """A tool message with a `name`, as the 0905 chat_template.jinja renders it, by hand."""
     return f"<|im_system|>{name}<|im_middle|>## Return of {call_id}\n    {content}<|im_end|>"
 
 
@@ -404,7 +404,7 @@ def test_agent_loop_runs_parallel_calls_in_order_and_renders_each_step():
         {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather", "content": c0},
         {"role": "tool", "tool_call_id": "functions.calculator:1", "name": "calculator", "content": c1},
         {"role": "assistant", "content": out1}]
-    # what the model saw at each step, written out by hand from SPEC §6.2
+    # what the model saw at each step, written out by hand from the 0905 chat_template.jinja
     prompt0 = tools_block(schemas) + SYSTEM + f"<|im_user|>user<|im_middle|>{question}<|im_end|>" + GEN
     prompt1 = (prompt0 + out0 + "<|im_end|>" + tool_turn("get_weather", "functions.get_weather:0", c0)
                + tool_turn("calculator", "functions.calculator:1", c1) + GEN)
