@@ -60,7 +60,7 @@ KEYWORDS = frozenset({"type", "enum", "const", "properties", "required", "additi
 # Keywords that constrain nothing (JSON Schema 2020-12 Meta-Data vocabulary, Validation §9; `format` §7).
 ANNOTATIONS = frozenset({"description", "title", "default", "examples", "format", "deprecated", "readOnly",
                          "writeOnly", "$schema", "$id", "$comment"})
-TOOL_NAME_RE = re.compile(r"[\w.]+")  # the name part of the official id regex `[\w\.]+:\d+` (SPEC §6.5)
+TOOL_NAME_RE = re.compile(r"[\w.]+")  # the name part of the official id regex `[\w\.]+:\d+` (Moonshot's guide)
 
 
 def json_type(value: Any) -> str:

@@ -52,7 +52,7 @@ def test_train_and_held_out_never_overlap():
     assert len(held_exprs) > 100 and not held_exprs & seen_exprs, sorted(held_exprs & seen_exprs)[:5]
     assert not held_args & seen_cities, sorted(held_args & seen_cities)[:5]
     assert {"Tokyo", "Beijing"} <= seen_cities
-    assert "What's the current weather in Tokyo?" in user_text  # the seed document's question
+    assert "What's the current weather in Tokyo?" in user_text  # the README's example question
     kinds = {item.get("place_kind") for item in items}
     assert set(C.PLACE_KINDS) <= kinds  # every kind of name is evaluated
 

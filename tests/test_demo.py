@@ -1,6 +1,6 @@
 """Protects the project's main job on a fresh machine: the shipped demo model (demo/) loads, `python generate.py`
 completes the default prompt when stdin is not a terminal (on a terminal it opens the chat: tests/test_generate.py),
-and `python generate.py --chat --tools` answers the seed document's
+and `python generate.py --chat --tools` answers the README's
 "What's the current weather in Tokyo?" with a get_weather tool call, the tool's result, and an answer.
 Compares against: tools.get_weather (the answer must carry its result) and the chat template's stop rules.
 Run: pytest tests/test_demo.py -q   (CPU, about 20 s; marked slow: end-to-end subprocesses)"""

@@ -162,7 +162,7 @@ def test_gemms_use_tensor_cores(compiled):
 # ----------------------------------------------------------------------------------------------------------------
 # GPU tier
 
-ROUTED_SCALING = 2.827  # Kimi K2 routed_scaling_factor (SPEC §2.7): weights are O(1), as the router makes them
+ROUTED_SCALING = 2.827  # Kimi K2 routed_scaling_factor (config.json): weights are O(1), as the router makes them
 CONFIGS = {"auto": 0, "small": 1, "medium": 2, "large": 3}  # kernels_binding.cpp: moe_forward(config=...)
 
 

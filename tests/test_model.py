@@ -27,7 +27,7 @@ def test_parameter_counts(preset, total, active, total_x, active_x):
 def test_k2_breakdown():
     r = M.param_report(M.PRESETS["kimi-k2"]())
     assert r["embedding"] == r["head"] == 1_174_405_120
-    assert r["attention"] == 61 * 101_124_096  # per-layer MLA incl. latent norms (SPEC §1.3)
+    assert r["attention"] == 61 * 101_124_096  # per-layer MLA incl. latent norms (computed from config.json)
     assert r["dense_mlp"] == 396_361_728 and r["shared_experts"] == 60 * 44_040_192
     assert r["routed_experts"] == 60 * 384 * 44_040_192 and r["router"] == 60 * (2_752_512 + 384)
 
@@ -96,7 +96,7 @@ def test_input_checks_never_wait_for_the_gpu():
 def test_bf16_logits_close_to_fp32(seed):
     """bf16 compute vs fp32 compute on the SAME (bf16-rounded) weights. Without MoE layers every logit is within 5%
     of the logit scale (observed ~2%). With MoE, bf16 rounding can flip a near-tie top-k choice for a few tokens
-    (expected, SPEC §2.7), which moves those tokens' logits a lot, so there the bound is on the median error."""
+    (expected), which moves those tokens' logits a lot, so there the bound is on the median error."""
     for dense_only in (True, False):
         args = tiny_args("k2", first_k_dense_replace=3 if dense_only else 1)
         model = random_model(args, seed=seed).to(torch.bfloat16)

@@ -3,7 +3,7 @@ dropped groups are masked with -inf, weights are renormalised and scaled, and th
 moe_segments) equal moe_reference, forward and gradients (also at sizes and dtypes torch._grouped_mm rejects); the
 size-dependent choice between them never changes a result beyond rounding.
 Compares against: a dense all-experts MoE written here (every expert on every token, masked by the routing weights),
-a router written here from SPEC §2.7 in float64, and hand-made 4-expert cases.
+a router written here from DeepSeek-V3's noaux_tc rule in float64, and hand-made 4-expert cases.
 Tolerances: fp32 1e-5 relative; bf16 paths within 2x the bf16 reference's own error against fp64.
 Run: pytest tests/test_moe.py -q   (CPU, seconds)"""
 import pytest
@@ -37,7 +37,7 @@ def dense_all_experts(x, weights, idx, experts):
 
 
 def router_reference(x, weight, bias, n_group, topk_group, k, scale):
-    """SPEC §2.7 in float64, group by group with Python loops."""
+    """DeepSeek-V3's noaux_tc router (inference/model.py Gate) in float64, group by group with Python loops."""
     s = torch.sigmoid(x.double() @ weight.double().T)
     c = s + bias.double()
     N, E = c.shape

@@ -188,8 +188,8 @@ def _fp8_args():
 
 
 def _is_fp8(name: str) -> bool:
-    """Which tensors the released checkpoint stores in FP8 (SPEC §7.1-7.2): every projection matrix; not the router,
-    the norms, the embedding or lm_head."""
+    """Which tensors the released checkpoint stores in FP8 (DeepSeek-V3 README_WEIGHTS.md): every projection
+    matrix; not the router, the norms, the embedding or lm_head."""
     return name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")
 
 
@@ -311,7 +311,8 @@ def test_bad_world_size_and_failing_rank_end_with_clear_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------ memory plan
 
 def test_k2_memory_plan_on_16_ranks(capsys, monkeypatch):
-    """Per-rank bytes of the real config, recounted here from SPEC §1.3's per-module numbers and §1.4's cache size."""
+    """Per-rank bytes of the real config, recounted here from config.json (per-module counts, MLA's
+    576-value cache)."""
     with torch.device("meta"):
         k2 = M.Transformer(M.PRESETS["kimi-k2"]())  # shapes only
     plan = parallel.memory_plan(k2, 16, batch=1, context=131072)

@@ -1,4 +1,4 @@
-"""Protects serve.py, the OpenAI-compatible server: the seed document's client code runs unchanged against it, tool
+"""Protects serve.py, the OpenAI-compatible server: plain `openai` client code runs unchanged against it, tool
 calls come back in K2 deployments' wire format, streaming adds up to the non-streamed answer, concurrent requests
 stay independent, and every bad request gets OpenAI's error shape and status while the server keeps serving.
 
@@ -33,14 +33,14 @@ from tokenizer import CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTI
 openai = pytest.importorskip("openai")
 
 DEMO = ROOT / "demo"
-GET_WEATHER_TOOLS = [{  # the seed document's schema, flat form, verbatim
+GET_WEATHER_TOOLS = [{  # a minimal flat-form schema, as in tools.py
     "name": "get_weather",
     "description": "Retrieve current weather for a given city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
 }]
 
 
-def get_weather(city: str) -> dict:  # the seed document's tool, verbatim
+def get_weather(city: str) -> dict:  # a minimal get_weather tool
     return {"weather": "Sunny, 25°C"}
 
 
@@ -232,7 +232,7 @@ def as_wire(response) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The seed document's snippets, unchanged
+# Plain `openai` client snippets (the README's examples), unchanged
 
 
 def simple_chat(client, model_name):  # the seed's "Simple Chat Example", verbatim
@@ -280,7 +280,8 @@ def tool_example(client):  # the seed's tool-calling example, verbatim (flat sch
 
 
 def follow_up(client, response):
-    """SPEC §6.6's client loop, one step: append the assistant turn and each call's result, and ask again."""
+    """The client loop of Moonshot's tool_call_guidance.md, one step: append the assistant turn and each call's
+    result, and ask again."""
     messages = [{"role": "user", "content": "Check weather"}, response.choices[0].message]
     for call in response.choices[0].message.tool_calls:
         result = get_weather(**json.loads(call.function.arguments))
