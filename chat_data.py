@@ -8,9 +8,9 @@ read values back out of a tool result (induction heads). So the data is built to
   Cyrillic, Greek, CJK and Arabic names (the 4,096-rank tokenizer spells the last four in byte tokens);
 * expressions are random (operators, spacing, parentheses, decimals) and copied exactly;
 * user requests are built from templates x slots (prefix, request, suffix);
-* tools are declared in the flat (seed) and OpenAI forms, sometimes with unrelated tools beside them, sometimes with
+* tools are declared in the flat and OpenAI forms, sometimes with unrelated tools beside them, sometimes with
   the argument called `location` instead of `city` (the model must read the schema);
-* tool results come in many generated shapes (key names, nesting, extra fields, plain text, the seed's
+* tool results come in many generated shapes (key names, nesting, extra fields, plain text, the basic example's
   {"weather": "Sunny, 25°C"}, the real tools' output), and the final answer restates the result's values verbatim;
 * no call where none is needed (greetings, identity, chit-chat, weather asked without a weather tool);
 * follow-up turns that depend on the previous one ("And in Paris?", "What about 3*7?").
@@ -67,7 +67,7 @@ Guadalajara Monterrey Panama_City San_Jose Managua Tegucigalpa Kingston Santo_Do
 Cusco Medellin Cali Recife Salvador Fortaleza Manaus Hobart Adelaide Darwin Canberra Christchurch Suva Apia
 Ouagadougou Valparaiso Tromso Kaunas Ushuaia Windhoek""".split()
 CITIES = [c.replace("_", " ") for c in CITIES]
-SEED_CITIES = ("Tokyo", "Beijing", "Paris")  # the seed document's, SPEC's and the follow-up example's: trained on
+SEED_CITIES = ("Tokyo", "Beijing", "Paris")  # the basic get_weather example's and its follow-up's: trained on
 # cities a user tried that the first demo model could not copy: always held out, so the eval measures them
 USER_REPORTED_CITIES = ("Reykjavik", "Ouagadougou", "Valparaiso", "Tromso", "Hobart", "Kaunas", "Ushuaia", "Windhoek")
 
@@ -204,7 +204,7 @@ WEATHER_ASKS, HELD_OUT_WEATHER_ASKS = _split([
     "What's the temperature like in {city} at the moment?", "Weather report: {city}",
     "How's {city} looking weather-wise?", "Please check the current conditions in {city}.", "Is it snowing in {city}?",
     "I'd like to know the weather in {city}.", "What is the weather in {city}?"],
-    keep=("What's the current weather in {city}?",))  # the seed document's question
+    keep=("What's the current weather in {city}?",))  # the basic get_weather example's question (README)
 CALC_ASKS, HELD_OUT_CALC_ASKS = _split([
     "What is {expr}?", "Calculate {expr}.", "Compute {expr}", "How much is {expr}?", "{expr} = ?",
     "Please work out {expr}.", "Can you calculate {expr} for me?", "What does {expr} equal?", "What's {expr}?",
@@ -382,7 +382,7 @@ def weather_result(city: str, rng: random.Random, held_out: bool = False,
     form = rng.randrange(6)
     if form == 0:  # plain text
         return rng.choice(texts).format(city=city, cond=cond, temp=temp_text), facts
-    if form == 1 and not held_out:  # the seed document's {"weather": "Sunny, 25°C"}: condition and degrees in one
+    if form == 1 and not held_out:  # the basic example's {"weather": "Sunny, 25°C"}: condition and degrees in one
         return {"weather": f"{cond}, {temp_text}°C"}, facts
     if form == 1:
         temp = {"value": float(temp_text) if "." in temp_text else int(temp_text), "unit": "C"}
@@ -487,7 +487,8 @@ def _ask(templates: list[str], rng: random.Random, **slot: str) -> str:
 
 
 def seed_conversation(i: int) -> tuple[list[dict], list[dict]]:
-    """The seed document's round trip: its tool, its question, the real tool's or its own result."""
+    """The basic get_weather example's round trip (as tests/test_serve.py runs it): its tool, its question, the
+    real tool's or its own result."""
     city = SEED_CITIES[i % 2]
     result = T.get_weather(city) if i % 4 < 2 else {"weather": "Sunny, 25°C"}
     facts = [result["weather"], str(result["temperature_c"])] if "city" in result else ["Sunny", "25"]
