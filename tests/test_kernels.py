@@ -1,4 +1,4 @@
-"""Protects kernels.cu, the fused routed-expert CUDA kernels (issue 7), in two tiers.
+"""Protects kernels.cu, the fused routed-expert CUDA kernels, in two tiers.
 
 Compile tier (every machine with nvcc, CI included; skipped cleanly without it): kernels.cu compiles for sm_80 and
 sm_90; the SASS of every grouped-GEMM variant holds tensor-core HMMA.16816.F32.BF16 instructions fed by ldmatrix

@@ -1,4 +1,4 @@
-"""Protects train.py and MuonClip under tensor + expert parallelism (issue 8): `torchrun --nproc-per-node 2 train.py`
+"""Protects train.py and MuonClip under tensor + expert parallelism: `torchrun --nproc-per-node 2 train.py`
 gives the one-process run, step for step.
 
 * The same run (tiny preset, MuonClip with a low tau so that QK-Clip fires, gradient clipping on) is trained for 3
