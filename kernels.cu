@@ -1,6 +1,6 @@
 /* kernels.cu: the routed experts of one Kimi K2 MoE layer, fused, for moe.py.
  *
- *   out[t] = Σ_k w[t,k] · down_e( silu(gate_e x[t]) ⊙ up_e x[t] ),   e = idx[t,k]          (SPEC §2.8)
+ *   out[t] = Σ_k w[t,k] · down_e( silu(gate_e x[t]) ⊙ up_e x[t] ),   e = idx[t,k]   (DeepSeek-V3 inference/model.py)
  *
  * Reference: moe.moe_reference (the loop over experts); moe.moe_grouped is the same sort + grouped-GEMM plan
  * written with whole-tensor PyTorch ops. tests/test_kernels.py compares this file against both.
@@ -497,7 +497,7 @@ Workspace carve(unsigned char* base, int64_t N, int K, int E, int D, int I, int 
 enum Config { kAuto = 0, kSmall = 1, kMedium = 2, kLarge = 3 };
 
 int pick_config(int64_t N, int K, int E) {
-  // mean rows per expert if routing were balanced; a guess to tune with bench/bench_moe.py --configs (issue 7)
+  // mean rows per expert if routing were balanced; a guess to tune with bench/bench_moe.py --configs
   const double rows = (double)N * K / (E > 0 ? E : 1);
   return rows < 24 ? kSmall : rows < 96 ? kMedium : kLarge;
 }
