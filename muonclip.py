@@ -36,7 +36,7 @@ MoonshotAI/Moonlight examples/toy_train.py (param split, momentum, AdamW setting
 (MuonClip, QK-Clip); DeepSeek-V3, arXiv 2412.19437 §2.1.2 (aux-loss-free balancing, sequence-wise loss), §4.2 (values);
 Wang et al., "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664 (bias rule, MaxVio).
 
-Shapes: A, B rows and columns of one weight matrix (Moonlight's [A, B] notation); E routed experts, I expert intermediate,
+Shapes: A, B rows and columns of one weight matrix; E routed experts, I expert intermediate,
 D hidden; H heads, Dn/Dr/Dv nope/rope/value head dims, Cq/Ckv query/KV latent ranks; N sequences, T tokens per
 sequence, K experts per token.
 """
