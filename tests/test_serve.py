@@ -677,16 +677,14 @@ def test_chunked_uploads_and_refused_bodies_on_one_connection(scripted):
     conn.close()
 
 
-def test_client_going_away_stops_generation(scripted):
+def abandon_long_request(scripted, abandon) -> None:
+    """Slow the model down, let `abandon(model, steps_before)` start the 300-word "long" reply and walk away from
+    it, then check that the job was cut short (the next request runs after it, FIFO, within 150 steps) and that the
+    log records it as 499."""
     model = scripted.engine.model
     model.delay, before = 0.01, model.steps  # "long" is 300 words: 3 s if it ran to the end
     try:
-        stream = scripted.client().chat.completions.create(
-            model="kimi-k2-instruct", messages=[{"role": "user", "content": "long"}], max_tokens=400, stream=True)
-        for i, _ in enumerate(stream):
-            if i == 3:
-                break
-        stream.close()
+        abandon(model, before)
         r = scripted.client().chat.completions.create(model="kimi-k2-instruct",
                                                       messages=[{"role": "user", "content": "hi"}])
         assert r.choices[0].message.content == "echo: hi"
@@ -694,6 +692,18 @@ def test_client_going_away_stops_generation(scripted):
     finally:
         model.delay = 0.0
     assert any(re.match(r"POST /v1/chat/completions 499 ", line) for line in scripted.lines), scripted.lines[-5:]
+
+
+def test_client_going_away_stops_generation(scripted):
+    def read_three_events_and_close(model, before):
+        stream = scripted.client().chat.completions.create(
+            model="kimi-k2-instruct", messages=[{"role": "user", "content": "long"}], max_tokens=400, stream=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+
+    abandon_long_request(scripted, read_three_events_and_close)
 
 
 # ---------------------------------------------------------------------------------------------------------------
