@@ -54,6 +54,10 @@ GREEDY_BELOW = 1e-5
 # Sampling
 
 
+class NonFiniteLogits(ValueError):
+    """The model's logits are not numbers: a fault of the model, not of the request (serve.py answers it with 500)."""
+
+
 def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row. logits (B, V) -> ids (B,) int64.
@@ -66,9 +70,11 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
         raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
                          f"got {temperature}, {top_p}, {top_k}")
     logits = logits.float()  # fp32: sampling from bf16 logits would distort small probabilities
-    if bool(logits.isnan().any()):  # argmax would pick a NaN silently, multinomial would fail deep inside torch
-        raise ValueError("the model produced NaN logits: its weights hold NaN or inf values (a damaged or diverged "
-                         "checkpoint), or the dtype overflowed (try --dtype fp32)")
+    # NaN or +inf: argmax would pick it silently, multinomial would fail deep inside torch (-inf is a masked token)
+    if bool((logits.isnan() | logits.isposinf()).any()):
+        raise NonFiniteLogits("the model produced NaN logits (or +inf ones), so no token can be sampled: its "
+                              "weights hold NaN or inf values (a damaged or diverged checkpoint), or the dtype "
+                              "overflowed (try --dtype fp32)")
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature

@@ -477,31 +477,7 @@ class ModelEngine:
                                f"; device {dev} ({why_dev}); dtype {str(dt).removeprefix('torch.')} ({why_dt})")
 
     def stream(self, prompt_ids: Sequence[int], params: G.SamplingParams) -> TextStreamLike:
-        return G.TextStream(_CheckedModel(self.model), self.tok, prompt_ids, params, mask_pipes=True)
-
-
-class ModelFailure(RuntimeError):
-    """The model produced logits that are not numbers: a server-side fault, answered with a 500 that says so."""
-
-
-class _CheckedModel:
-    """The model, with its logits checked: NaN (or +inf) weights, e.g. from a damaged checkpoint, would otherwise end
-    in torch.multinomial's "probability tensor contains either inf, nan or element < 0" deep inside sampling, or,
-    with temperature 0, in argmax quietly picking the first NaN's token every step. (-inf is a masked token: fine.)"""
-
-    def __init__(self, model: Any):
-        self._model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        logits = self._model(*args, **kwargs)
-        if bool((logits.isnan() | logits.isposinf()).any()):
-            raise ModelFailure("the model produced NaN or infinite logits, so no token can be sampled: its weights "
-                               "(or activations) are not finite numbers. Check the checkpoint (a damaged or "
-                               "diverged one), or try --dtype fp32 if fp16 overflows.")
-        return logits
+        return G.TextStream(self.model, self.tok, prompt_ids, params, mask_pipes=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1050,7 +1026,7 @@ class Handler(BaseHTTPRequestHandler):
             if kind is None:
                 continue
             if kind == "error":
-                if isinstance(value, ModelFailure):
+                if isinstance(value, G.NonFiniteLogits):  # generate.sample's check: the model's fault
                     raise APIError(500, str(value), code="model_error")
                 if isinstance(value, ValueError):  # e.g. generate.check_context: the request's fault
                     raise bad(str(value))
