@@ -87,7 +87,7 @@ except ImportError:  # Windows: no flock; two runs sharing an --out are then not
 import model as M
 import parallel
 import tokenizer as tk
-from generate import THREADS_HELP, pick_device, pick_dtype, set_threads
+from generate import THREADS_HELP, add_threads_argument, pick_device, pick_dtype, set_threads
 from generate import check_memory as generate_check_memory
 from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules, build_optimizer
 
@@ -1323,7 +1323,7 @@ def recipe_main(argv: Sequence[str]) -> int:
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's pretraining steps")
     p.add_argument("--sft-steps", type=int, default=None, help="override the recipe's fine-tuning steps")
     p.add_argument("--eval-items", type=int, default=220, help="held-out items of the final evaluation")
-    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_threads_argument(p)
     a = p.parse_args(argv)
     out = Path(a.out)
     export = Path(a.export) if a.export else out / "model"
