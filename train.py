@@ -1,68 +1,75 @@
-"""Training Kimi K2 on one machine: pretraining on real text, supervised fine-tuning on chats, MuonClip, resumable.
+"""Training Kimi K2 on one machine: pretraining on real text, supervised fine-tuning on chats,
+MuonClip, resumable.
 
-What one run does, top to bottom of this file:
-1. Data. Pretraining tokenizes a corpus (default: the Python standard library's own source, tokenizer.read_corpus;
-   or any files/folders given with --data) ONCE into a flat binary token file (uint16 when the vocabulary fits,
-   else uint32) cached under data/, named by hashes of the tokenizer file and of the text, so changing either
-   re-tokenizes (a binary file inside a --data folder is skipped and a non-UTF-8 one named, never silently decoded
-   into garbage). Training windows of --seq-len+1 tokens are drawn at random offsets by a seeded NumPy generator; the
-   last --val-fraction of the tokens is held out for validation. `--sft` instead encodes conversations
-   (chat_data.conversations, or a JSONL file) with tokenizer.encode_chat, packs whole conversations into rows of
-   --seq-len+1 tokens (the rest padded) and keeps the loss mask: only what the assistant wrote is trained on.
-2. The loop. LR: linear warmup, constant, then cosine decay to 10% of the peak, the shape of K2's schedule
-   (2e-4 constant for 10T tokens, cosine to 2e-5 over 5.5T; K2 report) given as fractions of the run's steps.
-   Gradient accumulation; bf16 autocast on a GPU (fp32 on CPU, and the reason is printed); optional gradient
-   clipping; MuonClip / Muon / AdamW (muonclip.build_optimizer), whose step also moves the routing bias and applies
-   QK-Clip; the optional sequence-wise balance loss. Every step appends one JSON line to log.jsonl: loss, lr,
-   grad norm, per-layer max attention logit, clipped heads, per-layer expert-load imbalance (MaxVio), tokens/s,
-   and the validation loss when measured.
-3. Checkpoints: the Hugging Face layout of model.save_pretrained (so transformers' DeepseekV3ForCausalLM and
-   `python generate.py --ckpt DIR` load it) plus optimizer.pt, trainer_state.json (step, data-sampler and torch
-   RNG states, log position, the run's flags) and a copy of tiktoken.model, all written through save_pretrained's
-   atomic `extra=` hook. Ctrl-C (or SIGTERM) saves and exits, even when pressed again during that save; `--resume`
-   reproduces the uninterrupted run's losses bit for bit (same device and thread count: CPU kernels are
-   deterministic, GPU ones need not be). What is never lost: a new run refuses an --out that holds an unfinished
-   run (the user forgot --resume) or that another run is using (a lock), and a step whose loss, validation loss or
-   weights are not finite stops the run before anything of it is logged or saved over the last good checkpoint.
-   A kill -9, a power loss or a full disk at any moment of a save leaves the last complete checkpoint
-   (model.write_atomically fsyncs before it renames; --resume finishes or undoes a save that was cut short), and
-   a resume re-checks the saved flags and state as strictly as the command line.
-4. `python train.py plot LOG... --out curves.png` (or --plot) draws loss and max-logit curves of several runs.
-5. Under torchrun (`torchrun --nproc-per-node 2 train.py --init CKPT ...`): tensor + expert parallelism (parallel.py)
-   splits the weights, not the tokens, so every rank draws the same batches from the same seed and computes the same
-   loss; rank 0 alone prints and writes log.jsonl; the gradient norm sums split parameters over ranks and counts
-   replicated ones once; MuonClip gathers split matrices for Newton-Schulz; checkpoints gather weights and optimizer
-   state into the one-process files (so --resume and generate.py work at any world size). Start from a one-process
-   checkpoint (--init) to reproduce a one-process run: a random init under W ranks is a different draw.
+What one run does:
+1. Data (data.py): pretraining draws windows of a tokenized corpus, `--sft` draws packed
+   conversations whose loss mask keeps only what the assistant wrote.
+2. The loop. LR: linear warmup, constant, then cosine decay to 10% of the peak, the shape of K2's
+   schedule (2e-4 constant for 10T tokens, cosine to 2e-5 over 5.5T; K2 report) given as fractions
+   of the run's steps. Gradient accumulation; bf16 autocast on a GPU (fp32 on CPU, and the reason is
+   printed); optional gradient clipping; MuonClip / Muon / AdamW (muonclip.build_optimizer), whose
+   step also moves the routing bias and applies QK-Clip; the optional sequence-wise balance loss.
+   Every step appends one JSON line to log.jsonl: loss, lr, grad norm, per-layer max attention
+   logit, clipped heads, per-layer expert-load imbalance (MaxVio), tokens/s, and the validation loss
+   when measured.
+3. Checkpoints: the Hugging Face layout of model.save_pretrained (so transformers'
+   DeepseekV3ForCausalLM and `python generate.py --ckpt DIR` load it) plus optimizer.pt,
+   trainer_state.json (step, data-sampler and torch RNG states, log position, the run's flags) and a
+   copy of tiktoken.model, all written through save_pretrained's atomic `extra=` hook. Ctrl-C (or
+   SIGTERM) saves and exits, even when pressed again during that save; `--resume` reproduces the
+   uninterrupted run's losses bit for bit (same device and thread count: CPU kernels are
+   deterministic, GPU ones need not be). What is never lost: a new run refuses an --out that holds
+   an unfinished run (the user forgot --resume) or that another run is using (a lock), and a step
+   whose loss, validation loss or weights are not finite stops the run before anything of it is
+   logged or saved over the last good checkpoint. A kill -9, a power loss or a full disk at any
+   moment of a save leaves the last complete checkpoint (model.write_atomically fsyncs before it
+   renames; --resume finishes or undoes a save that was cut short), and a resume re-checks the
+   saved flags and state as strictly as the command line.
+4. `python train.py plot LOG... --out curves.png` (or --plot) draws loss and max-logit curves of
+   several runs.
+5. Under torchrun (`torchrun --nproc-per-node 2 train.py --init CKPT ...`): tensor + expert
+   parallelism (parallel.py) splits the weights, not the tokens, so every rank draws the same
+   batches from the same seed and computes the same loss; rank 0 alone prints and writes log.jsonl;
+   the gradient norm sums split parameters over ranks and counts replicated ones once; MuonClip
+   gathers split matrices for Newton-Schulz; checkpoints gather weights and optimizer state into the
+   one-process files (so --resume and generate.py work at any world size). Start from a one-process
+   checkpoint (--init) to reproduce a one-process run: a random init under W ranks is a different
+   draw.
+6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository
+   alone: tokenizer, a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export
+   and the held-out evaluation, keeping finished stages so that the same command continues after an
+   interruption (README "The demo model").
 
-How this differs from a textbook training loop: the optimizer step is three things in a fixed order (Muon/AdamW
-update -> routing-bias update from the step's expert loads -> QK-Clip of the heads whose logits exceeded tau;
-K2 report), which is why the attention layers record their max logits during training forwards and the MoE layers
-count tokens per expert; and the loss of a step is normalised by the number of target tokens of the WHOLE step
-(all micro-batches), so gradient accumulation and SFT masks weigh every supervised token equally.
+How this differs from a textbook training loop: the optimizer step is three things in a fixed order
+(Muon/AdamW update -> routing-bias update from the step's expert loads -> QK-Clip of the heads whose
+logits exceeded tau; K2 report), which is why the attention layers record their max logits during
+training forwards and the MoE layers count tokens per expert; and the loss of a step is normalised
+by the number of target tokens of the WHOLE step (all micro-batches), so gradient accumulation and
+SFT masks weigh every supervised token equally.
 
-The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --threads 1 on a busy machine):
-    python train.py --optimizer adamw --lr 2e-3 --out runs/adamw     # AdamW at its own best lr (see DEFAULT_LR)
-    python train.py --optimizer muon            --out runs/muon      # Muon, no QK-Clip
+The paper's comparison at toy scale (a few minutes each on a laptop CPU; add --threads 1 on a busy
+machine):
+    python train.py --optimizer adamw --lr 2e-3 --out runs/adamw  # AdamW at its best lr (DEFAULT_LR)
+    python train.py --optimizer muon            --out runs/muon   # Muon, no QK-Clip
     python train.py --optimizer muonclip --qk-clip-tau 5 --out runs/muonclip
     python train.py plot runs/adamw runs/muon runs/muonclip --out runs/compare.png
-At this scale the max logits stay far below K2's tau = 100 (the logit growth in the K2 report appears in large models
-trained long; here they reach ~5-15), so a low tau shows the clip acting; `python bench/bench_train.py` runs a shorter
-version of the same comparison.
-6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository alone: tokenizer,
-   a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export and the held-out evaluation, keeping
-   finished stages so that the same command continues after an interruption (README "The demo model").
+At this scale the max logits stay far below K2's tau = 100 (the logit growth in the K2 report
+appears in large models trained long; here they reach ~5-15), so a low tau shows the clip acting;
+`python bench/bench_train.py` runs a shorter version of the same comparison.
 
-References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 (schedule); Moonlight (arXiv 2502.16982)
-for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2 (balancing), §4.2 (gradient clipping 1.0).
-Shapes: B batch (sequences per micro-batch), T tokens per sequence (--seq-len), V vocab, N tokens in the corpus.
+Reading order: the LR schedule and the loss (the math), the Trainer (one step, the loop, saving),
+then the plumbing: checkpoint and resume checks, plots, the command line, the recipe.
+
+References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 (schedule); Moonlight
+(arXiv 2502.16982) for Muon's lr and weight decay; DeepSeek-V3 (arXiv 2412.19437) §2.1.2
+(balancing), §4.2 (gradient clipping 1.0).
+Shapes: B batch (sequences per micro-batch), T tokens per sequence (--seq-len), V vocab.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import copy
-import hashlib
 import importlib.util
 import json
 import math
@@ -73,306 +80,49 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 try:
-    import fcntl  # POSIX advisory locks: one run per --out folder at a time
-except ImportError:  # Windows: no flock; two runs sharing an --out are then not detected
+    # POSIX advisory locks: one run per --out folder at a time
+    import fcntl
+except ImportError:
+    # Windows: no flock; two runs sharing an --out are then not detected
     fcntl = None
 
 import model as M
 import parallel
 import tokenizer as tk
+from data import DATA_DIR, ChatRows, TokenWindows, load_conversations, prepare_tokens
 from generate import THREADS_HELP, add_threads_argument, pick_device, pick_dtype, set_threads
 from generate import check_memory as generate_check_memory
 from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules, build_optimizer
 
-ROOT = Path(__file__).resolve().parent
-DATA_DIR = ROOT / "data"  # token cache; gitignored (/data/)
-# K2's schedule (Kimi K2 report): 2e-4 constant for 10T of 15.5T tokens, then cosine to 2e-5 over the last 5.5T
+# K2's schedule (Kimi K2 report): 2e-4 constant for 10T of 15.5T tokens, then cosine to 2e-5 over
+# the last 5.5T
 K2_DECAY_FRAC = 5.5 / 15.5  # = 0.355 of the run decays
 K2_FINAL_LR_FRAC = 2e-5 / 2e-4  # = 0.1: decay ends at 10% of the peak
-GRAD_CLIP = 1.0  # DeepSeek-V3 §4.2: "the gradient clipping norm is set to 1.0"; K2's value is not published
-# Toy-scale peak lr. K2's 2e-4 goes with 67M-token batches; a 5M-parameter model on 1K-token batches learns far too
-# slowly with it. Measured on cpu-small, 150 steps of 8x128 tokens, val loss: MuonClip 5.77 / 5.54 / 5.47 / 5.46 at
-# lr 1e-3 / 2e-3 / 4e-3 / 8e-3; AdamW 5.85 / 5.84 / 5.92 / 6.23 (max logit 177!) at the same four. 4e-3 is near
-# Muon's best (one seed; 8e-3 is no better); AdamW prefers 1e-3-2e-3: compare each at its own best (commands above).
+# DeepSeek-V3 §4.2: "the gradient clipping norm is set to 1.0"; K2's value is not published
+GRAD_CLIP = 1.0
+# Toy-scale peak lr. K2's 2e-4 goes with 67M-token batches; a 5M-parameter model on 1K-token batches
+# learns far too slowly with it. Measured on cpu-small, 150 steps of 8x128 tokens, val loss:
+# MuonClip 5.77 / 5.54 / 5.47 / 5.46 at lr 1e-3 / 2e-3 / 4e-3 / 8e-3; AdamW 5.85 / 5.84 / 5.92 /
+# 6.23 (max logit 177!) at the same four. 4e-3 is near Muon's best (one seed; 8e-3 is no better);
+# AdamW prefers 1e-3-2e-3: compare each at its own best (commands above).
 DEFAULT_LR = 4e-3
 STATE_VERSION = 1  # trainer_state.json format
-say = parallel.print0  # print() on rank 0 only: under torchrun every rank runs this file, one speaks for them all
+# print() on rank 0 only: under torchrun every rank runs this file, one speaks for them all
+say = parallel.print0
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss); the message says at which step and what to try."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Pretraining data: corpus -> cached token file -> random windows
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def token_dtype(n_vocab: int) -> np.dtype:
-    """uint16 when every id fits (half the disk and memory), else uint32 (K2's 163,840 ids do not fit 16 bits)."""
-    return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
-
-
-def corpus_files(paths: Sequence[str], max_bytes: int | None = None) -> list[Path]:
-    """The files of --data, folders expanded as tokenizer.read_corpus does, checked before anything is tokenized.
-
-    read_corpus decodes every file with errors="replace", so a .pyc or a PNG in a folder, or a Latin-1 text, would
-    silently become training text. Here a binary file (a NUL byte, git's test; UTF-16 text has them too) named
-    directly is an error, one found inside a folder is skipped with a note, and a file that is not valid UTF-8 gets a
-    note naming it. With max_bytes, files past the first max_bytes are neither read nor reported.
-    """
-    named = {Path(p) for p in paths}
-    keep, binary, not_utf8, total = [], [], [], 0
-    for f in tk._expand(paths):  # raises FileNotFoundError naming a missing path
-        if max_bytes is not None and total >= max_bytes:
-            break  # the text before this file is already max_bytes long (U+FFFD only lengthens it): none is read
-        data = f.read_bytes()
-        if b"\0" in data:
-            if f in named:
-                raise ValueError(f"--data {f} is a binary file (it has NUL bytes; UTF-16 text has them too); give "
-                                 "text files in UTF-8")
-            binary.append(f)
-            continue
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            not_utf8.append(f)
-        total += len(data) + (1 if keep else 0)  # + the newline read_corpus puts between two files
-        keep.append(f)
-    if binary:
-        say(f"note: skipped {len(binary)} binary file(s) under --data (NUL bytes), e.g. {binary[0]}")
-    if not_utf8:
-        say(f"note: {len(not_utf8)} file(s) are not valid UTF-8, e.g. {not_utf8[0]}: their undecodable bytes become "
-            "U+FFFD in the training text; convert them to UTF-8 first (e.g. `iconv -f latin1 -t utf-8`)")
-    if not keep:
-        raise ValueError(f"corpus is empty: no text files under {', '.join(map(str, paths))}"
-                         + (f" ({len(binary)} binary file(s) skipped)" if binary else "") + "; give files of text")
-    return keep
-
-
-def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None = None,
-                   max_bytes: int | None = None, cache_dir: str | os.PathLike = DATA_DIR) -> tuple[np.ndarray, dict]:
-    """Tokenize the corpus once and cache it; returns (tokens (N,) uint16/uint32 memmap, info dict).
-
-    The cache file's name holds hashes of the tokenizer file's bytes and of the corpus text, so any change to either
-    re-tokenizes, and two corpora never share a file. The text is read every time (a few seconds for the default
-    corpus) because hashing it is the only reliable way to notice an edit. Raises ValueError / FileNotFoundError
-    naming the problem for a missing, empty or binary corpus (corpus_files).
-    """
-    tok_bytes = Path(tokenizer_path).read_bytes()
-    files = None if data is None else corpus_files(data, max_bytes)  # None: the standard library's *.py files
-    try:
-        text = tk.read_corpus(files, max_bytes=max_bytes)  # raises for missing paths and empty corpora
-    except ValueError:
-        if data is None:
-            raise
-        raise ValueError(f"corpus is empty: {len(files)} file(s) under {', '.join(map(str, data))} hold no text"
-                         + (f" within --data-max-bytes {max_bytes}" if max_bytes is not None else "")) from None
-    tok_hash, text_hash = _sha256(tok_bytes)[:8], _sha256(text.encode("utf-8", "surrogatepass"))[:12]
-    label = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}" if data is None else "custom"
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{label}-{Path(tokenizer_path).stem}{tok_hash}-{text_hash}"
-    bin_path, meta_path = cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json"
-    if bin_path.exists() and meta_path.exists():
-        try:
-            info = json.loads(meta_path.read_text())
-            dtype = np.dtype(info["dtype"])
-            complete = bin_path.stat().st_size == info["n_tokens"] * dtype.itemsize
-        except (ValueError, KeyError, TypeError):  # a damaged metadata file: tokenize again and replace it
-            complete = False
-        if complete:
-            info.update(path=str(bin_path), cached=True)
-            return np.memmap(bin_path, dtype=dtype, mode="r"), info
-    tok = tk.Tokenizer.load(tokenizer_path)
-    t0 = time.perf_counter()
-    ids = np.asarray(tok.encode(text), dtype=np.int64)
-    if ids.size == 0:
-        raise ValueError("the corpus encodes to zero tokens; give files with text in them")
-    dtype = token_dtype(tok.n_vocab)
-    arr = ids.astype(dtype)
-    M.write_atomically(bin_path, arr.tofile)  # the data first, then the metadata that vouches for it
-    info = dict(n_tokens=int(arr.size), dtype=dtype.name, n_vocab=tok.n_vocab, tokenizer=str(tokenizer_path),
-                tokenizer_sha256=_sha256(tok_bytes), text_sha256=_sha256(text.encode("utf-8", "surrogatepass")),
-                chars=len(text), corpus=label if data is None else [str(p) for p in data], max_bytes=max_bytes,
-                python=sys.version.split()[0], seconds=round(time.perf_counter() - t0, 2))
-    M.write_atomically(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
-    info.update(path=str(bin_path), cached=False)
-    return np.memmap(bin_path, dtype=dtype, mode="r"), info
-
-
-class TokenWindows:
-    """Training windows from a flat token array: train split = all but the last val_fraction, sampled at uniformly
-    random offsets by a seeded NumPy generator (its state is the sampler state a checkpoint saves); validation =
-    fixed non-overlapping windows of the held-out tail, the same every time."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, val_fraction: float, seed: int,
-                 val_batches: int):
-        n, T = len(tokens), seq_len
-        n_val = int(round(n * val_fraction))
-        if n_val < T + 1 or n - n_val < T + 1:
-            raise ValueError(
-                f"--seq-len {T} needs at least {T + 1} tokens in each split, but the corpus has {n:,} tokens: "
-                f"{n - n_val:,} for training and {n_val:,} for validation (--val-fraction {val_fraction}); "
-                "give more text (--data), lower --seq-len, or change --val-fraction")
-        self.train, self.val = tokens[:n - n_val], tokens[n - n_val:]
-        self.T, self.B = T, batch_size
-        self.rng = np.random.default_rng(seed)
-        n_windows = min((len(self.val) - 1) // T, val_batches * batch_size)
-        self.val_starts = np.arange(n_windows) * T  # stride T: every validation target is scored once
-
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One micro-batch: inputs x (B, T), targets y (B, T) = x shifted by one, weights w (B, T) all 1."""
-        starts = self.rng.integers(0, len(self.train) - self.T, size=self.B)  # (B,) last valid start: n - T - 1
-        rows = np.stack([self.train[s:s + self.T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:], torch.ones(self.B, self.T)
-
-    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.val_starts), self.B):
-            rows = np.stack([self.val[s:s + self.T + 1] for s in self.val_starts[i:i + self.B]]).astype(np.int64)
-            rows = torch.from_numpy(rows)  # (b, T+1)
-            yield rows[:, :-1], rows[:, 1:], torch.ones(rows.shape[0], self.T)
-
-    def state(self) -> dict:
-        return {"kind": "windows", "rng": self.rng.bit_generator.state}
-
-    def load_state(self, s: dict) -> None:
-        self.rng.bit_generator.state = s["rng"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Supervised fine-tuning data: conversations -> packed rows with a loss mask
-
-
-def load_conversations(path: str | None, n: int, seed: int) -> list[tuple[list[dict], list[dict] | None]]:
-    """(messages, tools-or-None) pairs: from a JSONL file of {"messages": [...], "tools": [...]} or, without a path,
-    chat_data.conversations(n, seed) (the demo model's synthetic chats)."""
-    if path is None:
-        import chat_data
-        return chat_data.conversations(n, seed)
-    p = Path(path)
-    if not p.is_file():
-        what = "is a folder" if p.is_dir() else "does not exist"
-        raise FileNotFoundError(f"--data {p} {what}; with --sft give one JSONL file of "
-                                '{"messages": [...], "tools": [...]} lines, or no --data for the built-in chats')
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{p} is not UTF-8 text (byte {err.start}: {err.reason}); JSONL files are UTF-8") from None
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{p}:{i} is not JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-            raise ValueError(f'{p}:{i} needs an object with a "messages" list, got {line[:80]!r}')
-        tools = rec.get("tools") or None
-        try:  # render it once here, so that a malformed message is reported with its line, not as conversation #k
-            tk.apply_chat_template(rec["messages"], tools, add_generation_prompt=True)
-        except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"{p}:{i}: {err}") from None
-        out.append((rec["messages"], tools))
-    if not out:
-        raise ValueError(f"{p} holds no conversations")
-    return out
-
-
-def pack_conversations(encoded: Sequence[tuple[list[int], list[int]]], row_len: int, pad_id: int,
-                       pack: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
-    """Whole conversations into rows of row_len tokens, first fit in order; the rest of a row is pad_id with mask 0.
-
-    Returns (ids (R, row_len) int64, mask (R, row_len) int8, dropped): conversations longer than a row are dropped
-    (cutting one would train the model on answers without their question), and so are ones with no supervised token.
-    Packing lets a conversation attend to the one before it in its row; each starts with its own system turn, which
-    is the usual simplification (no per-document attention mask). pack=False: one conversation per row.
-    """
-    rows: list[tuple[list[int], list[int]]] = []
-    dropped = 0
-    for ids, mask in encoded:
-        if len(ids) > row_len or not any(mask):
-            dropped += 1
-            continue
-        target = next((r for r in rows if len(r[0]) + len(ids) <= row_len), None) if pack else None
-        if target is None:
-            target = ([], [])
-            rows.append(target)
-        target[0].extend(ids)
-        target[1].extend(mask)
-    out_ids = np.full((len(rows), row_len), pad_id, dtype=np.int64)
-    out_mask = np.zeros((len(rows), row_len), dtype=np.int8)
-    for r, (ids, mask) in enumerate(rows):
-        out_ids[r, :len(ids)] = ids
-        out_mask[r, :len(mask)] = mask
-    return out_ids, out_mask, dropped
-
-
-class ChatRows:
-    """SFT batches: rows of packed conversations drawn with replacement by a seeded generator. The target of input
-    position t is token t+1 and its weight is mask[t+1], so the loss covers exactly the assistant's tokens; padding
-    has mask 0 and never counts."""
-
-    def __init__(self, tok: tk.Tokenizer, convs: Sequence, seq_len: int, batch_size: int, val_fraction: float,
-                 seed: int, pack: bool = True):
-        n_val = max(1, int(round(len(convs) * val_fraction)))
-        if len(convs) < 2:
-            raise ValueError(f"--sft needs at least 2 conversations (one held out for validation), got {len(convs)}")
-        encoded = [tok.encode_chat(m, t, add_generation_prompt=True) for m, t in convs]
-        longest = max(len(ids) for ids, _ in encoded)
-        self.train_ids, self.train_mask, dropped = pack_conversations(encoded[:-n_val], seq_len + 1, tok.pad_id, pack)
-        self.val_ids, self.val_mask, dropped_val = pack_conversations(encoded[-n_val:], seq_len + 1, tok.pad_id, pack)
-        self.unsupervised = sum(1 for _, mask in encoded if not any(mask))  # no assistant turn: nothing to learn
-        self.dropped = dropped + dropped_val  # too long or unsupervised
-        if (len(self.train_ids) == 0 or len(self.val_ids) == 0) and not self.unsupervised:
-            raise ValueError(f"no conversation fits --seq-len {seq_len} (+1 for the shifted targets): the longest has "
-                             f"{longest} tokens; raise --seq-len")
-        if len(self.train_ids) == 0 or len(self.val_ids) == 0:  # some had no reply: too short is not the only reason
-            split = "training" if len(self.train_ids) == 0 else f"validation (the last {n_val})"
-            why = [f"{self.unsupervised} have no assistant reply to train on: end each with an assistant turn"]
-            if self.dropped > self.unsupervised:
-                why.append(f"{self.dropped - self.unsupervised} do not fit --seq-len {seq_len} (+1 for the shifted "
-                           f"targets; the longest has {longest} tokens): raise --seq-len")
-            raise ValueError(f"no conversation is left for {split}: of {len(convs)}, " + "; ".join(why))
-        self.B, self.T = batch_size, seq_len
-        self.rng = np.random.default_rng(seed)
-        self.n_train_convs, self.n_val_convs = len(convs) - n_val, n_val
-        self.fingerprint = _sha256(self.train_ids.tobytes() + self.train_mask.tobytes())[:16]
-
-    @staticmethod
-    def _split(ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)  # (b, T+1)
-        return ids[:, :-1], ids[:, 1:], mask[:, 1:].float()  # x, y, w: w[t] says whether y[t] is trained on
-
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r = self.rng.integers(0, len(self.train_ids), size=self.B)  # (B,) rows, with replacement
-        return self._split(self.train_ids[r], self.train_mask[r])
-
-    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.val_ids), self.B):
-            yield self._split(self.val_ids[i:i + self.B], self.val_mask[i:i + self.B])
-
-    def state(self) -> dict:
-        return {"kind": "chat", "rng": self.rng.bit_generator.state}
-
-    def load_state(self, s: dict) -> None:
-        self.rng.bit_generator.state = s["rng"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Learning-rate schedule and loss
+# --------------------------------------------------------------------------------------------------
+# 1. Learning-rate schedule and loss
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float, decay_frac: float = K2_DECAY_FRAC,
@@ -399,155 +149,8 @@ def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
     return (ce * weights.flatten().to(ce.device)).sum()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Checkpoints
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint directory for --resume/--init: PATH itself, or PATH/ckpt for a run directory. A save that a
-    kill interrupted is first finished or undone by model.recover_interrupted_save (its docstring lists every state
-    a kill can leave and which folder is then the newest complete checkpoint), and its leftovers are deleted."""
-    p = Path(path)
-    for cand in (p, p / "ckpt"):
-        restored = M.recover_interrupted_save(cand)
-        if restored is not None:
-            say(f"recovered {cand} from {restored.name}, left by a save that was interrupted between its renames")
-        if (cand / "config.json").exists():
-            return cand
-    raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
-
-
-STATE_KEYS = ("step", "tokens_seen", "data_id", "data_state", "log_bytes", "args", "torch_rng")  # all a resume reads
-
-
-def read_trainer_state(ckpt: Path) -> dict:
-    """The checkpoint's trainer_state.json, checked, so that a damaged or foreign file is a clear error naming it
-    rather than a KeyError or a JSON message without a file name."""
-    path = ckpt / "trainer_state.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt} has no trainer_state.json: it holds a model, not a training run train.py "
-                                "saved; start from its weights with --init instead")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is damaged ({err}); the run cannot continue from it: start a new run, or from "
-                         f"its weights with --init {ckpt}") from None
-    if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
-        found = saved.get("version") if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"{path} has format {found}, expected {STATE_VERSION}: it was not written by this train.py; "
-                         f"start from its weights with --init {ckpt}")
-    missing = [k for k in STATE_KEYS if k not in saved]
-    if missing or not isinstance(saved["args"], dict):
-        raise ValueError(f"{path} lacks {', '.join(missing) or 'its args'}: it is damaged; the run cannot continue "
-                         f"from it: start a new run, or from its weights with --init {ckpt}")
-    problems = _state_field_problems(saved)
-    if problems:
-        key, value, want = problems[0]
-        raise ValueError(f"{path}: {key} is {repr(value)[:60]}, expected {want}; the file was edited or damaged, so "
-                         f"the run cannot continue from it: start a new run, or from its weights with --init {ckpt}")
-    return saved
-
-
-def _state_field_problems(saved: dict) -> list[tuple[str, object, str]]:
-    """(field, value, what it should be) for each trainer_state.json field of the wrong type, the saved flags
-    included: those get the types and choices argparse gives them (their ranges are checked by check_args)."""
-    def count(v):
-        return type(v) is int and v >= 0  # type(), not isinstance: True is an int too
-
-    def number(v):
-        return type(v) in (int, float)
-    fields = dict(step=(count, "a whole number >= 0"), tokens_seen=(count, "a whole number >= 0"),
-                  log_bytes=(count, "a whole number >= 0"), data_id=(lambda v: type(v) is str, "a string"),
-                  torch_rng=(lambda v: type(v) is str, "a string"),
-                  data_state=(lambda v: type(v) is dict, "an object"),
-                  val_loss=(lambda v: v is None or number(v), "a number or null"),
-                  elapsed_s=(lambda v: number(v) and v >= 0, "a number >= 0"))
-    problems = [(k, saved[k], want) for k, (ok, want) in fields.items() if k in saved and not ok(saved[k])]
-    args = saved["args"]
-    for action in make_parser()._actions:
-        k = action.dest
-        if k not in args or k == "help":
-            continue
-        v = args[k]
-        if action.nargs == 0:  # store_true
-            ok, want = type(v) is bool, "true or false"
-        elif v is None:  # parse_args fills in --seq-len's default
-            ok, want = action.default is None and k != "seq_len", "a value"
-        elif action.nargs == "+":
-            ok, want = type(v) is list and all(type(x) is str for x in v), "a list of strings"
-        elif action.type in (int, float):
-            ok = type(v) is int or (action.type is float and type(v) is float)
-            want = "a whole number" if action.type is int else "a number"
-        else:
-            ok, want = type(v) is str, "a string"
-        if ok and action.choices is not None and v not in action.choices:
-            ok, want = False, f"one of {', '.join(action.choices)}"
-        if not ok:
-            problems.append((f"args.{k}", v, want))
-    return problems
-
-
-def _interrupt_signals() -> list[int]:
-    """Ctrl-C, and in one process also SIGTERM (`kill`, `timeout`, a cluster's preemption): both save and stop.
-    Under torchrun SIGTERM keeps its default: torchrun sends it to end the other ranks when one fails, and a save
-    (a collective) would wait for the rank that is gone."""
-    return [signal.SIGINT] + ([signal.SIGTERM] if parallel.world_size() == 1 else [])
-
-
-@contextmanager
-def defer_sigint():
-    """Hold Ctrl-C (and SIGTERM, see _interrupt_signals) until the block ends, then deliver it: an optimizer step, a
-    log line or a checkpoint is never left half done. (Signals can only be caught in the main thread; elsewhere the
-    block runs unprotected.)"""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    hit = []
-    old = {s: signal.signal(s, lambda sig, _frame: hit.append(sig)) for s in _interrupt_signals()}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    if signal.SIGINT in hit:
-        raise KeyboardInterrupt
-    if hit:
-        signal.raise_signal(hit[0])  # SIGTERM, to the handler it had before: Trainer.run makes that an interrupt
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """Inside the training loop SIGTERM does what Ctrl-C does: save the step and stop (one process, main thread)."""
-    import threading
-
-    def interrupt(sig, frame):
-        raise KeyboardInterrupt
-    if signal.SIGTERM not in _interrupt_signals() or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
-    """Refuse a model whose training state cannot fit this machine before allocating it (generate.check_memory).
-    Training holds ~16 bytes per parameter: fp32 weights, gradients and two AdamW moments (Muon keeps one)."""
-    generate_check_memory(margs, device, 16, what, "training needs",
-                          "use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. The trainer
-
-# Flags that do not change what is computed, so a resumed run may change them; every other flag comes from the
-# checkpoint. Changing device, dtype or thread count is allowed but breaks bit-identity (a note is printed).
-FREE_ON_RESUME = {"out", "resume", "log_every", "save_every", "eval_every", "plot", "device", "dtype", "threads",
-                  "data_cache", "steps", "export", "export_dtype"}
-
+# --------------------------------------------------------------------------------------------------
+# 2. The trainer
 
 class Trainer:
     """Everything a run needs, built from parsed flags: `Trainer(args).run()`. Split from main() so tests can build
@@ -1035,6 +638,153 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# --------------------------------------------------------------------------------------------------
+# 3. Checkpoints, resume and interrupts
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory for --resume/--init: PATH itself, or PATH/ckpt for a run directory. A save that a
+    kill interrupted is first finished or undone by model.recover_interrupted_save (its docstring lists every state
+    a kill can leave and which folder is then the newest complete checkpoint), and its leftovers are deleted."""
+    p = Path(path)
+    for cand in (p, p / "ckpt"):
+        restored = M.recover_interrupted_save(cand)
+        if restored is not None:
+            say(f"recovered {cand} from {restored.name}, left by a save that was interrupted between its renames")
+        if (cand / "config.json").exists():
+            return cand
+    raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and {p / 'ckpt'})")
+
+
+STATE_KEYS = ("step", "tokens_seen", "data_id", "data_state", "log_bytes", "args", "torch_rng")  # all a resume reads
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """The checkpoint's trainer_state.json, checked, so that a damaged or foreign file is a clear error naming it
+    rather than a KeyError or a JSON message without a file name."""
+    path = ckpt / "trainer_state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} has no trainer_state.json: it holds a model, not a training run train.py "
+                                "saved; start from its weights with --init instead")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); the run cannot continue from it: start a new run, or from "
+                         f"its weights with --init {ckpt}") from None
+    if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+        found = saved.get("version") if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{path} has format {found}, expected {STATE_VERSION}: it was not written by this train.py; "
+                         f"start from its weights with --init {ckpt}")
+    missing = [k for k in STATE_KEYS if k not in saved]
+    if missing or not isinstance(saved["args"], dict):
+        raise ValueError(f"{path} lacks {', '.join(missing) or 'its args'}: it is damaged; the run cannot continue "
+                         f"from it: start a new run, or from its weights with --init {ckpt}")
+    problems = _state_field_problems(saved)
+    if problems:
+        key, value, want = problems[0]
+        raise ValueError(f"{path}: {key} is {repr(value)[:60]}, expected {want}; the file was edited or damaged, so "
+                         f"the run cannot continue from it: start a new run, or from its weights with --init {ckpt}")
+    return saved
+
+
+def _state_field_problems(saved: dict) -> list[tuple[str, object, str]]:
+    """(field, value, what it should be) for each trainer_state.json field of the wrong type, the saved flags
+    included: those get the types and choices argparse gives them (their ranges are checked by check_args)."""
+    def count(v):
+        return type(v) is int and v >= 0  # type(), not isinstance: True is an int too
+
+    def number(v):
+        return type(v) in (int, float)
+    fields = dict(step=(count, "a whole number >= 0"), tokens_seen=(count, "a whole number >= 0"),
+                  log_bytes=(count, "a whole number >= 0"), data_id=(lambda v: type(v) is str, "a string"),
+                  torch_rng=(lambda v: type(v) is str, "a string"),
+                  data_state=(lambda v: type(v) is dict, "an object"),
+                  val_loss=(lambda v: v is None or number(v), "a number or null"),
+                  elapsed_s=(lambda v: number(v) and v >= 0, "a number >= 0"))
+    problems = [(k, saved[k], want) for k, (ok, want) in fields.items() if k in saved and not ok(saved[k])]
+    args = saved["args"]
+    for action in make_parser()._actions:
+        k = action.dest
+        if k not in args or k == "help":
+            continue
+        v = args[k]
+        if action.nargs == 0:  # store_true
+            ok, want = type(v) is bool, "true or false"
+        elif v is None:  # parse_args fills in --seq-len's default
+            ok, want = action.default is None and k != "seq_len", "a value"
+        elif action.nargs == "+":
+            ok, want = type(v) is list and all(type(x) is str for x in v), "a list of strings"
+        elif action.type in (int, float):
+            ok = type(v) is int or (action.type is float and type(v) is float)
+            want = "a whole number" if action.type is int else "a number"
+        else:
+            ok, want = type(v) is str, "a string"
+        if ok and action.choices is not None and v not in action.choices:
+            ok, want = False, f"one of {', '.join(action.choices)}"
+        if not ok:
+            problems.append((f"args.{k}", v, want))
+    return problems
+
+
+def _interrupt_signals() -> list[int]:
+    """Ctrl-C, and in one process also SIGTERM (`kill`, `timeout`, a cluster's preemption): both save and stop.
+    Under torchrun SIGTERM keeps its default: torchrun sends it to end the other ranks when one fails, and a save
+    (a collective) would wait for the rank that is gone."""
+    return [signal.SIGINT] + ([signal.SIGTERM] if parallel.world_size() == 1 else [])
+
+
+@contextmanager
+def defer_sigint():
+    """Hold Ctrl-C (and SIGTERM, see _interrupt_signals) until the block ends, then deliver it: an optimizer step, a
+    log line or a checkpoint is never left half done. (Signals can only be caught in the main thread; elsewhere the
+    block runs unprotected.)"""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit = []
+    old = {s: signal.signal(s, lambda sig, _frame: hit.append(sig)) for s in _interrupt_signals()}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if signal.SIGINT in hit:
+        raise KeyboardInterrupt
+    if hit:
+        signal.raise_signal(hit[0])  # SIGTERM, to the handler it had before: Trainer.run makes that an interrupt
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside the training loop SIGTERM does what Ctrl-C does: save the step and stop (one process, main thread)."""
+    import threading
+
+    def interrupt(sig, frame):
+        raise KeyboardInterrupt
+    if signal.SIGTERM not in _interrupt_signals() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
+    """Refuse a model whose training state cannot fit this machine before allocating it (generate.check_memory).
+    Training holds ~16 bytes per parameter: fp32 weights, gradients and two AdamW moments (Muon keeps one)."""
+    generate_check_memory(margs, device, 16, what, "training needs",
+                          "use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
+
+
+# Flags that do not change what is computed, so a resumed run may change them; every other flag comes from the
+# checkpoint. Changing device, dtype or thread count is allowed but breaks bit-identity (a note is printed).
+FREE_ON_RESUME = {"out", "resume", "log_every", "save_every", "eval_every", "plot", "device", "dtype", "threads",
+                  "data_cache", "steps", "export", "export_dtype"}
+
+
 def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) -> argparse.Namespace:
     """The checkpoint's flags, except the FREE_ON_RESUME ones given on this command line. Giving a flag that would
     change the computation is an error rather than silently ignored."""
@@ -1055,8 +805,8 @@ def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) ->
     return merged
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Plots (matplotlib is imported only here)
+# --------------------------------------------------------------------------------------------------
+# 4. Plots (matplotlib is imported only here)
 
 
 def read_log(path: str | os.PathLike) -> tuple[dict, list[dict]]:
@@ -1139,8 +889,8 @@ def plot_logs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, smooth
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Command line
+# --------------------------------------------------------------------------------------------------
+# 5. Command line
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -1270,7 +1020,7 @@ def plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. The demo model's recipe: every stage from the repository alone, one command
 
 # The stages of `python train.py recipe` (flags of this file), sized to about 45 minutes on 2 idle CPU cores.

@@ -5,7 +5,7 @@ what the real tools compute and the final answers state them; the faithfulness r
 whole numbers; the seed's cities and questions are trained on; generation is deterministic and fits the recipe's
 rows; `show` prints exactly the text --sft trains on; the CLI turns bad values into usage errors.
 Compares against: tools.get_weather / tools.calculator called directly, hand-written regexes and key lists, the
-held-out lists, and tokenizer.encode_chat with add_generation_prompt=True (what train.ChatRows trains on).
+held-out lists, and tokenizer.encode_chat with add_generation_prompt=True (what data.ChatRows trains on).
 Run: pytest tests/test_chat_data.py -q   (CPU, a few seconds)"""
 import json
 import re
@@ -157,5 +157,5 @@ def test_show_prints_what_sft_trains_on(capsys):
     out = capsys.readouterr().out
     tok = Tokenizer.load()
     for (messages, tools), shown in zip(C.conversations(2, seed=5), out.split("\n\n")):
-        ids, _ = tok.encode_chat(messages, tools, add_generation_prompt=True)  # train.ChatRows' call
+        ids, _ = tok.encode_chat(messages, tools, add_generation_prompt=True)  # data.ChatRows' call
         assert shown == tok.decode(ids)  # including the last turn's <|im_end|>, which the model learns to stop with

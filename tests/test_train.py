@@ -31,6 +31,7 @@ import model as M
 import tokenizer as tk
 import train
 from conftest import ROOT, hf_available
+from test_data import CONVS
 
 # One thread: the tiny model's ops are too small to split, and on a shared 2-core machine a second OpenMP thread
 # made a step 50x slower (3.3 s vs 0.06 s, measured while other jobs ran).
@@ -82,40 +83,6 @@ def pretrained(files):
     return out / "ckpt"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# data
-
-
-def test_token_cache_is_built_once_and_keyed_by_content(files, tmp_path):
-    tok = tk.Tokenizer.load(files["tok"])
-    arr, info = train.prepare_tokens(files["tok"], [str(files["corpus"])], cache_dir=tmp_path)
-    assert not info["cached"] and arr.dtype == np.uint16  # 512 ids fit 16 bits
-    assert np.array_equal(arr, tok.encode(files["corpus"].read_text(encoding="utf-8")))  # the same text, encoded
-    again, info2 = train.prepare_tokens(files["tok"], [str(files["corpus"])], cache_dir=tmp_path)
-    assert info2["cached"] and info2["path"] == info["path"] and np.array_equal(again, arr)
-    edited = tmp_path / "edited.py"
-    edited.write_text(files["corpus"].read_text(encoding="utf-8") + "\nx = 1\n", encoding="utf-8")
-    _, info3 = train.prepare_tokens(files["tok"], [str(edited)], cache_dir=tmp_path)
-    assert not info3["cached"] and info3["path"] != info["path"]  # a changed corpus re-tokenizes
-    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # atomic writes leave no temporaries
-    assert train.token_dtype(163_840) == np.uint32 and train.token_dtype(65_536) == np.uint16
-
-
-def test_windows_are_seeded_shifted_and_split():
-    tokens = np.arange(1000, dtype=np.uint16)
-    w = train.TokenWindows(tokens, seq_len=16, batch_size=4, val_fraction=0.1, seed=3, val_batches=2)
-    assert len(w.val) == 100 and w.val[0] == 900  # the held-out tail
-    x, y, m = w.sample()
-    assert x.shape == (4, 16) and torch.equal(y[:, :-1], x[:, 1:]) and bool(m.all())
-    assert int(y.max()) < 900  # training windows never reach into the validation tokens
-    state = w.state()
-    nxt = w.sample()
-    w.load_state(state)
-    assert all(torch.equal(a, b) for a, b in zip(nxt, w.sample()))  # the sampler state replays exactly
-    vx = torch.cat([b[0] for b in w.val_batches()])
-    assert vx.shape == (6, 16) and vx[1, 0] == 916  # (100-1)//16 = 6 non-overlapping windows, stride 16
-
-
 def test_lr_schedule_hand_computed():
     lr = lambda s: train.lr_at(s, total=100, peak=1.0, warmup_frac=0.1, decay_frac=0.3, final_frac=0.1)  # noqa: E731
     assert lr(0) == pytest.approx(0.1) and lr(9) == 1.0  # warmup: (s+1)/10
@@ -129,71 +96,6 @@ def test_lr_schedule_hand_computed():
 
 # ----------------------------------------------------------------------------------------------------------------
 # SFT: loss only on what the assistant wrote
-
-
-CONVS = [
-    ([{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, I am Kimi."}], None),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-      {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
-      {"role": "assistant", "content": "6"}], None),
-    ([{"role": "user", "content": "Weather in Oslo?"},
-      {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-          "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
-      {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "{\"temp_c\": 3}"},
-      {"role": "assistant", "content": "It is 3 C in Oslo."}],
-     [{"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {
-         "type": "object", "properties": {"city": {"type": "string"}}}}}]),
-] * 3  # 9 conversations: 8 train (packed several to a row), 1 held out
-
-
-def assistant_spans(row: np.ndarray, tok: tk.Tokenizer) -> np.ndarray:
-    """The mask, derived independently from the markers: after every `<|im_assistant|>NAME<|im_middle|>` header,
-    every token up to and including the next <|im_end|> was written by the assistant. A header followed by another
-    turn's header instead (the generation prompt that ends each conversation) supervises nothing."""
-    headers = {tok.im_system_id, tok.im_user_id, tok.im_assistant_id}
-    sup = np.zeros(len(row), dtype=bool)
-    i = 0
-    while i < len(row):
-        if row[i] == tok.im_assistant_id:
-            j = i + 1
-            while j < len(row) and row[j] != tok.im_middle_id:
-                j += 1
-            k = j + 1
-            while k < len(row) and row[k] != tok.im_end_id and row[k] not in headers:
-                k += 1
-            if k < len(row) and row[k] == tok.im_end_id:
-                sup[j + 1:k + 1] = True
-                i = k + 1
-            else:
-                i = k
-            continue
-        i += 1
-    return sup
-
-
-def test_sft_loss_counts_only_assistant_tokens(files):
-    tok = tk.Tokenizer.load(files["tok"])
-    data = train.ChatRows(tok, CONVS, seq_len=600, batch_size=4, val_fraction=0.1, seed=0)
-    assert len(data.train_ids) < data.n_train_convs  # packed: several conversations share a row
-    for ids, mask in zip(data.train_ids, data.train_mask):
-        assert np.array_equal(mask.astype(bool), assistant_spans(ids, tok))
-        assert not mask[ids == tok.pad_id].any()  # padding never counts
-    torch.manual_seed(0)
-    model = M.Transformer(M.PRESETS["tiny"]()).eval()
-    x, y, w = data._split(data.train_ids, data.train_mask)  # the exact tensors the trainer feeds
-    with torch.no_grad():
-        logits = model(x)
-        ours = (train.weighted_ce_sum(logits, y, w) / w.sum()).item()
-        logp = torch.log_softmax(logits.double(), -1)
-    total, count = 0.0, 0
-    for r, row in enumerate(data.train_ids):  # reference: a plain loop over the positions the markers supervise
-        sup = assistant_spans(row, tok)
-        for t in range(len(row) - 1):
-            if sup[t + 1]:
-                total -= logp[r, t, row[t + 1]].item()
-                count += 1
-    assert count == int(data.train_mask[:, 1:].sum()) and count > 0
-    assert ours == pytest.approx(total / count, rel=1e-6)  # fp32 sum of ~300 terms vs fp64
 
 
 def test_sft_run_from_jsonl_with_init(files, pretrained, tmp_path):
@@ -698,28 +600,6 @@ def test_cli_flags_reach_the_optimizer_and_the_model(files, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # adversarial use from the shell: paths, damaged checkpoints, signals, divergence
-
-
-def test_corpus_skips_binary_files_and_names_non_utf8_text(files, tmp_path, capsys):
-    folder = tmp_path / "src"
-    (folder / "__pycache__").mkdir(parents=True)
-    (folder / "a.py").write_text("def f():\n    return 1\n" * 50, encoding="utf-8")
-    (folder / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" + bytes(range(256)))
-    latin = tmp_path / "notes.txt"
-    latin.write_bytes("café résumé naïve\n".encode("latin-1") * 20)
-    _, info = train.prepare_tokens(files["tok"], [str(folder), str(latin)], cache_dir=tmp_path / "cache")
-    out = capsys.readouterr().out
-    assert "skipped 1 binary file" in out and "a.cpython-311.pyc" in out  # the .pyc never became training text
-    assert "not valid UTF-8" in out and "notes.txt" in out
-    text = tk.read_corpus([folder / "a.py", latin])
-    assert info["text_sha256"] == train._sha256(text.encode("utf-8", "surrogatepass"))
-    with pytest.raises(ValueError, match="is a binary file"):  # named directly: an error, not a skip
-        train.prepare_tokens(files["tok"], [str(folder / "__pycache__" / "a.cpython-311.pyc")], cache_dir=tmp_path)
-    (folder / "a.py").unlink()
-    with pytest.raises(ValueError, match=r"corpus is empty: no text files .*1 binary file\(s\) skipped"):
-        train.prepare_tokens(files["tok"], [str(folder)], cache_dir=tmp_path)
-    # --data-max-bytes: the files after the cut are not read, nor reported
-    assert train.corpus_files([str(files["corpus"]), str(latin)], max_bytes=1000) == [files["corpus"]]
 
 
 def _damaged(run_dir, tmp_path, damage):
