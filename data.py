@@ -141,8 +141,8 @@ def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None
             info = json.loads(meta_path.read_text())
             dtype = np.dtype(info["dtype"])
             complete = bin_path.stat().st_size == info["n_tokens"] * dtype.itemsize
-        # a damaged metadata file: tokenize again and replace it
         except (ValueError, KeyError, TypeError):
+            # a damaged metadata file: tokenize again and replace it
             complete = False
         if complete:
             info.update(path=str(bin_path), cached=True)
