@@ -2,7 +2,7 @@
 expression, request template, small-talk prompt, weather condition or result key name with training (checked by
 chat_data.split_overlaps and again here by hand for names and expressions); tool results in the conversations carry
 what the real tools compute and the final answers state them; the faithfulness rule of the eval counts numbers as
-whole numbers; the seed's cities and questions are trained on; generation is deterministic and fits the recipe's
+whole numbers; the basic get_weather example's cities and questions are trained on; generation is deterministic and fits the recipe's
 rows; `show` prints exactly the text --sft trains on; the CLI turns bad values into usage errors.
 Compares against: tools.get_weather / tools.calculator called directly, hand-written regexes and key lists, the
 held-out lists, and tokenizer.encode_chat with add_generation_prompt=True (what data.ChatRows trains on).
@@ -94,7 +94,7 @@ def test_tool_results_are_the_real_tools_and_answers_state_them():
         cond = [v for k, v in leaves if k in C.COND_KEYS or k == "text"] if not isinstance(result, str) else []
         temps = [str(v) for k, v in leaves if k in C.TEMP_KEYS]
         for c in cond:
-            if re.search(r"-?\d", str(c)):  # the seed's "Sunny, 25°C": condition and degrees in one string
+            if re.search(r"-?\d", str(c)):  # the basic example's "Sunny, 25°C": condition and degrees in one string
                 c, t = str(c).rsplit(", ", 1)
                 temps.append(t)
             assert c.lower() in answer.lower(), (content, answer)
@@ -147,9 +147,10 @@ def test_cli_rejects_bad_values_and_missing_checkpoints(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:  # argparse's usage error, not a ZeroDivisionError after loading
             C.main(argv)
         assert exc.value.code == 2, argv
-    capsys.readouterr()
-    assert C.main(["eval", "--ckpt", str(tmp_path / "missing"), "-n", "1"]) == 1  # was a FileNotFoundError traceback
-    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit) as exc:  # was a FileNotFoundError traceback
+        C.main(["eval", "--ckpt", str(tmp_path / "missing"), "-n", "1"])
+    # SystemExit("error: ..."): that one line on stderr, exit status 1
+    assert isinstance(exc.value.code, str) and exc.value.code.startswith("error: "), exc.value.code
 
 
 def test_show_prints_what_sft_trains_on(capsys):
