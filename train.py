@@ -1106,18 +1106,22 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
     """(flags, names of the flags given explicitly): a resumed run needs to know which ones the user
     typed."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     probe = make_parser()
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     given = set(vars(probe.parse_args(argv)))
     if args.seq_len is None:
         args.seq_len = 512 if args.sft else 128
-    check_args(args)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.init and "config" in given:
-        raise ValueError("--init takes the model config from the checkpoint; drop --config")
+        parser.error("--init takes the model config from the checkpoint; drop --config")
     if args.sft and args.data and len(args.data) != 1:
-        raise ValueError("with --sft, --data is one JSONL file of conversations")
+        parser.error("with --sft, --data is one JSONL file of conversations")
     return args, given
 
 
@@ -1308,11 +1312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args, given = parse_args(argv)
             code = Trainer(args, given).run()
         except (ValueError, OSError, TrainingError) as err:
-            # OSError: a folder not writable, a disk full, ...
-            if parallel.world_size() > 1:
-                sys.exit(f"error: {err}")  # abort_on_error prints it with the rank and ends the job
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+            # OSError: a folder not writable, a disk full, ... Exit status 1 with this one line;
+            # under torchrun abort_on_error prints it with the rank and ends the job
+            raise SystemExit(f"error: {err}") from None
         except KeyboardInterrupt:
             # outside the training loop (setup, or a second Ctrl-C): nothing half-written
             print("\ninterrupted", file=sys.stderr)

@@ -74,6 +74,18 @@ def losses(log_path):
     return [(r["step"], r["loss"], r.get("val_loss")) for r in recs]
 
 
+def main_fails(argv, capsys) -> tuple[int, str]:
+    """train.main on a run that cannot start or go on: (exit status, what reached stderr). A
+    SystemExit("error: ...") prints its message as one line to stderr and exits with status 1."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    code, err = exc.value.code, capsys.readouterr().err
+    if isinstance(code, str):
+        return 1, err + code + "\n"
+    return code, err
+
+
 @pytest.fixture(scope="module")
 def pretrained(files):
     """6 steps of tiny with a fast-moving routing bias, so the checkpoint has a non-zero e_score_correction_bias."""
@@ -432,8 +444,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(files, t
                 raise OSError(28, "No space left on device", str(self))
             return real_write_text(self, *a, **kw)
         monkeypatch.setattr(type(tmp_path), "write_text", write_text)
-    assert train.main(["--resume", str(tmp_path), "--threads", "1"]) == 1  # step 4's save fails
-    err = capsys.readouterr().err
+    code, err = main_fails(["--resume", str(tmp_path), "--threads", "1"], capsys)
+    assert code == 1  # step 4's save fails
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     ckpt = tmp_path / "ckpt"
     assert f"cannot save {ckpt}: the disk is full" in err and "the previous version there is intact" in err, err
@@ -459,8 +471,8 @@ def test_resume_revalidates_the_saved_state_and_flags(pretrained, tmp_path, caps
         edit(state)
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
     run = _damaged(pretrained.parent, tmp_path, damage)
-    assert train.main(["--resume", str(run), "--threads", "1"]) == 1
-    err = capsys.readouterr().err
+    code, err = main_fails(["--resume", str(run), "--threads", "1"], capsys)
+    assert code == 1
     assert err.startswith(f"error: {run / 'ckpt' / 'trainer_state.json'}: ") and message in err, err
     assert "Traceback" not in err and err.count("\n") == 1, err
 
@@ -520,24 +532,24 @@ def test_plot_writes_png(files, pretrained, tmp_path):
 # errors and flags
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--data", "/nonexistent/corpus"], "does not exist"),
-    (["--seq-len", 4096], "max_position_embeddings"),
-    (["--seq-len", 2000], "needs at least 2001 tokens"),  # 1% of the 120 KB slice: 1,200 validation tokens
-    (["--tokenizer", str(tk.DEMO_RANK_FILE)], "vocab_size=512"),
-    (["--val-fraction", 1.5], "val-fraction"),
-    (["--val-batches", 0], "--val-batches 0 is out of range"),  # used to end the run in a 0/0 at its first eval
-    (["--data-max-bytes", -5], "--data-max-bytes -5"),  # used to train on all but the last 5 bytes
-    (["--warmup-frac", -1], "--warmup-frac -1.0"),
-    (["--final-lr-frac", -1], "--final-lr-frac -1.0"),  # used to end the schedule at lr = -peak
-    (["--weight-decay", -0.1], "--weight-decay -0.1"),
-    (["--grad-clip", -1], "--grad-clip -1.0"),  # used to mean "off" silently
-    (["--bias-update-speed", -1], "--bias-update-speed -1.0"),
-    (["--lr", "inf"], "must be > 0 and finite"),
-    (["--threads", -1], "--threads -1"),  # used to be a RuntimeError traceback from torch.set_num_threads
-    (["--device", "foo"], "--device 'foo' is not a device name"),  # used to be torch's RuntimeError traceback
+@pytest.mark.parametrize("bad, message, expected_code", [
+    (["--data", "/nonexistent/corpus"], "does not exist", 1),
+    (["--seq-len", 4096], "max_position_embeddings", 1),
+    (["--seq-len", 2000], "needs at least 2001 tokens", 1),  # 1% of the 120 KB slice: 1,200 validation tokens
+    (["--tokenizer", str(tk.DEMO_RANK_FILE)], "vocab_size=512", 1),
+    (["--val-fraction", 1.5], "val-fraction", 2),
+    (["--val-batches", 0], "--val-batches 0 is out of range", 2),  # used to end the run in a 0/0 at its first eval
+    (["--data-max-bytes", -5], "--data-max-bytes -5", 2),  # used to train on all but the last 5 bytes
+    (["--warmup-frac", -1], "--warmup-frac -1.0", 2),
+    (["--final-lr-frac", -1], "--final-lr-frac -1.0", 2),  # used to end the schedule at lr = -peak
+    (["--weight-decay", -0.1], "--weight-decay -0.1", 2),
+    (["--grad-clip", -1], "--grad-clip -1.0", 2),  # used to mean "off" silently
+    (["--bias-update-speed", -1], "--bias-update-speed -1.0", 2),
+    (["--lr", "inf"], "must be > 0 and finite", 2),
+    (["--threads", -1], "--threads -1", 2),  # used to be a RuntimeError traceback from torch.set_num_threads
+    (["--device", "foo"], "--device 'foo' is not a device name", 1),  # used to be torch's RuntimeError traceback
 ])
-def test_bad_inputs_are_clear_errors(files, tmp_path, bad, message, capsys):
+def test_bad_inputs_are_clear_errors(files, tmp_path, bad, message, expected_code, capsys):
     argv = flags(files, tmp_path, "--steps", 1)
     for flag, value in zip(bad[::2], bad[1::2]):
         i = argv.index(flag) if flag in argv else None
@@ -545,9 +557,11 @@ def test_bad_inputs_are_clear_errors(files, tmp_path, bad, message, capsys):
             argv += [flag, str(value)]
         else:
             argv[i + 1] = str(value)
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err, err
+    code, err = main_fails(argv, capsys)
+    assert code == expected_code
+    # a bad flag is argparse's usage error (exit 2); a run that cannot start is one line (exit 1)
+    assert err.startswith("error: " if code == 1 else "usage: ") and message in err, err
+    assert "Traceback" not in err and (code == 2 or err.count("\n") == 1), err
 
 
 def test_empty_corpus_is_a_clear_error(files, tmp_path, capsys):
@@ -555,8 +569,8 @@ def test_empty_corpus_is_a_clear_error(files, tmp_path, capsys):
     empty.write_text("  \n")
     argv = flags(files, tmp_path, "--steps", 1)
     argv[argv.index("--data") + 1] = str(empty)
-    assert train.main(argv) == 1
-    assert "corpus is empty" in capsys.readouterr().err
+    code, err = main_fails(argv, capsys)
+    assert code == 1 and "corpus is empty" in err
 
 
 def test_a_model_too_big_for_the_machine_is_refused_before_allocating(files, tmp_path, monkeypatch, capsys):
@@ -567,8 +581,8 @@ def test_a_model_too_big_for_the_machine_is_refused_before_allocating(files, tmp
             pytest.fail(f"train.py allocated a {args.num_hidden_layers}-layer model on a real device")
         return real(args)
     monkeypatch.setattr(M, "Transformer", transformer)
-    assert train.main(flags(files, tmp_path, "--config", "kimi-k2")) == 1  # the later --config wins
-    err = capsys.readouterr().err
+    code, err = main_fails(flags(files, tmp_path, "--config", "kimi-k2"), capsys)
+    assert code == 1  # the later --config wins
     assert "--config kimi-k2 has 1,026.41B parameters: training needs about" in err, err
 
 
@@ -621,15 +635,16 @@ def _damaged(run_dir, tmp_path, damage):
 ])
 def test_resume_from_a_damaged_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys, damage, message):
     run = _damaged(pretrained.parent, tmp_path, damage)  # each used to be a traceback (KeyError, SafetensorError, ...)
-    assert train.main(["--resume", str(run), "--threads", "1"]) == 1
-    err = capsys.readouterr().err
+    code, err = main_fails(["--resume", str(run), "--threads", "1"], capsys)
+    assert code == 1
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
 def test_resume_checks_steps_and_keeps_the_log_valid(pretrained, tmp_path, capsys):
     run = _damaged(pretrained.parent, tmp_path, lambda c: None)
-    assert train.main(["--resume", str(run), "--steps", "3"]) == 1  # the checkpoint is at step 6
-    assert "--steps 3 is below the checkpoint's step 6" in capsys.readouterr().err
+    code, err = main_fails(["--resume", str(run), "--steps", "3"], capsys)
+    assert code == 1  # the checkpoint is at step 6
+    assert "--steps 3 is below the checkpoint's step 6" in err
     log = run / "log.jsonl"
     log.write_bytes(log.read_bytes().split(b"\n")[0])  # the config line alone, its newline cut off
     t = train.Trainer(*train.parse_args(["--resume", str(run), "--steps", "7"]))
@@ -661,8 +676,9 @@ def test_a_new_run_never_overwrites_an_unfinished_one(files, tmp_path, capsys):
     assert t.run(on_step=stop) == 130
     log = (tmp_path / "log.jsonl").read_bytes()
     # retyping the first command instead of adding --resume used to wipe the log at once and the checkpoint later
-    assert train.main(flags(files, tmp_path, "--steps", 5, "--batch-size", 2, "--seq-len", 16)) == 1
-    assert "holds an unfinished run (saved at step 2 of 5)" in capsys.readouterr().err
+    code, err = main_fails(flags(files, tmp_path, "--steps", 5, "--batch-size", 2, "--seq-len", 16),
+                           capsys)
+    assert code == 1 and "holds an unfinished run (saved at step 2 of 5)" in err
     assert (tmp_path / "log.jsonl").read_bytes() == log
     # while a run holds the folder, a second one is refused before it writes anything
     holder = open(tmp_path / ".lock", "a+")
@@ -763,15 +779,16 @@ def test_read_log_names_bad_lines_and_skips_a_cut_off_last_one(tmp_path, capsys)
     log.write_text(good + "garbage\n" + good)
     with pytest.raises(ValueError, match=r"log.jsonl:2 is not a train.py log line"):
         train.read_log(log)
-    assert train.main(["plot", str(log), "--out", str(tmp_path / "c.png")]) == 1
-    assert "log.jsonl:2" in capsys.readouterr().err
+    code, err = main_fails(["plot", str(log), "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 1 and "log.jsonl:2" in err
 
 
 def test_plot_without_matplotlib_fails_before_training(files, tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    assert train.main(flags(files, tmp_path, "--steps", 1, "--plot")) == 1
-    assert "--plot needs matplotlib" in capsys.readouterr().err and not (tmp_path / "log.jsonl").exists()
+    code, err = main_fails(flags(files, tmp_path, "--steps", 1, "--plot"), capsys)
+    assert code == 1
+    assert "--plot needs matplotlib" in err and not (tmp_path / "log.jsonl").exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -783,15 +800,18 @@ def test_sft_jsonl_problems_name_the_line_or_the_reason(files, tmp_path, capsys,
     jsonl = tmp_path / "chats.jsonl"
 
     def sft(data):
-        return train.main([*TINY, "--tokenizer", str(files["tok"]), "--sft", "--data", str(data), "--steps", "1",
-                           "--out", str(tmp_path / "o"), "--seq-len", "600", "--val-fraction", "0.3"])
+        return main_fails([*TINY, "--tokenizer", str(files["tok"]), "--sft", "--data", str(data), "--steps",
+                           "1", "--out", str(tmp_path / "o"), "--seq-len", "600", "--val-fraction", "0.3"],
+                          capsys)
     jsonl.write_text(good + good + json.dumps({"messages": content}) + "\n")
-    assert sft(jsonl) == 1
-    err = capsys.readouterr().err
+    code, err = sft(jsonl)
+    assert code == 1
     assert err.startswith("error: ") and message in err, err
     jsonl.write_bytes(good.encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')  # Latin-1
-    assert sft(jsonl) == 1 and "chats.jsonl is not UTF-8 text" in capsys.readouterr().err  # was: no file name
-    assert sft(tmp_path) == 1 and "is a folder" in capsys.readouterr().err  # was: "does not exist"
+    code, err = sft(jsonl)
+    assert code == 1 and "chats.jsonl is not UTF-8 text" in err  # was: no file name
+    code, err = sft(tmp_path)
+    assert code == 1 and "is a folder" in err  # was: "does not exist"
 
 
 # ----------------------------------------------------------------------------------------------------------------
