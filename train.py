@@ -155,6 +155,7 @@ def weighted_ce_sum(logits: torch.Tensor, targets: torch.Tensor,
 # --------------------------------------------------------------------------------------------------
 # 2. The trainer
 
+
 class Trainer:
     """Everything a run needs, built from parsed flags: `Trainer(args).run()`. Split from main() so
     tests can build one, look at its optimizer, and stop it at a chosen step (on_step)."""
@@ -184,8 +185,8 @@ class Trainer:
         folders = (("--out", a.out), ("--data-cache", a.data_cache), ("--export", a.export))
         for flag, path in folders:
             if path and Path(path).exists() and not Path(path).is_dir():
-                raise ValueError(f"{flag} {path} is a file; give a folder (it is created if "
-                                 "missing)")
+                raise ValueError(f"{flag} {path} is a file; give a folder "
+                                 "(it is created if missing)")
         if a.export and Path(a.export).resolve() == (self.out / "ckpt").resolve():
             raise ValueError(f"--export {a.export} is this run's own checkpoint folder: the export "
                              "would replace its fp32 weights and make it unresumable; export to "
@@ -383,8 +384,8 @@ class Trainer:
                 torch.cuda.set_rng_state_all([_rng_from_text(s) for s in saved["cuda_rng"]])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{ckpt}/trainer_state.json holds a damaged sampler or RNG state "
-                             f"({err}); "
-                             f"start a new run from the weights with --init {ckpt}") from None
+                             f"({err}); start a new run from the weights with "
+                             f"--init {ckpt}") from None
         self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
         self.last_val, self.elapsed_before = saved.get("val_loss"), saved.get("elapsed_s", 0.0)
         self.saved_step = self.step
@@ -895,20 +896,19 @@ def _merge_resume_args(cli: argparse.Namespace, saved: dict, given: set[str]) ->
     flag that would change the computation is an error rather than silently ignored."""
     conflicts = [k for k in given - FREE_ON_RESUME if k in saved and getattr(cli, k) != saved[k]]
     if conflicts:
-        raise ValueError("--resume continues the saved run with its own settings, but "
-                         + ", ".join(f"--{k.replace('_', '-')} {getattr(cli, k)} (saved: "
-                                     f"{saved[k]})"
-                                     for k in conflicts)
-                         + " differ; drop them, or start a new run from the checkpoint with --init")
+        differ = ", ".join(f"--{k.replace('_', '-')} {getattr(cli, k)} (saved: {saved[k]})"
+                           for k in conflicts)
+        raise ValueError(f"--resume continues the saved run with its own settings, but {differ} "
+                         "differ; drop them, or start a new run from the checkpoint with --init")
     merged = argparse.Namespace(**{**vars(cli), **saved})
     for k in given & FREE_ON_RESUME:
         setattr(merged, k, getattr(cli, k))
     changed = sorted(k for k in given & {"device", "dtype", "threads", "steps"}
                      if getattr(cli, k) != saved.get(k))
     if changed:
+        rescaled = " (--steps rescales the lr schedule)" if "steps" in changed else ""
         say(f"note: {', '.join('--' + k for k in changed)} changed on resume; the losses will not "
-            "be bit-identical to an uninterrupted "
-            "run" + (" (--steps rescales the lr schedule)" if "steps" in changed else ""))
+            f"be bit-identical to an uninterrupted run{rescaled}")
     merged.resume = cli.resume
     return merged
 
@@ -986,9 +986,8 @@ def plot_logs(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
         if tau <= 1.5 * top:
             ax_logit.axhline(tau, color=color, ls=":", lw=1, label=f"tau = {tau:g}")
     off = sorted({t for t, _ in taus if t > 1.5 * top})
-    ax_logit.set_title("max attention logit" + (f" (tau {', '.join(f'{t:g}' for t in off)} is off "
-                                                "the chart)"
-                                                if off else ""))
+    off_note = f" (tau {', '.join(f'{t:g}' for t in off)} is off the chart)" if off else ""
+    ax_logit.set_title("max attention logit" + off_note)
     ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     ax_logit.set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)")
     for ax in (ax_loss, ax_logit):
@@ -1012,63 +1011,60 @@ def make_parser() -> argparse.ArgumentParser:
         description="Train a Kimi K2-architecture model (pretraining or --sft) with MuonClip; "
                     "`python train.py plot LOG... --out FILE.png` draws curves of finished runs.")
     # --- model
-    p.add_argument("--config", default="cpu-small", help=f"a preset ({', '.join(M.PRESETS)}) or a "
-                                                         "config.json path")
-    p.add_argument("--init", default=None, help="start from the weights of this checkpoint (new "
-                                                "optimizer "
-                                                "and schedule); the config comes from it")
-    p.add_argument("--tokenizer", default=None, help="tiktoken.model rank file; default: the one "
-                                                     "in "
-                                                     "--init/--resume, else demo/tiktoken.model")
+    p.add_argument("--config", default="cpu-small",
+                   help=f"a preset ({', '.join(M.PRESETS)}) or a config.json path")
+    p.add_argument("--init", default=None,
+                   help="start from the weights of this checkpoint (new optimizer and schedule); "
+                        "the config comes from it")
+    p.add_argument("--tokenizer", default=None,
+                   help="tiktoken.model rank file; default: the one in --init/--resume, else "
+                        "demo/tiktoken.model")
     # --- data
-    p.add_argument("--data", nargs="+", default=None, help="text files/folders to pretrain on "
-                                                           "(default: the Python standard library "
-                                                           "source); with --sft, one JSONL file")
-    p.add_argument("--data-max-bytes", type=int, default=None, help="use only the first N bytes of "
-                                                                    "the corpus")
-    p.add_argument("--data-cache", default=str(DATA_DIR), help="folder for the tokenized corpus "
-                                                               "(gitignored data/)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out fraction: the last "
-                                                                    "tokens of the corpus, or the "
-                                                                    "last "
-                                                                    "conversations with --sft")
-    p.add_argument("--val-batches", type=int, default=8, help="validation windows = this many "
-                                                              "batches (pretraining)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="text files/folders to pretrain on (default: the Python standard library "
+                        "source); with --sft, one JSONL file")
+    p.add_argument("--data-max-bytes", type=int, default=None,
+                   help="use only the first N bytes of the corpus")
+    p.add_argument("--data-cache", default=str(DATA_DIR),
+                   help="folder for the tokenized corpus (gitignored data/)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="held-out fraction: the last tokens of the corpus, or the last "
+                        "conversations with --sft")
+    p.add_argument("--val-batches", type=int, default=8,
+                   help="validation windows = this many batches (pretraining)")
     # --- supervised fine-tuning
-    p.add_argument("--sft", action="store_true", help="fine-tune on conversations; loss only on "
-                                                      "assistant tokens")
-    p.add_argument("--sft-conversations", type=int, default=4000, help="how many chat_data "
-                                                                       "conversations to generate")
-    p.add_argument("--no-pack", action="store_true", help="one conversation per row (padded) "
-                                                          "instead of packing")
+    p.add_argument("--sft", action="store_true",
+                   help="fine-tune on conversations; loss only on assistant tokens")
+    p.add_argument("--sft-conversations", type=int, default=4000,
+                   help="how many chat_data conversations to generate")
+    p.add_argument("--no-pack", action="store_true",
+                   help="one conversation per row (padded) instead of packing")
     # --- schedule
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence (the training context); default 128, or 512 with "
-                        "--sft (the longest "
-                   "chat_data conversation is 377 tokens with the demo tokenizer)")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (K2: 2e-4 at "
-                                                                "67M-token batches)")
-    p.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of steps of linear "
-                                                                   "warmup")
+                        "--sft (the longest chat_data conversation is 377 tokens with the demo "
+                        "tokenizer)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help="peak learning rate (K2: 2e-4 at 67M-token batches)")
+    p.add_argument("--warmup-frac", type=float, default=0.05,
+                   help="fraction of steps of linear warmup")
     p.add_argument("--decay-frac", type=float, default=round(K2_DECAY_FRAC, 3),
                    help="fraction of steps of cosine decay at the end (K2: 5.5T of 15.5T tokens)")
-    p.add_argument("--final-lr-frac", type=float, default=K2_FINAL_LR_FRAC, help="decay ends at "
-                                                                                 "this times the "
-                                                                                 "peak (K2: 2e-5 / "
-                                                                                 "2e-4 = 0.1)")
+    p.add_argument("--final-lr-frac", type=float, default=K2_FINAL_LR_FRAC,
+                   help="decay ends at this times the peak (K2: 2e-5 / 2e-4 = 0.1)")
     # --- optimizer
     p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip",
                    help="muonclip (K2), muon (no QK-Clip), adamw (every parameter on AdamW, no "
                         "QK-Clip)")
-    p.add_argument("--qk-clip-tau", type=float, default=QK_CLIP_TAU, help="QK-Clip threshold tau "
-                                                                          "(K2: 100)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (K2, "
-                                                                   "Moonlight: 0.1)")
-    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="clip the global grad norm "
-                                                                      "(0 = off)")
+    p.add_argument("--qk-clip-tau", type=float, default=QK_CLIP_TAU,
+                   help="QK-Clip threshold tau (K2: 100)")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="decoupled weight decay (K2, Moonlight: 0.1)")
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP,
+                   help="clip the global grad norm (0 = off)")
     p.add_argument("--bias-update-speed", type=float, default=BIAS_UPDATE_SPEED,
                    help="routing-bias step per update (DeepSeek-V3: 0.001; 0 = frozen)")
     p.add_argument("--bias-update-rule", choices=("deepseek", "moonlight"), default="deepseek",
@@ -1079,20 +1075,20 @@ def make_parser() -> argparse.ArgumentParser:
     # --- run, logging, checkpoints
     p.add_argument("--out", default="runs/train",
                    help="run directory: log.jsonl, ckpt/, curves.png")
-    p.add_argument("--resume", default=None, help="continue the run in this directory (or "
-                                                  "checkpoint) exactly")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the "
-                                                       "data sampler")
-    p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (and "
-                                                              "at the end)")
+    p.add_argument("--resume", default=None,
+                   help="continue the run in this directory (or checkpoint) exactly")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights and of the data sampler")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="validation loss every N steps (and at the end)")
     p.add_argument("--save-every", type=int, default=100,
                    help="checkpoint every N steps (and at the end, and on Ctrl-C)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
-    p.add_argument("--plot", action="store_true", help="write OUT/curves.png at the end (needs "
-                                                       "matplotlib)")
-    p.add_argument("--export", default=None, help="at the end, also write the model alone (config, "
-                                                  "weights, tiktoken.model; no optimizer state) to "
-                                                  "this folder, e.g. demo")
+    p.add_argument("--plot", action="store_true",
+                   help="write OUT/curves.png at the end (needs matplotlib)")
+    p.add_argument("--export", default=None,
+                   help="at the end, also write the model alone (config, weights, tiktoken.model; "
+                        "no optimizer state) to this folder, e.g. demo")
     p.add_argument("--export-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights dtype of --export")
     # --- hardware
@@ -1167,10 +1163,10 @@ def check_args(args: argparse.Namespace, saved_in: Path | None = None) -> None:
 
 
 def plot_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="train.py plot", description="Loss and max-logit curves of "
-                                                                  "training logs.")
-    p.add_argument("logs", nargs="+", help="log.jsonl files (or run directories) written by "
-                                           "train.py")
+    p = argparse.ArgumentParser(prog="train.py plot",
+                                description="Loss and max-logit curves of training logs.")
+    p.add_argument("logs", nargs="+",
+                   help="log.jsonl files (or run directories) written by train.py")
     p.add_argument("--out", default="runs/curves.png", help="PNG to write")
     a = p.parse_args(argv)
     logs = [Path(x) / "log.jsonl" if Path(x).is_dir() else Path(x) for x in a.logs]
@@ -1234,17 +1230,17 @@ def recipe_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="train.py recipe",
                                 description="The shipped demo model from scratch, tokenizer -> "
                                 "pretraining -> fine-tuning -> export -> held-out evaluation.")
-    p.add_argument("--out", default="runs/recipe", help="folder of the stages (tokenizer, "
-                                                        "pretrain/, sft/, eval.txt)")
-    p.add_argument("--export", default=None, help="folder the finished model is written to "
-                                                  "(default: OUT/model); `--export demo` replaces "
-                                                  "the shipped demo model")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="override the recipe's "
-                                                                    "pretraining steps")
-    p.add_argument("--sft-steps", type=int, default=None, help="override the recipe's fine-tuning "
-                                                               "steps")
-    p.add_argument("--eval-items", type=int, default=220, help="held-out items of the final "
-                                                               "evaluation")
+    p.add_argument("--out", default="runs/recipe",
+                   help="folder of the stages (tokenizer, pretrain/, sft/, eval.txt)")
+    p.add_argument("--export", default=None,
+                   help="folder the finished model is written to (default: OUT/model); `--export "
+                        "demo` replaces the shipped demo model")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="override the recipe's pretraining steps")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="override the recipe's fine-tuning steps")
+    p.add_argument("--eval-items", type=int, default=220,
+                   help="held-out items of the final evaluation")
     add_threads_argument(p)
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -1257,8 +1253,8 @@ def recipe_main(argv: Sequence[str]) -> int:
     if rank_file.exists():
         say(f"[recipe] tokenizer: finished earlier ({rank_file})")
     else:
-        say(f"[recipe] tokenizer: python tokenizer.py train {' '.join(RECIPE_TOKENIZER)} --out "
-            f"{rank_file}")
+        tok_flags = " ".join(RECIPE_TOKENIZER)
+        say(f"[recipe] tokenizer: python tokenizer.py train {tok_flags} --out {rank_file}")
         tk.main(["train", *RECIPE_TOKENIZER, "--out", str(rank_file)])
     times["tokenizer"] = time.perf_counter() - t0
 
@@ -1288,10 +1284,10 @@ def recipe_main(argv: Sequence[str]) -> int:
     table, ok = chat_data.report(chat_data.evaluate(model, tok, a.eval_items, log=say)["rows"])
     times["evaluation"] = time.perf_counter() - t_eval
     total = time.perf_counter() - t0
-    summary = (f"held-out evaluation of {export} ({a.eval_items} items, greedy):\n{table}\ntargets "
-               f"{'met' if ok else 'NOT met'}\nstage times "
-               "(this invocation): " + ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items())
-               + f"; total {_fmt_time(total)}\n")
+    stages = ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items())
+    summary = (f"held-out evaluation of {export} ({a.eval_items} items, greedy):\n{table}\n"
+               f"targets {'met' if ok else 'NOT met'}\n"
+               f"stage times (this invocation): {stages}; total {_fmt_time(total)}\n")
     (out / "eval.txt").write_text(summary, encoding="utf-8")
     say(summary + f"[recipe] done; written to {out / 'eval.txt'}")
     return 0
