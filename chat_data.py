@@ -39,7 +39,7 @@ import re
 import sys
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any
 
 import tools as T
 

@@ -1,13 +1,12 @@
-"""Protects train.py: the data pipeline (cached token file, windows, SFT packing and loss mask), the K2-shaped LR
-schedule, learning on real text, bit-identical resume after Ctrl-C, crash-safe checkpoints that transformers and
-generate.py load, the plot, clear errors, and that every CLI flag reaches the code. Also what a user at the shell
-runs into: binary and non-UTF-8 corpora, damaged checkpoints, a second Ctrl-C or a SIGTERM mid-save, a new run
-started over an unfinished one, divergence (a NaN/inf never reaches the log or replaces the last good checkpoint).
+"""Protects train.py: the K2-shaped LR schedule, learning on real text, fine-tuning from a JSONL file,
+bit-identical resume after Ctrl-C, crash-safe checkpoints that transformers and generate.py load, the plot, clear
+errors (a bad flag is argparse's usage error, exit 2; a run that cannot start or go on is one `error:` line, exit
+1), and that every CLI flag reaches the code. Also what a user at the shell runs into: damaged checkpoints, a
+second Ctrl-C or a SIGTERM mid-save, a new run started over an unfinished one, divergence (a NaN/inf never reaches
+the log or replaces the last good checkpoint). The data pipeline's own tests are in tests/test_data.py.
 Compares against: the unigram entropy of the training text (computed here); an uninterrupted run of the same
 configuration (losses and final weights, bitwise); transformers' DeepseekV3ForCausalLM on a checkpoint train.py
-wrote (logits, fp32, |Δ| <= 1e-4·max|logit|, as tests/test_hf_parity.py); an SFT loss recomputed here position by
-position, with the supervised spans found from the chat markers rather than from encode_chat's mask; hand-computed
-LR values; tokenizer.encode on the same text.
+wrote (logits, fp32, |Δ| <= 1e-4·max|logit|, as tests/test_hf_parity.py); hand-computed LR values.
 Everything runs the `tiny` preset with a byte-level tokenizer built here (256 ranks + 256 specials = tiny's 512
 vocab) on a ~120 KB slice of the default corpus (the standard library's source), so nothing is downloaded.
 Run: pytest tests/test_train.py -q   (CPU, about a minute; `-m "not slow"` skips the two longest)
