@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("-n", type=_at_least(1), default=220, help="number of held-out items (default: %(default)s)")
     e.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="sampling temperature (0 = greedy)")
     e.add_argument("--show-failures", type=_at_least(0), default=0, help="print up to N failed items")
-    from generate import add_threads_argument
+    from runtime import add_threads_argument
     add_threads_argument(e)
     a = p.parse_args(argv)
     if a.command == "show":
@@ -804,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             # add_generation_prompt=True as in training: without it the template drops the last <|im_end|>
             print(apply_chat_template(messages, tools, add_generation_prompt=True), end="\n\n")
         return 0
-    from generate import load, set_threads
+    from generate import load
+    from runtime import set_threads
     threads, why = set_threads(a.threads)
     print(f"{threads} CPU thread(s) ({why})", flush=True)
     try:

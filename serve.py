@@ -110,6 +110,7 @@ from typing import Any, Callable, Collection, Iterator, Protocol, Sequence
 import torch
 
 import generate as G
+import runtime
 from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN, SECTION_END,
                        Tokenizer, mask_pipes, normalize_tools, tool_call_id, unmask_pipes)
 from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
@@ -469,8 +470,8 @@ class ModelEngine:
     def load(cls, ckpt: str | Path, device: str = "", dtype: str = "") -> "ModelEngine":
         """A checkpoint directory (config.json, safetensors, tiktoken.model) via generate.load; device and dtype
         empty = autodetect, and the reason is part of the description printed at start."""
-        dev, why_dev = G.pick_device(device)
-        dt, why_dt = G.pick_dtype(dtype, dev)
+        dev, why_dev = runtime.pick_device(device)
+        dt, why_dt = runtime.pick_dtype(dtype, dev)
         model, tok = G.load(ckpt, dev, dt)
         n = sum(p.numel() for p in model.parameters())
         return cls(model, tok, f"{ckpt} ({n / 1e6:,.1f} M parameters, context {model.args.max_position_embeddings})"
@@ -1326,14 +1327,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # --- hardware
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
     p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
-    G.add_threads_argument(p)
+    runtime.add_threads_argument(p)
     a = p.parse_args(argv)
     connections = 1 if a.max_connections is None else a.max_connections
     if min(a.max_body_bytes, a.default_max_tokens, connections) < 1 or a.max_queue < 0:
         sys.exit("error: --max-body-bytes, --default-max-tokens and --max-connections must be at least 1, "
                  "--max-queue at least 0")
     api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
-    threads, why_threads = G.set_threads(a.threads)  # before the worker thread starts: it inherits the count
+    threads, why_threads = runtime.set_threads(a.threads)  # before the worker thread starts: it inherits the count
     print(f"{threads} CPU thread(s) ({why_threads})", flush=True)
     try:
         engine = ModelEngine.load(a.ckpt, a.device, a.dtype)
