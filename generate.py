@@ -59,7 +59,7 @@ PREFILL_CHUNK = 8192
 GREEDY_BELOW = 1e-5
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -106,7 +106,7 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The decode loop
 
 
@@ -279,7 +279,7 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -309,7 +309,7 @@ def load(ckpt: str | Path = DEMO_DIR, device: torch.device | str = "cpu",
     return model, tok
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -369,8 +369,10 @@ def chat_repl(model: Transformer, tok: Tokenizer, params: SamplingParams, use_to
         if registry is None:
             messages.append({"role": "assistant", "content": complete(messages, None)})
         else:
-            messages = T.run_agent(complete, messages, registry,
-                                   on_event=lambda kind, text: print(f"[{kind}] {text}", flush=True))
+            def on_event(kind: str, text: str) -> None:
+                print(f"[{kind}] {text}", flush=True)
+
+            messages = T.run_agent(complete, messages, registry, on_event=on_event)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

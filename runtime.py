@@ -1,11 +1,11 @@
 """Where and how the model runs: device, dtype, CPU threads, memory, and finding a checkpoint.
 
-Every entry point (generate.py, serve.py, train.py, chat_data.py eval, bench/) makes the same choices
-before it touches a weight, and states each with its reason on one start-up line:
+Every entry point (generate.py, serve.py, train.py, chat_data.py eval, bench/) makes the same
+choices before it touches a weight, and states each with its reason on one start-up line:
 - device (`pick_device`): the one asked for, checked to exist; else cuda, then mps, then cpu.
 - dtype (`pick_dtype`): bf16 on a GPU that supports it, fp32 elsewhere.
-- CPU threads (`set_threads`, the `--threads` flag): the cores no other process is busy on. One thread
-  too many can make CPU decoding 5-100x slower (set_threads says why).
+- CPU threads (`set_threads`, the `--threads` flag): the cores no other process is busy on. One
+  thread too many can make CPU decoding 5-100x slower (set_threads says why).
 - memory (`check_memory`): a model that cannot fit this device is refused before it is allocated,
   counted from its config on the meta device (`parameter_count`).
 - checkpoint (`find_checkpoint`): a Hugging Face-format folder, or a train.py run folder's ckpt/.
@@ -25,7 +25,7 @@ import parallel
 from model import Block, ModelArgs
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Device and dtype
 
 
@@ -51,7 +51,8 @@ def pick_device(requested: str = "") -> tuple[torch.device, str]:
                              f"use cuda:0 .. cuda:{count - 1}")
         mps = getattr(torch.backends, "mps", None)
         if device.type == "mps" and not (mps and torch.backends.mps.is_available()):
-            raise ValueError("--device mps, but torch sees no usable Apple GPU (MPS); use --device cpu")
+            raise ValueError("--device mps, but torch sees no usable Apple GPU (MPS); "
+                             "use --device cpu")
         return device, "requested with --device"
     if torch.cuda.is_available():
         return torch.device("cuda"), f"CUDA device found ({torch.cuda.get_device_name()})"
@@ -74,28 +75,28 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
                            f"fp32 is the safe choice")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CPU threads
 
 
 def set_threads(requested: int = 0) -> tuple[int, str]:
     """Set torch's CPU thread count and return (threads, reason).
 
-    0 = automatic: OMP_NUM_THREADS if it is set (torchrun sets it to 1 per rank), else the cores this
-    process may run on (its CPU affinity) that no other process is busy on right now, at most a cgroup
-    quota (cpu_quota), at least 1.
+    0 = automatic: OMP_NUM_THREADS if it is set (torchrun sets it to 1 per rank), else the cores
+    this process may run on (its CPU affinity) that no other process is busy on right now, at most
+    a cgroup quota (cpu_quota), at least 1.
 
     Why it matters: every parallel CPU operator (torch's OpenMP loops and MKL's matmuls) hands its
-    work to a fixed team of threads and returns only when ALL of them are done; in between, GNU OpenMP
-    (torch's Linux builds) keeps idle teammates spinning for 300,000 rounds before they sleep
-    (GOMP_SPINCOUNT, libgomp manual). It cuts that to 100 only when its OWN threads outnumber the
-    CPUs: another process does not count. So beside a busy process, with one thread per core, a
-    teammate spins on the core the late one needs, and each operator waits for a scheduler time slice
-    (milliseconds). Decode runs thousands of small operators per second: a 2-core machine decoded
-    5-100x slower with 2 threads than with 1 (bench/bench_threads.py). The same call in a second
-    Python thread was fast by accident (its teammate used 0.15 of a core, not a whole one): with the
-    main thread's idle team and the new one, libgomp manages more threads than the 2 CPUs and
-    throttles the spinning."""
+    work to a fixed team of threads and returns only when ALL of them are done; in between, GNU
+    OpenMP (torch's Linux builds) keeps idle teammates spinning for 300,000 rounds before they
+    sleep (GOMP_SPINCOUNT, libgomp manual). It cuts that to 100 only when its OWN threads outnumber
+    the CPUs: another process does not count. So beside a busy process, with one thread per core, a
+    teammate spins on the core the late one needs, and each operator waits for a scheduler time
+    slice (milliseconds). Decode runs thousands of small operators per second: a 2-core machine
+    decoded 5-100x slower with 2 threads than with 1 (bench/bench_threads.py). The same call in a
+    second Python thread was fast by accident (its teammate used 0.15 of a core, not a whole one):
+    with the main thread's idle team and the new one, libgomp manages more threads than the 2 CPUs
+    and throttles the spinning."""
     if requested < 0:
         raise ValueError(f"--threads {requested}: give a thread count >= 1, or 0 for automatic")
     if requested:
@@ -162,10 +163,10 @@ def cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
         return None
 
 
-THREADS_HELP = ("CPU threads for torch. 0 (default) = automatic: the cores this process may use that "
-                "no other process is busy on at start (OMP_NUM_THREADS wins if set). More threads than "
-                "free cores make every operator wait for a descheduled thread: beside a busy process a "
-                "2-core machine can run 5-100x slower")
+THREADS_HELP = ("CPU threads for torch. 0 (default) = automatic: the cores this process may use "
+                "that no other process is busy on at start (OMP_NUM_THREADS wins if set). More "
+                "threads than free cores make every operator wait for a descheduled thread: beside "
+                "a busy process a 2-core machine can run 5-100x slower")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -195,7 +196,7 @@ def number_arg(kind: type, low: float, high: float = math.inf, low_open: bool = 
     return parse
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Memory and checkpoints
 
 
@@ -210,7 +211,8 @@ def parameter_count(args: ModelArgs) -> int:
     with torch.device("meta"):
         for moe, count in kinds.items():
             if count:
-                layer = next(i for i in range(args.num_hidden_layers) if args.is_moe_layer(i) == moe)
+                layer = next(i for i in range(args.num_hidden_layers)
+                             if args.is_moe_layer(i) == moe)
                 total += count * sum(t.numel() for t in Block(layer, args).state_dict().values())
     rows = parallel.split(args.vocab_size, "vocab_size")[0]
     # embedding, lm_head, final norm
@@ -236,9 +238,9 @@ def check_memory(args: ModelArgs, device: torch.device, bytes_per_param: int, wh
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no check
         return
     if need > have:
-        raise ValueError(f"{what} has {n / 1e9:,.2f}B parameters: {use} about {need / 2**30:,.0f} GiB "
-                         f"({bytes_per_param} bytes each) but this {device.type} has "
-                         f"{have / 2**30:,.0f} GiB; {fix}")
+        raise ValueError(f"{what} has {n / 1e9:,.2f}B parameters: {use} about "
+                         f"{need / 2**30:,.0f} GiB ({bytes_per_param} bytes each) but this "
+                         f"{device.type} has {have / 2**30:,.0f} GiB; {fix}")
 
 
 def find_checkpoint(ckpt: str | Path) -> Path:
