@@ -18,7 +18,8 @@ A request's path through this file: parse_request (validation, OpenAI's rules) -
 What differs from a textbook "wrap generate() in a web handler":
 1. Tool calls. The model writes K2's tool-call section as text (Moonshot's
    docs/tool_call_guidance.md):
-   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}...`.
+   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX`
+   `<|tool_call_argument_begin|>{json}...`.
    A K2 deployment (vLLM/SGLang with the `kimi_k2` parser, deploy_guidance.md) returns that as
    structured `tool_calls`: the id as the model wrote it (K2 numbers its calls on from those
    already in the history; ids made up for botched calls, and the forced ones of point 3, count
@@ -153,21 +154,24 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     parallel_tool_calls: bool = True  # OpenAI's default; False: at most one call comes back
-    continue_final: bool = False  # continue the last (assistant) message instead of starting a new turn
+    # continue the last (assistant) message instead of starting a new turn
+    continue_final: bool = False
 
 
-# The request fields this server reads; README lists them. Any other field with a value other than null is a 400
-# naming it: silently ignoring, say, repetition_penalty would return an answer the client did not ask for.
+# The request fields this server reads; README lists them. Any other field with a value other than
+# null is a 400 naming it: silently ignoring, say, repetition_penalty would return an answer the
+# client did not ask for.
 FIELDS = frozenset({
     # OpenAI Chat Completions (create), implemented
-    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
-    "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+    "seed", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
     # OpenAI, accepted at the value that changes nothing (_refuse_unsupported)
-    "n", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias", "response_format",
-    "store",
+    "n", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias",
+    "response_format", "store",
     # OpenAI, about who asks or how to route, not about the answer: accepted and ignored
     "user", "safety_identifier", "prompt_cache_key", "metadata", "service_tier",
-    # vLLM's sampling and chat-template extensions (the last two accepted at their neutral value only)
+    # vLLM's sampling and chat-template extensions (the last two accepted at their neutral value
+    # only)
     "top_k", "continue_final_message", "add_generation_prompt", "repetition_penalty", "min_p",
 })
 
@@ -181,7 +185,8 @@ def _is_int(x: Any) -> bool:
 
 
 def parse_request(body: Any, served_name: str) -> ChatRequest:
-    """Check a request body against OpenAI's rules (and ours); raises APIError naming the bad field."""
+    """Check a request body against OpenAI's rules (and ours); raises APIError naming the bad
+    field."""
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
     model = body.get("model")
@@ -189,8 +194,9 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
         raise bad("you must provide a model parameter (a string); this server serves "
                   f"{served_name!r}", "model")
     if model != served_name:  # OpenAI answers an unknown model with 404 model_not_found
-        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it. This server "
-                            f"serves `{served_name}` (GET /v1/models).", "model", "model_not_found")
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it. "
+                            f"This server serves `{served_name}` (GET /v1/models).", "model",
+                       "model_not_found")
     messages = body.get("messages")
     if messages is None:
         raise bad("'messages' is a required property", "messages")
@@ -198,32 +204,34 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
         raise bad("'messages' must be a non-empty array of message objects", "messages")
     unknown = next((k for k, v in body.items() if k not in FIELDS and v is not None), None)
     if unknown is not None:
-        raise bad(f"{unknown} is not supported by this server (it would be ignored, and the answer would not be the "
-                  f"one asked for); remove it. Accepted fields: {', '.join(sorted(FIELDS))}", unknown)
+        raise bad(f"{unknown} is not supported by this server (it would be ignored, and the answer "
+                  f"would not be the one asked for); remove it. Accepted fields: "
+                  f"{', '.join(sorted(FIELDS))}", unknown)
     msgs, partial = [], False
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise bad(f"messages[{i}] must be an object with a string 'role', got {json.dumps(m)[:120]}",
-                      f"messages[{i}]")
-        if "partial" in m:  # Kimi's partial mode: the last message, an assistant one, is continued
+            raise bad(f"messages[{i}] must be an object with a string 'role', got "
+                      f"{json.dumps(m)[:120]}", f"messages[{i}]")
+        # Kimi's partial mode: the last message, an assistant one, is continued
+        if "partial" in m:
             if not isinstance(m["partial"], (bool, type(None))):
                 raise bad(f"messages[{i}].partial must be true or false", f"messages[{i}].partial")
             if m["partial"] and (i != len(messages) - 1 or m["role"] != "assistant"):
-                raise bad("partial: true marks the last message, an assistant one, whose text the model continues",
-                          f"messages[{i}].partial")
+                raise bad("partial: true marks the last message, an assistant one, whose text the "
+                          "model continues", f"messages[{i}].partial")
             partial = bool(m["partial"])
             m = {k: v for k, v in m.items() if k != "partial"}
         if m["role"] == "developer":  # OpenAI's newer name for the system role
             m = {**m, "role": "system"}
-        # OpenAI allows text parts as assistant and tool content too; the template wants one string there (beside
-        # tool_calls and in a tool result it would print a list as is), so join them
+        # OpenAI allows text parts as assistant and tool content too; the template wants one string
+        # there (beside tool_calls and in a tool result it would print a list as is), so join them
         if m["role"] in ("assistant", "tool") and isinstance(m.get("content"), list) and all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                 for p in m["content"]):
             m = {**m, "content": "".join(p["text"] for p in m["content"])}
         if m["role"] not in ROLES:
-            raise bad(f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)} (or developer)",
-                      f"messages[{i}].role")
+            raise bad(f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)} "
+                      f"(or developer)", f"messages[{i}].role")
         msgs.append(m)
 
     def number(name: str, default: float, ok: Callable[[float], bool], rule: str) -> float:
@@ -238,9 +246,11 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
     top_p = number("top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]")
     top_k = body.get("top_k")  # not OpenAI's; vLLM's extension (-1 or 0 = off)
     if top_k is not None and (not _is_int(top_k) or top_k < -1):
-        raise bad(f"top_k must be an integer >= -1 (-1 or 0 = off), got {json.dumps(top_k)}", "top_k")
+        raise bad(f"top_k must be an integer >= -1 (-1 or 0 = off), got {json.dumps(top_k)}",
+                  "top_k")
     max_tokens, max_param = None, "max_tokens"
-    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given (as vLLM)
+    # the newer name wins when both are given (as vLLM)
+    for name in ("max_tokens", "max_completion_tokens"):
         v = body.get(name)
         if v is not None:
             if not _is_int(v) or v < 1:
@@ -249,7 +259,8 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad(f"stop must be a string or an array of strings, got {json.dumps(body.get('stop'))[:120]}", "stop")
+        raise bad(f"stop must be a string or an array of strings, got "
+                  f"{json.dumps(body.get('stop'))[:120]}", "stop")
     if len(stop) > MAX_STOP:
         raise bad(f"stop: at most {MAX_STOP} sequences, got {len(stop)}", "stop")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
@@ -257,54 +268,61 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
                   f"{max(len(s) for s in stop):,}", "stop")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise bad(f"seed must be an integer in [-2**63, 2**64), got {json.dumps(seed)[:40]}", "seed")
+        raise bad(f"seed must be an integer in [-2**63, 2**64), got {json.dumps(seed)[:40]}",
+                  "seed")
     n = body.get("n")
     if n is not None and n != 1:
-        raise bad(f"n must be 1: this server returns one choice per request (run n requests with different seeds "
-                  f"instead), got {json.dumps(n)}", "n")
+        raise bad(f"n must be 1: this server returns one choice per request (run n requests with "
+                  f"different seeds instead), got {json.dumps(n)}", "n")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise bad(f"stream must be true or false, got {json.dumps(stream)}", "stream")
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+        raise bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                  "stream_options")
     if options is not None and (not isinstance(options, dict) or
                                 not isinstance(options.get("include_usage", False), bool)):
-        raise bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+        raise bad("stream_options must be an object like {\"include_usage\": true}",
+                  "stream_options")
     include_usage = bool(options and options.get("include_usage"))
     _refuse_unsupported(body)
     continue_final = _continue_final(body, msgs, partial)
     tools, tool_choice, function = _parse_tools(body.get("tools"), body.get("tool_choice"))
-    return ChatRequest(msgs, tools, tool_choice, function, max_tokens, max_param, temperature, top_p,
-                       max(top_k or 0, 0), seed, stop, stream, include_usage,
+    return ChatRequest(msgs, tools, tool_choice, function, max_tokens, max_param, temperature,
+                       top_p, max(top_k or 0, 0), seed, stop, stream, include_usage,
                        body.get("parallel_tool_calls") is not False, continue_final)
 
 
 def _continue_final(body: dict, msgs: list[dict], partial: bool) -> bool:
-    """Kimi's `partial: true` on the last message, or vLLM's `continue_final_message: true` (which vLLM pairs with
-    `add_generation_prompt: false`): the prompt ends inside the last assistant message, with no <|im_end|> and no
-    new turn, and the answer is what the model writes next."""
+    """Kimi's `partial: true` on the last message, or vLLM's `continue_final_message: true` (which
+    vLLM pairs with `add_generation_prompt: false`): the prompt ends inside the last assistant
+    message, with no <|im_end|> and no new turn, and the answer is what the model writes next."""
     cont, gen = body.get("continue_final_message"), body.get("add_generation_prompt")
     for name, v in (("continue_final_message", cont), ("add_generation_prompt", gen)):
         if not isinstance(v, (bool, type(None))):
             raise bad(f"{name} must be true or false, got {json.dumps(v)[:40]}", name)
     if cont and gen:
-        raise bad("continue_final_message and add_generation_prompt cannot both be true (as in vLLM): continuing "
-                  "the last message means no new assistant turn", "add_generation_prompt")
+        raise bad("continue_final_message and add_generation_prompt cannot both be true (as in "
+                  "vLLM): continuing the last message means no new assistant turn",
+                  "add_generation_prompt")
     if not (cont or partial):
         if gen is False:
-            raise bad("add_generation_prompt false is supported together with continue_final_message true only",
-                      "add_generation_prompt")
+            raise bad("add_generation_prompt false is supported together with "
+                      "continue_final_message true only", "add_generation_prompt")
         return False
     last = msgs[-1]
-    if last["role"] != "assistant" or last.get("tool_calls") or not isinstance(last.get("content"), str):
-        raise bad("continuing the final message (partial / continue_final_message) needs the last message to be an "
-                  "assistant message with string content and no tool_calls", "messages")
+    text = isinstance(last.get("content"), str)
+    if last["role"] != "assistant" or last.get("tool_calls") or not text:
+        raise bad("continuing the final message (partial / continue_final_message) needs the last "
+                  "message to be an assistant message with string content and no tool_calls",
+                  "messages")
     return True
 
 
 def _refuse_unsupported(body: dict) -> None:
-    """Fields that would change the answer if honoured: refuse them instead of silently ignoring them."""
+    """Fields that would change the answer if honoured: refuse them instead of silently ignoring
+    them."""
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad(f"{name} is not supported by this server (only 0)", name)
@@ -314,21 +332,28 @@ def _refuse_unsupported(body: dict) -> None:
         raise bad("logit_bias is not supported by this server", "logit_bias")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
-                  "response_format")
+        raise bad("response_format: only {\"type\": \"text\"} is supported (no JSON mode or "
+                  "schemas)", "response_format")
     if body.get("parallel_tool_calls") not in (None, True, False):
         raise bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
     if body.get("store"):
         raise bad("store is not supported by this server: completions are not kept", "store")
     for name, neutral in (("repetition_penalty", 1), ("min_p", 0)):
         if body.get(name) not in (None, neutral):
-            raise bad(f"{name} is not supported by this server (only {neutral}, which changes nothing)", name)
+            raise bad(f"{name} is not supported by this server (only {neutral}, which changes "
+                      f"nothing)", name)
+
+
+TOOL_CHOICES = ("""'auto', 'none', 'required' or """
+                """{"type": "function", "function": {"name": ...}}""")
 
 
 def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str | None]:
-    """-> (wrapped tools or None, tool_choice mode, the forced function's name). Module docstring, point 3."""
+    """-> (wrapped tools or None, tool_choice mode, the forced function's name). Module docstring,
+    point 3."""
     if tools is not None and not isinstance(tools, list):
-        raise bad(f"tools must be an array of tool objects, got {json.dumps(tools)[:120]}", "tools")
+        raise bad(f"tools must be an array of tool objects, got {json.dumps(tools)[:120]}",
+                  "tools")
     wrapped = None
     if tools:
         try:
@@ -340,30 +365,36 @@ def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str |
             fn = t["function"]
             name = fn.get("name")
             if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
-                # the model names a tool only through the id functions.NAME:IDX, whose regex allows [\w.] (Moonshot)
-                raise bad(f"tools[{i}]: function name {name!r} must be letters, digits, '_' or '.' (K2's call id "
-                          f"functions.NAME:IDX cannot carry other characters)", f"tools[{i}].function.name")
+                # the model names a tool only through the id functions.NAME:IDX, whose regex allows
+                # [\w.] (Moonshot)
+                raise bad(f"tools[{i}]: function name {name!r} must be letters, digits, '_' or '.' "
+                          f"(K2's call id functions.NAME:IDX cannot carry other characters)",
+                          f"tools[{i}].function.name")
             if name in names:
-                raise bad(f"tools[{i}]: duplicate function name {name!r}", f"tools[{i}].function.name")
+                raise bad(f"tools[{i}]: duplicate function name {name!r}",
+                          f"tools[{i}].function.name")
             names.add(name)
             if "parameters" in fn and not isinstance(fn["parameters"], dict):
-                raise bad(f"tools[{i}]: parameters must be a JSON Schema object", f"tools[{i}].function.parameters")
+                raise bad(f"tools[{i}]: parameters must be a JSON Schema object",
+                          f"tools[{i}].function.parameters")
             if "description" in fn and not isinstance(fn["description"], str):
-                raise bad(f"tools[{i}]: description must be a string", f"tools[{i}].function.description")
+                raise bad(f"tools[{i}]: description must be a string",
+                          f"tools[{i}].function.description")
     if choice is None:
         return wrapped, ("auto" if wrapped else "none"), None  # OpenAI's defaults
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
-            raise bad(f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": \"function\", \"function\": "
-                      f"{{\"name\": ...}}}}, got {choice!r}", "tool_choice")
+            raise bad(f"tool_choice must be {TOOL_CHOICES}, got {choice!r}", "tool_choice")
         if choice == "required" and not wrapped:
-            raise bad("tool_choice 'required' needs tools: the request declares none", "tool_choice")
+            raise bad("tool_choice 'required' needs tools: the request declares none",
+                      "tool_choice")
         return wrapped, (choice if wrapped else "none"), None
-    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    is_function = isinstance(choice, dict) and choice.get("type") == "function"
+    fn = choice.get("function") if is_function else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
-        raise bad(f"tool_choice must be 'auto', 'none', 'required' or {{\"type\": \"function\", \"function\": "
-                  f"{{\"name\": ...}}}}, got {json.dumps(choice)[:120]}", "tool_choice")
+        raise bad(f"tool_choice must be {TOOL_CHOICES}, got {json.dumps(choice)[:120]}",
+                  "tool_choice")
     declared = [t["function"]["name"] for t in wrapped or []]
     if name not in declared:
         raise bad(f"tool_choice names function {name!r}, which is not among the declared tools "
@@ -373,42 +404,52 @@ def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str |
 
 @dataclass
 class Prompt:
-    """What the model is fed: ids (template + prefill), and the prefill as text (it is part of the answer)."""
+    """What the model is fed: ids (template + prefill), and the prefill as text (it is part of the
+    answer)."""
     ids: list[int]
     prefill: str
-    first_index: int  # tool calls already in the history: the IDX of the next one (vLLM's kimi_k2 tool parser)
-    allowed_starts: list[list[int]] = field(default_factory=list)  # what the completion may begin with (required)
+    # tool calls already in the history: the IDX of the next one (vLLM's kimi_k2 tool parser)
+    first_index: int
+    # what the completion may begin with (tool_choice "required")
+    allowed_starts: list[list[int]] = field(default_factory=list)
 
 
 def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
-    """The 0905 chat template with the generation prompt, plus the tool_choice prefill (module docstring, point 3)."""
+    """The 0905 chat template with the generation prompt, plus the tool_choice prefill (module
+    docstring, point 3)."""
     first_index = count_tool_calls(req.messages)
-    try:  # continuing the last message: no <|im_end|> after it and no new turn (tokenizer._chat_segments, rule 5)
+    # continuing the last message: no <|im_end|> after it and no new turn
+    # (tokenizer._chat_segments, rule 5)
+    try:
         ids, _ = tok.encode_chat(req.messages, req.tools if req.tool_choice != "none" else None,
                                  add_generation_prompt=not req.continue_final)
-    except ValueError as err:  # bad roles, content, tool_calls, tool results: the tokenizer says what and where
+    # bad roles, content, tool_calls, tool results: the tokenizer says what and where
+    except ValueError as err:
         raise bad(str(err), "tools" if str(err).startswith("tools") else "messages") from None
     prefill, extra, starts = "", [], []
     if req.tool_choice in ("required", "function"):
-        prefill, extra = SECTION_BEGIN + CALL_BEGIN, [tok.tool_calls_section_begin_id, tok.tool_call_begin_id]
+        prefill = SECTION_BEGIN + CALL_BEGIN
+        extra = [tok.tool_calls_section_begin_id, tok.tool_call_begin_id]
         if req.tool_choice == "function":
             call_id = tool_call_id(req.function, first_index)
             prefill += call_id + CALL_ARG_BEGIN
             extra += tok.encode(call_id) + [tok.tool_call_argument_begin_id]
-        else:  # the id of a declared tool, encoded as the template encodes it (a text run of its own)
+        else:
+            # the id of a declared tool, encoded as the template encodes it (a text run of its own)
             starts = [tok.encode(tool_call_id(t["function"]["name"], first_index)) + [tok.tool_call_argument_begin_id]
                       for t in req.tools]
     return Prompt(ids + extra, prefill, first_index, starts)
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The engine (the model behind a small interface, so tests can put a scripted stand-in behind the same server)
+# 2. The engine: the model behind a small interface, so tests can put a scripted stand-in behind
+#    the same server
 # --------------------------------------------------------------------------------------------------
 
 class TextStreamLike(Protocol):
-    """generate.TextStream's contract: iterate for text pieces, in which the '|' of ordinary tokens is masked
-    (tokenizer.PIPE_MASK) so that K2's markers come only from special ids; afterwards finish_reason
-    ("stop"/"length"), prompt_tokens and completion_tokens."""
+    """generate.TextStream's contract: iterate for text pieces, in which the '|' of ordinary tokens
+    is masked (tokenizer.PIPE_MASK) so that K2's markers come only from special ids; afterwards
+    finish_reason ("stop"/"length"), prompt_tokens and completion_tokens."""
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -425,8 +466,9 @@ class Engine(Protocol):
 
 
 class ModelEngine:
-    """A model and its tokenizer; stream() is generate.TextStream (cached decode, stop tokens and strings, length).
-    Tests put a scripted stand-in model here, so the same engine code runs behind the same server."""
+    """A model and its tokenizer; stream() is generate.TextStream (cached decode, stop tokens and
+    strings, length). Tests put a scripted stand-in model here, so the same engine code runs behind
+    the same server."""
 
     def __init__(self, model: Any, tok: Tokenizer, description: str = ""):
         self.model, self.tok = model, tok
@@ -435,14 +477,17 @@ class ModelEngine:
 
     @classmethod
     def load(cls, ckpt: str | Path, device: str = "", dtype: str = "") -> "ModelEngine":
-        """A checkpoint directory (config.json, safetensors, tiktoken.model) via generate.load; device and dtype
-        empty = autodetect, and the reason is part of the description printed at start."""
+        """A checkpoint directory (config.json, safetensors, tiktoken.model) via generate.load;
+        device and dtype empty = autodetect, and the reason is part of the description printed at
+        start."""
         dev, why_dev = runtime.pick_device(device)
         dt, why_dt = runtime.pick_dtype(dtype, dev)
         model, tok = G.load(ckpt, dev, dt)
         n = sum(p.numel() for p in model.parameters())
-        return cls(model, tok, f"{ckpt} ({n / 1e6:,.1f} M parameters, context {model.args.max_position_embeddings})"
-                               f"; device {dev} ({why_dev}); dtype {str(dt).removeprefix('torch.')} ({why_dt})")
+        dtype_name = str(dt).removeprefix("torch.")
+        return cls(model, tok, f"{ckpt} ({n / 1e6:,.1f} M parameters, context "
+                               f"{model.args.max_position_embeddings}); device {dev} ({why_dev}); "
+                               f"dtype {dtype_name} ({why_dt})")
 
     def stream(self, prompt_ids: Sequence[int], params: G.SamplingParams) -> TextStreamLike:
         return G.TextStream(self.model, self.tok, prompt_ids, params, mask_pipes=True)
@@ -454,16 +499,19 @@ class ModelEngine:
 
 @dataclass
 class Job:
-    """One generation. The worker puts ("text", piece), then ("done", stream) or ("error", exception) on `events`."""
+    """One generation. The worker puts ("text", piece), then ("done", stream) or ("error",
+    exception) on `events`."""
     prompt_ids: list[int]
     params: G.SamplingParams
     events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away: stop generating
+    # the client went away: stop generating
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class Worker:
-    """Owns the engine; runs jobs one at a time in arrival order (queue.Queue is FIFO). At most max_queue jobs wait
-    (cancelled ones do not count); one more is refused with a 429 whose Retry-After is the measured wait."""
+    """Owns the engine; runs jobs one at a time in arrival order (queue.Queue is FIFO). At most
+    max_queue jobs wait (cancelled ones do not count); one more is refused with a 429 whose
+    Retry-After is the measured wait."""
 
     def __init__(self, engine: Engine, max_queue: int = DEFAULT_MAX_QUEUE):
         self.engine, self.max_queue = engine, max_queue
@@ -476,17 +524,20 @@ class Worker:
 
     def submit(self, job: Job) -> Job:
         with self.lock:
-            waiting = sum(1 for j in list(self.jobs.queue) if j is not None and not j.cancelled.is_set())
+            waiting = sum(1 for j in list(self.jobs.queue)
+                          if j is not None and not j.cancelled.is_set())
             if waiting >= self.max_queue:
                 wait = max(1, math.ceil((waiting + 1) * self.seconds_per_job))
-                raise APIError(429, f"The server is busy: {waiting} requests are waiting for the model (at most "
-                                    f"{self.max_queue}, --max-queue). Retry in about {wait} s.",
-                               code="rate_limit_exceeded", type="requests", headers={"Retry-After": str(wait)})
+                raise APIError(429, f"The server is busy: {waiting} requests are waiting for the "
+                                    f"model (at most {self.max_queue}, --max-queue). Retry in "
+                                    f"about {wait} s.", code="rate_limit_exceeded", type="requests",
+                               headers={"Retry-After": str(wait)})
             self.jobs.put(job)
         return job
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel the running job, let the thread finish, and wait for it (a daemon, so exit never hangs on it)."""
+        """Cancel the running job, let the thread finish, and wait for it (a daemon, so exit never
+        hangs on it)."""
         if self.current is not None:
             self.current.cancelled.set()
         self.jobs.put(None)
@@ -504,7 +555,8 @@ class Worker:
                     if job.cancelled.is_set():  # closing the generator ends the decode loop
                         break
                 job.events.put(("done", stream))
-            except Exception as err:  # reported to that request; the worker keeps serving the others
+            # reported to that request; the worker keeps serving the others
+            except Exception as err:
                 job.events.put(("error", err))
             finally:
                 self.current = None
@@ -516,8 +568,9 @@ class Worker:
 # --------------------------------------------------------------------------------------------------
 
 def finish_reason(text: str, stream_reason: str | None, has_calls: bool) -> str:
-    """Moonshot's tool_call_guidance.md: "tool_calls" when the answer carries tool calls, except "length" when the
-    token limit cut their section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
+    """Moonshot's tool_call_guidance.md: "tool_calls" when the answer carries tool calls, except
+    "length" when the token limit cut their section off (its calls are incomplete); otherwise the
+    stream's "stop" / "length"."""
     if not has_calls:
         return stream_reason or "stop"
     if stream_reason == "length" and SECTION_END not in text[text.find(SECTION_BEGIN):]:
@@ -558,21 +611,26 @@ def _json_object_or_empty(raw: str) -> str:
 
 
 class ToolCallStreamer:
-    """The completion text, piece by piece -> OpenAI delta dicts that add up to assistant_message(whole text).
+    """The completion text, piece by piece -> OpenAI delta dicts that add up to
+    assistant_message(whole text).
 
-    A small state machine over K2's markers, so each character is looked at a bounded number of times (the work
-    per piece does not grow with the text before it): content is sent up to the tool-call section, holding back a
-    tail that could be the start of its marker; in the section, call j's header (index, id, type, name) goes out
-    once `functions.NAME:IDX<|tool_call_argument_begin|>` is complete, and its arguments once `<|tool_call_end|>`
-    closes them. Both are final then (the same rules as the parser: tokenizer.CALL_RE), so nothing sent is ever
-    taken back. A call to an undeclared tool is skipped; a malformed call stops the streaming of calls, and
-    finish() sends the rest from the parser itself. Text is masked (TextStreamLike); deltas are not.
-    max_calls and declared: as in assistant_message."""
+    A small state machine over K2's markers, so each character is looked at a bounded number of
+    times (the work per piece does not grow with the text before it): content is sent up to the
+    tool-call section, holding back a tail that could be the start of its marker; in the section,
+    call j's header (index, id, type, name) goes out once
+    `functions.NAME:IDX<|tool_call_argument_begin|>` is complete, and its arguments once
+    `<|tool_call_end|>` closes them. Both are final then (the same rules as the parser:
+    tokenizer.CALL_RE), so nothing sent is ever taken back. A call to an undeclared tool is
+    skipped; a malformed call stops the streaming of calls, and finish() sends the rest from the
+    parser itself. Text is masked (TextStreamLike); deltas are not. max_calls and declared: as in
+    assistant_message."""
 
-    def __init__(self, first_index: int, max_calls: int | None = None, declared: Collection[str] | None = None):
+    def __init__(self, first_index: int, max_calls: int | None = None,
+                 declared: Collection[str] | None = None):
         self.first_index, self.max_calls, self.declared = first_index, max_calls, declared
         self.pieces: list[str] = []  # everything fed, for finish()
-        self.state = "content"  # -> section -> head -> args -> section ...; or done (section over), stuck (malformed)
+        # -> section -> head -> args -> section ...; or done (section over), stuck (malformed)
+        self.state = "content"
         self.tail = ""  # fed text not consumed yet: a possible marker start, plus the newest piece
         self.field: list[str] = []  # the current call's id or arguments so far
         self.keep = False  # the current call goes out (declared, and within max_calls)
@@ -617,8 +675,8 @@ class ToolCallStreamer:
         return out
 
     def _next(self, *markers: str) -> tuple[str, str | None]:
-        """Consume the tail up to and including the first of markers -> (text before it, marker); or, with none in
-        it, up to a possible start of one -> (that text, None)."""
+        """Consume the tail up to and including the first of markers -> (text before it, marker);
+        or, with none in it, up to a possible start of one -> (that text, None)."""
         hits = [(i, m) for m in markers if (i := self.tail.find(m)) >= 0]
         if hits:
             i, marker = min(hits)
@@ -651,7 +709,8 @@ class ToolCallStreamer:
         return [self._arguments(self.args_sent - 1, unmask_pipes(_json_object_or_empty(raw)))]
 
     def finish(self) -> list[dict]:
-        """End of the completion: the content and calls not sent yet, straight from assistant_message."""
+        """End of the completion: the content and calls not sent yet, straight from
+        assistant_message."""
         msg, _ = assistant_message(self.text, self.first_index, self.max_calls, self.declared)
         out = []
         content = msg["content"] or ""
