@@ -80,7 +80,8 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
     if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
                          f"got {temperature}, {top_p}, {top_k}")
-    logits = logits.float()  # fp32: sampling from bf16 logits would distort small probabilities
+    # fp32: sampling from bf16 logits would distort small probabilities
+    logits = logits.float()
     # NaN or +inf: argmax would pick it silently, multinomial would fail deep inside torch
     # (-inf is a masked token)
     if bool((logits.isnan() | logits.isposinf()).any()):
@@ -185,7 +186,8 @@ def generate_tokens(model: Transformer, prompt: Tensor, max_new_tokens: int,
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
     seq = prompt
-    if use_cache:  # prefill: the prompt through the model once, filling the latent cache
+    # prefill: the prompt through the model once, filling the latent cache
+    if use_cache:
         for s in range(0, T, prefill_chunk):
             logits = model(prompt[:, s:s + prefill_chunk], cache, last_only=True)[:, -1]  # (B, V)
     else:

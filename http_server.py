@@ -113,7 +113,8 @@ class JSONServer(ThreadingHTTPServer):
     the server ("*" = any); any other request with an Origin header, i.e. from a browser page, is
     refused. header_timeout: seconds a connection may wait for its next request line before it is
     closed. log: where the one line per request goes (default: stderr)."""
-    daemon_threads = True  # a connection left open never blocks shutdown
+    # a connection left open never blocks shutdown
+    daemon_threads = True
     # the listen backlog: socketserver's default of 5 drops the connects of a burst (each then
     # retried by the client's kernel after 1 s); the system's maximum, as uvicorn and nginx use a
     # large one (2048, 511)
@@ -334,12 +335,14 @@ class JSONHandler(BaseHTTPRequestHandler):
             self._check_auth()
             self.route(path)
         except APIError as err:
-            if err.status == 500:  # the server's fault (the model's output): say what, once
+            # the server's fault (the model's output): say what, once
+            if err.status == 500:
                 self.server.log(f"  {err.message}")
             self._send_error(err)
         except ConnectionError:  # the client went away (broken pipe, reset, closed while waiting)
             self.close_connection = True
-            self.status = 499  # nginx's "client closed request"
+            # nginx's "client closed request"
+            self.status = 499
         except Exception as err:  # a bug: answer 500 with the message, keep serving
             self.server.log(traceback.format_exc())
             self._send_error(APIError(500, f"internal error: {type(err).__name__}: {err}"))
@@ -372,7 +375,8 @@ class JSONHandler(BaseHTTPRequestHandler):
             err = bad(f"invalid Content-Length header {lengths[0][:40]!r}: "
                       f"expected a number of bytes")
         if err is not None:
-            self.body_touched = True  # where the body ends is unknown: answer and close
+            # where the body ends is unknown: answer and close
+            self.body_touched = True
             raise err
 
     def _check_host(self) -> None:
@@ -542,12 +546,14 @@ class JSONHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        if self.command != "HEAD":  # a HEAD response has headers only (RFC 9110 §9.3.2)
+        # a HEAD response has headers only (RFC 9110 §9.3.2)
+        if self.command != "HEAD":
             self.wfile.write(data)
         self.status = status
 
     def _send_error(self, err: APIError) -> None:
-        if self.streaming:  # headers are out: report in-band, as OpenAI does, and end the stream
+        # headers are out: report in-band, as OpenAI does, and end the stream
+        if self.streaming:
             self._write_event(sse({"error": err.body()["error"]}))
             self._end_stream()
             return

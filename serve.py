@@ -57,8 +57,9 @@ What differs from a textbook "wrap generate() in a web handler":
    The prefill is returned as part of the answer (it is what the assistant said) but counted in
    prompt_tokens, since the model did not sample it; max_tokens bounds the sampled tokens only.
    The model may still add calls after a forced one (no grammar constrains it).
-   parallel_tool_calls false returns only the first call, as vLLM does (vllm-project/vllm#26233:
-   later calls are dropped from the answer, generation is not cut short).
+   parallel_tool_calls false returns only the first call, as vLLM does
+   (maybe_filter_parallel_tool_calls, vllm/entrypoints/openai/utils.py: later calls are dropped
+   from the answer, generation is not cut short).
 4. One model, one request at a time. `Worker` is the only thread that touches the model: HTTP
    threads validate and tokenize a request, put it on a FIFO queue, and relay what the worker
    produces. Each request gets its own KV cache (generate.TextStream builds one), and in eval mode
@@ -120,7 +121,8 @@ from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
 DEFAULT_MODEL_NAME = "kimi-k2-instruct"
 # ours: OpenAI's default is "the rest of the context", too slow on a CPU for a default
 DEFAULT_MAX_TOKENS = 256
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+# what torch.Generator.manual_seed accepts
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 # OpenAI's limit: "Up to 4 sequences where the API will stop generating" (Chat Completions, stop)
 MAX_STOP = 4
 # ours (OpenAI states none): every token is checked against every prefix of every stop string, so
@@ -193,7 +195,8 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
     if not isinstance(model, str) or not model:
         raise bad("you must provide a model parameter (a string); this server serves "
                   f"{served_name!r}", "model")
-    if model != served_name:  # OpenAI answers an unknown model with 404 model_not_found
+    # OpenAI answers an unknown model with 404 model_not_found
+    if model != served_name:
         raise APIError(404, f"The model `{model}` does not exist or you do not have access to it. "
                             f"This server serves `{served_name}` (GET /v1/models).", "model",
                        "model_not_found")
@@ -221,7 +224,8 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
                           "model continues", f"messages[{i}].partial")
             partial = bool(m["partial"])
             m = {k: v for k, v in m.items() if k != "partial"}
-        if m["role"] == "developer":  # OpenAI's newer name for the system role
+        # OpenAI's newer name for the system role
+        if m["role"] == "developer":
             m = {**m, "role": "system"}
         # OpenAI allows text parts as assistant and tool content too; the template wants one string
         # there (beside tool_calls and in a tool result it would print a list as is), so join them
@@ -244,7 +248,8 @@ def parse_request(body: Any, served_name: str) -> ChatRequest:
 
     temperature = number("temperature", G.DEFAULT_TEMPERATURE, lambda t: 0 <= t <= 2, "in [0, 2]")
     top_p = number("top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]")
-    top_k = body.get("top_k")  # not OpenAI's; vLLM's extension (-1 or 0 = off)
+    # not OpenAI's; vLLM's extension (-1 or 0 = off)
+    top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < -1):
         raise bad(f"top_k must be an integer >= -1 (-1 or 0 = off), got {json.dumps(top_k)}",
                   "top_k")
@@ -381,7 +386,8 @@ def _parse_tools(tools: Any, choice: Any) -> tuple[list[dict] | None, str, str |
                 raise bad(f"tools[{i}]: description must be a string",
                           f"tools[{i}].function.description")
     if choice is None:
-        return wrapped, ("auto" if wrapped else "none"), None  # OpenAI's defaults
+        # OpenAI's defaults
+        return wrapped, ("auto" if wrapped else "none"), None
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
             raise bad(f"tool_choice must be {TOOL_CHOICES}, got {choice!r}", "tool_choice")
@@ -517,7 +523,8 @@ class Worker:
         self.engine, self.max_queue = engine, max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.current: Job | None = None
-        self.seconds_per_job = 1.0  # running average (weight 1/4 on the newest), for Retry-After
+        # running average (weight 1/4 on the newest), for Retry-After
+        self.seconds_per_job = 1.0
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self.thread.start()
@@ -552,7 +559,8 @@ class Worker:
                 stream = self.engine.stream(job.prompt_ids, job.params)
                 for piece in stream:
                     job.events.put(("text", piece))
-                    if job.cancelled.is_set():  # closing the generator ends the decode loop
+                    # closing the generator ends the decode loop
+                    if job.cancelled.is_set():
                         break
                 job.events.put(("done", stream))
             # reported to that request; the worker keeps serving the others
@@ -1016,7 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{names or 'only loopback names, so pass --allowed-hosts'}", flush=True)
     print(f"serving '{a.served_model_name}' at {server.url} (Ctrl-C to stop)", flush=True)
 
-    def on_sigterm(signum: int, frame: Any) -> None:  # `kill` shuts down as cleanly as Ctrl-C
+    # `kill` shuts down as cleanly as Ctrl-C
+    def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
