@@ -170,7 +170,8 @@ THREADS_HELP = ("CPU threads for torch. 0 (default) = automatic: the cores this 
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    """The --threads flag of every entry point; apply it with set_threads."""
+    """The --threads flag: a count >= 0, anything else is argparse's usage error. Apply it with
+    set_threads."""
     p.add_argument("--threads", type=number_arg(int, 0), default=0, help=THREADS_HELP)
 
 

@@ -112,7 +112,6 @@ import generate as G
 import runtime
 from http_server import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, HEADER_TIMEOUT, LOOPBACK,
                          APIError, JSONHandler, JSONServer, bad, sse)
-
 from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN, SECTION_END,
                        Tokenizer, mask_pipes, normalize_tools, tool_call_id, unmask_pipes)
 from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
@@ -134,6 +133,7 @@ MAX_STOP_CHARS = 128
 DEFAULT_MAX_QUEUE = 32
 # --api-key's fallback: a key in the environment does not show in `ps`
 API_KEY_ENV = "KIMI_API_KEY"
+
 
 # --------------------------------------------------------------------------------------------------
 # 1. The request: validation and the prompt
