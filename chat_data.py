@@ -916,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampling temperature (0 = greedy)")
     e.add_argument("--show-failures", type=_at_least(0), default=0,
                    help="print up to N failed items")
-    from generate import add_threads_argument
+    from runtime import add_threads_argument
     add_threads_argument(e)
     a = p.parse_args(argv)
     if a.command == "show":
@@ -926,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
             # last <|im_end|>
             print(apply_chat_template(messages, tools, add_generation_prompt=True), end="\n\n")
         return 0
-    from generate import load, set_threads
+    from generate import load
+    from runtime import set_threads
     threads, why = set_threads(a.threads)
     print(f"{threads} CPU thread(s) ({why})", flush=True)
     try:

@@ -96,8 +96,8 @@ import model as M
 import parallel
 import tokenizer as tk
 from data import DATA_DIR, ChatRows, TokenWindows, load_conversations, prepare_tokens
-from generate import THREADS_HELP, add_threads_argument, pick_device, pick_dtype, set_threads
-from generate import check_memory as generate_check_memory
+from runtime import THREADS_HELP, add_threads_argument, pick_device, pick_dtype, set_threads
+from runtime import check_memory as runtime_check_memory
 from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules, build_optimizer
 
 # K2's schedule (Kimi K2 report): 2e-4 constant for 10T of 15.5T tokens, then cosine to 2e-5 over
@@ -878,10 +878,10 @@ def sigterm_as_interrupt():
 
 def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
     """Refuse a model whose training state cannot fit this machine before allocating it
-    (generate.check_memory). Training holds ~16 bytes per parameter: fp32 weights, gradients and two
+    (runtime.check_memory). Training holds ~16 bytes per parameter: fp32 weights, gradients and two
     AdamW moments (Muon keeps one)."""
-    generate_check_memory(margs, device, 16, what, "training needs",
-                          "use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
+    runtime_check_memory(margs, device, 16, what, "training needs",
+                         "use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
 
 
 # Flags that do not change what is computed, so a resumed run may change them; every other flag

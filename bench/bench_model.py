@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as M
-from generate import set_threads
+from runtime import set_threads
 
 # The sweep: cpu-small and three variations of it that a new user would try. Head dims, YaRN and one dense layer
 # first stay cpu-small's; the wide config doubles every width with the hidden size.
@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement, median reported (default 3; --sweep 5)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (0 = automatic, as generate.set_threads; default 0, --sweep: 1)")
+                   help="CPU threads (0 = automatic, as runtime.set_threads; default 0, --sweep: 1)")
     p.add_argument("--sweep", action="store_true", help="every SWEEP_CONFIGS config x --dtypes, with MFU (docstring)")
     p.add_argument("--configs", default="", help=f"--sweep: comma-separated subset of {', '.join(SWEEP_CONFIGS)}")
     p.add_argument("--dtypes", default="float32,bfloat16", help="--sweep: comma-separated torch dtypes")

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model
 import moe
-from generate import add_threads_argument, set_threads
+from runtime import add_threads_argument, set_threads
 
 # An H200's ceilings as PyTorch reaches them, measured on one: a bf16 8192³ torch.matmul on random data, and a
 # device-to-device tensor copy counting bytes read + written (NVIDIA's H200 SXM datasheet: 989 TFLOP/s, 4.8 TB/s)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as kimi
-from generate import add_threads_argument, set_threads
+from runtime import add_threads_argument, set_threads
 from muonclip import NS_STEPS, MuonClip, split_params, zeropower_via_newtonschulz5
 
 

@@ -28,7 +28,7 @@ from typing import Sequence
 # scripts named bench_* shadow no project module; import the project's modules from the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import generate as G
+import runtime
 import serve
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
@@ -107,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
     p.add_argument("--requests", type=int, default=16, help="requests per row (split evenly over the clients)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
-    G.add_threads_argument(p)
+    runtime.add_threads_argument(p)
     a = p.parse_args(argv)
-    G.set_threads(a.threads)  # before the server's worker thread starts: it inherits the count
+    runtime.set_threads(a.threads)  # before the server's worker thread starts: it inherits the count
     with tempfile.TemporaryDirectory() as tmp:
         if a.ckpt:
             ckpt, what = Path(a.ckpt), a.ckpt

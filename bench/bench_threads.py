@@ -2,11 +2,11 @@
 
 torch starts with one thread per core. Every parallel CPU operator waits for its whole team of threads, so when
 another process holds a core, the thread that lost it stalls each operator until the scheduler runs it again, while
-its teammates spin-wait (generate.set_threads explains it). This script runs the real command line,
+its teammates spin-wait (runtime.set_threads explains it). This script runs the real command line,
 `python generate.py --raw --prompt ... --max-new-tokens N`, as a fresh process for each measurement, with 0 or more
 `python -c "while True: pass"` loops running beside it, three ways:
 * old default    : --threads <the cores of this process's affinity>, what torch does unless told otherwise;
-* new default    : no --threads (generate.set_threads: the cores no other process is busy on at start);
+* new default    : no --threads (runtime.set_threads: the cores no other process is busy on at start);
 * --threads 1    : the hand fix the README used to suggest.
 Prints the decode tokens/s that generate.py reports (median of --repeats, the runs interleaved) and the ratio of
 the new default to the old one. Bounded: every run has a timeout and the busy loops are killed at the end.

@@ -157,15 +157,22 @@ def test_stop_token_and_stop_string(tok):
     (["--device", "mps"], "no usable Apple GPU"),
     (["--device", "cuda:0"], "no CUDA device"),
     (["--ckpt", "/nonexistent/ckpt"], "does not exist"),
-    (["--max-new-tokens", "0"], "at least 1 token"),
 ])
 def test_cli_bad_input_is_one_line_error(argv, message, capsys):
-    """generate.py's command line: a bad device, checkpoint or length ends with `error: ...`, not a traceback."""
+    """generate.py's command line: a bad device or checkpoint ends with `error: ...`, not a traceback."""
     if "cuda" in argv[-1] and torch.cuda.is_available() or "mps" in argv[-1] and torch.backends.mps.is_available():
         pytest.skip("that device exists here")
     with pytest.raises(SystemExit) as exit_info:
         G.main(argv + ["--prompt", "hi"])
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+
+
+def test_max_new_tokens_below_one_is_an_argparse_error(capsys):
+    """A flag out of range is argparse's usage error (exit 2), found before any model is loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        G.main(["--max-new-tokens", "0", "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max-new-tokens 0: ask for at least 1 token" in err, err
 
 
 def test_damaged_checkpoint_is_one_line_error(tmp_path):

@@ -677,6 +677,28 @@ def test_chunked_uploads_and_refused_bodies_on_one_connection(scripted):
     conn.close()
 
 
+def one_running_one_queued(live) -> tuple[list[int], list[threading.Thread]]:
+    """Start two slow requests: the first running in the worker, the second waiting in its queue. Returns the
+    status list the two fill in and their threads (join them)."""
+    slow = json.dumps({"model": "kimi-k2-instruct", "max_tokens": 60,
+                       "messages": [{"role": "user", "content": "long"}]}).encode()
+    results: list[int] = []
+
+    def send() -> None:
+        results.append(live.raw("POST", "/v1/chat/completions", slow, {"Content-Type": "application/json"})[0])
+
+    running = threading.Thread(target=send)
+    running.start()
+    deadline = time.monotonic() + 10
+    while live.server.worker.current is None and time.monotonic() < deadline:  # the first one runs
+        time.sleep(0.005)
+    waiting = threading.Thread(target=send)
+    waiting.start()
+    while live.server.worker.jobs.qsize() < 1 and time.monotonic() < deadline:  # the second one waits
+        time.sleep(0.005)
+    return results, [running, waiting]
+
+
 def abandon_long_request(scripted, abandon) -> None:
     """Slow the model down, let `abandon(model, steps_before)` start the 300-word "long" reply and walk away from
     it, then check that the job was cut short (the next request runs after it, FIFO, within 150 steps) and that the
@@ -708,6 +730,16 @@ def test_client_going_away_stops_generation(scripted):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command line: --api-key, --served-model-name, the log, Ctrl-C
+
+
+@pytest.mark.parametrize("argv", [["--max-body-bytes", "0"], ["--default-max-tokens", "0"],
+                                  ["--max-connections", "0"], ["--max-queue", "-1"]])
+def test_cli_limits_out_of_range_are_argparse_errors(argv, capsys):
+    """A limit flag out of range is argparse's usage error (exit 2), before any model is loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must be at least 1, --max-queue at least 0" in err, err
 
 
 def test_cli_api_key_and_clean_ctrl_c(tiny_ckpt):

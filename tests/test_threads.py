@@ -1,6 +1,6 @@
 """Protects the CPU thread count of every entry point: `--threads N` reaches torch inside the run (generate.py,
 serve.py's worker thread, chat_data.py eval, train.py), and the automatic default (0) leaves out the cores other
-processes are busy on and respects a cgroup CPU quota (generate.set_threads / busy_cores / cpu_quota).
+processes are busy on and respects a cgroup CPU quota (runtime.set_threads / busy_cores / cpu_quota).
 Compares against: torch.get_num_threads() read inside the model's forward (the thread that really runs it), a real
 busy process pinned to one of this process's cores, and the rule cores - busy written out by hand.
 Run: pytest tests/test_threads.py -q   (CPU, a few seconds)"""
@@ -18,6 +18,7 @@ import torch
 import chat_data as C
 import generate as G
 import model as M
+import runtime
 import serve
 import tokenizer as tk
 import train
@@ -77,12 +78,12 @@ def test_train_resume_keeps_the_automatic_count(seen, tmp_path, monkeypatch):
     (bit-identical losses) even if the machine got busier in between."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    monkeypatch.setattr(G, "cpu_quota", lambda: None)
-    monkeypatch.setattr(G, "busy_cores", lambda cpus: (0.0, "stub: an idle machine"))
+    monkeypatch.setattr(runtime, "cpu_quota", lambda: None)
+    monkeypatch.setattr(runtime, "busy_cores", lambda cpus: (0.0, "stub: an idle machine"))
     assert train.main(_tiny_run(tmp_path)) == 0
     assert set(seen) == {cores}
     seen.clear()
-    monkeypatch.setattr(G, "busy_cores", lambda cpus: (cores - 1.0, "stub: a busy machine"))  # auto would pick 1
+    monkeypatch.setattr(runtime, "busy_cores", lambda cpus: (cores - 1.0, "stub: a busy machine"))  # auto would pick 1
     assert train.main(["--resume", str(tmp_path / "run"), "--steps", "2"]) == 0
     assert seen and set(seen) == {cores}
 
@@ -116,19 +117,19 @@ def test_serve_honours_threads_in_its_worker_thread(seen, monkeypatch):
 def test_automatic_count_leaves_out_busy_cores(monkeypatch):
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(G, "cpu_quota", lambda: None)
+    monkeypatch.setattr(runtime, "cpu_quota", lambda: None)
     for busy in (0.0, 0.4, 1.0, 1.6, len(cpus) + 3.0):
-        monkeypatch.setattr(G, "busy_cores", lambda cpus, busy=busy: (busy, "stub"))
-        n, why = G.set_threads(0)
+        monkeypatch.setattr(runtime, "busy_cores", lambda cpus, busy=busy: (busy, "stub"))
+        n, why = runtime.set_threads(0)
         assert n == max(1, len(cpus) - round(busy)) == torch.get_num_threads(), (busy, n)
         assert f"{busy:.1f} busy" in why
-    monkeypatch.setattr(G, "busy_cores", lambda cpus: (0.0, "stub"))
+    monkeypatch.setattr(runtime, "busy_cores", lambda cpus: (0.0, "stub"))
     for quota, expect in ((None, len(cpus)), (0.5, 1), (1.0, 1), (1.5, 1), (64.0, len(cpus))):  # docker --cpus
-        monkeypatch.setattr(G, "cpu_quota", lambda quota=quota: quota)
-        assert G.set_threads(0)[0] == min(expect, len(cpus)) == torch.get_num_threads(), quota
+        monkeypatch.setattr(runtime, "cpu_quota", lambda quota=quota: quota)
+        assert runtime.set_threads(0)[0] == min(expect, len(cpus)) == torch.get_num_threads(), quota
     monkeypatch.setenv("OMP_NUM_THREADS", str(ASKED))  # torchrun sets it (to 1) for its ranks: it wins
-    assert G.set_threads(0) == (ASKED, f"OMP_NUM_THREADS={ASKED}") and torch.get_num_threads() == ASKED
-    assert G.set_threads(2)[0] == 2 == torch.get_num_threads()  # an explicit count wins over everything
+    assert runtime.set_threads(0) == (ASKED, f"OMP_NUM_THREADS={ASKED}") and torch.get_num_threads() == ASKED
+    assert runtime.set_threads(2)[0] == 2 == torch.get_num_threads()  # an explicit count wins over everything
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"),
@@ -139,7 +140,7 @@ def test_busy_cores_sees_a_real_busy_process():
     loop = subprocess.Popen([sys.executable, "-c", "while True: pass"],
                             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     try:
-        busy, how = G.busy_cores({cpu}, seconds=0.3)  # the loop's core alone: it is ~fully busy
+        busy, how = runtime.busy_cores({cpu}, seconds=0.3)  # the loop's core alone: it is ~fully busy
         assert busy >= 0.7 and "/proc/stat" in how, busy
     finally:
         loop.kill()
@@ -150,8 +151,8 @@ def test_cpu_quota_reads_cgroup_v2(tmp_path):
     f = tmp_path / "cpu.max"
     for text, quota in (("200000 100000\n", 2.0), ("50000 100000\n", 0.5), ("max 100000\n", None), ("", None)):
         f.write_text(text)
-        assert G.cpu_quota(f) == quota, text
-    assert G.cpu_quota(tmp_path / "missing") is None
+        assert runtime.cpu_quota(f) == quota, text
+    assert runtime.cpu_quota(tmp_path / "missing") is None
 
 
 def test_threads_flag_rejects_negative_counts(capsys):
