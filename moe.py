@@ -179,11 +179,18 @@ class Experts(nn.Module):
         return self.gate_proj.shape[0]
 
 
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Where a token's K expert outputs are summed: fp32 for bf16/fp16/fp32 inputs (as HF), fp64 for
+    fp64 inputs (the exact references of tests/test_kernels.py)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """The definition: each token's output is the weighted sum of its K experts.
     x (N, D), weights/idx (N, K) -> (N, D)."""
-    # fp32: sums K expert outputs per token (HF)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (N, D)
+    # fp32 (fp64 for fp64 inputs): sums K expert outputs per token (HF)
+    acc = _acc_dtype(x)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (N, D)
     # unbind once, not stack[e] per expert: the backward of each stack[e] would write a zero-filled
     # (E, ·, ·) gradient of the whole stack, E times per layer; unbind's backward stacks the E
     # pieces once
@@ -194,7 +201,7 @@ def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> 
         if tok.numel() == 0:  # experts may receive no tokens at all
             continue
         y = swiglu(x[tok], gate[e], up[e], down[e])  # (n_e, D)
-        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+        out.index_add_(0, tok, y.to(acc) * weights[tok, slot, None])
     return out.to(x.dtype)
 
 
@@ -240,7 +247,7 @@ def _moe_few_pairs(x: Tensor, weights: Tensor, flat: Tensor, experts: Experts) -
     y = torch.cat([swiglu(rows[p // K], gate[e], up[e], down[e])
                    for p, e in enumerate(flat.tolist())])  # (M, D)
     # routing weight per pair, fp32 accumulation as the reference
-    y = y.float() * weights.reshape(-1, 1)  # (M, D)
+    y = y.to(_acc_dtype(x)) * weights.reshape(-1, 1)  # (M, D)
     return y.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
 
 
@@ -260,16 +267,17 @@ def moe_grouped(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Te
     y = swiglu(h, experts.gate_proj, experts.up_proj, experts.down_proj,
                linear=lambda a, w: _grouped_matmul(a, w, counts))  # (M, D)
     # routing weight per pair, fp32 as the reference
-    y = y.float() * weights.reshape(-1)[order, None]  # (M, D)
+    acc = _acc_dtype(x)
+    y = y.to(acc) * weights.reshape(-1)[order, None]  # (M, D)
     if x.device.type == "cpu":
         # the only scatter: each pair's row added into its token's row, in expert order as the
         # reference loop adds them (a CPU adds serially, so the sum is deterministic); fp32
         # accumulation as the reference
-        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+        out = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)
         return out.index_add_(0, tok, y).to(x.dtype)  # (N, D)
     # on a GPU index_add_ adds a token's K rows with atomics in any order: place each row once,
     # then sum the K
-    out = torch.zeros(N * K, x.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(N * K, x.shape[1], dtype=acc, device=x.device)
     # back to (token, slot) order; each row written once, so the sum below is deterministic
     out[order] = y  # (M, D)
     return out.view(N, K, -1).sum(1).to(x.dtype)  # (N, D)
@@ -292,13 +300,14 @@ def moe_segments(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> T
     # gradient per expert. E pieces of (n_e, D), (n_e,), (n_e, 1):
     rows, toks, ws = x[tok].split(counts), tok.split(counts), w.split(counts)
     gate, up, down = (p.unbind(0) for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)  # (N, D)
+    acc = _acc_dtype(x)
+    out = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)  # (N, D)
     for e, n_e in enumerate(counts):
         if n_e == 0:
             continue
         y = swiglu(rows[e], gate[e], up[e], down[e])  # (n_e, D)
         # fp32, the reference's arithmetic in its order
-        out.index_add_(0, toks[e], y.float() * ws[e])  # (N, D)
+        out.index_add_(0, toks[e], y.to(acc) * ws[e])  # (N, D)
     return out.to(x.dtype)
 
 
