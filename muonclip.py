@@ -332,41 +332,6 @@ class MuonClip(torch.optim.Optimizer):
                    ns_steps=ns_steps, betas=betas, eps=eps, model=model, qk_clip_tau=qk_clip_tau,
                    bias_update_speed=bias_update_speed, bias_update_rule=bias_update_rule)
 
-    def _check_param_groups(self, model: nn.Module | None) -> None:
-        """Every Muon tensor is a matrix or a stack of matrices; with a model, every trainable
-        parameter is in exactly one group and nothing else is (torch already rejects a tensor listed
-        in two groups)."""
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        seen: set[int] = set()
-        for i, g in enumerate(self.param_groups):
-            labels = g.get("param_names") or [names.get(id(p), f"group {i} param {j}")
-                                              for j, p in enumerate(g["params"])]
-            for label, p in zip(labels, g["params"]):
-                if id(p) in seen:
-                    raise ValueError(f"{label} is listed twice in param group {i}; "
-                                     "list each parameter once")
-                seen.add(id(p))
-                if g["use_muon"] and p.ndim not in (2, 3):
-                    raise ValueError(f"{label} has shape {tuple(p.shape)} but is in a Muon group: "
-                                     "Muon needs a matrix (A, B) or an expert stack (E, A, B); "
-                                     "put it in a use_muon=False group")
-                if not p.is_floating_point():
-                    raise ValueError(f"{label} has dtype {p.dtype}; only floating-point tensors "
-                                     "can be optimized")
-        if model is None:
-            return
-        trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        missing = [n for k, n in trainable.items() if k not in seen]
-        extra = [i for i in seen if i not in trainable]
-        if missing:
-            raise ValueError(f"{len(missing)} trainable parameters are in no param group, "
-                             f"e.g. {missing[:3]}; add them, or set requires_grad=False to "
-                             "freeze them")
-        if extra:
-            raise ValueError(f"{len(extra)} tensors in the param groups are not trainable "
-                             "parameters of the model (frozen, or from another module); "
-                             "remove them")
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter with a gradient, then (with a model) the bias update and
@@ -425,6 +390,40 @@ class MuonClip(torch.optim.Optimizer):
             self.last_stats = stats
         return loss
 
+    def _check_param_groups(self, model: nn.Module | None) -> None:
+        """Every Muon tensor is a matrix or a stack of matrices; with a model, every trainable
+        parameter is in exactly one group and nothing else is (torch already rejects a tensor listed
+        in two groups)."""
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        seen: set[int] = set()
+        for i, g in enumerate(self.param_groups):
+            labels = g.get("param_names") or [names.get(id(p), f"group {i} param {j}")
+                                              for j, p in enumerate(g["params"])]
+            for label, p in zip(labels, g["params"]):
+                if id(p) in seen:
+                    raise ValueError(f"{label} is listed twice in param group {i}; "
+                                     "list each parameter once")
+                seen.add(id(p))
+                if g["use_muon"] and p.ndim not in (2, 3):
+                    raise ValueError(f"{label} has shape {tuple(p.shape)} but is in a Muon group: "
+                                     "Muon needs a matrix (A, B) or an expert stack (E, A, B); "
+                                     "put it in a use_muon=False group")
+                if not p.is_floating_point():
+                    raise ValueError(f"{label} has dtype {p.dtype}; only floating-point tensors "
+                                     "can be optimized")
+        if model is None:
+            return
+        trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [n for k, n in trainable.items() if k not in seen]
+        extra = [i for i in seen if i not in trainable]
+        if missing:
+            raise ValueError(f"{len(missing)} trainable parameters are in no param group, "
+                             f"e.g. {missing[:3]}; add them, or set requires_grad=False to "
+                             "freeze them")
+        if extra:
+            raise ValueError(f"{len(extra)} tensors in the param groups are not trainable "
+                             "parameters of the model (frozen, or from another module); "
+                             "remove them")
 
     def full_state_dict(self) -> dict:
         """state_dict() with the state of every split parameter gathered whole: the one-process
@@ -490,6 +489,57 @@ def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> MuonCli
 
 
 # --------------------------------------------------------------------------------------------------
+# Load balancing (DeepSeek-V3 report, arXiv 2412.19437, §2.1.2)
+
+
+def _moe_modules(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers (moe.MoE): their expert_load buffers and routing biases."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Tensor:
+    """Change of the routing bias for one MoE layer: load (E,) tokens per expert -> delta (E,) fp32.
+
+    'deepseek' (DeepSeek-V3 §2.1.2; Wang et al. 2408.15664): delta_i = speed · sign(mean_load -
+    load_i), so over-loaded experts get less attractive and under-loaded ones more. 'moonlight'
+    (Moonlight App. C): delta_i = speed · (sign(e_i) - mean_j sign(e_j)), the same minus its mean,
+    which keeps sum(b) from drifting and changes no top-k choice. Which rule K2 used is UNVERIFIED
+    (neither the Kimi K2 report nor its config says).
+    """
+    load = load.float()  # fp32: e_score_correction_bias is fp32 in the checkpoint
+    # mean_load = T·K/E (DeepSeek-V3 §2.1.2); equal to load.mean() because every token is routed to
+    # exactly K experts
+    err = load.mean() - load  # (E,), > 0 for under-loaded experts
+    direction = torch.sign(err)
+    if rule == "moonlight":
+        direction = direction - direction.mean()
+    elif rule != "deepseek":
+        raise ValueError(f"rule={rule!r}; use 'deepseek' or 'moonlight'")
+    return speed * direction
+
+
+@torch.no_grad()
+def update_routing_bias_(model: nn.Module, speed: float = BIAS_UPDATE_SPEED,
+                         rule: str = "deepseek") -> dict:
+    """Move every MoE layer's e_score_correction_bias toward balanced load, then zero expert_load.
+
+    Uses the tokens counted since the last call (all micro-batches of the step). speed 0 only
+    measures and resets (DeepSeek-V3 sets gamma = 0 for its last 500B tokens). Returns
+    {"load_maxvio": per layer (max_i load_i - mean) / mean, 0 = perfect balance (MaxVio of arXiv
+    2408.15664)}; layers that routed no token report 0.
+    """
+    maxvio = []
+    for moe in _moe_modules(model):
+        load = moe.expert_load.float()                                      # (E,)
+        mean = load.mean()
+        maxvio.append(((load.max() - mean) / mean).item() if mean > 0 else 0.0)
+        if speed and mean > 0:
+            moe.gate.e_score_correction_bias.add_(routing_bias_delta(load, speed, rule))
+        moe.expert_load.zero_()
+    return {"load_maxvio": maxvio}
+
+
+# --------------------------------------------------------------------------------------------------
 # QK-Clip (Kimi K2 tech report, arXiv 2507.20534)
 
 
@@ -497,11 +547,6 @@ def _attention_modules(model: nn.Module) -> list[MLA]:
     """The model's attention layers (attention.MLA): their max_logits buffers and query/key
     weights."""
     return [m for m in model.modules() if isinstance(m, MLA)]
-
-
-def _moe_modules(model: nn.Module) -> list[MoE]:
-    """The model's MoE layers (moe.MoE): their expert_load buffers and routing biases."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def qk_clip_gamma(max_logits: Tensor, tau: float) -> Tensor:
@@ -568,49 +613,3 @@ def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
     kv = attn.kv_b_proj.weight                                              # (H·(Dn+Dv), Ckv)
     kvh = kv.view(H, -1, kv.size(-1))  # (H, Dn+Dv, Ckv); per head [k^C | v]
     kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])  # v rows untouched: values are not logits
-
-
-# --------------------------------------------------------------------------------------------------
-# Load balancing (DeepSeek-V3 report, arXiv 2412.19437, §2.1.2)
-
-
-def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Tensor:
-    """Change of the routing bias for one MoE layer: load (E,) tokens per expert -> delta (E,) fp32.
-
-    'deepseek' (DeepSeek-V3 §2.1.2; Wang et al. 2408.15664): delta_i = speed · sign(mean_load -
-    load_i), so over-loaded experts get less attractive and under-loaded ones more. 'moonlight'
-    (Moonlight App. C): delta_i = speed · (sign(e_i) - mean_j sign(e_j)), the same minus its mean,
-    which keeps sum(b) from drifting and changes no top-k choice. Which rule K2 used is UNVERIFIED
-    (neither the Kimi K2 report nor its config says).
-    """
-    load = load.float()  # fp32: e_score_correction_bias is fp32 in the checkpoint
-    # mean_load = T·K/E (DeepSeek-V3 §2.1.2); equal to load.mean() because every token is routed to
-    # exactly K experts
-    err = load.mean() - load  # (E,), > 0 for under-loaded experts
-    direction = torch.sign(err)
-    if rule == "moonlight":
-        direction = direction - direction.mean()
-    elif rule != "deepseek":
-        raise ValueError(f"rule={rule!r}; use 'deepseek' or 'moonlight'")
-    return speed * direction
-
-
-@torch.no_grad()
-def update_routing_bias_(model: nn.Module, speed: float = BIAS_UPDATE_SPEED,
-                         rule: str = "deepseek") -> dict:
-    """Move every MoE layer's e_score_correction_bias toward balanced load, then zero expert_load.
-
-    Uses the tokens counted since the last call (all micro-batches of the step). speed 0 only
-    measures and resets (DeepSeek-V3 sets gamma = 0 for its last 500B tokens). Returns
-    {"load_maxvio": per layer (max_i load_i - mean) / mean, 0 = perfect balance (MaxVio of arXiv
-    2408.15664)}; layers that routed no token report 0.
-    """
-    maxvio = []
-    for moe in _moe_modules(model):
-        load = moe.expert_load.float()                                      # (E,)
-        mean = load.mean()
-        maxvio.append(((load.max() - mean) / mean).item() if mean > 0 else 0.0)
-        if speed and mean > 0:
-            moe.gate.e_score_correction_bias.add_(routing_bias_delta(load, speed, rule))
-        moe.expert_load.zero_()
-    return {"load_maxvio": maxvio}
