@@ -20,7 +20,7 @@ How it differs from a dense transformer FFN, in the order the forward pass runs:
 3. Shared expert(s) (`shared_experts`): one SwiGLU MLP every token always goes through, weight 1.
 
 Dispatch — four implementations of one contract (x (N, D), weights (N, K), idx (N, K) -> (N, D)),
-all built on the one expert formula `swiglu`:
+the three PyTorch ones built on the one expert formula `swiglu`:
 * `moe_reference`: the definition, a loop over the experts that received tokens (the plain twin).
 * `moe_grouped`:   sort the (token, slot) pairs by expert once, then each stage (gate/up, down) as
                    ONE grouped matmul over all experts' contiguous segments; one gather, one
