@@ -296,11 +296,17 @@ class Tokenizer:
         """
         ids: list[int] = []
         mask: list[int] = []
-        for text, is_special, supervised in _chat_segments(messages, tools, add_generation_prompt):
-            piece = [self.special_tokens[text]] if is_special else self.encode(text)
+        for segment in _chat_segments(messages, tools, add_generation_prompt):
+            piece = self.encode_segments([segment])
             ids.extend(piece)
-            mask.extend([int(supervised)] * len(piece))
+            mask.extend([int(segment[2])] * len(piece))
         return ids, mask
+
+    def encode_segments(self, segments: Iterable[Segment]) -> list[int]:
+        """(text, is_special, supervised) segments -> ids: a special token by its id, a text through
+        `encode`. How encode_chat and serve.py's tool-call prefill (tool_call_opening) are encoded."""
+        return [i for text, is_special, _ in segments
+                for i in ([self.special_tokens[text]] if is_special else self.encode(text))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,11 +603,6 @@ def _check_list(x: Any, what: str, item: str) -> None:
         raise ValueError(f"{what} must be a list of {item}s, got {type(x).__name__}{hint}")
 
 
-def tool_call_id(name: str, index: int) -> str:
-    """K2's tool-call id, `functions.{name}:{index}` (tool_call_guidance.md)."""
-    return f"functions.{name}:{index}"
-
-
 def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Tool schemas -> the official wrapped form {"type": "function", "function": {...}} (MoonshotAI/Kimi-K2
     docs/tool_call_guidance.md). Accepts that form and the flat {"name", "description", "parameters"} form; keys
@@ -672,15 +673,6 @@ def _content_text(content: Any, at: str) -> str:
 
 
 Segment = tuple[str, bool, bool]  # (text, is_special, supervised)
-
-
-def _tool_call_segments(calls: Sequence[tuple[str, str]], supervised: bool) -> list[Segment]:
-    """The tool-call section for [(id, arguments)]: the layout shared by the template and format_tool_calls."""
-    segs: list[Segment] = [(SECTION_BEGIN, True, supervised)]
-    for call_id, args in calls:
-        segs += [(CALL_BEGIN, True, supervised), (call_id, False, supervised), (CALL_ARG_BEGIN, True, supervised),
-                 (args, False, supervised), (CALL_END, True, supervised)]
-    return segs + [(SECTION_END, True, supervised)]
 
 
 def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
@@ -763,118 +755,213 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[M
     assistant `tool_calls` in OpenAI form (missing ids become functions.{name}:{idx}); tool messages need
     `tool_call_id`. tools: flat or OpenAI-wrapped schemas, normalised to the wrapped form. Raises ValueError on
     input the template would render wrongly or silently (unknown role, non-JSON arguments, images, ...)."""
-    return "".join(text for text, _, _ in _chat_segments(messages, tools, add_generation_prompt))
+    return join_segments(_chat_segments(messages, tools, add_generation_prompt))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 7. Tool calls in generated text (Moonshot's docs/tool_call_guidance.md)
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# 7. Tool calls: K2's wire format, rendered and parsed (Moonshot's docs/tool_call_guidance.md)
+# ----------------------------------------------------------------------------------------------------
+# An assistant turn writes its calls as one section after its content, one call after another:
+#   <|tool_calls_section_begin|>
+#     <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}<|tool_call_end|>
+#   <|tool_calls_section_end|>
+# The chat template renders it with `_tool_call_segments` (also `format_tool_calls`), serve.py
+# prefills its opening with `tool_call_opening`, and `parse_tool_calls` reads model output back
+# into `ToolCall`s; tools.py, serve.py and generate.py use these and state none of its rules again.
 
+# A tool's name: the name part of the guide's id regex `[\w\.]+:\d+`.
+TOOL_NAME = r"[\w.]+"
+TOOL_NAME_RE = re.compile(TOOL_NAME)
 # Official reference parser regexes (tool_call_guidance.md), DOTALL, verbatim.
 SECTION_RE = re.compile(r"<\|tool_calls_section_begin\|>(.*?)<\|tool_calls_section_end\|>", re.DOTALL)
-OFFICIAL_CALL_RE = re.compile(r"<\|tool_call_begin\|>\s*(?P<tool_call_id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>"
-                              r"\s*(?P<function_arguments>.*?)\s*<\|tool_call_end\|>", re.DOTALL)
-# The same call regex, rewritten so that it cannot backtrack catastrophically; tests/test_tokenizer.py holds the
-# two equal (same match or no match, same groups). In the official one, `\s*(.*?)\s*` can split a run of whitespace
-# in every possible way: on a call cut off inside whitespace (no <|tool_call_end|>; a small model can emit a few
-# thousand blank tokens before max_tokens) it takes O(n^3) steps: 2,000 spaces 5 s, 8,000 spaces 270 s. Here every
-# whitespace run has one way to match: the leading `\s*(?!\s)` takes all of it, and the arguments are non-space
-# characters joined by whitespace runs (`\s*` before `\S` must take the whole run), none starting the end marker,
-# so the arguments are still "up to the first <|tool_call_end|>, whitespace stripped", and the scan is linear.
+OFFICIAL_CALL_RE = re.compile(
+    r"<\|tool_call_begin\|>\s*(?P<tool_call_id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>"
+    r"\s*(?P<function_arguments>.*?)\s*<\|tool_call_end\|>", re.DOTALL)
+# The same call regex, rewritten so that it cannot backtrack catastrophically; tests/test_tokenizer.py
+# holds the two equal (same match or no match, same groups). In the official one, `\s*(.*?)\s*` can
+# split a run of whitespace in every possible way: on a call cut off inside whitespace (no
+# <|tool_call_end|>; a small model can emit a few thousand blank tokens before max_tokens) it takes
+# O(n^3) steps: 2,000 spaces 5 s, 8,000 spaces 270 s. Here every whitespace run has one way to match:
+# the leading `\s*(?!\s)` takes all of it, and the arguments are non-space characters joined by
+# whitespace runs (`\s*` before `\S` must take the whole run), none starting the end marker, so the
+# arguments are still "up to the first <|tool_call_end|>, whitespace stripped", and the scan is linear.
 _CALL_END_RE = r"<\|tool_call_end\|>"
 _ARG_CHAR = rf"(?!{_CALL_END_RE})\S"  # a non-space character that does not start the end marker
-CALL_RE = re.compile(r"<\|tool_call_begin\|>\s*(?P<tool_call_id>[\w\.]+:\d+)\s*<\|tool_call_argument_begin\|>"
-                     rf"\s*(?!\s)(?P<function_arguments>(?:{_ARG_CHAR}(?:\s*{_ARG_CHAR})*)?)\s*{_CALL_END_RE}")
-# Name and index from an id: SGLang's pattern; unlike the guide's split('.')[1], it keeps dotted names whole.
-CALL_ID_RE = re.compile(r"^(?:functions\.)?(?P<name>[\w\.]+):(?P<index>\d+)$")
+CALL_RE = re.compile(
+    rf"<\|tool_call_begin\|>\s*(?P<tool_call_id>{TOOL_NAME}:\d+)\s*<\|tool_call_argument_begin\|>"
+    rf"\s*(?!\s)(?P<function_arguments>(?:{_ARG_CHAR}(?:\s*{_ARG_CHAR})*)?)\s*{_CALL_END_RE}")
+# Name and index from an id: SGLang's kimik2_detector.py pattern; unlike the guide's split('.')[1],
+# it keeps dotted names whole.
+CALL_ID_RE = re.compile(rf"^(?:functions\.)?(?P<name>{TOOL_NAME}):(?P<index>\d+)$")
+SECTION_NOT_CLOSED = "tool-call section has no <|tool_calls_section_end|> (output truncated?)"
 
 
 @dataclass
-class ParsedToolCall:
-    """One call found in generated text. `error` is None when the call is usable: it matched the official regex
-    (id `[functions.]NAME:IDX`) and its arguments are a JSON object, then held parsed in `arguments`. A malformed
-    call has id "", name and index None, and the text it was cut from in raw_arguments. (A well-formed id whose index
-    is too long for int() keeps its id and name, with index None and an error.)"""
+class ToolCall:
+    """One call the model attempted (or a caller wrote), the one call type of the project.
+
+    `id` is the model's own `[functions.]NAME:IDX` when it wrote a well-formed one, with `name` and
+    `index` read from it; otherwise "" and None (tools.parse_assistant makes one up). `raw_arguments`
+    is the argument text as written; for a call that does not match the official regex, everything
+    after its <|tool_call_begin|>. `error` is None when the call is usable: its arguments are a JSON
+    object, held parsed in `arguments`."""
     id: str
     name: str | None
-    index: int | None
     raw_arguments: str
     arguments: dict | None = None
     error: str | None = None
+    index: int | None = None
 
     def to_openai(self) -> dict:
-        """As an OpenAI `tool_calls` entry (arguments as the raw JSON text the model wrote)."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.raw_arguments}}
+        """The OpenAI `tool_calls` entry. Arguments are the model's text byte for byte when they parsed
+        to a JSON object, otherwise "{}" (the chat template accepts only JSON objects)."""
+        args = self.raw_arguments if self.arguments is not None else "{}"
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": args}}
 
 
 @dataclass
 class ToolCallParse:
-    """What parse_tool_calls found: `content` is the text before the tool-call section (all of it when there is
-    no section), `calls` every call attempt in order, `errors` problems of the section itself."""
+    """What parse_tool_calls found: `content` is the text before the tool-call section (all of it
+    when there is none), `calls` every call attempt in order, `errors` problems of the section itself.
+    `has_section`: a section was opened; `closed`: and ended by <|tool_calls_section_end|>; `after`:
+    the text after its end (K2 writes none; it is not part of `content`)."""
     content: str
-    calls: list[ParsedToolCall] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    has_section: bool = False
+    closed: bool = False
+    after: str = ""
+
+
+def tool_call_id(name: str, index: int) -> str:
+    """K2's tool-call id, `functions.{name}:{index}` (tool_call_guidance.md)."""
+    return f"functions.{name}:{index}"
+
+
+def join_segments(segments: Iterable[Segment]) -> str:
+    """Segments -> the text they spell (special tokens as their names)."""
+    return "".join(text for text, _, _ in segments)
+
+
+def tool_call_head(call_id: str, supervised: bool = True) -> list[Segment]:
+    """A call's id and the marker after it: `functions.NAME:IDX<|tool_call_argument_begin|>`."""
+    return [(call_id, False, supervised), (CALL_ARG_BEGIN, True, supervised)]
+
+
+def _tool_call_segments(calls: Sequence[tuple[str, str]], supervised: bool) -> list[Segment]:
+    """The tool-call section for [(id, arguments)]: the layout the template renders and the model
+    writes."""
+    segs: list[Segment] = [(SECTION_BEGIN, True, supervised)]
+    for call_id, args in calls:
+        segs += [(CALL_BEGIN, True, supervised), *tool_call_head(call_id, supervised),
+                 (args, False, supervised), (CALL_END, True, supervised)]
+    return segs + [(SECTION_END, True, supervised)]
+
+
+def tool_call_opening(call_id: str | None = None) -> list[Segment]:
+    """The start of a section that forces a call (serve.py's tool_choice prefill):
+    `<|tool_calls_section_begin|><|tool_call_begin|>`, then, given call_id, its head, so that the
+    model writes only the arguments."""
+    segs: list[Segment] = [(SECTION_BEGIN, True, True), (CALL_BEGIN, True, True)]
+    return segs + (tool_call_head(call_id) if call_id is not None else [])
 
 
 def format_tool_calls(tool_calls: Sequence[Mapping[str, Any]], first_index: int = 0) -> str:
-    """OpenAI-form tool calls -> K2's tool-call section text, as the template renders it (and the model writes it).
-    Missing ids become functions.{name}:{first_index + j}."""
+    """OpenAI-form tool calls -> K2's tool-call section text, as the template renders it (and the
+    model writes it). Missing ids become functions.{name}:{first_index + j}."""
     calls = _normalize_tool_calls(tool_calls, "format_tool_calls", first_index)
-    return "".join(text for text, _, _ in _tool_call_segments(calls, supervised=True))
+    return join_segments(_tool_call_segments(calls, supervised=True))
+
+
+def find_section(text: str) -> tuple[int, int]:
+    """(start of the first <|tool_calls_section_begin|>, start of the <|tool_calls_section_end|> after
+    it); -1 for a marker that is not there. What SECTION_RE.search finds, without its cost: when no
+    end marker follows, search() rescans the rest of the text from every later begin marker, O(n^2)
+    on a model repeating that token."""
+    start = text.find(SECTION_BEGIN)
+    if start < 0:
+        return -1, -1
+    return start, text.find(SECTION_END, start + len(SECTION_BEGIN))
+
+
+def parse_arguments(call_id: str, raw: str) -> tuple[dict | None, str | None]:
+    """A call's argument text -> (the JSON object, None), or (None, what is wrong with it)."""
+    try:
+        args = json.loads(raw)
+    # JSONDecodeError; ValueError for an int over 4,300 digits; RecursionError for deep nesting
+    except (ValueError, RecursionError) as err:
+        return None, (f"arguments of {call_id} are not valid JSON ({type(err).__name__}: "
+                      f"{str(err)[:80]}): {raw[:80]!r}")
+    if not isinstance(args, dict):
+        return None, f"arguments of {call_id} must be a JSON object, got {raw[:80]!r}"
+    return args, None
+
+
+def _diagnose(part: str) -> str:
+    """Why the text after a <|tool_call_begin|> did not match the official call regex."""
+    shown = part.replace(CALL_ARG_BEGIN, " <|tool_call_argument_begin|> ").strip()[:80]
+    if CALL_ARG_BEGIN not in part:
+        return ("malformed call: no <|tool_call_argument_begin|> between the id and the arguments "
+                f"in {shown!r}")
+    head = part.split(CALL_ARG_BEGIN, 1)[0].strip()
+    if not CALL_ID_RE.match(head):
+        return (f"malformed call id {head[:60]!r}: expected functions.NAME:IDX "
+                f"(NAME of letters, digits, _ or .)")
+    if CALL_END not in part:
+        return "malformed call: no <|tool_call_end|> after the arguments (output cut off?)"
+    return f"malformed call: {shown!r}"
+
+
+def _parse_call(part: str) -> ToolCall:
+    """The text after one <|tool_call_begin|> (up to the next) -> a ToolCall; never raises."""
+    match = CALL_RE.match(CALL_BEGIN + part)
+    if match is None:
+        call = ToolCall(id="", name=None, raw_arguments=part, error=_diagnose(part))
+        head = part.split(CALL_ARG_BEGIN, 1)[0].strip() if CALL_ARG_BEGIN in part else ""
+        idm = CALL_ID_RE.match(head)
+        if idm:  # the id is well formed (e.g. the call lacks its end marker): keep it
+            call.id, call.name = head, idm.group("name")
+        return call
+    call_id, raw = match.group("tool_call_id"), match.group("function_arguments")
+    # always matches: CALL_RE already required NAME:IDX
+    idm = CALL_ID_RE.match(call_id)
+    call = ToolCall(id=call_id, name=idm.group("name"), raw_arguments=raw)
+    # int() refuses over 4,300 digits (Python's int_max_str_digits): a runaway index is an error
+    try:
+        call.index = int(idm.group("index"))
+    except ValueError:
+        digits = len(idm.group("index"))
+        call.error = f"call id {call_id[:40]}... has a {digits}-digit index; expected a small integer"
+        return call
+    call.arguments, call.error = parse_arguments(call_id, raw)
+    return call
 
 
 def parse_tool_calls(text: str) -> ToolCallParse:
-    """Find K2 tool calls in generated text; never raises on a str (TypeError for anything else). Uses the official
-    regexes, applied to each stretch from one <|tool_call_begin|> to the next, so one malformed call is reported on
-    its own instead of swallowing the next one (the official `finditer` over the whole section would skip or merge it
-    silently). A section that is opened but never closed (output cut off) is parsed to its end and reported in
-    `errors`. Only the first section is parsed: K2 writes one per turn, and text after it is not part of `content`."""
+    """Find K2 tool calls in generated text; never raises on a str (TypeError for anything else).
+
+    Uses the official regexes, applied to each stretch from one <|tool_call_begin|> to the next, so
+    one malformed call is reported on its own instead of swallowing the next one (the official
+    `finditer` over the whole section would skip or merge it silently). A section that is opened but
+    never closed (output cut off) is parsed to its end and reported in `errors`. Only the first
+    section is parsed: K2 writes one per turn."""
     if not isinstance(text, str):
-        raise TypeError(f"parse_tool_calls expects the decoded model output (a str), got {type(text).__name__}; "
-                        f"decode ids with Tokenizer.decode first")
-    start = text.find(SECTION_BEGIN)
+        raise TypeError(f"parse_tool_calls expects the decoded model output (a str), got "
+                        f"{type(text).__name__}; decode ids with Tokenizer.decode first")
+    start, end = find_section(text)
     if start < 0:
         return ToolCallParse(content=text)
-    result = ToolCallParse(content=text[:start])
-    # What SECTION_RE.search(text, start) finds, without its cost: when no end marker follows, search() rescans the
-    # rest of the text from every later <|tool_calls_section_begin|>, O(n^2) on a model repeating that token.
-    end = text.find(SECTION_END, start + len(SECTION_BEGIN))
+    result = ToolCallParse(content=text[:start], has_section=True, closed=end >= 0)
     if end >= 0:
         body = text[start + len(SECTION_BEGIN):end]
+        result.after = text[end + len(SECTION_END):]
     else:
         body = text[start + len(SECTION_BEGIN):]
-        result.errors.append("tool-call section has no <|tool_calls_section_end|> (output truncated?)")
+        result.errors.append(SECTION_NOT_CLOSED)
     parts = body.split(CALL_BEGIN)
     if parts[0].strip():
         result.errors.append(f"unexpected text inside the tool-call section: {parts[0].strip()[:80]!r}")
-    for part in parts[1:]:
-        call = CALL_RE.match(CALL_BEGIN + part)
-        if call is None:
-            result.calls.append(ParsedToolCall(id="", name=None, index=None, raw_arguments=part, error=(
-                "malformed call: expected <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>"
-                f"{{...}}<|tool_call_end|>, got {part[:80]!r}")))
-            continue
-        call_id, raw = call.group("tool_call_id"), call.group("function_arguments")
-        idm = CALL_ID_RE.match(call_id)  # always matches: CALL_RE already required [\w.]+:\d+
-        parsed = ParsedToolCall(id=call_id, name=idm.group("name"), index=None, raw_arguments=raw)
-        try:  # int() refuses over 4,300 digits (Python's int_max_str_digits): a runaway index is an error, not a crash
-            parsed.index = int(idm.group("index"))
-        except ValueError:
-            digits = len(idm.group("index"))
-            parsed.error = f"call id {call_id[:40]}... has a {digits}-digit index; expected a small integer"
-            result.calls.append(parsed)
-            continue
-        try:
-            args = json.loads(raw)
-        except (ValueError, RecursionError) as err:  # JSONDecodeError; an int over 4,300 digits; nesting too deep
-            parsed.error = f"arguments of {call_id} are not valid JSON ({type(err).__name__}: {str(err)[:80]}): " \
-                           f"{raw[:80]!r}"
-        else:
-            if isinstance(args, dict):
-                parsed.arguments = args
-            else:
-                parsed.error = f"arguments of {call_id} must be a JSON object, got {raw[:80]!r}"
-        result.calls.append(parsed)
+    result.calls = [_parse_call(part) for part in parts[1:]]
     return result
 
 

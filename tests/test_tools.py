@@ -235,7 +235,7 @@ def test_format_then_parse_round_trip():
              {"id": "functions.web.search:2", "type": "function",
               "function": {"name": "web.search", "arguments": {"q": "weather", "n": 3}}}]
     turn = T.parse_assistant("Checking." + K.format_tool_calls(calls), T.default_registry(), first_index=0)
-    assert turn.content == "Checking." and turn.notes == []
+    assert turn.content == "Checking." and turn.errors == []
     assert [c.to_openai() for c in turn.calls[:2]] == calls[:2]  # ids, names and argument text unchanged
     assert [(c.id, c.name, c.arguments, c.error) for c in turn.calls] == [
         ("functions.get_weather:0", "get_weather", {"city": "北京"}, None),
