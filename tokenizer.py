@@ -45,7 +45,6 @@ import pathlib
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -373,23 +372,17 @@ def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 
 def save_ranks(ranks: Mapping[bytes, int], path: str | os.PathLike) -> None:
-    """Write {token bytes: rank} as a tiktoken rank file, in rank order. Atomic: written to a temporary file in the
-    same folder and then renamed, so an interrupted run never leaves a half-written file behind."""
+    """Write {token bytes: rank} as a tiktoken rank file, in rank order, atomically
+    (checkpoint.write_atomically: an interrupted run never leaves a half-written file behind)."""
+    # imported here: checkpoint imports torch, which encoding and decoding text never need
+    from checkpoint import write_atomically
+
     _check_ranks(ranks, source="ranks to save")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     text = "".join(f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in by_rank)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a rank file is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="ascii"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
