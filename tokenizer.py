@@ -979,6 +979,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("text", help="text to encode (special-token names stay ordinary text)")
     e.add_argument("--model", default=str(DEMO_RANK_FILE), help="rank file to load")
     args = p.parse_args(argv)
+    if args.command == "train" and args.vocab_size < 256:
+        p.error(f"--vocab-size {args.vocab_size} is below 256: the 256 single bytes come first")
+    if args.command == "train" and args.max_bytes is not None and args.max_bytes <= 0:
+        p.error(f"--max-bytes must be positive, got {args.max_bytes}")
 
     if args.command == "train":
         t0 = time.perf_counter()

@@ -322,8 +322,8 @@ GET_WEATHER_SCHEMA = {
     "description": "Retrieve current weather for a given city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
-# Made-up weather (there is no network): the rule below maps every city name to one fixed report. The seed's own
-# example returns "Sunny, 25°C"; these ranges are ours, chosen to read plausibly.
+# Made-up weather (there is no network): the rule below maps every city name to one fixed
+# report. These conditions and ranges are ours, chosen to read plausibly.
 WEATHER_CONDITIONS = ("Sunny", "Partly cloudy", "Cloudy", "Rainy", "Windy")
 MIN_TEMPERATURE_C, MAX_TEMPERATURE_C = -5, 35
 MAX_CITY_CHARS = 64  # longer than any real city name in common use; keeps error messages and prompts short
