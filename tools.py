@@ -1,4 +1,4 @@
-"""Tools for Kimi K2's agent loop: a registry, argument validation, two offline demo tools, the loop.
+"""Tools for Kimi K2's agent loop: a registry, argument validation, two demo tools, the loop.
 
 What is here, top to bottom:
   1. `ToolRegistry`: Python functions with their JSON schemas, in the flat form
@@ -19,8 +19,8 @@ What is here, top to bottom:
 Why it is not a textbook "function calling" helper: everything the model writes is untrusted text,
 and a small model writes broken calls often. So no malformed call may end the conversation or
 vanish: broken JSON, an unknown tool, a bad id, a section cut off by the token limit, arguments that
-break the schema, a tool that raises — each becomes a `ToolCall` with an `error`, answered by a tool
-message with that call's id, which the model reads on its next step like any other result. And
+break the schema, a tool that raises — each becomes a `ToolCall` with an `error`, answered by a
+tool message with that call's id, which the model reads on its next step like any other result. And
 nothing the model writes is ever run as Python: arguments are JSON values passed to registered
 functions, and the calculator walks a whitelisted AST itself.
 
@@ -54,13 +54,14 @@ import jsonschema
 from jsonschema.validators import validator_for
 
 import tokenizer
-from tokenizer import CALL_ARG_BEGIN, SECTION_NOT_CLOSED, TOOL_NAME, TOOL_NAME_RE, ToolCall, ToolCallParse
+from tokenizer import (CALL_ARG_BEGIN, SECTION_NOT_CLOSED, TOOL_NAME, TOOL_NAME_RE, ToolCall,
+                       ToolCallParse)
 # re-exported: the raw parse; execute accepts its calls too
 from tokenizer import parse_tool_calls  # noqa: F401
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The registry
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +73,12 @@ class Tool:
 
     @property
     def parameters(self) -> dict:
-        """The JSON Schema of the arguments object; a tool declared without one takes no constraints."""
+        """The arguments' JSON Schema; a tool declared without one takes no constraints."""
         return self.schema["function"].get("parameters", {"type": "object"})
 
 
 class ToolRegistry:
-    """Python functions the model may call, by name, with their JSON schemas (in registration order)."""
+    """The functions the model may call, by name, with their JSON schemas, in registration order."""
 
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
@@ -100,9 +101,9 @@ class ToolRegistry:
         name = spec.get("name")
         if not isinstance(name, str) or not TOOL_NAME_RE.fullmatch(name):
             # the model names a tool only through its id functions.NAME:IDX (tokenizer.CALL_ID_RE)
-            raise ValueError(f"register: tool name {name!r} must be letters, digits, '_' or '.' (the "
-                             f"id functions.NAME:IDX could not carry it otherwise; Moonshot's tool-call "
-                             f"guide)")
+            raise ValueError(f"register: tool name {name!r} must be letters, digits, '_' or '.' "
+                             f"(the id functions.NAME:IDX could not carry it otherwise; "
+                             f"Moonshot's tool-call guide)")
         if name in self._tools:
             raise ValueError(f"register: a tool named {name!r} is already registered")
         if "description" in spec and not isinstance(spec["description"], str):
@@ -154,22 +155,23 @@ def _check_signature(name: str, fn: Callable[..., Any], params: Mapping[str, Any
             raise ValueError(f"register: {name}: the schema has property {prop!r}, but "
                              f"{fn.__name__}() does not take a keyword argument of that name")
     for p in sig.parameters.values():
-        if p.kind in keyword_ok and p.default is inspect.Parameter.empty and p.name not in properties:
-            raise ValueError(f"register: {name}: {fn.__name__}() requires {p.name!r}, but the schema "
-                             f"has no such property, so the model could never pass it")
-        if p.kind == inspect.Parameter.POSITIONAL_ONLY and p.default is inspect.Parameter.empty:
+        required = p.default is inspect.Parameter.empty
+        if p.kind in keyword_ok and required and p.name not in properties:
+            raise ValueError(f"register: {name}: {fn.__name__}() requires {p.name!r}, but the "
+                             f"schema has no such property, so the model could never pass it")
+        if p.kind == inspect.Parameter.POSITIONAL_ONLY and required:
             raise ValueError(f"register: {name}: {fn.__name__}() has a positional-only parameter "
                              f"{p.name!r}; tools are called with keyword arguments only")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Model text -> calls
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # a name at the start of a malformed id, if any
 _HEAD_NAME_RE = re.compile(rf"(?:functions\.)?({TOOL_NAME})")
-CUT_OFF = ("the tool-call section was not closed with <|tool_calls_section_end|> (output cut off?), "
-           "so its calls were not run")
+CUT_OFF = ("the tool-call section was not closed with <|tool_calls_section_end|> "
+           "(output cut off?), so its calls were not run")
 
 
 def parse_assistant(text: str, registry: ToolRegistry | None = None,
@@ -180,10 +182,10 @@ def parse_assistant(text: str, registry: ToolRegistry | None = None,
     whose own id is unusable gets `functions.{name}:{idx}`: name = what the broken id starts with if
     that is a registered tool, else 'unknown'; idx = `first_index` (tool calls earlier in the
     conversation, vLLM's kimi_k2 parser) + its position in this turn, moved up past any id this turn
-    already uses. If the section is not closed, every call in it gets an error (a cut-off turn is not
-    acted on). A section with no call at all still yields one error call, so the model hears about it.
-    `errors` of the result are notes about the section that concern no single call (reported to the
-    user, not the model)."""
+    already uses. If the section is not closed, every call in it gets an error (a cut-off turn is
+    not acted on). A section with no call at all still yields one error call, so the model hears
+    about it. `errors` of the result are notes about the section that concern no single call
+    (reported to the user, not the model)."""
     parsed = tokenizer.parse_tool_calls(text)
     if not parsed.has_section:
         return parsed
@@ -205,7 +207,8 @@ def parse_assistant(text: str, registry: ToolRegistry | None = None,
             idx = first_index + j
             while tokenizer.tool_call_id(name, idx) in taken:
                 idx += 1
-            call = dataclasses.replace(call, id=tokenizer.tool_call_id(name, idx), name=name, index=idx)
+            call_id = tokenizer.tool_call_id(name, idx)
+            call = dataclasses.replace(call, id=call_id, name=name, index=idx)
             taken.add(call.id)
         if not parsed.closed:
             call = dataclasses.replace(call, error=CUT_OFF if call.error is None
@@ -214,9 +217,9 @@ def parse_assistant(text: str, registry: ToolRegistry | None = None,
     return dataclasses.replace(parsed, calls=calls, errors=notes)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Running one call
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _error(message: str) -> str:
     return json.dumps({"error": message}, ensure_ascii=False)
@@ -264,9 +267,9 @@ def execute(registry: ToolRegistry, call: ToolCall) -> str:
     return run_call(registry, call)[0]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. The agent loop (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def count_tool_calls(messages: Sequence[Mapping[str, Any]]) -> int:
     """Tool calls already in the conversation: the base of the index for ids made up next turn."""
@@ -280,13 +283,14 @@ def run_agent(complete: Callable[[list[dict], list[dict] | None], str],
     `max_steps` calls.
 
     complete(messages, tool_schemas) -> the assistant's raw text (tool-call markers included, final
-    <|im_end|> excluded). Each turn with calls appends {"role": "assistant", "content", "tool_calls"}
-    (OpenAI form, native ids), then per call, in order, {"role": "tool", "tool_call_id", "name",
-    "content"}; a turn without calls is appended as {"role": "assistant", "content"} and ends the
-    loop. on_event(kind, text) reports "tool_call", "tool_result", "error" and "step_limit". Returns
-    a new list; `messages` itself is not modified."""
+    <|im_end|> excluded). Each turn with calls appends {"role": "assistant", "content",
+    "tool_calls"} (OpenAI form, native ids), then per call, in order, {"role": "tool",
+    "tool_call_id", "name", "content"}; a turn without calls is appended as {"role": "assistant",
+    "content"} and ends the loop. on_event(kind, text) reports "tool_call", "tool_result", "error"
+    and "step_limit". Returns a new list; `messages` itself is not modified."""
     if max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1 (model calls per user turn), got {max_steps}")
+        raise ValueError(f"max_steps must be at least 1 (model calls per user turn), "
+                         f"got {max_steps}")
     emit = on_event or (lambda kind, text: None)
     messages = [dict(m) for m in messages]
     schemas = registry.schemas()
@@ -311,12 +315,13 @@ def run_agent(complete: Callable[[list[dict], list[dict] | None], str],
     return messages
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Demo tools: offline, deterministic
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-# The flat-form get_weather schema that chat_data.py and the tests also use. It marks nothing required; a call
-# without `city` is still refused, by get_weather's signature (execute binds the arguments before calling).
+# The flat-form get_weather schema that chat_data.py and the tests also use. It marks nothing
+# required; a call without `city` is still refused, by get_weather's signature (execute binds the
+# arguments before calling).
 GET_WEATHER_SCHEMA = {
     "name": "get_weather",
     "description": "Retrieve current weather for a given city.",
@@ -326,32 +331,38 @@ GET_WEATHER_SCHEMA = {
 # report. These conditions and ranges are ours, chosen to read plausibly.
 WEATHER_CONDITIONS = ("Sunny", "Partly cloudy", "Cloudy", "Rainy", "Windy")
 MIN_TEMPERATURE_C, MAX_TEMPERATURE_C = -5, 35
-MAX_CITY_CHARS = 64  # longer than any real city name in common use; keeps error messages and prompts short
+# longer than any real city name in common use; keeps error messages and prompts short
+MAX_CITY_CHARS = 64
 CITY_PUNCTUATION = set(" -'’.,()")  # St. John's, Saint-Étienne, Washington, D.C.
 
 
 def city_key(city: str) -> str:
-    """The normalised name the weather is derived from: NFC, whitespace runs collapsed to one space, casefolded
-    ("  new   YORK " and "New York" get the same weather)."""
+    """The normalised name the weather is derived from: NFC, whitespace runs collapsed to one space,
+    casefolded ("  new   YORK " and "New York" get the same weather)."""
     return " ".join(unicodedata.normalize("NFC", city).split()).casefold()
 
 
 def get_weather(city: str) -> dict:
-    """Deterministic fake weather for any city name. Rule: d = sha256(city_key(city).encode('utf-8')).digest();
-    weather = WEATHER_CONDITIONS[d[0] % 5]; temperature_c = -5 + d[1] % 41. sha256, not hash(): Python salts
-    str hashes per process (PYTHONHASHSEED), and the answer must be the same in every process.
-    Raises ValueError for something that is not a city name (empty, too long, digits or symbols, no letter)."""
+    """Deterministic fake weather for any city name. The rule:
+        d = sha256(city_key(city).encode('utf-8')).digest()
+        weather = WEATHER_CONDITIONS[d[0] % 5]; temperature_c = -5 + d[1] % 41
+    sha256, not hash(): Python salts str hashes per process (PYTHONHASHSEED), and the answer must
+    be the same in every process. Raises ValueError for something that is not a city name (empty,
+    too long, digits or symbols, no letter)."""
     if not isinstance(city, str):
         raise ValueError(f"city must be a string, got {json_type(city)}")
     shown = " ".join(unicodedata.normalize("NFC", city).split())
     if not shown:
         raise ValueError("city is empty; pass a city name such as \"Tokyo\"")
     if len(shown) > MAX_CITY_CHARS:
-        raise ValueError(f"city is {len(shown)} characters long; a city name has at most {MAX_CITY_CHARS}")
-    bad = sorted({ch for ch in shown if ch not in CITY_PUNCTUATION and unicodedata.category(ch)[0] not in "LM"})
-    if bad or not any(ch.isalpha() for ch in shown):
-        raise ValueError(f"{shown!r} is not a city name" + (f" (unexpected characters {''.join(bad)!r})" if bad
-                                                              else " (it has no letters)"))
+        raise ValueError(f"city is {len(shown)} characters long; a city name has at most "
+                         f"{MAX_CITY_CHARS}")
+    bad = sorted({ch for ch in shown
+                  if ch not in CITY_PUNCTUATION and unicodedata.category(ch)[0] not in "LM"})
+    if bad:
+        raise ValueError(f"{shown!r} is not a city name (unexpected characters {''.join(bad)!r})")
+    if not any(ch.isalpha() for ch in shown):
+        raise ValueError(f"{shown!r} is not a city name (it has no letters)")
     d = hashlib.sha256(city_key(shown).encode("utf-8")).digest()
     span = MAX_TEMPERATURE_C - MIN_TEMPERATURE_C + 1
     return {"city": shown, "weather": WEATHER_CONDITIONS[d[0] % len(WEATHER_CONDITIONS)],
@@ -360,43 +371,57 @@ def get_weather(city: str) -> dict:
 
 CALCULATOR_SCHEMA = {
     "name": "calculator",
-    "description": "Evaluate an arithmetic expression with numbers, + - * / // % ** and parentheses.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+    "description": "Evaluate an arithmetic expression with numbers, + - * / // % ** and "
+                   "parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                   "required": ["expression"]},
 }
-# Bounds (ours): they keep every step cheap and every result printable. 1e15 < 2**53, so every integer the
-# calculator can produce converts to a float exactly; 200 characters is ample for a question's arithmetic.
+# Bounds (ours): they keep every step cheap and every result printable. 1e15 < 2**53, so every
+# integer the calculator can produce converts to a float exactly; 200 characters is ample for a
+# question's arithmetic.
 MAX_EXPRESSION_CHARS = 200
-MAX_NESTING = 16  # parentheses inside parentheses; the length bound alone already keeps the tree < 200 deep
+# parentheses inside parentheses; the length bound alone already keeps the tree < 200 deep
+MAX_NESTING = 16
 MAX_MAGNITUDE = 10 ** 15  # for every number written and every intermediate result
-MAX_EXPONENT = 100  # |b| in a ** b; with the magnitude check, a ** b is refused before it is computed
-RESULT_DIGITS = 12  # float results are rounded to 12 significant digits: 0.1 + 0.2 -> 0.3, 6 / 3 -> 2
+# |b| in a ** b; with the magnitude check, a ** b is refused before it is computed
+MAX_EXPONENT = 100
+# float results are rounded to 12 significant digits: 0.1 + 0.2 -> 0.3, 6 / 3 -> 2
+RESULT_DIGITS = 12
 
 
 class CalculatorError(ValueError):
     """An expression the calculator refuses, with the reason in words."""
 
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: None}  # Pow: _power, with checks
+# ast.Pow goes through _power, with its checks
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: None}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_OPERATOR_TEXT = {ast.BitXor: "^ (use ** for powers)", ast.BitAnd: "&", ast.BitOr: "|", ast.LShift: "<<",
-                  ast.RShift: ">>", ast.MatMult: "@", ast.Invert: "~", ast.Not: "not"}
-_KIND = {ast.Name: "name", ast.Attribute: "attribute access", ast.Call: "function call", ast.Subscript: "subscript",
-         ast.Lambda: "lambda", ast.ListComp: "comprehension", ast.SetComp: "comprehension",
-         ast.DictComp: "comprehension", ast.GeneratorExp: "comprehension", ast.Compare: "comparison",
-         ast.BoolOp: "and/or", ast.IfExp: "conditional expression", ast.NamedExpr: "assignment",
-         ast.Tuple: "tuple (a comma)", ast.List: "list", ast.Dict: "dict", ast.Set: "set", ast.JoinedStr: "f-string",
-         ast.Starred: "starred expression", ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield"}
+_OPERATOR_TEXT = {ast.BitXor: "^ (use ** for powers)", ast.BitAnd: "&", ast.BitOr: "|",
+                  ast.LShift: "<<", ast.RShift: ">>", ast.MatMult: "@", ast.Invert: "~",
+                  ast.Not: "not"}
+_KIND = {ast.Name: "name", ast.Attribute: "attribute access", ast.Call: "function call",
+         ast.Subscript: "subscript", ast.Lambda: "lambda", ast.ListComp: "comprehension",
+         ast.SetComp: "comprehension", ast.DictComp: "comprehension",
+         ast.GeneratorExp: "comprehension", ast.Compare: "comparison", ast.BoolOp: "and/or",
+         ast.IfExp: "conditional expression", ast.NamedExpr: "assignment",
+         ast.Tuple: "tuple (a comma)", ast.List: "list", ast.Dict: "dict", ast.Set: "set",
+         ast.JoinedStr: "f-string", ast.Starred: "starred expression", ast.Await: "await",
+         ast.Yield: "yield", ast.YieldFrom: "yield"}
+MAGNITUDES = "the calculator works with magnitudes up to 1e15"
 ALLOWED = "only numbers, + - * / // % **, unary + and -, and parentheses are allowed"
 
 
 def _check_tree(node: ast.AST, source: str) -> None:
-    """Refuse anything that is not whitelisted arithmetic, before a single operation is evaluated. Recursive: the
-    tree is at most ~MAX_EXPRESSION_CHARS deep (each level costs a character), far below Python's recursion limit."""
+    """Refuse anything that is not whitelisted arithmetic, before a single operation is evaluated.
+    Recursive: the tree is at most ~MAX_EXPRESSION_CHARS deep (each level costs a character), far
+    below Python's recursion limit."""
     if isinstance(node, ast.Constant):
         v = node.value
         if isinstance(v, bool) or not isinstance(v, (int, float)):  # True, 'text', 1j, None, ...
-            raise CalculatorError(f"{_show(v) if isinstance(v, str) else repr(v)} is not a number; {ALLOWED}")
+            shown = _show(v) if isinstance(v, str) else repr(v)
+            raise CalculatorError(f"{shown} is not a number; {ALLOWED}")
         _bounded(v, f"the number {ast.get_source_segment(source, node) or v}")
         return
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
@@ -408,7 +433,8 @@ def _check_tree(node: ast.AST, source: str) -> None:
         return
     if isinstance(node, (ast.BinOp, ast.UnaryOp)):
         op = type(node.op)
-        raise CalculatorError(f"operator {_OPERATOR_TEXT.get(op, op.__name__)} is not allowed; {ALLOWED}")
+        text = _OPERATOR_TEXT.get(op, op.__name__)
+        raise CalculatorError(f"operator {text} is not allowed; {ALLOWED}")
     segment = ast.get_source_segment(source, node) or ""
     kind = _KIND.get(type(node), type(node).__name__)
     raise CalculatorError(f"{kind} {segment[:40]!r} is not allowed; {ALLOWED}")
@@ -416,7 +442,7 @@ def _check_tree(node: ast.AST, source: str) -> None:
 
 def _bounded(value: int | float, what: str) -> int | float:
     if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
-        raise CalculatorError(f"{what} is too large: the calculator works with magnitudes up to 1e15")
+        raise CalculatorError(f"{what} is too large: {MAGNITUDES}")
     return value
 
 
@@ -426,10 +452,11 @@ def _power(a: int | float, b: int | float) -> int | float:
     if a == 0 and b < 0:
         raise CalculatorError("division by zero (0 raised to a negative power)")
     if a < 0 and b != int(b):
-        raise CalculatorError(f"({a}) ** {b}: a negative number to a fractional power has no real value")
-    # b·log10|a| is the result's order of magnitude: refuse 9 ** 99 before computing a 95-digit number
+        raise CalculatorError(f"({a}) ** {b}: a negative number to a fractional power has no "
+                              f"real value")
+    # b·log10|a| is the result's order of magnitude: refuse 9 ** 99 before computing its 95 digits
     if a != 0 and b * math.log10(abs(a)) > math.log10(MAX_MAGNITUDE) + 1e-9:
-        raise CalculatorError(f"{a} ** {b} is too large: the calculator works with magnitudes up to 1e15")
+        raise CalculatorError(f"{a} ** {b} is too large: {MAGNITUDES}")
     return a ** b
 
 
@@ -457,8 +484,8 @@ def _paren_depth(text: str) -> int:
 
 
 def tidy_number(x: int | float) -> int | float:
-    """The result as the calculator reports it: ints exact; floats rounded to RESULT_DIGITS significant digits,
-    and written as ints when whole (6 / 3 -> 2)."""
+    """The result as the calculator reports it: ints exact; floats rounded to RESULT_DIGITS
+    significant digits, and written as ints when whole (6 / 3 -> 2)."""
     if isinstance(x, float):
         x = float(f"{x:.{RESULT_DIGITS}g}")
         if x.is_integer():
@@ -467,20 +494,24 @@ def tidy_number(x: int | float) -> int | float:
 
 
 def calculator(expression: str) -> dict:
-    """Evaluate arithmetic safely: parse with ast, refuse every node outside the whitelist, then compute with
-    Python's own operators (so // floors and % takes the divisor's sign, as in Python), checking the bounds at
-    every step. Returns {"expression", "result"}. Raises CalculatorError (a ValueError) with the reason."""
+    """Evaluate arithmetic safely: parse with ast, refuse every node outside the whitelist, then
+    compute with Python's own operators (so // floors and % takes the divisor's sign, as in Python),
+    checking the bounds at every step. Returns {"expression", "result"}. Raises CalculatorError (a
+    ValueError) with the reason."""
     if not isinstance(expression, str):
         raise CalculatorError(f"expression must be a string, got {json_type(expression)}")
     text = expression.strip()
     if not text:
         raise CalculatorError("expression is empty")
     if len(text) > MAX_EXPRESSION_CHARS:
-        raise CalculatorError(f"expression is {len(text)} characters long; at most {MAX_EXPRESSION_CHARS}")
-    try:  # parsing only builds a tree; nothing is compiled or run
+        raise CalculatorError(f"expression is {len(text)} characters long; "
+                              f"at most {MAX_EXPRESSION_CHARS}")
+    # parsing only builds a tree; nothing is compiled or run
+    try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as err:
-        raise CalculatorError(f"not a valid arithmetic expression ({err.msg}): {text[:60]!r}") from None
+        raise CalculatorError(f"not a valid arithmetic expression ({err.msg}): "
+                              f"{text[:60]!r}") from None
     except (ValueError, RecursionError, MemoryError) as err:  # null bytes; pathological nesting
         raise CalculatorError(f"not a valid arithmetic expression ({type(err).__name__})") from None
     _check_tree(tree.body, text)
@@ -491,24 +522,25 @@ def calculator(expression: str) -> dict:
 
 
 def default_registry() -> ToolRegistry:
-    """The built-in demo tools, get_weather and calculator, in that order (both offline and deterministic)."""
+    """The built-in demo tools, get_weather then calculator (both offline and deterministic)."""
     registry = ToolRegistry()
     registry.register(get_weather, GET_WEATHER_SCHEMA)
     registry.register(calculator, CALCULATOR_SCHEMA)
     return registry
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Argument validation: JSON Schema by the `jsonschema` library, in words the model can act on
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-JSON_TYPES = ("null", "boolean", "object", "array", "number", "string", "integer")  # Validation §6.1.1
+# JSON Schema 2020-12 Validation §6.1.1
+JSON_TYPES = ("null", "boolean", "object", "array", "number", "string", "integer")
 _A_TYPE = {"null": "null", "boolean": "true or false", "object": "an object (a dict)",
            "array": "a list", "number": "a number", "string": "a string", "integer": "an integer"}
 
 
 def json_type(value: Any) -> str:
-    """The JSON type of a parsed JSON value: null, boolean, integer, number, string, array, object."""
+    """The JSON type of a parsed value: null, boolean, integer, number, string, array or object."""
     if value is None:
         return "null"
     # before int: in Python bool is a subclass of int, in JSON it is not a number
@@ -626,7 +658,8 @@ def _schema_error(err: jsonschema.SchemaError, where: str) -> str:
     """A metaschema violation -> what is wrong in the declaration, at which key."""
     at = _path(where, list(err.absolute_path))
     if err.absolute_path and err.absolute_path[-1] == "type":
-        return f"{at} is {err.instance!r}; expected one of {', '.join(JSON_TYPES)} or a list of them"
+        return (f"{at} is {err.instance!r}; expected one of {', '.join(JSON_TYPES)} "
+                f"or a list of them")
     if err.validator == "type" and isinstance(err.validator_value, str):
         return f"{at} must be {_A_TYPE[err.validator_value]}, got {err.instance!r}"
     if err.validator == "format" and err.validator_value == "regex":
@@ -645,7 +678,8 @@ def check_schema(schema: Any, where: str = "parameters") -> None:
     `required` property absent from `properties` when additionalProperties is false, is refused
     as a declaration mistake (JSON Schema allows both)."""
     if not isinstance(schema, Mapping):
-        raise ValueError(f"{where} must be a JSON Schema object (a dict), got {type(schema).__name__}")
+        raise ValueError(f"{where} must be a JSON Schema object (a dict), "
+                         f"got {type(schema).__name__}")
     try:
         validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as err:
