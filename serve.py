@@ -111,9 +111,8 @@ import torch
 
 import generate as G
 from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN, SECTION_END,
-                       TOOL_NAME_RE, Tokenizer, ToolCall, find_section, join_segments, mask_pipes,
-                       normalize_tools, parse_arguments, tool_call_head, tool_call_id, tool_call_opening,
-                       unmask_pipes)
+                       TOOL_NAME_RE, Tokenizer, find_section, join_segments, mask_pipes, normalize_tools,
+                       read_call, tool_call_head, tool_call_id, tool_call_opening, unmask_pipes)
 from tools import count_tool_calls, parse_assistant
 
 DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the model name the README's `openai` client examples use
@@ -607,7 +606,7 @@ class ToolCallStreamer:
         self.state = "content"  # -> section -> head -> args -> section ...; or done (section over), stuck (malformed)
         self.tail = ""  # fed text not consumed yet: a possible marker start, plus the newest piece
         self.field: list[str] = []  # the current call's id or arguments so far
-        self.head: tuple[str, str] = ("", "")  # the current call's id and name
+        self.head = ""  # the current call's id
         self.keep = False  # the current call goes out (declared, and within max_calls)
         self.content_sent, self.headers_sent, self.args_sent = 0, 0, 0
 
@@ -666,7 +665,7 @@ class ToolCallStreamer:
         if idm is None:  # a malformed id: the parser will make one up in finish()
             self.state = "stuck"
             return []
-        self.state, self.field, self.head = "args", [], (head, idm.group("name"))
+        self.state, self.field, self.head = "args", [], head
         self.keep = (self.declared is None or idm.group("name") in self.declared) and (
             self.max_calls is None or self.headers_sent < self.max_calls)
         if not self.keep:
@@ -681,9 +680,8 @@ class ToolCallStreamer:
         self.args_sent += 1
         if self.max_calls is not None and self.args_sent >= self.max_calls:
             self.state = "done"
-        (call_id, name), (args, _) = self.head, parse_arguments(self.head[0], raw)
-        call = ToolCall(id=call_id, name=name, raw_arguments=raw, arguments=args)
-        return [self._arguments(self.args_sent - 1, unmask_pipes(call.to_openai()["function"]["arguments"]))]
+        args = read_call(self.head, raw).to_openai()["function"]["arguments"]
+        return [self._arguments(self.args_sent - 1, unmask_pipes(args))]
 
     def finish(self) -> list[dict]:
         """End of the completion: the content and calls not sent yet, straight from assistant_message."""

@@ -1018,19 +1018,14 @@ def _diagnose(part: str) -> str:
     return f"malformed call: {shown!r}"
 
 
-def _parse_call(part: str) -> ToolCall:
-    """The text after one <|tool_call_begin|> (up to the next) -> a ToolCall; never raises."""
-    match = CALL_RE.match(CALL_BEGIN + part)
-    if match is None:
-        call = ToolCall(id="", name=None, raw_arguments=part, error=_diagnose(part))
-        head = part.split(CALL_ARG_BEGIN, 1)[0].strip() if CALL_ARG_BEGIN in part else ""
-        idm = CALL_ID_RE.match(head)
-        if idm:  # the id is well formed (e.g. the call lacks its end marker): keep it
-            call.id, call.name = head, idm.group("name")
-        return call
-    call_id, raw = match.group("tool_call_id"), match.group("function_arguments")
-    # always matches: CALL_RE already required NAME:IDX
+def read_call(call_id: str, raw: str) -> ToolCall:
+    """A call whose id matched the official regex and its argument text -> a ToolCall: name and
+    index read from the id, the arguments parsed; never raises. (serve.py's streamer builds each
+    call with it too, so streamed and whole answers agree.)"""
     idm = CALL_ID_RE.match(call_id)
+    if idm is None:
+        return ToolCall(id="", name=None, raw_arguments=raw,
+                        error=f"malformed call id {call_id[:60]!r}: expected functions.NAME:IDX")
     call = ToolCall(id=call_id, name=idm.group("name"), raw_arguments=raw)
     # int() refuses over 4,300 digits (Python's int_max_str_digits): a runaway index is an error
     try:
@@ -1041,6 +1036,19 @@ def _parse_call(part: str) -> ToolCall:
                       f"expected a small integer")
         return call
     call.arguments, call.error = parse_arguments(call_id, raw)
+    return call
+
+
+def _parse_call(part: str) -> ToolCall:
+    """The text after one <|tool_call_begin|> (up to the next) -> a ToolCall; never raises."""
+    match = CALL_RE.match(CALL_BEGIN + part)
+    if match is not None:
+        return read_call(match.group("tool_call_id"), match.group("function_arguments"))
+    call = ToolCall(id="", name=None, raw_arguments=part, error=_diagnose(part))
+    head = part.split(CALL_ARG_BEGIN, 1)[0].strip() if CALL_ARG_BEGIN in part else ""
+    idm = CALL_ID_RE.match(head)
+    if idm:  # the id is well formed (e.g. the call lacks its end marker): keep it
+        call.id, call.name = head, idm.group("name")
     return call
 
 

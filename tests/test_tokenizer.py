@@ -852,6 +852,8 @@ def test_parse_reports_malformed_calls_without_raising():
     errors = [c.error for c in parsed.calls]
     assert "not valid JSON" in errors[0] and "must be a JSON object" in errors[1]
     assert "malformed call" in errors[2] and "malformed call" in errors[3]  # bad id; missing <|tool_call_end|>
+    # a well-formed id is kept even when the rest of its call is broken; a broken id is not
+    assert [(c.id, c.name) for c in parsed.calls[2:4]] == [("", None), ("functions.h:2", "h")]
     assert (parsed.calls[4].name, parsed.calls[4].arguments, errors[4]) == ("k", {}, None)  # not swallowed
     stray = T.parse_tool_calls(f"{S}junk{B}functions.f:0{A}{{}}{E}{Z}")
     assert stray.errors and "unexpected text" in stray.errors[0] and stray.calls[0].error is None

@@ -159,6 +159,9 @@ OBJ = {"type": "object", "properties": {"city": {"type": "string"}}}
     (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"type": "string", "pattern": "("}}}},
      "not a valid regular expression"),
     (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"enum": []}}}}, "non-empty list"),
+    (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"type": "string", "minLength": -1}}}},
+     r"parameters\.properties\.city\.minLength: -1 is less than the minimum of 0"),
+    (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"$ref": 3}}}}, r"city\.\$ref must be a string"),
 ])
 def test_invalid_registrations_are_clear_errors(fn, schema, match):
     registry = T.ToolRegistry()
@@ -215,6 +218,35 @@ def test_validate(args, expected):
         assert errors == []
     else:
         assert len(errors) == 1 and errors[0].startswith(expected), errors
+
+
+def test_full_json_schema_is_enforced_with_argument_names():
+    """Validation is jsonschema's, so $ref/$defs, anyOf and patternProperties work; messages still name the
+    argument at fault."""
+    registry = T.ToolRegistry()
+
+    def pick(unit: str, n: int | None = None, **tags: str) -> dict:
+        return {"unit": unit, "n": n, **tags}
+
+    registry.register(pick, {"name": "pick", "parameters": {
+        "type": "object", "$defs": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+        "properties": {"unit": {"$ref": "#/$defs/unit"},
+                       "n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]}},
+        "patternProperties": {"^tag_": {"type": "string"}}, "additionalProperties": False}})
+
+    def run(args: dict) -> dict:
+        call = T.ToolCall(id="functions.pick:0", name="pick", raw_arguments=json.dumps(args), arguments=args)
+        return json.loads(T.execute(registry, call))
+
+    assert run({"unit": "c", "n": 2, "tag_a": "x"}) == {"unit": "c", "n": 2, "tag_a": "x"}
+    assert run({"unit": "f", "n": None}) == {"unit": "f", "n": None}
+    assert run({"unit": "k"})["error"] == ('invalid arguments for pick: unit: expected one of ["c", "f"], '
+                                           'got "k" (string)')
+    assert run({"unit": "c", "n": 0})["error"].startswith("invalid arguments for pick: n: ")
+    assert run({"unit": "c", "tag_b": 1})["error"] == ("invalid arguments for pick: tag_b: expected string, "
+                                                       "got 1 (integer)")
+    assert run({"unit": "c", "x": 1})["error"] == ("invalid arguments for pick: unexpected argument 'x' "
+                                                   "(allowed: unit, n)")
 
 
 def test_validate_reports_every_problem():
