@@ -56,8 +56,6 @@ from jsonschema.validators import validator_for
 import tokenizer
 from tokenizer import (CALL_ARG_BEGIN, SECTION_NOT_CLOSED, TOOL_NAME, TOOL_NAME_RE, ToolCall,
                        ToolCallParse)
-# re-exported: the raw parse; execute accepts its calls too
-from tokenizer import parse_tool_calls  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 1. The registry
