@@ -905,8 +905,9 @@ SECTION_NOT_CLOSED = "tool-call section has no <|tool_calls_section_end|> (outpu
 class ToolCall:
     """One call the model attempted (or a caller wrote), the one call type of the project.
 
-    `id` is the model's own `[functions.]NAME:IDX` when it wrote a well-formed one, with `name` and
-    `index` read from it; otherwise "" and None (tools.parse_assistant makes one up).
+    `id` is the model's own `[functions.]NAME:IDX` when it wrote a well-formed one, with `name` read
+    from it (and `index`, when the whole call matched); otherwise "" and None
+    (tools.parse_assistant makes one up).
     `raw_arguments` is the argument text as written; for a call that does not match the official
     regex, everything after its <|tool_call_begin|>. `error` is None when the call is usable: its
     arguments are a JSON object, held parsed in `arguments`."""
