@@ -41,10 +41,10 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 TEMPLATE_0905 = (DATA / "k2_instruct_0905.jinja").read_text(encoding="utf-8")
 # Kimi-K2-Instruct tokenization_kimi.py's `pat_str`, its eight alternatives joined by "|", copied verbatim
 OFFICIAL_PAT_STR = (
-    r"""[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
-    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-    r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+    r"""[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"""
+    r"""*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]"""
+    r"""?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|"""
+    r"""'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # One line that reaches every kind of chunk: words with a leading space, a contraction, Han, a digit run cut
 # after three, CamelCase kept whole, a newline run, whitespace before a word
 MIXED_TEXT = "Hello World! I'm Kimi, 你好世界 12345 HTTPServer\n\n  done."
@@ -933,7 +933,8 @@ def test_shipped_rank_file_is_reproducible(tmp_path):
 
 @pytest.mark.parametrize("argv, code, message", [
     (["train", "--vocab-size", "100", "--out", "x.model"], 2, "--vocab-size 100 is below 256"),
-    (["train", "--vocab-size", "300", "--max-bytes", "0", "--out", "x.model"], 2, "--max-bytes must be positive"),
+    (["train", "--vocab-size", "300", "--max-bytes", "0", "--out", "x.model"], 2,
+     "--max-bytes must be positive"),
     (["train", "--vocab-size", "300", "--corpus", "no/such/dir", "--out", "x.model"], 1,
      "error: corpus path no/such/dir does not exist"),
     (["encode", "hi", "--model", "no/such.model"], 1, "error: rank file no/such.model does not exist"),

@@ -161,7 +161,8 @@ OBJ = {"type": "object", "properties": {"city": {"type": "string"}}}
     (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"enum": []}}}}, "non-empty list"),
     (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"type": "string", "minLength": -1}}}},
      r"parameters\.properties\.city\.minLength: -1 is less than the minimum of 0"),
-    (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"$ref": 3}}}}, r"city\.\$ref must be a string"),
+    (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"$ref": 3}}}},
+     r"city\.\$ref must be a string"),
 ])
 def test_invalid_registrations_are_clear_errors(fn, schema, match):
     registry = T.ToolRegistry()
