@@ -112,9 +112,11 @@ import generate as G
 import runtime
 from http_server import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, HEADER_TIMEOUT, LOOPBACK,
                          APIError, JSONHandler, JSONServer, bad, sse)
-from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN, SECTION_END,
-                       Tokenizer, mask_pipes, normalize_tools, tool_call_id, unmask_pipes)
-from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
+from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN,
+                       SECTION_END, TOOL_NAME_RE, Tokenizer, find_section, join_segments,
+                       mask_pipes, normalize_tools, read_call, tool_call_head, tool_call_id,
+                       tool_call_opening, unmask_pipes)
+from tools import count_tool_calls, parse_assistant
 
 # the model name the README's `openai` client examples use
 DEFAULT_MODEL_NAME = "kimi-k2-instruct"
@@ -434,16 +436,14 @@ def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
         raise bad(str(err), "tools" if str(err).startswith("tools") else "messages") from None
     prefill, extra, starts = "", [], []
     if req.tool_choice in ("required", "function"):
-        prefill = SECTION_BEGIN + CALL_BEGIN
-        extra = [tok.tool_calls_section_begin_id, tok.tool_call_begin_id]
-        if req.tool_choice == "function":
-            call_id = tool_call_id(req.function, first_index)
-            prefill += call_id + CALL_ARG_BEGIN
-            extra += tok.encode(call_id) + [tok.tool_call_argument_begin_id]
-        else:
-            # the id of a declared tool, encoded as the template encodes it (a text run of its own)
-            starts = [tok.encode(tool_call_id(t["function"]["name"], first_index)) + [tok.tool_call_argument_begin_id]
-                      for t in req.tools]
+        forced = tool_call_id(req.function, first_index) if req.tool_choice == "function" else None
+        opening = tool_call_opening(forced)
+        prefill, extra = join_segments(opening), tok.encode_segments(opening)
+        if forced is None:
+            # the id of a declared tool, encoded as the template encodes it
+            heads = [tool_call_head(tool_call_id(t["function"]["name"], first_index))
+                     for t in req.tools]
+            starts = [tok.encode_segments(head) for head in heads]
     return Prompt(ids + extra, prefill, first_index, starts)
 
 
@@ -581,28 +581,34 @@ def finish_reason(text: str, stream_reason: str | None, has_calls: bool) -> str:
     stream's "stop" / "length"."""
     if not has_calls:
         return stream_reason or "stop"
-    if stream_reason == "length" and SECTION_END not in text[text.find(SECTION_BEGIN):]:
+    if stream_reason == "length" and find_section(text)[1] < 0:
         return "length"
     return "tool_calls"
 
 
 def assistant_message(text: str, first_index: int, max_calls: int | None = None,
                       declared: Collection[str] | None = None) -> tuple[dict, list[str]]:
-    """The whole completion (pipes masked, TextStreamLike) -> ({"role", "content", ["tool_calls"]}, problems for the
-    log). declared: the request's tool names; a call to any other tool is dropped (module docstring, point 1);
-    None = keep all. max_calls: keep only the first calls (1 for parallel_tool_calls false); None = all."""
+    """The whole completion (pipes masked, TextStreamLike) -> ({"role", "content", ["tool_calls"]},
+    problems for the log).
+
+    declared: the request's tool names; a call to any other tool is dropped (module docstring,
+    point 1); None = keep all. max_calls: keep only the first calls (1 for parallel_tool_calls
+    false); None = all."""
     turn = parse_assistant(text, None, first_index)
-    problems = list(turn.notes) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
+    problems = list(turn.errors) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
     if declared is not None:
-        problems += [f"{c.id}: dropped, {c.name!r} is not a tool this request declared" for c in turn.calls
-                     if c.name not in declared]
+        problems += [f"{c.id}: dropped, {c.name!r} is not a tool this request declared"
+                     for c in turn.calls if c.name not in declared]
         turn.calls = [c for c in turn.calls if c.name in declared]
     if max_calls is not None and len(turn.calls) > max_calls:
-        problems.append(f"parallel_tool_calls is false: dropped {len(turn.calls) - max_calls} call(s) after the first")
+        dropped = len(turn.calls) - max_calls
+        problems.append(f"parallel_tool_calls is false: dropped {dropped} call(s) after the first")
         turn.calls = turn.calls[:max_calls]
-    # content: the text before the section; null when there is none but there are calls (as K2 deployments do)
+    # content: the text before the section; null when there is none but there are calls (as K2
+    # deployments do)
     content = unmask_pipes(turn.content)
-    msg: dict[str, Any] = {"role": "assistant", "content": content if content or not turn.calls else None}
+    msg: dict[str, Any] = {"role": "assistant",
+                           "content": content if content or not turn.calls else None}
     if turn.calls:
         msg["tool_calls"] = [c.to_openai() for c in turn.calls]
         for call in msg["tool_calls"]:
@@ -610,12 +616,6 @@ def assistant_message(text: str, first_index: int, max_calls: int | None = None,
     return msg, [unmask_pipes(p) for p in problems]
 
 
-def _json_object_or_empty(raw: str) -> str:
-    """tools.ToolCall.to_openai's rule: the model's argument text if it is a JSON object, else "{}"."""
-    try:
-        return raw if isinstance(json.loads(raw), dict) else "{}"
-    except (ValueError, RecursionError):  # not JSON, an integer over 4,300 digits, nesting too deep
-        return "{}"
 
 
 class ToolCallStreamer:
@@ -641,6 +641,7 @@ class ToolCallStreamer:
         self.state = "content"
         self.tail = ""  # fed text not consumed yet: a possible marker start, plus the newest piece
         self.field: list[str] = []  # the current call's id or arguments so far
+        self.head = ""  # the current call's id
         self.keep = False  # the current call goes out (declared, and within max_calls)
         self.content_sent, self.headers_sent, self.args_sent = 0, 0, 0
 
@@ -699,7 +700,7 @@ class ToolCallStreamer:
         if idm is None:  # a malformed id: the parser will make one up in finish()
             self.state = "stuck"
             return []
-        self.state, self.field = "args", []
+        self.state, self.field, self.head = "args", [], head
         self.keep = (self.declared is None or idm.group("name") in self.declared) and (
             self.max_calls is None or self.headers_sent < self.max_calls)
         if not self.keep:
@@ -714,7 +715,8 @@ class ToolCallStreamer:
         self.args_sent += 1
         if self.max_calls is not None and self.args_sent >= self.max_calls:
             self.state = "done"
-        return [self._arguments(self.args_sent - 1, unmask_pipes(_json_object_or_empty(raw)))]
+        args = read_call(self.head, raw).to_openai()["function"]["arguments"]
+        return [self._arguments(self.args_sent - 1, unmask_pipes(args))]
 
     def finish(self) -> list[dict]:
         """End of the completion: the content and calls not sent yet, straight from

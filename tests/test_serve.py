@@ -492,6 +492,20 @@ def test_stream_deltas_arrive_as_generated(scripted):
     assert calls == ["call0:head", "call0:args", "call1:head", "call1:args"]
 
 
+def test_streamed_arguments_agree_with_the_whole_answer_on_a_runaway_index():
+    """The streamer builds each call with the parser's own rules (tokenizer.read_call): a call whose
+    index is too long for int() is an error call, so its arguments go out as "{}" streamed or not
+    (the streamer used to check only the JSON and send the model's text)."""
+    text = (SECTION_BEGIN + CALL_BEGIN + "functions.f:" + "7" * 5000 + CALL_ARG_BEGIN + '{"a": 1}' + CALL_END
+            + SECTION_END)
+    s = serve.ToolCallStreamer(first_index=0)
+    deltas = s.feed(text) + s.finish()
+    streamed = "".join(tc["function"]["arguments"] for d in deltas for tc in d.get("tool_calls", []))
+    msg, problems = serve.assistant_message(text, 0)
+    assert streamed == msg["tool_calls"][0]["function"]["arguments"] == "{}"
+    assert any("5000-digit index" in p for p in problems)
+
+
 def test_streamer_holds_back_a_possible_marker():
     s = serve.ToolCallStreamer(first_index=0)
     assert s.feed("Hi <|tool_calls_sec") == [{"content": "Hi "}]

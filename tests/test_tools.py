@@ -42,7 +42,7 @@ WEATHER_TOOLS = [{
 }]
 
 
-def example_get_weather(city: str) -> dict:
+def sunny_get_weather(city: str) -> dict:
     return {"weather": "Sunny, 25°C"}
 
 
@@ -92,13 +92,13 @@ def weather_rule(city: str) -> tuple[str, int]:
 # Registry
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_the_basic_weather_example_runs_through_the_registry():
+def test_a_flat_schema_tool_runs_through_the_registry():
     registry = T.ToolRegistry()
-    registry.register(example_get_weather, WEATHER_TOOLS[0])
+    registry.register(sunny_get_weather, WEATHER_TOOLS[0])
     wrapped = [{"type": "function", "function": WEATHER_TOOLS[0]}]
     assert registry.schemas() == wrapped == K.normalize_tools(WEATHER_TOOLS)
     model = Script(section(("functions.get_weather:0", '{"city": "Tokyo"}')), "It is sunny, 25°C, in Tokyo.")
-    question = "What’s the current weather in Tokyo?"  # the example's prompt (typographic apostrophe)
+    question = "What’s the current weather in Tokyo?"  # with a typographic apostrophe
     out = T.run_agent(model, [user(question)], registry)
     assert out[2] == {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather",
                       "content": '{"weather": "Sunny, 25°C"}'}
@@ -107,11 +107,11 @@ def test_the_basic_weather_example_runs_through_the_registry():
         + GEN
     # the OpenAI form of the same schema registers to the same declaration
     other = T.ToolRegistry()
-    other.register(example_get_weather, wrapped[0])
+    other.register(sunny_get_weather, wrapped[0])
     assert other.schemas() == wrapped
 
 
-def test_default_registry_declares_the_weather_schema_and_a_calculator():
+def test_default_registry_declares_the_flat_weather_schema_and_a_calculator():
     registry = T.default_registry()
     assert registry.names() == ["get_weather", "calculator"]
     assert registry.schemas()[0] == {"type": "function", "function": WEATHER_TOOLS[0]}
@@ -159,6 +159,10 @@ OBJ = {"type": "object", "properties": {"city": {"type": "string"}}}
     (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"type": "string", "pattern": "("}}}},
      "not a valid regular expression"),
     (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"enum": []}}}}, "non-empty list"),
+    (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"type": "string", "minLength": -1}}}},
+     r"parameters\.properties\.city\.minLength: -1 is less than the minimum of 0"),
+    (_f, {"name": "g", "parameters": {**OBJ, "properties": {"city": {"$ref": 3}}}},
+     r"city\.\$ref must be a string"),
 ])
 def test_invalid_registrations_are_clear_errors(fn, schema, match):
     registry = T.ToolRegistry()
@@ -217,6 +221,35 @@ def test_validate(args, expected):
         assert len(errors) == 1 and errors[0].startswith(expected), errors
 
 
+def test_full_json_schema_is_enforced_with_argument_names():
+    """Validation is jsonschema's, so $ref/$defs, anyOf and patternProperties work; messages still name the
+    argument at fault."""
+    registry = T.ToolRegistry()
+
+    def pick(unit: str, n: int | None = None, **tags: str) -> dict:
+        return {"unit": unit, "n": n, **tags}
+
+    registry.register(pick, {"name": "pick", "parameters": {
+        "type": "object", "$defs": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+        "properties": {"unit": {"$ref": "#/$defs/unit"},
+                       "n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]}},
+        "patternProperties": {"^tag_": {"type": "string"}}, "additionalProperties": False}})
+
+    def run(args: dict) -> dict:
+        call = T.ToolCall(id="functions.pick:0", name="pick", raw_arguments=json.dumps(args), arguments=args)
+        return json.loads(T.execute(registry, call))
+
+    assert run({"unit": "c", "n": 2, "tag_a": "x"}) == {"unit": "c", "n": 2, "tag_a": "x"}
+    assert run({"unit": "f", "n": None}) == {"unit": "f", "n": None}
+    assert run({"unit": "k"})["error"] == ('invalid arguments for pick: unit: expected one of ["c", "f"], '
+                                           'got "k" (string)')
+    assert run({"unit": "c", "n": 0})["error"].startswith("invalid arguments for pick: n: ")
+    assert run({"unit": "c", "tag_b": 1})["error"] == ("invalid arguments for pick: tag_b: expected string, "
+                                                       "got 1 (integer)")
+    assert run({"unit": "c", "x": 1})["error"] == ("invalid arguments for pick: unexpected argument 'x' "
+                                                   "(allowed: unit, n)")
+
+
 def test_validate_reports_every_problem():
     errors = T.validate({"n": "x", "b": 0}, SCHEMA)
     assert errors == ["missing required argument 's'", 'n: expected number, got "x" (string)',
@@ -235,7 +268,7 @@ def test_format_then_parse_round_trip():
              {"id": "functions.web.search:2", "type": "function",
               "function": {"name": "web.search", "arguments": {"q": "weather", "n": 3}}}]
     turn = T.parse_assistant("Checking." + K.format_tool_calls(calls), T.default_registry(), first_index=0)
-    assert turn.content == "Checking." and turn.notes == []
+    assert turn.content == "Checking." and turn.errors == []
     assert [c.to_openai() for c in turn.calls[:2]] == calls[:2]  # ids, names and argument text unchanged
     assert [(c.id, c.name, c.arguments, c.error) for c in turn.calls] == [
         ("functions.get_weather:0", "get_weather", {"city": "北京"}, None),
