@@ -32,10 +32,10 @@ What one run does:
    one-process files (so --resume and generate.py work at any world size). Start from a one-process
    checkpoint (--init) to reproduce a one-process run: a random init under W ranks is a different
    draw.
-6. `python train.py recipe --export demo` rebuilds the demo model (demo/) from the repository
-   alone: tokenizer, a short pretraining, fine-tuning on chat_data.py's conversations, bf16 export
-   and the held-out evaluation, keeping finished stages so that the same command continues after an
-   interruption (README "The demo model").
+6. `python train.py recipe --export demo` (recipe.py) rebuilds the demo model (demo/) from the
+   repository alone: tokenizer, a short pretraining, fine-tuning on chat_data.py's conversations,
+   bf16 export and the held-out evaluation, keeping finished stages so that the same command
+   continues after an interruption (README "The demo model").
 
 How this differs from a textbook training loop: the optimizer step is three things in a fixed order
 (Muon/AdamW update -> routing-bias update from the step's expert loads -> QK-Clip of the heads whose
@@ -54,9 +54,10 @@ At this scale the max logits stay far below K2's tau = 100 (the logit growth in 
 appears in large models trained long; here they reach ~5-15), so a low tau shows the clip acting;
 `python bench/bench_train.py` runs a shorter version of the same comparison.
 
-Reading order: the LR schedule and the loss (the math), the Trainer (one step, the loop, saving;
-its __init__ builds the run in named steps: folders, hardware, model, tokenizer, data, optimizer),
-then the command line and the recipe. The run folder's plumbing (lock, log, trainer_state.json and
+Reading order: the LR schedule and the loss (the math), then the Trainer: __init__ (the run in
+named steps), one training step, evaluation, the loop, saving and resuming, and last the steps that
+build the run (folders, hardware, model, tokenizer, data, optimizer); then the command line. The
+run folder's plumbing (lock, log, trainer_state.json and
 its checks, interrupts, plots) is runs.py.
 
 References: Kimi K2 (arXiv 2507.20534) §2.1 (MuonClip), §2.4-2.5 (schedule); Moonlight
@@ -86,7 +87,7 @@ import parallel
 import runs
 import tokenizer as tk
 from data import DATA_DIR, ChatRows, TokenWindows, load_conversations, prepare_tokens
-from runtime import THREADS_HELP, add_threads_argument, pick_device, pick_dtype, set_threads
+from runtime import THREADS_HELP, pick_device, pick_dtype, set_threads
 from runtime import check_memory as runtime_check_memory
 from muonclip import BIAS_UPDATE_SPEED, QK_CLIP_TAU, SEQ_AUX_ALPHA, _moe_modules, build_optimizer
 
@@ -165,16 +166,11 @@ class Trainer:
         self.out = Path(args.out)
         self.log_path = self.out / "log.jsonl"
         self.ckpt_dir = self.out / "ckpt"
+        # the steps that build the run, in this order, are at the end of the class
         self._check_folders(new_run=resume_dir is None)
         self._pick_hardware(joined)
         self.model = self._build_model(resume_dir)
-        self.tokenizer_path = self._pick_tokenizer(resume_dir, given)
-        self.tok = tk.Tokenizer.load(self.tokenizer_path)
-        if self.tok.n_vocab > self.model.args.vocab_size:
-            raise ValueError(f"the tokenizer {self.tokenizer_path} has {self.tok.n_vocab} ids but "
-                             f"the model only vocab_size={self.model.args.vocab_size} embedding "
-                             f"rows; use a config with vocab_size >= {self.tok.n_vocab} or a "
-                             "smaller tokenizer")
+        self.tokenizer_path, self.tok = self._load_tokenizer(resume_dir, given)
         self.data, self.data_id = self._build_data()
         self._build_optimizer()
         self.step = 0
@@ -192,216 +188,6 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_dir is not None:
             self._load_state(resume_dir, saved)
-
-    # -- the steps of __init__: the run's folders, hardware, model, tokenizer, data, optimizer
-    def _check_folders(self, new_run: bool) -> None:
-        a = self.args
-        folders = (("--out", a.out), ("--data-cache", a.data_cache), ("--export", a.export))
-        for flag, path in folders:
-            if path and Path(path).exists() and not Path(path).is_dir():
-                raise ValueError(f"{flag} {path} is a file; give a folder "
-                                 "(it is created if missing)")
-        if a.export and Path(a.export).resolve() == self.ckpt_dir.resolve():
-            raise ValueError(f"--export {a.export} is this run's own checkpoint folder: the export "
-                             "would replace its fp32 weights and make it unresumable; export to "
-                             "another folder")
-        if new_run:
-            runs.check_out_is_free(self.out)
-        if a.plot and importlib.util.find_spec("matplotlib") is None:
-            raise ValueError("--plot needs matplotlib, which is not installed: pip install "
-                             "matplotlib (or drop --plot and run `python train.py plot` later)")
-
-    def _pick_hardware(self, joined: torch.device | None) -> None:
-        a = self.args
-        threads, why_threads = set_threads(a.threads)
-        # saved with the run: a resume keeps the count (bit-identical losses) unless told otherwise
-        a.threads = threads
-        self.device, why_device = pick_device(a.device)
-        if joined is not None:
-            if joined.type != self.device.type:
-                raise ValueError(f"the ranks joined on {joined.type} but the run's device is "
-                                 f"{self.device}; give --device {self.device.type}")
-            self.device = joined
-            why_device += (f"; {parallel.world_size()} ranks under torchrun, "
-                           "tensor + expert parallel")
-        amp_dtype, why_dtype = pick_dtype(a.dtype, self.device)
-        if amp_dtype == torch.float16:
-            raise ValueError("fp16 training needs loss scaling, which train.py does not do; use "
-                             "--dtype bf16 or fp32")
-        self.amp_dtype = amp_dtype
-        amp = amp_dtype != torch.float32
-        self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp else nullcontext()
-        amp_note = "; autocast, weights and optimizer state stay fp32" if amp else ""
-        say(f"device: {self.device} ({why_device}); compute dtype: "
-            f"{str(amp_dtype).removeprefix('torch.')} ({why_dtype}){amp_note}; {threads} CPU "
-            f"thread(s) ({why_threads})")
-
-    def _build_model(self, resume_dir: Path | None) -> M.Transformer:
-        """A preset/config, a checkpoint to start from (--init), or the one to resume."""
-        a = self.args
-        torch.manual_seed(a.seed)
-        if resume_dir is not None or a.init:
-            src = resume_dir or runs.find_checkpoint(a.init)
-            # before allocating
-            check_memory(M.ModelArgs.from_json(src), self.device, f"the checkpoint {src}")
-            # a damaged checkpoint (config.json not JSON, a *.safetensors file cut short) is a
-            # ValueError naming it
-            model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
-            say(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
-        else:
-            try:
-                margs = M.load_args(a.config)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"--config {a.config} is not a JSON config file ({err}); give a "
-                                 "preset name or a Hugging Face config.json") from None
-            margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
-            check_memory(margs, self.device, f"--config {a.config}")
-            with torch.device(self.device):
-                model = M.Transformer(margs)
-        model.train()
-        margs = model.args
-        dims = model.shard_dims()
-        # the whole model's, not this rank's share
-        n_params = sum(p.numel() * (parallel.world_size() if n in dims else 1)
-                       for n, p in model.named_parameters())
-        say(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
-            f"{margs.n_routed_experts} experts top-{margs.num_experts_per_tok}; experts: "
-            f"{model.set_expert_impl('auto')}")
-        if a.seq_len > margs.max_position_embeddings:
-            raise ValueError(f"--seq-len {a.seq_len} exceeds the model's "
-                             f"max_position_embeddings={margs.max_position_embeddings}; lower "
-                             "--seq-len or use a config with a longer context")
-        return model
-
-    def _pick_tokenizer(self, resume_dir: Path | None, given: set[str]) -> Path:
-        """--tokenizer, else the one inside --init/--resume, else the demo one."""
-        a = self.args
-        tok_path = a.tokenizer
-        if tok_path is None:
-            inside = (resume_dir or (runs.find_checkpoint(a.init) if a.init else None))
-            has_own = inside is not None and (inside / "tiktoken.model").exists()
-            tok_path = inside / "tiktoken.model" if has_own else tk.DEMO_RANK_FILE
-        elif (resume_dir is not None and "tokenizer" not in given
-              and (resume_dir / "tiktoken.model").exists()):
-            # the run's --tokenizer file may since have moved, changed or be relative to another
-            # folder: the copy saved with the checkpoint is the one it was trained with (data_id
-            # checks it matches the data)
-            inside = resume_dir / "tiktoken.model"
-            if not Path(tok_path).is_file() or Path(tok_path).read_bytes() != inside.read_bytes():
-                tok_path = inside
-        return Path(tok_path)
-
-    def _build_data(self) -> tuple[ChatRows | TokenWindows, str]:
-        """(sampler, data_id): data_id names the corpus and tokenizer, so a resume on other data
-        is refused."""
-        a = self.args
-        if a.sft:
-            convs = load_conversations(a.data[0] if a.data else None, a.sft_conversations, a.seed)
-            data = ChatRows(self.tok, convs, a.seq_len, a.batch_size, a.val_fraction, a.seed,
-                            pack=not a.no_pack)
-            fill = data.train_mask.mean()
-            too_long, no_reply = data.dropped - data.unsupervised, data.unsupervised
-            say(f"data: {data.n_train_convs} training / {data.n_val_convs} held-out "
-                f"conversations in {len(data.train_ids)} + {len(data.val_ids)} rows of "
-                f"{a.seq_len + 1} tokens ({fill:.1%} of positions supervised; "
-                f"{too_long} dropped as longer than a row"
-                + (f", {no_reply} as having no assistant reply" if no_reply else "") + ")")
-            if too_long > 0.1 * len(convs):
-                say(f"note: {too_long} of {len(convs)} conversations do not fit --seq-len "
-                    f"{a.seq_len} and are never trained on; raise --seq-len to keep them")
-            return data, f"sft:{data.fingerprint}"
-        if parallel.rank() != 0:
-            parallel.barrier()  # rank 0 tokenizes and writes the cache; the others then read it
-        tokens, info = prepare_tokens(self.tokenizer_path, a.data, a.data_max_bytes, a.data_cache)
-        if parallel.rank() == 0:
-            parallel.barrier()
-        data = TokenWindows(tokens, a.seq_len, a.batch_size, a.val_fraction, a.seed,
-                            a.val_batches)
-        corpus = info["corpus"] if isinstance(info["corpus"], str) else "custom"
-        say(f"data: {info['n_tokens']:,} tokens ({corpus}; "
-            f"{'cached' if info['cached'] else 'tokenized now'}: {info['path']}); "
-            f"{len(data.train):,} train / {len(data.val):,} validation")
-        return data, f"tokens:{info['tokenizer_sha256'][:8]}-{info['text_sha256'][:12]}"
-
-    def _build_optimizer(self) -> None:
-        """The optimizer and the training-time pieces of the MoE."""
-        a = self.args
-        kw = dict(weight_decay=a.weight_decay, bias_update_speed=a.bias_update_speed,
-                  bias_update_rule=a.bias_update_rule)
-        if a.optimizer == "muonclip":
-            kw["qk_clip_tau"] = a.qk_clip_tau
-        self.opt = build_optimizer(a.optimizer, self.model, a.lr, **kw)
-        self.moes = _moe_modules(self.model)
-        for m in self.moes:
-            m.seq_aux_alpha = a.seq_aux_alpha
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-    # -- resume
-    def _load_state(self, ckpt: Path, saved: dict) -> None:
-        runs.restore(ckpt, saved, self.data_id, self.opt, self.data, self.device)
-        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
-        self.last_val, self.elapsed_before = saved.get("val_loss"), saved.get("elapsed_s", 0.0)
-        self.saved_step = self.step
-        self._resume_log = (ckpt, saved["log_bytes"])
-        say(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
-
-    # -- checkpoints
-    def save(self) -> None:
-        """model.save_pretrained with everything else written inside its atomic `extra` hook. Under
-        parallelism every rank calls it: the weights and the optimizer state are gathered, and rank
-        0 writes the one-process files. Weights that are not finite are never saved over the last
-        good checkpoint (TrainingError instead)."""
-        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        # an update that overflowed: the next loss would say so, but only after this save had
-        # replaced the good checkpoint with a useless one
-        if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise TrainingError(self._nonfinite_message(
-                f"the update made {bad[0]}{more} non-finite", self.step))
-
-        def extra(tmp: Path) -> None:  # rank 0 only
-            torch.save(opt_state, tmp / "optimizer.pt")
-            # generate.py --ckpt reads it from here
-            shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model")
-            runs.write_trainer_state(tmp, self.device, step=self.step,
-                                     tokens_seen=self.tokens_seen, data_id=self.data_id,
-                                     data_state=self.data.state(), log_bytes=self.log_bytes(),
-                                     val_loss=self.last_val, elapsed_s=self.elapsed(),
-                                     args=vars(self.args))
-
-        # gathering the optimizer state too: a Ctrl-C never leaves save() before the files exist
-        with runs.defer_sigint():
-            # collective; the same checkpoint whatever the world size
-            opt_state = self.opt.full_state_dict()
-            try:
-                self.model.save_pretrained(self.ckpt_dir, extra=extra)
-            except OSError as err:
-                # a full disk: write_atomically's one line, plus what the run can do next
-                then = "start the run again"
-                if self.saved_step is not None:
-                    then = (f"continue from step {self.saved_step} with "
-                            f"`python train.py --resume {self.out}`")
-                raise OSError(f"{err}; step {self.step} was not saved: once that is fixed, "
-                              f"{then}") from None
-            self.saved_step = self.step
-
-    def export(self, path: Path, dtype: str = "fp32") -> None:
-        """The model alone, for generate.py and transformers: config + safetensors + tiktoken.model,
-        no optimizer or trainer state (the demo/ folder). Atomic like every save; other files
-        already in `path` are kept."""
-        model = self.model
-        if dtype == "bf16":  # half the file; the routing bias stays fp32 (moe.Gate._apply)
-            model = copy.deepcopy(self.model).to(torch.bfloat16)
-        with runs.defer_sigint():
-            model.save_pretrained(path, extra=lambda tmp: shutil.copyfile(self.tokenizer_path,
-                                                                          tmp / "tiktoken.model"))
-        say(f"exported the model ({dtype}) to {path}")
-
-    def log_bytes(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self._t_start
 
     # -- one step
     def _set_lr(self) -> float:
@@ -575,7 +361,7 @@ class Trainer:
                     say(f"step {self.step:>5}/{a.steps} | loss {rec['loss']:.4f}{val} | lr "
                         f"{rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | max logit {ml:6.2f} | "
                         f"clipped {rec['clipped_heads']} "
-                        f"| {tps:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+                        f"| {tps:,.0f} tok/s | ETA {fmt_time(eta)}", flush=True)
                     t_print, tok_print = now, self.tokens_seen
                 if on_step is not None:
                     on_step(self, rec)
@@ -604,16 +390,234 @@ class Trainer:
         if not a.sft:
             try_cmd += ' --raw --prompt "def "'
         val = "n/a" if self.last_val is None else f"{self.last_val:.4f}"
-        say(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {_fmt_time(self.elapsed())}; "
-            f"final val loss {val}; checkpoint {self.ckpt_dir} (try: {try_cmd})")
+        say(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
+            f"{fmt_time(self.elapsed())}; final val loss {val}; checkpoint {self.ckpt_dir} "
+            f"(try: {try_cmd})")
         if a.export:
             self.export(Path(a.export), a.export_dtype)
         if a.plot and parallel.rank() == 0:
             runs.plot_logs([self.log_path], self.out / "curves.png")
         return 0
 
+    # -- checkpoints
+    def save(self) -> None:
+        """model.save_pretrained with everything else written inside its atomic `extra` hook. Under
+        parallelism every rank calls it: the weights and the optimizer state are gathered, and rank
+        0 writes the one-process files. Weights that are not finite are never saved over the last
+        good checkpoint (TrainingError instead)."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        # an update that overflowed: the next loss would say so, but only after this save had
+        # replaced the good checkpoint with a useless one
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise TrainingError(self._nonfinite_message(
+                f"the update made {bad[0]}{more} non-finite", self.step))
 
-def _fmt_time(s: float) -> str:
+        def extra(tmp: Path) -> None:  # rank 0 only
+            torch.save(opt_state, tmp / "optimizer.pt")
+            # generate.py --ckpt reads it from here
+            shutil.copyfile(self.tokenizer_path, tmp / "tiktoken.model")
+            runs.write_trainer_state(tmp, self.device, step=self.step,
+                                     tokens_seen=self.tokens_seen, data_id=self.data_id,
+                                     data_state=self.data.state(), log_bytes=self.log_bytes(),
+                                     val_loss=self.last_val, elapsed_s=self.elapsed(),
+                                     args=vars(self.args))
+
+        # gathering the optimizer state too: a Ctrl-C never leaves save() before the files exist
+        with runs.defer_sigint():
+            # collective; the same checkpoint whatever the world size
+            opt_state = self.opt.full_state_dict()
+            try:
+                self.model.save_pretrained(self.ckpt_dir, extra=extra)
+            except OSError as err:
+                # a full disk: write_atomically's one line, plus what the run can do next
+                then = "start the run again"
+                if self.saved_step is not None:
+                    then = (f"continue from step {self.saved_step} with "
+                            f"`python train.py --resume {self.out}`")
+                raise OSError(f"{err}; step {self.step} was not saved: once that is fixed, "
+                              f"{then}") from None
+            self.saved_step = self.step
+
+    def export(self, path: Path, dtype: str = "fp32") -> None:
+        """The model alone, for generate.py and transformers: config + safetensors + tiktoken.model,
+        no optimizer or trainer state (the demo/ folder). Atomic like every save; other files
+        already in `path` are kept."""
+        model = self.model
+        if dtype == "bf16":  # half the file; the routing bias stays fp32 (moe.Gate._apply)
+            model = copy.deepcopy(self.model).to(torch.bfloat16)
+        with runs.defer_sigint():
+            model.save_pretrained(path, extra=lambda tmp: shutil.copyfile(self.tokenizer_path,
+                                                                          tmp / "tiktoken.model"))
+        say(f"exported the model ({dtype}) to {path}")
+
+    def log_bytes(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._t_start
+
+    # -- resume
+    def _load_state(self, ckpt: Path, saved: dict) -> None:
+        runs.restore(ckpt, saved, self.data_id, self.opt, self.data, self.device)
+        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
+        self.last_val, self.elapsed_before = saved.get("val_loss"), saved.get("elapsed_s", 0.0)
+        self.saved_step = self.step
+        self._resume_log = (ckpt, saved["log_bytes"])
+        say(f"resumed at step {self.step}/{self.args.steps} from {ckpt}")
+
+    # -- the steps of __init__: the run's folders, hardware, model, tokenizer, data, optimizer
+    def _check_folders(self, new_run: bool) -> None:
+        a = self.args
+        folders = (("--out", a.out), ("--data-cache", a.data_cache), ("--export", a.export))
+        for flag, path in folders:
+            if path and Path(path).exists() and not Path(path).is_dir():
+                raise ValueError(f"{flag} {path} is a file; give a folder "
+                                 "(it is created if missing)")
+        if a.export and Path(a.export).resolve() == self.ckpt_dir.resolve():
+            raise ValueError(f"--export {a.export} is this run's own checkpoint folder: the export "
+                             "would replace its fp32 weights and make it unresumable; export to "
+                             "another folder")
+        if new_run:
+            runs.check_out_is_free(self.out)
+        if a.plot and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib, which is not installed: pip install "
+                             "matplotlib (or drop --plot and run `python train.py plot` later)")
+
+    def _pick_hardware(self, joined: torch.device | None) -> None:
+        a = self.args
+        threads, why_threads = set_threads(a.threads)
+        # saved with the run: a resume keeps the count (bit-identical losses) unless told otherwise
+        a.threads = threads
+        self.device, why_device = pick_device(a.device)
+        if joined is not None:
+            if joined.type != self.device.type:
+                raise ValueError(f"the ranks joined on {joined.type} but the run's device is "
+                                 f"{self.device}; give --device {self.device.type}")
+            self.device = joined
+            why_device += (f"; {parallel.world_size()} ranks under torchrun, "
+                           "tensor + expert parallel")
+        amp_dtype, why_dtype = pick_dtype(a.dtype, self.device)
+        if amp_dtype == torch.float16:
+            raise ValueError("fp16 training needs loss scaling, which train.py does not do; use "
+                             "--dtype bf16 or fp32")
+        self.amp_dtype = amp_dtype
+        amp = amp_dtype != torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp else nullcontext()
+        amp_note = "; autocast, weights and optimizer state stay fp32" if amp else ""
+        say(f"device: {self.device} ({why_device}); compute dtype: "
+            f"{str(amp_dtype).removeprefix('torch.')} ({why_dtype}){amp_note}; {threads} CPU "
+            f"thread(s) ({why_threads})")
+
+    def _build_model(self, resume_dir: Path | None) -> M.Transformer:
+        """A preset/config, a checkpoint to start from (--init), or the one to resume."""
+        a = self.args
+        torch.manual_seed(a.seed)
+        if resume_dir is not None or a.init:
+            src = resume_dir or runs.find_checkpoint(a.init)
+            # before allocating
+            check_memory(M.ModelArgs.from_json(src), self.device, f"the checkpoint {src}")
+            # a damaged checkpoint (config.json not JSON, a *.safetensors file cut short) is a
+            # ValueError naming it
+            model = M.Transformer.from_pretrained(src, device=self.device, dtype=torch.float32)
+            say(f"model: {'resumed' if resume_dir else 'initialised'} from {src}")
+        else:
+            try:
+                margs = M.load_args(a.config)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"--config {a.config} is not a JSON config file ({err}); give a "
+                                 "preset name or a Hugging Face config.json") from None
+            margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
+            check_memory(margs, self.device, f"--config {a.config}")
+            with torch.device(self.device):
+                model = M.Transformer(margs)
+        model.train()
+        margs = model.args
+        dims = model.shard_dims()
+        # the whole model's, not this rank's share
+        n_params = sum(p.numel() * (parallel.world_size() if n in dims else 1)
+                       for n, p in model.named_parameters())
+        say(f"model: {n_params / 1e6:.2f}M parameters, {margs.num_hidden_layers} layers, "
+            f"{margs.n_routed_experts} experts top-{margs.num_experts_per_tok}; experts: "
+            f"{model.set_expert_impl('auto')}")
+        if a.seq_len > margs.max_position_embeddings:
+            raise ValueError(f"--seq-len {a.seq_len} exceeds the model's "
+                             f"max_position_embeddings={margs.max_position_embeddings}; lower "
+                             "--seq-len or use a config with a longer context")
+        return model
+
+    def _load_tokenizer(self, resume_dir: Path | None,
+                        given: set[str]) -> tuple[Path, tk.Tokenizer]:
+        """--tokenizer, else the one inside --init/--resume, else the demo one."""
+        a = self.args
+        tok_path = a.tokenizer
+        if tok_path is None:
+            inside = (resume_dir or (runs.find_checkpoint(a.init) if a.init else None))
+            has_own = inside is not None and (inside / "tiktoken.model").exists()
+            tok_path = inside / "tiktoken.model" if has_own else tk.DEMO_RANK_FILE
+        elif (resume_dir is not None and "tokenizer" not in given
+              and (resume_dir / "tiktoken.model").exists()):
+            # the run's --tokenizer file may since have moved, changed or be relative to another
+            # folder: the copy saved with the checkpoint is the one it was trained with (data_id
+            # checks it matches the data)
+            inside = resume_dir / "tiktoken.model"
+            if not Path(tok_path).is_file() or Path(tok_path).read_bytes() != inside.read_bytes():
+                tok_path = inside
+        tok_path = Path(tok_path)
+        tok = tk.Tokenizer.load(tok_path)
+        if tok.n_vocab > self.model.args.vocab_size:
+            raise ValueError(f"the tokenizer {tok_path} has {tok.n_vocab} ids but the model only "
+                             f"vocab_size={self.model.args.vocab_size} embedding rows; use a "
+                             f"config with vocab_size >= {tok.n_vocab} or a smaller tokenizer")
+        return tok_path, tok
+
+    def _build_data(self) -> tuple[ChatRows | TokenWindows, str]:
+        """(sampler, data_id): data_id names the corpus and tokenizer, so a resume on other data
+        is refused."""
+        a = self.args
+        if a.sft:
+            convs = load_conversations(a.data[0] if a.data else None, a.sft_conversations, a.seed)
+            data = ChatRows(self.tok, convs, a.seq_len, a.batch_size, a.val_fraction, a.seed,
+                            pack=not a.no_pack)
+            fill = data.train_mask.mean()
+            too_long, no_reply = data.dropped - data.unsupervised, data.unsupervised
+            say(f"data: {data.n_train_convs} training / {data.n_val_convs} held-out "
+                f"conversations in {len(data.train_ids)} + {len(data.val_ids)} rows of "
+                f"{a.seq_len + 1} tokens ({fill:.1%} of positions supervised; "
+                f"{too_long} dropped as longer than a row"
+                + (f", {no_reply} as having no assistant reply" if no_reply else "") + ")")
+            if too_long > 0.1 * len(convs):
+                say(f"note: {too_long} of {len(convs)} conversations do not fit --seq-len "
+                    f"{a.seq_len} and are never trained on; raise --seq-len to keep them")
+            return data, f"sft:{data.fingerprint}"
+        if parallel.rank() != 0:
+            parallel.barrier()  # rank 0 tokenizes and writes the cache; the others then read it
+        tokens, info = prepare_tokens(self.tokenizer_path, a.data, a.data_max_bytes, a.data_cache)
+        if parallel.rank() == 0:
+            parallel.barrier()
+        data = TokenWindows(tokens, a.seq_len, a.batch_size, a.val_fraction, a.seed,
+                            a.val_batches)
+        corpus = info["corpus"] if isinstance(info["corpus"], str) else "custom"
+        say(f"data: {info['n_tokens']:,} tokens ({corpus}; "
+            f"{'cached' if info['cached'] else 'tokenized now'}: {info['path']}); "
+            f"{len(data.train):,} train / {len(data.val):,} validation")
+        return data, f"tokens:{info['tokenizer_sha256'][:8]}-{info['text_sha256'][:12]}"
+
+    def _build_optimizer(self) -> None:
+        """The optimizer and the training-time pieces of the MoE."""
+        a = self.args
+        kw = dict(weight_decay=a.weight_decay, bias_update_speed=a.bias_update_speed,
+                  bias_update_rule=a.bias_update_rule)
+        if a.optimizer == "muonclip":
+            kw["qk_clip_tau"] = a.qk_clip_tau
+        self.opt = build_optimizer(a.optimizer, self.model, a.lr, **kw)
+        self.moes = _moe_modules(self.model)
+        for m in self.moes:
+            m.seq_aux_alpha = a.seq_aux_alpha
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+
+def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -815,125 +819,6 @@ def plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------
-# 4. The demo model's recipe: every stage from the repository alone, one command
-
-# The stages of `python train.py recipe` (flags of this file), sized to about 45 minutes on 2 idle
-# CPU cores.
-# tokenizer.py train: demo/tiktoken.model
-RECIPE_TOKENIZER = ["--vocab-size", "4096", "--max-bytes", "8000000"]
-RECIPE_PRETRAIN = ["--config", "cpu-small", "--steps", "250", "--batch-size", "8",
-                   "--seq-len", "256", "--seed", "0"]
-# seq-len 768: the longest chat_data conversation (two tool rounds, extra tools declared) has about
-# 750 tokens
-RECIPE_SFT = ["--sft", "--steps", "2800", "--batch-size", "4", "--seq-len", "768",
-              "--sft-conversations", "20000", "--seed", "0", "--eval-every", "200",
-              "--save-every", "200"]
-
-
-def _flag(flags: list[str], name: str, value: str) -> list[str]:
-    """flags with --name set to value (replaced if present)."""
-    flags = list(flags)
-    if name in flags:
-        flags[flags.index(name) + 1] = value
-        return flags
-    return flags + [name, value]
-
-
-def _recipe_stage(name: str, run_dir: Path, flags: list[str], threads: int) -> None:
-    """Run one training stage in run_dir, or continue it (--resume) if it was interrupted, or skip
-    it if finished."""
-    steps = int(flags[flags.index("--steps") + 1])
-    ckpt = run_dir / "ckpt"
-    if (ckpt / "trainer_state.json").exists():
-        done = runs.read_trainer_state(ckpt, make_parser())["step"]
-        if done >= steps:
-            say(f"[recipe] {name}: finished earlier ({done} steps, {ckpt})")
-            return
-        say(f"[recipe] {name}: continuing {run_dir} from step {done}")
-        argv = ["--resume", str(run_dir)]
-    else:
-        if run_dir.exists():  # stopped before its first checkpoint: nothing in it is worth keeping
-            shutil.rmtree(run_dir)
-        argv = flags + ["--out", str(run_dir)] + (["--threads", str(threads)] if threads else [])
-        say(f"[recipe] {name}: python train.py {' '.join(argv)}")
-    args, given = parse_args(argv)
-    code = Trainer(args, given).run()
-    if code != 0:
-        raise TrainingError(f"the {name} stage stopped (exit code {code}); run the same command "
-                            "again to continue")
-
-
-def recipe_main(argv: Sequence[str]) -> int:
-    """`python train.py recipe`: the shipped demo model from scratch, tokenizer -> pretraining ->
-    fine-tuning -> export -> held-out evaluation, each stage printing its progress. Finished stages
-    are kept in --out; after an interruption the same command continues where it stopped."""
-    p = argparse.ArgumentParser(prog="train.py recipe",
-                                description="The shipped demo model from scratch, tokenizer -> "
-                                "pretraining -> fine-tuning -> export -> held-out evaluation.")
-    p.add_argument("--out", default="runs/recipe",
-                   help="folder of the stages (tokenizer, pretrain/, sft/, eval.txt)")
-    p.add_argument("--export", default=None,
-                   help="folder the finished model is written to (default: OUT/model); `--export "
-                        "demo` replaces the shipped demo model")
-    p.add_argument("--pretrain-steps", type=int, default=None,
-                   help="override the recipe's pretraining steps")
-    p.add_argument("--sft-steps", type=int, default=None,
-                   help="override the recipe's fine-tuning steps")
-    p.add_argument("--eval-items", type=int, default=220,
-                   help="held-out items of the final evaluation")
-    add_threads_argument(p)
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    export = Path(a.export) if a.export else out / "model"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    times = {}
-
-    rank_file = out / "tiktoken.model"
-    if rank_file.exists():
-        say(f"[recipe] tokenizer: finished earlier ({rank_file})")
-    else:
-        tok_flags = " ".join(RECIPE_TOKENIZER)
-        say(f"[recipe] tokenizer: python tokenizer.py train {tok_flags} --out {rank_file}")
-        tk.main(["train", *RECIPE_TOKENIZER, "--out", str(rank_file)])
-    times["tokenizer"] = time.perf_counter() - t0
-
-    pretrain = _flag(RECIPE_PRETRAIN, "--tokenizer", str(rank_file))
-    if a.pretrain_steps:
-        pretrain = _flag(pretrain, "--steps", str(a.pretrain_steps))
-    _recipe_stage("pretraining", out / "pretrain", pretrain, a.threads)
-    times["pretraining"] = time.perf_counter() - t0 - sum(times.values())
-
-    sft = _flag(RECIPE_SFT, "--init", str(out / "pretrain" / "ckpt"))
-    if a.sft_steps:
-        sft = _flag(sft, "--steps", str(a.sft_steps))
-    _recipe_stage("fine-tuning", out / "sft", sft, a.threads)
-    times["fine-tuning"] = time.perf_counter() - t0 - sum(times.values())
-
-    model = M.Transformer.from_pretrained(out / "sft" / "ckpt", dtype=torch.float32)
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(export,
-                          extra=lambda tmp: shutil.copyfile(rank_file, tmp / "tiktoken.model"))
-    say(f"[recipe] export: {export} (bf16 weights, config.json, tiktoken.model)")
-
-    import chat_data
-    from generate import load
-    say(f"[recipe] evaluation: python chat_data.py eval --ckpt {export} -n {a.eval_items}")
-    t_eval = time.perf_counter()
-    model, tok = load(export)
-    table, ok = chat_data.report(chat_data.evaluate(model, tok, a.eval_items, log=say)["rows"])
-    times["evaluation"] = time.perf_counter() - t_eval
-    total = time.perf_counter() - t0
-    stages = ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items())
-    summary = (f"held-out evaluation of {export} ({a.eval_items} items, greedy):\n{table}\n"
-               f"targets {'met' if ok else 'NOT met'}\n"
-               f"stage times (this invocation): {stages}; total {_fmt_time(total)}\n")
-    (out / "eval.txt").write_text(summary, encoding="utf-8")
-    say(summary + f"[recipe] done; written to {out / 'eval.txt'}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. Under torchrun every rank runs it: the same batches and seed on every rank
     (tensor + expert parallelism splits the weights, not the tokens), rank 0 prints, logs and writes
@@ -945,7 +830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if argv[:1] == ["plot"]:
                 return plot_main(argv[1:])
             if argv[:1] == ["recipe"]:
-                return recipe_main(argv[1:])
+                # recipe.py imports this file: imported here, not at the top
+                import recipe
+                return recipe.main(argv[1:])
             args, given = parse_args(argv)
             code = Trainer(args, given).run()
         except (ValueError, OSError, TrainingError) as err:
@@ -961,4 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python train.py recipe`: recipe.py's `import train` then finds this module instead of loading
+    # a second copy, whose TrainingError main() would not catch
+    sys.modules.setdefault("train", sys.modules[__name__])
     sys.exit(main())

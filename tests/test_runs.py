@@ -1,8 +1,9 @@
-"""Protects runs.py, a training run on disk: finding a checkpoint after a kill at any point of a save or of
-its recovery (the newest complete version, every leftover removed), and reading a log.jsonl (a bad line named, a
-line cut off mid-write skipped). What train.py does with them end to end (resume, the lock, Ctrl-C and SIGTERM,
-damaged checkpoints, `train.py plot`) is tested through train.py's command line in tests/test_train.py.
-Compares against: checkpoint folders and logs written here, labelled so that which one was picked is visible.
+"""Protects runs.py, a training run on disk: finding a checkpoint after a kill at any point of a
+save or of its recovery (the newest complete version, every leftover removed), and reading a
+log.jsonl (a bad line named, a line cut off mid-write skipped). What train.py does with them end to
+end (resume, the lock, Ctrl-C and SIGTERM, damaged checkpoints, `train.py plot`) is tested through
+train.py's command line in tests/test_train.py.
+Compares against: checkpoint folders and logs written here, labelled so that the one picked shows.
 Run: pytest tests/test_runs.py -q   (CPU, seconds)
 """
 import json
@@ -17,7 +18,8 @@ import train
 
 # crash-safe checkpoints: a kill -9 or a power loss at any point of a save or of its recovery
 
-DEAD = (9_876_543, 19_290_000, 5_000_001)  # above Linux's PID_MAX_LIMIT (2**22): never a live process's id
+# above Linux's PID_MAX_LIMIT (2**22): never a live process's id
+DEAD = (9_876_543, 19_290_000, 5_000_001)
 
 
 def _fake_ckpt(path, label, mtime=None):
@@ -29,22 +31,30 @@ def _fake_ckpt(path, label, mtime=None):
 
 
 class _Killed(BaseException):
-    """A kill -9 at one point of a save, simulated: the files on disk at that instant are copied aside first."""
+    """A kill -9 at one point of a save, simulated: the files on disk at that instant are copied
+    aside first."""
 
 
 @pytest.mark.parametrize("on_disk, restored", [
-    # the campaign's case: a stale copy of an older save (the 9876 sorts after 19290 as text) beside the pair of the
-    # save killed between its renames; the newest complete version is that save's new copy
+    # the campaign's case: a stale copy of an older save (the 9876 sorts after 19290 as text)
+    # beside the pair of the save killed between its renames; the newest complete version is that
+    # save's new copy
     ([f"old-{DEAD[0]}", f"old-{DEAD[1]}", f"tmp-{DEAD[1]}"], f"tmp-{DEAD[1]}"),
-    (["ckpt", f"tmp-{DEAD[0]}", f"old-{DEAD[1]}"], "ckpt"),  # killed while writing; while deleting the old copy
-    ([f"tmp-{DEAD[0]}"], None),  # the first save, killed while writing it: nothing to resume
-    ([f"old-{DEAD[0]}", f"old-{DEAD[1]}"], f"old-{DEAD[0]}"),  # moved by hand: the newest config.json wins
+    # killed while writing; while deleting the old copy
+    (["ckpt", f"tmp-{DEAD[0]}", f"old-{DEAD[1]}"], "ckpt"),
+    # the first save, killed while writing it: nothing to resume
+    ([f"tmp-{DEAD[0]}"], None),
+    # moved by hand: the newest config.json wins
+    ([f"old-{DEAD[0]}", f"old-{DEAD[1]}"], f"old-{DEAD[0]}"),
 ])
-def test_find_checkpoint_picks_the_newest_complete_version_and_removes_leftovers(tmp_path, on_disk, restored):
+def test_find_checkpoint_picks_the_newest_complete_version_and_removes_leftovers(
+        tmp_path, on_disk, restored):
     for i, name in enumerate(on_disk):
         path = tmp_path / (name if name == "ckpt" else f".ckpt.{name}")
-        _fake_ckpt(path, name, mtime=2_000_000_000 - i)  # listed newest first
-    if "ckpt" not in on_disk:  # a reader that changes nothing (generate.py) names the leftovers
+        # listed newest first
+        _fake_ckpt(path, name, mtime=2_000_000_000 - i)
+    # a reader that changes nothing (generate.py) names the leftovers
+    if "ckpt" not in on_disk:
         with pytest.raises(FileNotFoundError, match=r"a save was interrupted and left \.ckpt\."):
             M.Transformer.from_pretrained(tmp_path / "ckpt")
     if restored is None:
@@ -52,12 +62,15 @@ def test_find_checkpoint_picks_the_newest_complete_version_and_removes_leftovers
             runs.find_checkpoint(tmp_path)
     else:
         assert (runs.find_checkpoint(tmp_path) / "label").read_text() == restored
-    assert sorted(os.listdir(tmp_path)) == ([] if restored is None else ["ckpt"])  # every leftover removed
+    # every leftover removed
+    assert sorted(os.listdir(tmp_path)) == ([] if restored is None else ["ckpt"])
 
 
-def test_a_kill_during_the_recovery_leaves_a_state_the_next_recovery_finishes(tmp_path, monkeypatch):
+def test_a_kill_during_the_recovery_leaves_a_state_the_next_recovery_finishes(tmp_path,
+                                                                             monkeypatch):
     ops = {name: getattr(os, name) for name in ("fsync", "rename", "unlink", "rmdir")}
-    for k in range(100):  # kill before the k-th operation of recovering a save killed between its renames
+    # kill before the k-th operation of recovering a save killed between its renames
+    for k in range(100):
         run, snap = tmp_path / f"run{k}", tmp_path / f"snap{k}"
         run.mkdir()
         _fake_ckpt(run / f".ckpt.old-{DEAD[0]}", "old")
@@ -79,11 +92,13 @@ def test_a_kill_during_the_recovery_leaves_a_state_the_next_recovery_finishes(tm
         except _Killed:
             pass
         monkeypatch.undo()
-        if not snap.exists():  # k is past the recovery's last operation
+        # k is past the recovery's last operation
+        if not snap.exists():
             break
         assert (runs.find_checkpoint(snap) / "label").read_text() == "new", (k, count)
         assert os.listdir(snap) == ["ckpt"], (k, count)
-    assert k >= 5  # rename, fsync, and deleting old-P's files and folder were each interrupted
+    # rename, fsync, and deleting old-P's files and folder were each interrupted
+    assert k >= 5
 
 
 # reading a log
@@ -92,13 +107,15 @@ def test_a_kill_during_the_recovery_leaves_a_state_the_next_recovery_finishes(tm
 def test_read_log_names_bad_lines_and_skips_a_cut_off_last_one(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     good = json.dumps({"step": 1, "loss": 2.0}) + "\n"
-    log.write_text(good + '{"step": 2, "lo')  # a run writing (or killed while writing) its last line
+    # a run writing (or killed while writing) its last line
+    log.write_text(good + '{"step": 2, "lo')
     assert [r["step"] for r in runs.read_log(log)[1]] == [1]
     log.write_text(good + "garbage\n" + good)
     with pytest.raises(ValueError, match=r"log.jsonl:2 is not a train.py log line"):
         runs.read_log(log)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:  # SystemExit("error: ..."): one line on stderr, exit status 1
+    # SystemExit("error: ..."): one line on stderr, exit status 1
+    with pytest.raises(SystemExit) as exc:
         train.main(["plot", str(log), "--out", str(tmp_path / "c.png")])
     code, err = exc.value.code, capsys.readouterr().err
     if isinstance(code, str):

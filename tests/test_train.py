@@ -3,7 +3,8 @@ bit-identical resume after Ctrl-C, crash-safe checkpoints that transformers and 
 errors (a bad flag is argparse's usage error, exit 2; a run that cannot start or go on is one `error:` line, exit
 1), and that every CLI flag reaches the code. Also what a user at the shell runs into: damaged checkpoints, a
 second Ctrl-C or a SIGTERM mid-save, a new run started over an unfinished one, divergence (a NaN/inf never reaches
-the log or replaces the last good checkpoint). The data pipeline's own tests are in tests/test_data.py.
+the log or replaces the last good checkpoint). The data pipeline's own tests are in tests/test_data.py, those of
+find_checkpoint's recovery and of read_log (runs.py) in tests/test_runs.py, the recipe's in tests/test_recipe.py.
 Compares against: the unigram entropy of the training text (computed here); an uninterrupted run of the same
 configuration (losses and final weights, bitwise); transformers' DeepseekV3ForCausalLM on a checkpoint train.py
 wrote (logits, fp32, |Δ| <= 1e-4·max|logit|, as tests/test_hf_parity.py); hand-computed LR values.
@@ -733,35 +734,3 @@ def test_sft_jsonl_problems_name_the_line_or_the_reason(files, tmp_path, capsys,
     assert code == 1 and "chats.jsonl is not UTF-8 text" in err  # was: no file name
     code, err = sft(tmp_path)
     assert code == 1 and "is a folder" in err  # was: "does not exist"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the demo model's recipe
-
-
-@pytest.mark.slow
-def test_recipe_runs_every_stage_and_keeps_finished_ones(files, tmp_path, monkeypatch, capsys):
-    """`train.py recipe` at toy size: tokenizer -> pretraining -> fine-tuning -> export -> eval; run again, every
-    finished stage is skipped and the export and eval are written again from the same weights."""
-    monkeypatch.setattr(train, "RECIPE_TOKENIZER", ["--vocab-size", "256", "--corpus", str(files["corpus"])])
-    monkeypatch.setattr(train, "RECIPE_PRETRAIN", ["--config", "tiny", "--steps", "2", "--batch-size", "2",
-                                                   "--seq-len", "32", "--data", str(files["corpus"]),
-                                                   "--data-cache", str(files["cache"])])
-    monkeypatch.setattr(train, "RECIPE_SFT", ["--sft", "--steps", "2", "--batch-size", "1", "--seq-len", "768",
-                                              "--sft-conversations", "20"])
-    out = tmp_path / "recipe"
-    argv = ["recipe", "--out", str(out), "--eval-items", "2", "--threads", "1"]
-    assert train.main(argv) == 0
-    first = capsys.readouterr().out
-    for stage in ("tokenizer:", "pretraining:", "fine-tuning:", "export:", "evaluation:"):
-        assert f"[recipe] {stage}" in first
-    model_files = {p.name for p in (out / "model").iterdir()}
-    assert {"config.json", "model.safetensors", "tiktoken.model"} <= model_files
-    assert (out / "model" / "tiktoken.model").read_bytes() == (out / "tiktoken.model").read_bytes()
-    table = (out / "eval.txt").read_text()
-    assert "right tool" in table and "stage times" in table
-    weights = (out / "model" / "model.safetensors").read_bytes()
-    assert train.main(argv) == 0
-    again = capsys.readouterr().out
-    assert again.count("finished earlier") == 3 and "step " not in again
-    assert (out / "model" / "model.safetensors").read_bytes() == weights
