@@ -46,7 +46,6 @@ except ImportError:
 
 import model as M
 import parallel
-import runtime
 
 STATE_VERSION = 1  # trainer_state.json format
 # all a resume reads
@@ -168,19 +167,18 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     (runtime.find_checkpoint's rule). A save that a kill interrupted is first finished or undone
     by model.recover_interrupted_save (its docstring lists every state a kill can leave and which
     folder is then the newest complete checkpoint), and its leftovers are deleted: train.py is
-    about to write the folder, while generate.py and serve.py only read, and leave the leftovers
-    for from_pretrained's message to name."""
+    about to write the folder, while generate.py and serve.py only read it (runtime's lookup) and
+    leave the leftovers for from_pretrained's error to name."""
     p = Path(path)
     for cand in (p, p / "ckpt"):
         restored = M.recover_interrupted_save(cand)
         if restored is not None:
             say(f"recovered {cand} from {restored.name}, left by a save that was interrupted "
                 "between its renames")
-    ckpt = runtime.find_checkpoint(p)
-    if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and "
-                                f"{p / 'ckpt'})")
-    return ckpt
+        if (cand / "config.json").exists():
+            return cand
+    raise FileNotFoundError(f"no checkpoint at {p} (looked for config.json in {p} and "
+                            f"{p / 'ckpt'})")
 
 
 def read_trainer_state(ckpt: Path, parser: argparse.ArgumentParser) -> dict:
