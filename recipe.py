@@ -66,7 +66,8 @@ def _recipe_stage(name: str, run_dir: Path, flags: list[str], threads: int) -> N
         say(f"[recipe] {name}: continuing {run_dir} from step {done}")
         argv = ["--resume", str(run_dir)]
     else:
-        if run_dir.exists():  # stopped before its first checkpoint: nothing in it is worth keeping
+        # stopped before its first checkpoint: nothing in it is worth keeping
+        if run_dir.exists():
             shutil.rmtree(run_dir)
         argv = flags + ["--out", str(run_dir)] + (["--threads", str(threads)] if threads else [])
         say(f"[recipe] {name}: python train.py {' '.join(argv)}")

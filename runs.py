@@ -118,7 +118,8 @@ def continue_log(log_path: Path, ckpt: Path, n: int, step: int) -> None:
     cannot cut its live log."""
     old_log = ckpt.parent / "log.jsonl"
     if old_log.exists() and old_log.resolve() != log_path.resolve():
-        with open(old_log, "rb") as f:  # resumed into another --out: the log so far comes along
+        # resumed into another --out: the log so far comes along
+        with open(old_log, "rb") as f:
             log_path.write_bytes(f.read(n))
     elif log_path.exists():
         size = log_path.stat().st_size
@@ -219,7 +220,8 @@ def _state_field_problems(saved: dict,
     saved flags included: those get the types and choices argparse gives them (their ranges are
     checked by train.check_args)."""
     def count(v):
-        return type(v) is int and v >= 0  # type(), not isinstance: True is an int too
+        # type(), not isinstance: True is an int too
+        return type(v) is int and v >= 0
 
     def number(v):
         return type(v) in (int, float)
@@ -395,7 +397,8 @@ def read_log(path: str | os.PathLike) -> tuple[dict, list[dict]]:
                 raise ValueError("not a train.py record")
         except ValueError as err:
             if i == len(lines) and not text.endswith("\n"):
-                break  # cut off mid-write
+                # cut off mid-write
+                break
             raise ValueError(f"{path}:{i} is not a train.py log line ({err}): "
                              f"{line[:80]!r}") from None
         if rec.get("event") == "config":
@@ -411,7 +414,8 @@ def plot_logs(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
     all layers per step, one curve per log, with QK-Clip's tau drawn for runs that used it. Writes a
     PNG and returns its path."""
     import matplotlib
-    matplotlib.use("Agg")  # files only; no display needed
+    # files only; no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(12, 4.5))

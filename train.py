@@ -183,7 +183,8 @@ class Trainer:
         self.saved_step: int | None = None
         # (checkpoint, log bytes): the log is cut back in run()
         self._resume_log: tuple[Path, int] | None = None
-        self._log_started = False  # run() has (re)started the log: a second run() call only appends
+        # run() has (re)started the log: a second run() call only appends
+        self._log_started = False
 
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_dir is not None:
@@ -224,7 +225,8 @@ class Trainer:
             if aux is not None:
                 aux_sum += aux.item() / a.grad_accum
         gnorm_t = self.grad_norm()
-        if a.grad_clip > 0:  # what clip_grad_norm_ does, with the norm of the whole model
+        # what clip_grad_norm_ does, with the norm of the whole model
+        if a.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, a.grad_clip, gnorm_t)
         gnorm = gnorm_t.item()
         if not math.isfinite(gnorm):
@@ -444,7 +446,8 @@ class Trainer:
         no optimizer or trainer state (the demo/ folder). Atomic like every save; other files
         already in `path` are kept."""
         model = self.model
-        if dtype == "bf16":  # half the file; the routing bias stays fp32 (moe.Gate._apply)
+        # half the file; the routing bias stays fp32 (moe.Gate._apply)
+        if dtype == "bf16":
             model = copy.deepcopy(self.model).to(torch.bfloat16)
         with runs.defer_sigint():
             model.save_pretrained(path, extra=lambda tmp: shutil.copyfile(self.tokenizer_path,
@@ -527,7 +530,8 @@ class Trainer:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ValueError(f"--config {a.config} is not a JSON config file ({err}); give a "
                                  "preset name or a Hugging Face config.json") from None
-            margs.torch_dtype = "float32"  # master weights in fp32; autocast supplies bf16 compute
+            # master weights in fp32; autocast supplies bf16 compute
+            margs.torch_dtype = "float32"
             check_memory(margs, self.device, f"--config {a.config}")
             with torch.device(self.device):
                 model = M.Transformer(margs)
@@ -591,7 +595,8 @@ class Trainer:
                     f"{a.seq_len} and are never trained on; raise --seq-len to keep them")
             return data, f"sft:{data.fingerprint}"
         if parallel.rank() != 0:
-            parallel.barrier()  # rank 0 tokenizes and writes the cache; the others then read it
+            # rank 0 tokenizes and writes the cache; the others then read it
+            parallel.barrier()
         tokens, info = prepare_tokens(self.tokenizer_path, a.data, a.data_max_bytes, a.data_cache)
         if parallel.rank() == 0:
             parallel.barrier()
@@ -618,6 +623,7 @@ class Trainer:
 
 
 def fmt_time(s: float) -> str:
+    """Seconds as 4m05s, or 1h02m from an hour on (progress lines, the recipe's stage times)."""
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -628,7 +634,6 @@ def check_memory(margs: M.ModelArgs, device: torch.device, what: str) -> None:
     AdamW moments (Muon keeps one)."""
     runtime_check_memory(margs, device, 16, what, "training needs",
                          "use a smaller preset (cpu-small on a CPU, gpu-small on one GPU)")
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -769,7 +774,8 @@ def check_args(args: argparse.Namespace, saved_in: Path | None = None) -> None:
             ("save_every", args.save_every > 0, positive),
             ("log_every", args.log_every > 0, positive),
             ("val_fraction", 0 < args.val_fraction < 1, "a fraction in (0, 1)"),
-            ("val_batches", args.val_batches > 0, positive),  # 0 windows: a validation loss of 0/0
+            # 0 windows: a validation loss of 0/0
+            ("val_batches", args.val_batches > 0, positive),
             ("data_max_bytes", args.data_max_bytes is None or args.data_max_bytes > 0, positive),
             ("sft_conversations", args.sft_conversations >= 2,
              "must be >= 2: one is held out for validation"),
@@ -784,7 +790,8 @@ def check_args(args: argparse.Namespace, saved_in: Path | None = None) -> None:
              "must be >= 0, 0 = frozen"),
             ("seq_aux_alpha", 0 <= args.seq_aux_alpha < math.inf, "must be >= 0, 0 = off"),
             ("threads", args.threads >= 0, "must be >= 0, 0 = automatic")):
-        if not ok:  # NaN fails every comparison, so it lands here too
+        # NaN fails every comparison, so it lands here too
+        if not ok:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range ({rule})")
     if args.warmup_frac + args.decay_frac > 1:
         fail(f"--warmup-frac {args.warmup_frac} + --decay-frac {args.decay_frac} > 1; they are "
