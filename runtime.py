@@ -246,7 +246,8 @@ def check_memory(args: ModelArgs, device: torch.device, bytes_per_param: int, wh
 
 def find_checkpoint(ckpt: str | Path) -> Path:
     """The folder itself, or RUN/ckpt when given a train.py run folder (as `train.py --resume RUN`
-    takes one)."""
+    takes one). It only reads: what a save cut short by a kill left is named by from_pretrained's
+    error, and repaired by runs.find_checkpoint, which train.py calls before it writes the run."""
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").exists() and (ckpt / "ckpt" / "config.json").exists():
         return ckpt / "ckpt"

@@ -33,6 +33,7 @@ from pathlib import Path
 # scripts named bench_* shadow no project module; import the project's modules from the repo root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import runs
 import train
 
 
@@ -101,7 +102,7 @@ def compare(steps: int, batch: int, seq: int, lr: float, adamw_lr: float, tau: f
     print(f"{'optimizer':>10} | {'train loss (last 10)':>20} | {'val loss':>8} | "
           f"{'peak max logit':>14} | {'final max logit':>15} | clipped head-steps")
     for log in logs:
-        config, recs = train.read_log(log)
+        config, recs = runs.read_log(log)
         name = config["args"]["optimizer"]
         last = statistics.mean(r["loss"] for r in recs[-10:])
         logits = [max(r["max_logit"]) for r in recs]
@@ -109,7 +110,7 @@ def compare(steps: int, batch: int, seq: int, lr: float, adamw_lr: float, tau: f
         print(f"{name:>10} | {last:>20.4f} | {recs[-1]['val_loss']:>8.4f} | {max(logits):>14.2f} | "
               f"{logits[-1]:>15.2f} | {clipped}")
     try:
-        train.plot_logs(logs, out / "compare.png")
+        runs.plot_logs(logs, out / "compare.png")
     except ImportError:
         print("matplotlib is not installed: pip install matplotlib, then python train.py plot "
               f"{' '.join(map(str, logs))} --out {out / 'compare.png'}")

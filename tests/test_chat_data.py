@@ -13,8 +13,8 @@ import re
 import pytest
 
 import chat_data as C
+import recipe
 import tools as T
-import train
 from tokenizer import Tokenizer
 
 
@@ -132,7 +132,7 @@ def test_deterministic_renderable_and_fit_the_recipe_rows():
     assert a == b and a != C.conversations(300, seed=4)
     assert C.held_out_items(44) == C.held_out_items(44)
     tok = Tokenizer.load()
-    row = int(train.RECIPE_SFT[train.RECIPE_SFT.index("--seq-len") + 1])
+    row = int(recipe.RECIPE_SFT[recipe.RECIPE_SFT.index("--seq-len") + 1])
     lengths = []
     for messages, tools in a:
         ids, mask = tok.encode_chat(messages, tools, add_generation_prompt=True)

@@ -27,6 +27,7 @@ if __name__ == "__main__":  # started by torchrun: the modules are flat files at
 
 import model as M  # noqa: E402
 import muonclip  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from conftest import run_torchrun  # noqa: E402
@@ -72,7 +73,7 @@ def _close(a, b, what: str, rtol: float = RTOL, moved: float = 0.0) -> None:
 
 
 def _steps(log: Path) -> list[dict]:
-    return train.read_log(log)[1]
+    return runs.read_log(log)[1]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

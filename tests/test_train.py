@@ -3,7 +3,8 @@ bit-identical resume after Ctrl-C, crash-safe checkpoints that transformers and 
 errors (a bad flag is argparse's usage error, exit 2; a run that cannot start or go on is one `error:` line, exit
 1), and that every CLI flag reaches the code. Also what a user at the shell runs into: damaged checkpoints, a
 second Ctrl-C or a SIGTERM mid-save, a new run started over an unfinished one, divergence (a NaN/inf never reaches
-the log or replaces the last good checkpoint). The data pipeline's own tests are in tests/test_data.py.
+the log or replaces the last good checkpoint). The data pipeline's own tests are in tests/test_data.py, those of
+find_checkpoint's recovery and of read_log (runs.py) in tests/test_runs.py, the recipe's in tests/test_recipe.py.
 Compares against: the unigram entropy of the training text (computed here); an uninterrupted run of the same
 configuration (losses and final weights, bitwise); transformers' DeepseekV3ForCausalLM on a checkpoint train.py
 wrote (logits, fp32, |Δ| <= 1e-4·max|logit|, as tests/test_hf_parity.py); hand-computed LR values.
@@ -27,10 +28,12 @@ import pytest
 import torch
 
 import model as M
+import runs
 import tokenizer as tk
 import train
 from conftest import ROOT, hf_available
 from test_data import CONVS
+from test_runs import DEAD, _fake_ckpt, _Killed
 
 # One thread: the tiny model's ops are too small to split, and on a shared 2-core machine a second OpenMP thread
 # made a step 50x slower (3.3 s vs 0.06 s, measured while other jobs ran).
@@ -69,7 +72,7 @@ def make(files, out, *extra) -> train.Trainer:
 
 
 def losses(log_path):
-    _, recs = train.read_log(log_path)
+    _, recs = runs.read_log(log_path)
     return [(r["step"], r["loss"], r.get("val_loss")) for r in recs]
 
 
@@ -120,7 +123,7 @@ def test_sft_run_from_jsonl_with_init(files, pretrained, tmp_path):
     assert t.tokenizer_path == pretrained / "tiktoken.model"  # the tokenizer comes with the checkpoint
     assert t.data.n_val_convs == 1 and t.data.dropped == 0
     assert t.run() == 0
-    recs = train.read_log(tmp_path / "sft" / "log.jsonl")[1]
+    recs = runs.read_log(tmp_path / "sft" / "log.jsonl")[1]
     assert len(recs) == 3 and "val_loss" in recs[-1]
     assert all(r["target_tokens"] < 2 * 601 for r in recs)  # only the supervised targets of 2 rows
     exported = sorted(p.name for p in (tmp_path / "demo").iterdir())
@@ -146,7 +149,7 @@ def test_tiny_model_beats_unigram_entropy(files, tmp_path):
     t = make(files, tmp_path, "--steps", 200, "--batch-size", 8, "--seq-len", 64, "--eval-every", 100,
              "--save-every", 1000, "--val-fraction", 0.05)  # 6,000 held-out bytes
     assert t.run() == 0
-    recs = train.read_log(tmp_path / "log.jsonl")[1]
+    recs = runs.read_log(tmp_path / "log.jsonl")[1]
     first, val = recs[0]["loss"], recs[-1]["val_loss"]
     print(f"unigram entropy {entropy:.3f} nats; loss at step 1 {first:.3f}; val loss after 200 steps {val:.3f}")
     # observed (torch 2.13 CPU): entropy 3.236, step 1 6.260 (~ln 512), val 2.431: the model uses context, not
@@ -187,7 +190,7 @@ def test_resume_after_ctrl_c_is_bit_identical(files, tmp_path):
     want, got = losses(tmp_path / "full/log.jsonl"), losses(tmp_path / "part/log.jsonl")
     assert [s for s, _, _ in got] == list(range(1, 11))
     assert got == want  # losses and validation losses, exactly equal floats
-    assert any(r["clipped_heads"] for r in train.read_log(tmp_path / "full/log.jsonl")[1])  # QK-Clip really ran
+    assert any(r["clipped_heads"] for r in runs.read_log(tmp_path / "full/log.jsonl")[1])  # QK-Clip really ran
     a = M.Transformer.from_pretrained(tmp_path / "full/ckpt").state_dict()
     b = M.Transformer.from_pretrained(tmp_path / "part/ckpt").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -244,39 +247,6 @@ def test_failed_save_keeps_the_last_checkpoint(files, tmp_path, monkeypatch):
 
 # crash-safe checkpoints: a kill -9, a power loss or a full disk at any point of a save
 
-DEAD = (9_876_543, 19_290_000, 5_000_001)  # above Linux's PID_MAX_LIMIT (2**22): never a live process's id
-
-
-def _fake_ckpt(path, label, mtime=None):
-    path.mkdir()
-    (path / "config.json").write_text("{}")
-    (path / "label").write_text(label)
-    if mtime is not None:
-        os.utime(path / "config.json", (mtime, mtime))
-
-
-@pytest.mark.parametrize("on_disk, restored", [
-    # the campaign's case: a stale copy of an older save (the 9876 sorts after 19290 as text) beside the pair of the
-    # save killed between its renames; the newest complete version is that save's new copy
-    ([f"old-{DEAD[0]}", f"old-{DEAD[1]}", f"tmp-{DEAD[1]}"], f"tmp-{DEAD[1]}"),
-    (["ckpt", f"tmp-{DEAD[0]}", f"old-{DEAD[1]}"], "ckpt"),  # killed while writing; while deleting the old copy
-    ([f"tmp-{DEAD[0]}"], None),  # the first save, killed while writing it: nothing to resume
-    ([f"old-{DEAD[0]}", f"old-{DEAD[1]}"], f"old-{DEAD[0]}"),  # moved by hand: the newest config.json wins
-])
-def test_find_checkpoint_picks_the_newest_complete_version_and_removes_leftovers(tmp_path, on_disk, restored):
-    for i, name in enumerate(on_disk):
-        path = tmp_path / (name if name == "ckpt" else f".ckpt.{name}")
-        _fake_ckpt(path, name, mtime=2_000_000_000 - i)  # listed newest first
-    if "ckpt" not in on_disk:  # a reader that changes nothing (generate.py) names the leftovers
-        with pytest.raises(FileNotFoundError, match=r"a save was interrupted and left \.ckpt\."):
-            M.Transformer.from_pretrained(tmp_path / "ckpt")
-    if restored is None:
-        with pytest.raises(FileNotFoundError, match="no checkpoint"):
-            train.find_checkpoint(tmp_path)
-    else:
-        assert (train.find_checkpoint(tmp_path) / "label").read_text() == restored
-    assert sorted(os.listdir(tmp_path)) == ([] if restored is None else ["ckpt"])  # every leftover removed
-
 
 def test_a_save_removes_what_killed_saves_left_but_not_a_live_ones(files, tmp_path):
     t = make(files, tmp_path, "--steps", 4, "--batch-size", 2, "--seq-len", 16, "--save-every", 2)
@@ -332,10 +302,6 @@ def _resume_dir_at_step_2(files, out, *extra):
     assert t.run(on_step=stop) == 130
 
 
-class _Killed(BaseException):
-    """A kill -9 at one point of a save, simulated: the files on disk at that instant are copied aside first."""
-
-
 def test_resume_after_a_kill_at_any_point_of_a_save_is_bit_identical(files, tmp_path, monkeypatch):
     cfg = ("--steps", 4, "--batch-size", 2, "--seq-len", 16, "--save-every", 2, "--eval-every", 2)
     full = make(files, tmp_path / "full", *cfg)
@@ -386,37 +352,6 @@ def test_resume_after_a_kill_at_any_point_of_a_save_is_bit_identical(files, tmp_
         assert all(torch.equal(got[n], want_weights[n]) for n in got), (k, seen)
         assert not [p for p in os.listdir(tmp_path / "snap") if p.startswith(".ckpt")], (k, seen)  # cleaned up
     assert {"fsync", "rename", "unlink", "rmdir"} <= set(kinds), kinds  # each step of the save was interrupted
-
-
-def test_a_kill_during_the_recovery_leaves_a_state_the_next_recovery_finishes(tmp_path, monkeypatch):
-    ops = {name: getattr(os, name) for name in ("fsync", "rename", "unlink", "rmdir")}
-    for k in range(100):  # kill before the k-th operation of recovering a save killed between its renames
-        run, snap = tmp_path / f"run{k}", tmp_path / f"snap{k}"
-        run.mkdir()
-        _fake_ckpt(run / f".ckpt.old-{DEAD[0]}", "old")
-        _fake_ckpt(run / f".ckpt.tmp-{DEAD[0]}", "new")
-        count = []
-
-        def killing(name):
-            def op(*args, **kw):
-                count.append(name)
-                if len(count) == k + 1:
-                    shutil.copytree(run, snap)
-                    raise _Killed
-                return ops[name](*args, **kw)
-            return op
-        for name in ops:
-            monkeypatch.setattr(os, name, killing(name))
-        try:
-            train.find_checkpoint(run)
-        except _Killed:
-            pass
-        monkeypatch.undo()
-        if not snap.exists():  # k is past the recovery's last operation
-            break
-        assert (train.find_checkpoint(snap) / "label").read_text() == "new", (k, count)
-        assert os.listdir(snap) == ["ckpt"], (k, count)
-    assert k >= 5  # rename, fsync, and deleting old-P's files and folder were each interrupted
 
 
 @pytest.mark.parametrize("where", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
@@ -649,7 +584,7 @@ def test_resume_checks_steps_and_keeps_the_log_valid(pretrained, tmp_path, capsy
     t = train.Trainer(*train.parse_args(["--resume", str(run), "--steps", "7"]))
     assert t.run() == 0  # shorter than at the checkpoint: truncate() used to pad the log with NUL bytes
     assert b"\0" not in log.read_bytes()
-    assert [r["step"] for r in train.read_log(log)[1]] == [7]  # and the new records start lines of their own
+    assert [r["step"] for r in runs.read_log(log)[1]] == [7]  # and the new records start lines of their own
 
 
 def test_resume_uses_the_checkpoints_tokenizer_when_the_original_moved(files, tmp_path):
@@ -682,7 +617,7 @@ def test_a_new_run_never_overwrites_an_unfinished_one(files, tmp_path, capsys):
     # while a run holds the folder, a second one is refused before it writes anything
     holder = open(tmp_path / ".lock", "a+")
     try:
-        train.fcntl.flock(holder, train.fcntl.LOCK_EX | train.fcntl.LOCK_NB)
+        runs.fcntl.flock(holder, runs.fcntl.LOCK_EX | runs.fcntl.LOCK_NB)
         resumed = train.Trainer(*train.parse_args(["--resume", str(tmp_path)]))
         with pytest.raises(ValueError, match="in use by another train.py run"):
             resumed.run()
@@ -770,18 +705,6 @@ def test_divergence_never_replaces_the_last_good_checkpoint(files, tmp_path):
     assert json.loads((tmp_path / "b/ckpt/trainer_state.json").read_text())["step"] == 2
 
 
-def test_read_log_names_bad_lines_and_skips_a_cut_off_last_one(tmp_path, capsys):
-    log = tmp_path / "log.jsonl"
-    good = json.dumps({"step": 1, "loss": 2.0}) + "\n"
-    log.write_text(good + '{"step": 2, "lo')  # a run writing (or killed while writing) its last line
-    assert [r["step"] for r in train.read_log(log)[1]] == [1]
-    log.write_text(good + "garbage\n" + good)
-    with pytest.raises(ValueError, match=r"log.jsonl:2 is not a train.py log line"):
-        train.read_log(log)
-    code, err = main_fails(["plot", str(log), "--out", str(tmp_path / "c.png")], capsys)
-    assert code == 1 and "log.jsonl:2" in err
-
-
 def test_plot_without_matplotlib_fails_before_training(files, tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -811,35 +734,3 @@ def test_sft_jsonl_problems_name_the_line_or_the_reason(files, tmp_path, capsys,
     assert code == 1 and "chats.jsonl is not UTF-8 text" in err  # was: no file name
     code, err = sft(tmp_path)
     assert code == 1 and "is a folder" in err  # was: "does not exist"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the demo model's recipe
-
-
-@pytest.mark.slow
-def test_recipe_runs_every_stage_and_keeps_finished_ones(files, tmp_path, monkeypatch, capsys):
-    """`train.py recipe` at toy size: tokenizer -> pretraining -> fine-tuning -> export -> eval; run again, every
-    finished stage is skipped and the export and eval are written again from the same weights."""
-    monkeypatch.setattr(train, "RECIPE_TOKENIZER", ["--vocab-size", "256", "--corpus", str(files["corpus"])])
-    monkeypatch.setattr(train, "RECIPE_PRETRAIN", ["--config", "tiny", "--steps", "2", "--batch-size", "2",
-                                                   "--seq-len", "32", "--data", str(files["corpus"]),
-                                                   "--data-cache", str(files["cache"])])
-    monkeypatch.setattr(train, "RECIPE_SFT", ["--sft", "--steps", "2", "--batch-size", "1", "--seq-len", "768",
-                                              "--sft-conversations", "20"])
-    out = tmp_path / "recipe"
-    argv = ["recipe", "--out", str(out), "--eval-items", "2", "--threads", "1"]
-    assert train.main(argv) == 0
-    first = capsys.readouterr().out
-    for stage in ("tokenizer:", "pretraining:", "fine-tuning:", "export:", "evaluation:"):
-        assert f"[recipe] {stage}" in first
-    model_files = {p.name for p in (out / "model").iterdir()}
-    assert {"config.json", "model.safetensors", "tiktoken.model"} <= model_files
-    assert (out / "model" / "tiktoken.model").read_bytes() == (out / "tiktoken.model").read_bytes()
-    table = (out / "eval.txt").read_text()
-    assert "right tool" in table and "stage times" in table
-    weights = (out / "model" / "model.safetensors").read_bytes()
-    assert train.main(argv) == 0
-    again = capsys.readouterr().out
-    assert again.count("finished earlier") == 3 and "step " not in again
-    assert (out / "model" / "model.safetensors").read_bytes() == weights
