@@ -2,10 +2,10 @@
 calls come back in K2 deployments' wire format, streaming adds up to the non-streamed answer, concurrent requests
 stay independent, and every bad request gets OpenAI's error shape and status while the server keeps serving.
 
-Compares against: the official `openai` Python client (the thing the seed's code uses) talking to a live server on a
+Compares against: the official `openai` Python client (what the getting-started examples use) talking to a live server on a
 free loopback port; a scripted stand-in model (`ScriptedModel`: logits that force a canned reply, run through the
 real generate.TextStream) for exact wire-format checks; a tiny random model saved to disk and loaded like a real
-checkpoint (or the shipped demo model for the seed's snippets, when demo/ has one) for real generation; the same
+checkpoint (or the shipped demo model for the getting-started snippets, when demo/ has one) for real generation; the same
 requests run one at a time for the concurrency check; raw http.client for what the openai client cannot send.
 Run: pytest tests/test_serve.py -q   (CPU, 15-30 s on 2 cores; needs `pip install openai`)"""
 import dataclasses
@@ -66,7 +66,7 @@ def scripted_reply(prompt: str) -> str:
         return "It is Sunny, 25°C in Tokyo."
     user = prompt.rsplit("<|im_user|>user<|im_middle|>", 1)[-1].split("<|im_end|>")[0]
     declared = "tool_declare" in prompt
-    if user == "Check weather":  # the seed's tool example
+    if user == "Check weather":  # the getting-started tool example
         weather = section(("functions.get_weather:0", '{"city": "Tokyo"}'))
         return weather if declared else "Let me check." + weather  # no tools declared: tool_choice none
     return {
@@ -235,7 +235,7 @@ def as_wire(response) -> dict:
 # Plain `openai` client snippets (the README's examples), unchanged
 
 
-def simple_chat(client, model_name):  # the seed's "Simple Chat Example", verbatim
+def simple_chat(client, model_name):  # the getting-started "Simple Chat Example", verbatim
     messages = [
         {"role": "system", "content": "You are Kimi, a helpful AI assistant."},
         {"role": "user", "content": "What’s the current weather in Tokyo?"}
@@ -249,7 +249,7 @@ def simple_chat(client, model_name):  # the seed's "Simple Chat Example", verbat
     return response.choices[0].message.content
 
 
-def api_access(client):  # the seed's "API Access" example, verbatim but for the client, which the caller makes
+def api_access(client):  # the "API Access" example, verbatim but for the client (the caller makes it)
     response = client.chat.completions.create(
         model="kimi-k2-instruct",
         messages=[
@@ -263,7 +263,7 @@ def api_access(client):  # the seed's "API Access" example, verbatim but for the
     return response
 
 
-def tool_example(client):  # the seed's tool-calling example, verbatim (flat schema, tool_choice="auto")
+def tool_example(client):  # the getting-started tool example, verbatim (flat schema, "auto")
     tools = [{
         "name": "get_weather",
         "description": "Retrieve current weather for a given city.",
