@@ -166,9 +166,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # rotation above, in 3 kernels instead of 9 (decode runs this twice per layer per token);
     # fp32: the precision of the tables
     x32 = x.float()
-    # complex views need adjacent pairs and even strides (odd head widths give odd ones)
-    if x32.stride(-1) != 1 or any(st % 2 for st in x32.stride()[:-1]):
-        x32 = x32.contiguous()
+    # complex views need adjacent pairs, even strides and an even offset (odd head or latent
+    # widths give odd ones; a slice with one token and one head is "contiguous" at an odd offset)
+    if (x32.stride(-1) != 1 or x32.storage_offset() % 2
+            or any(st % 2 for st in x32.stride()[:-1])):
+        x32 = x32.clone(memory_format=torch.contiguous_format)
     y = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rot  # (..., Dr/2) complex
     return torch.view_as_real(y).flatten(-2).to(x.dtype)  # (..., Dr)
 

@@ -174,6 +174,22 @@ def test_cached_decode_equals_full_forward(kind, impl):
         torch.testing.assert_close(got, full, rtol=0, atol=1e-5 * full.abs().max().item())
 
 
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+@pytest.mark.parametrize("odd", [dict(kv_lora_rank=15), dict(qk_nope_head_dim=15, num_attention_heads=1)])
+def test_odd_widths_decode_one_token_at_batch_one(odd, impl):
+    """k_pe and q_pe are slices at offset Ckv / Dn: odd widths put them at an odd storage offset, which
+    a one-token, one-sequence slice carries into RoPE's complex view (it was a crash)."""
+    args = tiny_args("k2", **odd)
+    model = random_model(args, seed=6)
+    ids = torch.randint(0, args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, 8)
+        steps = [model(ids[:, :3], cache, attn_impl=impl)]
+        steps += [model(ids[:, t:t + 1], cache, attn_impl=impl) for t in range(3, 6)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5 * full.abs().max().item())
+
+
 def test_absorbed_equals_naive_full_sequence():
     args = tiny_args("deepseek")
     model = random_model(args, seed=5)
