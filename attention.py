@@ -131,6 +131,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     y_2i = x_2i cos θ_i − x_2i+1 sin θ_i,   y_2i+1 = x_2i sin θ_i + x_2i+1 cos θ_i.
     """
+    # exercise: rope
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)  # broadcast over B and any head dim
     rot = torch.complex(cos, sin).view(shape)  # e^{iθ_i}
     # pair (x_2i, x_2i+1) as the complex number x_2i + i·x_2i+1: one complex product is the rotation above, in
@@ -140,6 +141,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x32 = x32.contiguous()  # head widths give odd ones) and adjacent pairs
     y = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rot  # (..., Dr/2) complex
     return torch.view_as_real(y).flatten(-2).to(x.dtype)  # (..., Dr)
+    # end exercise: rope
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
     converging to 1: for S/‖G‖_F ≥ 3e-3, S' lands in [0.68, 1.21] (fp64 iteration of p; K. Jordan's notes say
     "~Uniform(0.5, 1.5)"), which does not hurt training (Muon post). Works on any leading batch dims, e.g. (E, I, D).
     """
+    # exercise: newton_schulz
     assert G.ndim >= 2, f"Newton-Schulz needs matrices, got shape {tuple(G.shape)}"
     a, b, c = NS_COEFFICIENTS
     # bf16 on purpose (Moonlight toy_train.py): NS is stable in bf16 and the result only needs to be near-orthogonal
@@ -98,6 +99,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
     if transposed:
         X = X.mT                         # back to G's orientation
     return X
+    # end exercise: newton_schulz
 
 
 def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:

@@ -1,0 +1,948 @@
+"""Classroom exercises cut from the real code: a student rewrites one marked region, a check grades it in seconds.
+
+For a student:
+    python exercises.py                  the exercises: name, file, concept, level, minutes, what the check compares against
+    python exercises.py start rope       copies the modules into lab/ and replaces the `rope` region in lab/attention.py
+                                         by a stub stating the task (the repository's own files are never modified)
+    python exercises.py check rope       grades lab/: PASS/FAIL per check, a score, and a diagnostic that names the
+                                         likely mistake ("half-split pairs ...") or the largest error and where
+    python exercises.py hint rope        the next hint (one more per call);  `show rope` the task again
+    python exercises.py solution rope    the reference region, exactly as it stands in the repository
+    python exercises.py tour             one token through a tiny model: each step, its shapes, and its file:line
+For a teacher: `grade --json FILE` grades every started exercise of a lab (a table + JSON per check), `bench` times
+every check against the reference. TEACHING.md has a 2-hour lab, a one-week sequence and how to collect a class's
+JSON. `--lab DIR` (or the environment variable K2_LAB) puts the workspace somewhere other than ./lab.
+
+Where the exercises live. Each region is marked in the real module by two one-line comments at the indentation of its
+body, `# exercise: NAME` and `# end exercise: NAME`, so the reference code is the solution and cannot drift from the
+exercise. `start` copies the modules and puts the stub between the markers of lab/FILE; `check` runs the checks in a
+fresh Python process with lab/ first on sys.path, so `import attention` (and everything it imports) gets the lab
+copies. Each check runs on fresh random inputs (the seed is printed) of shapes the statement does not reveal, and a
+timeout stops a student's infinite loop. A region must be a block whose replacement by a stub (`raise
+NotImplementedError`) keeps its module importable: a function body, or a statement block inside one.
+
+How to add an exercise (see the sections below for three complete examples):
+1. Put the two markers around the region in the module (nothing else changes there).
+2. Write its truth in this file, independently of the module: an fp64 naive recomputation, transformers' function
+   where one applies, or hand-computed values. Also write the output of each known mistake the same way.
+3. Write checks: functions `check_WHAT(lab) -> None` whose docstring's first line says what they verify. `lab.MODULE`
+   is the workspace's module (`lab.attention.apply_rope`), `lab.gen` a torch.Generator seeded afresh for this check,
+   `lab.randint(lo, hi)` a random size from it. A check raises `CheckFailed(message)` (use `expect_close`, which
+   names the matching known mistake) or `CheckSkipped(reason)`; any other exception is the student's and is reported
+   at the student's own line.
+4. Register an `Exercise` (fields below) with its `Mistake`s: each is a description (which the diagnostic must
+   contain), source edits (old -> new) that plant it in the reference region, and optionally other words to expect.
+   tests/test_exercises.py then checks, for every registered exercise, that the stub fails, the reference passes,
+   each planted mistake fails with its diagnostic (at least two per exercise), and that the markers are intact.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parent
+LAB_ENV = "K2_LAB"            # environment variable that moves the workspace (as --lab DIR does)
+DEFAULT_TIMEOUT = 20.0        # seconds for one `check`; a correct solution needs a few (`python exercises.py bench`)
+LEVELS = ("intro", "core", "advanced")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Exercise API
+
+
+class CheckFailed(AssertionError):
+    """A check's verdict on the student's code: what is wrong, in words a student can act on."""
+
+
+class CheckSkipped(Exception):
+    """A check that cannot run here (e.g. transformers is not installed); it does not count in the score."""
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A known wrong variant. `edits` plant it in the reference region (each `old` occurs exactly once there);
+    the check's diagnostic for it must contain `words` (default: the description itself)."""
+    description: str
+    edits: tuple[tuple[str, str], ...]
+    words: str = ""
+
+    @property
+    def expected(self) -> str:
+        return self.words or self.description
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str                    # the marker name and the CLI argument
+    file: str                    # the module holding the region, e.g. "attention.py"
+    concept: str                 # a few words for the table
+    level: str                   # one of LEVELS
+    minutes: int                 # expected time for a student who has read the module's docstring
+    against: str                 # what the checks compare against (independent truth)
+    statement: str               # what to compute, the formula with its paper reference, shapes, names in scope
+    hints: tuple[str, ...]       # 1-3, given in order by `hint`
+    checks: tuple[Callable[["Lab"], None], ...]
+    mistakes: tuple[Mistake, ...]
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def register(ex: Exercise) -> Exercise:
+    assert ex.name not in EXERCISES, f"exercise {ex.name!r} registered twice"
+    assert ex.level in LEVELS and 1 <= len(ex.hints) <= 3 and ex.checks, ex.name
+    EXERCISES[ex.name] = ex
+    return ex
+
+
+class Lab:
+    """What a check sees: the workspace's modules as attributes (`lab.attention`) and a fresh random generator."""
+
+    def __init__(self, directory: Path, seed: int):
+        self.dir, self.seed = directory, seed
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __getattr__(self, module: str):
+        if module.startswith("_"):
+            raise AttributeError(module)
+        return importlib.import_module(module)
+
+    def randint(self, lo: int, hi: int) -> int:
+        """A random integer in [lo, hi] from this check's generator."""
+        return int(torch.randint(lo, hi + 1, (), generator=self.gen))
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.gen, dtype=torch.float64))
+
+
+def expect_close(got, want: Tensor, what: str, atol: float, rtol: float = 0.0,
+                 mistakes: dict[str, Tensor] | None = None) -> None:
+    """Raise CheckFailed unless `got` has want's shape and |got - want| <= atol + rtol·|want| everywhere.
+
+    On a mismatch, `got` is compared with each known mistake's output (same tolerance), and the first that matches
+    is named; otherwise the message gives the largest error and its index."""
+    if not isinstance(got, Tensor):
+        raise CheckFailed(f"{what}: expected a tensor, got {type(got).__name__}")
+    if _close(got, want, atol, rtol):
+        return
+    for description, out in (mistakes or {}).items():
+        if _close(got, out, atol, rtol):
+            raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {description}")
+    if got.shape != want.shape:
+        raise CheckFailed(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    bad = ~torch.isfinite(g) & torch.isfinite(w)
+    if bad.any():
+        i = tuple(int(v) for v in bad.nonzero()[0])
+        raise CheckFailed(f"{what}: {int(bad.sum())} of {g.numel()} values are NaN or inf, e.g. at index {i}"
+                          f" (expected {w[i].item():.6g})")
+    err = (g - w).abs().nan_to_num(nan=math.inf) - rtol * w.abs()
+    i = tuple(int(v) for v in (err == err.max()).nonzero()[0])
+    raise CheckFailed(f"{what}: max error {(g - w).abs()[i].item():.3g} at index {i} (got {g[i].item():.6g}, "
+                      f"expected {w[i].item():.6g}; tolerance {atol:g}{f' + {rtol:g}·|expected|' if rtol else ''});"
+                      f" it matches none of the known mistakes")
+
+
+def _close(got: Tensor, want: Tensor, atol: float, rtol: float) -> bool:
+    if got.shape != want.shape:
+        return False
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    fin = torch.isfinite(w)
+    if not torch.equal(torch.isfinite(g), fin) or not torch.equal(g[~fin].nan_to_num(), w[~fin].nan_to_num()):
+        return False
+    return bool(((g[fin] - w[fin]).abs() <= atol + rtol * w[fin].abs()).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: interleaved RoPE (attention.py apply_rope)
+
+ROPE_HALF = "half-split pairs (x_i, x_i+Dr/2) instead of interleaved pairs (x_2i, x_2i+1)"
+ROPE_SIGN = "rotation in the wrong direction (by -θ: the sign of the sin terms is flipped)"
+ROPE_SWAP = "cos and sin swapped"
+
+
+def _angles(lab: Lab, T: int, half: int) -> Tensor:
+    """Random positions times random inverse frequencies: (T, Dr/2) fp64 angles."""
+    pos = torch.randint(0, 5000, (T,), generator=lab.gen).double()
+    inv_freq = 10.0 ** -torch.rand(half, generator=lab.gen, dtype=torch.float64).mul(4)
+    return pos[:, None] * inv_freq[None, :]
+
+
+def rope_truth(x: Tensor, theta: Tensor, pairs: str = "interleaved", sign: float = 1.0,
+               swap: bool = False) -> Tensor:
+    """fp64, one pair at a time: y_a = x_a cos θ_i - x_b sin θ_i, y_b = x_a sin θ_i + x_b cos θ_i (RoFormer,
+    arXiv 2104.09864 §3.4.2) with (a, b) = (2i, 2i+1) interleaved or (i, i+Dr/2) half-split. x (B, T, ..., Dr),
+    theta (T, Dr/2). The optional arguments produce the known mistakes."""
+    x = x.double()
+    y = torch.empty_like(x)
+    half = x.shape[-1] // 2
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3)
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if pairs == "interleaved" else (i, i + half)
+        cos, sin = theta[:, i].cos().view(shape), sign * theta[:, i].sin().view(shape)
+        if swap:
+            cos, sin = sin, cos
+        y[..., a] = x[..., a] * cos - x[..., b] * sin
+        y[..., b] = x[..., a] * sin + x[..., b] * cos
+    return y
+
+
+def _rope_mistakes(x: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    return {ROPE_HALF: rope_truth(x, theta, pairs="half"), ROPE_SIGN: rope_truth(x, theta, sign=-1.0),
+            ROPE_SWAP: rope_truth(x, theta, swap=True)}
+
+
+def check_rope_random(lab: Lab) -> None:
+    """matches an fp64 recomputation on random shapes, with and without a head dim"""
+    B, T, H, Dr = lab.randint(1, 3), lab.randint(2, 9), lab.randint(1, 5), 2 * lab.randint(3, 12)
+    theta = _angles(lab, T, Dr // 2)
+    for x in (torch.randn(B, T, H, Dr, generator=lab.gen), torch.randn(B, T, Dr, generator=lab.gen)):
+        y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
+        expect_close(y, rope_truth(x, theta), f"apply_rope on x {tuple(x.shape)}", atol=1e-5,
+                     mistakes=_rope_mistakes(x, theta))
+
+
+def check_rope_by_hand(lab: Lab) -> None:
+    """x = [1, 0, 0, 1] at angles (π/2, π) gives [0, 1, 0, -1] (worked by hand)"""
+    x = torch.tensor([[[1.0, 0.0, 0.0, 1.0]]])  # (B=1, T=1, Dr=4)
+    theta = torch.tensor([[math.pi / 2, math.pi]], dtype=torch.float64)
+    y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
+    # pair (x0, x1) = (1, 0) turned by 90° is (0, 1); pair (x2, x3) = (0, 1) turned by 180° is (0, -1)
+    expect_close(y, torch.tensor([[[0.0, 1.0, 0.0, -1.0]]]), "apply_rope([1, 0, 0, 1], θ = (π/2, π))", atol=1e-6,
+                 mistakes=_rope_mistakes(x, theta))
+
+
+def check_rope_dtype_and_strides(lab: Lab) -> None:
+    """keeps a bf16 input's dtype and shape, and works on a slice of a wider tensor (as q[..., Dn:])"""
+    B, T, H, Dr, Dn = lab.randint(1, 2), lab.randint(2, 6), lab.randint(2, 4), 2 * lab.randint(2, 8), lab.randint(1, 9)
+    theta = _angles(lab, T, Dr // 2)
+    x = torch.randn(B, T, H, Dn + Dr, generator=lab.gen).bfloat16()[..., Dn:]   # a non-contiguous view
+    y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
+    if not isinstance(y, Tensor) or y.dtype != torch.bfloat16:
+        raise CheckFailed(f"apply_rope on a bf16 input returned {getattr(y, 'dtype', type(y).__name__)}: compute "
+                          f"in fp32 if you like, but return x's dtype")
+    expect_close(y, rope_truth(x, theta), f"apply_rope on a bf16 slice {tuple(x.shape)}", atol=0.02, rtol=0.01,
+                 mistakes=_rope_mistakes(x, theta))
+
+
+def check_rope_transformers(lab: Lab) -> None:
+    """matches transformers' DeepseekV3 apply_rotary_pos_emb_interleave (whose output is de-interleaved)"""
+    try:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+    except ImportError:
+        raise CheckSkipped("transformers is not installed") from None
+    B, T, H, Dr = lab.randint(1, 3), lab.randint(2, 7), lab.randint(1, 4), 2 * lab.randint(2, 8)
+    theta = _angles(lab, T, Dr // 2)
+    x = torch.randn(B, T, H, Dr, generator=lab.gen, dtype=torch.float64)
+    y = lab.attention.apply_rope(x, theta.cos(), theta.sin())
+    # HF: (B, H, T, Dr) inputs, cos/sin (B, T, Dr) in rotate_half layout [θ_0..θ_n-1, θ_0..θ_n-1]
+    cos, sin = (f(torch.cat([theta, theta], -1))[None] for f in (torch.cos, torch.sin))
+    ref, _ = apply_rotary_pos_emb_interleave(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+    ref = ref.transpose(1, 2)                                        # (B, T, H, Dr) as [re_0..re_n-1, im_0..im_n-1]
+    def deinterleave(t):
+        return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2) if isinstance(t, Tensor) else t
+
+    expect_close(deinterleave(y), ref, "apply_rope vs transformers (both de-interleaved)", atol=1e-5,
+                 mistakes={k: deinterleave(v) for k, v in _rope_mistakes(x, theta).items()})
+
+
+register(Exercise(
+    name="rope", file="attention.py", concept="interleaved RoPE", level="intro", minutes=20,
+    against="fp64 pair-by-pair; transformers; by hand",
+    statement="""\
+Rotate every interleaved pair (x_2i, x_2i+1) of the last dim of x by its angle θ_i (RoFormer arXiv 2104.09864
+§3.4.2; the pair layout of DeepSeek-V3's released weights, arXiv 2412.19437 §2.1.1, inference/model.py
+apply_rotary_emb):  y_2i = x_2i cos θ_i - x_2i+1 sin θ_i,   y_2i+1 = x_2i sin θ_i + x_2i+1 cos θ_i.
+In scope: x (B, T, ..., Dr), any dtype, possibly a non-contiguous slice; cos, sin (T, Dr/2) fp32, already
+cos θ and sin θ for each position t and pair i (broadcast them over B and any head dims); torch.
+Return y with x's shape and dtype (compute in fp32).""",
+    hints=("Shape cos and sin to (1, T, 1, ..., 1, Dr/2) so they broadcast against the pairs; x.unflatten(-1, (-1, 2)) "
+           "gives (..., Dr/2, 2) with x_2i in [..., 0] and x_2i+1 in [..., 1].",
+           "A pair (a, b) rotated by θ is the complex number (a + ib)·e^{iθ}: torch.view_as_complex needs the pairs in "
+           "the last dim and a contiguous fp32 tensor.",
+           "Interleaved means neighbours: x_0 pairs with x_1, not with x_Dr/2 (that is the half-split layout of "
+           "rotate_half, which these weights were not trained with)."),
+    checks=(check_rope_random, check_rope_by_hand, check_rope_dtype_and_strides, check_rope_transformers),
+    mistakes=(
+        Mistake(ROPE_HALF, (("torch.view_as_complex(x32.unflatten(-1, (-1, 2)))",
+                             "torch.view_as_complex(x32.unflatten(-1, (2, -1)).mT.contiguous())"),
+                            ("torch.view_as_real(y).flatten(-2)", "torch.view_as_real(y).mT.flatten(-2)"))),
+        Mistake(ROPE_SIGN, (("torch.complex(cos, sin)", "torch.complex(cos, -sin)"),)),
+        Mistake(ROPE_SWAP, (("torch.complex(cos, sin)", "torch.complex(sin, cos)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: top-p (nucleus) sampling (generate.py sample)
+
+TOP_P_STRICT = ("the token that crosses top_p is dropped (kept only tokens whose cumulative probability stays "
+                "strictly below p): the nucleus is one token too small")
+TOP_P_ORDER = "the cut made in sorted order was applied to the logits in vocabulary order (not scattered back)"
+TOP_P_UNSORTED = "the cumulative sum was taken in vocabulary order, not from the most likely token down"
+
+
+def nucleus_truth(logits: Tensor, p: float, rule: str = "right") -> Tensor:
+    """The distribution top-p samples from, fp64, one row at a time (Holtzman et al., arXiv 1904.09751 §3.1): the
+    smallest set of most likely tokens whose probability reaches p, renormalised. `rule` produces the mistakes."""
+    probs = logits.double().softmax(-1)
+    out = torch.zeros_like(probs)
+    for r in range(probs.shape[0]):
+        order = sorted(range(probs.shape[1]), key=lambda j: -probs[r, j].item())
+        keep, total = [], 0.0
+        ids = list(range(probs.shape[1])) if rule == "unsorted" else order
+        for rank, j in enumerate(ids):
+            if rank > 0 and (total >= p or (rule == "strict" and total + probs[r, j].item() >= p)):
+                break
+            keep.append(j)
+            total += probs[r, j].item()
+        if rule == "order":  # the sorted cut, applied to vocabulary positions 0..n-1
+            keep = list(range(len(keep)))
+        mask = torch.zeros(probs.shape[1], dtype=torch.bool)
+        mask[keep] = True
+        q = probs[r] * mask
+        out[r] = q / q.sum() if q.sum() > 0 else q
+    return out
+
+
+def _top_p_mistakes(logits: Tensor, p: float) -> dict[str, Tensor]:
+    return {TOP_P_STRICT: nucleus_truth(logits, p, "strict"), TOP_P_ORDER: nucleus_truth(logits, p, "order"),
+            TOP_P_UNSORTED: nucleus_truth(logits, p, "unsorted")}
+
+
+def _sampled_distribution(lab: Lab, logits: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """Call the lab's sample() and capture the probabilities it hands to torch.multinomial: (probs, ids)."""
+    seen: list[Tensor] = []
+    real = torch.multinomial
+
+    def spy(probs, *a, **k):
+        seen.append(probs.detach().clone())
+        return real(probs, *a, **k)
+
+    torch.multinomial = spy
+    try:
+        ids = lab.generate.sample(logits.clone(), generator=lab.gen, **kw)
+    finally:
+        torch.multinomial = real
+    if not seen:
+        raise CheckFailed("sample() never called torch.multinomial: keep the sampling line after the region")
+    return seen[-1], ids
+
+
+def _safe_p(lab: Lab, logits: Tensor, lo: float, hi: float) -> float:
+    """A random p at least 1e-4 away from every cumulative probability, so fp32 rounding cannot move the cut."""
+    cum = logits.double().softmax(-1).sort(-1, descending=True).values.cumsum(-1)
+    while True:
+        p = lab.uniform(lo, hi)
+        if bool(((cum - p).abs() > 1e-4).all()):
+            return p
+
+
+def check_top_p_random(lab: Lab) -> None:
+    """samples from the renormalised nucleus of fp64 truth, for random logits, temperature and p"""
+    B, V = lab.randint(2, 5), lab.randint(20, 120)
+    logits = torch.randn(B, V, generator=lab.gen) * lab.uniform(1.0, 4.0)
+    t = lab.uniform(0.5, 1.5)
+    p = _safe_p(lab, logits / t, 0.2, 0.95)
+    probs, ids = _sampled_distribution(lab, logits, temperature=t, top_p=p)
+    want = nucleus_truth(logits.double() / t, p)
+    expect_close(probs, want, f"distribution sampled from (B={B}, V={V}, top_p={p:.3f})", atol=1e-5,
+                 mistakes=_top_p_mistakes(logits.double() / t, p))
+    if not (isinstance(ids, Tensor) and ids.shape == (B,) and bool((want.gather(1, ids[:, None]) > 0).all())):
+        raise CheckFailed(f"sample() returned {ids!r}: expected {B} token ids, each inside its row's nucleus")
+
+
+def check_top_p_after_top_k(lab: Lab) -> None:
+    """after top-k has masked tokens to -inf, the nucleus is taken among the survivors"""
+    B, V = lab.randint(2, 4), lab.randint(30, 90)
+    k = lab.randint(4, V // 2)
+    logits = torch.randn(B, V, generator=lab.gen) * 3
+    kth = logits.topk(k, -1).values[:, -1:]
+    masked = logits.double().masked_fill(logits < kth, float("-inf"))
+    p = _safe_p(lab, masked, 0.3, 0.9)
+    probs, _ = _sampled_distribution(lab, logits, temperature=1.0, top_k=k, top_p=p)
+    expect_close(probs, nucleus_truth(masked, p), f"distribution after top_k={k}, top_p={p:.3f}", atol=1e-5,
+                 mistakes=_top_p_mistakes(masked, p))
+
+
+def check_top_p_by_hand(lab: Lab) -> None:
+    """probabilities (0.05, 0.5, 0.15, 0.3) with top_p 0.75 keep tokens 1 and 3: (0, 0.625, 0, 0.375)"""
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    # sorted: 0.5 (sum before 0 < 0.75, keep), 0.3 (sum before 0.5 < 0.75, keep), 0.15 (0.8 >= 0.75, drop), 0.05
+    probs, _ = _sampled_distribution(lab, logits, temperature=1.0, top_p=0.75)
+    expect_close(probs, torch.tensor([[0.0, 0.625, 0.0, 0.375]]), "distribution for probs (0.05, 0.5, 0.15, 0.3), "
+                 "top_p 0.75", atol=1e-5, mistakes=_top_p_mistakes(logits, 0.75))
+
+
+def check_top_p_tiny(lab: Lab) -> None:
+    """a tiny top_p keeps exactly the most likely token"""
+    B, V = lab.randint(2, 4), lab.randint(10, 50)
+    logits = torch.randn(B, V, generator=lab.gen)
+    probs, ids = _sampled_distribution(lab, logits, temperature=1.0, top_p=1e-9)
+    expect_close(probs, nucleus_truth(logits, 1e-9), "distribution for top_p 1e-9", atol=1e-6,
+                 mistakes=_top_p_mistakes(logits, 1e-9))
+    if not (isinstance(ids, Tensor) and torch.equal(ids, logits.argmax(-1))):
+        raise CheckFailed(f"with top_p 1e-9 sample() must return the argmax {logits.argmax(-1).tolist()}, got {ids!r}")
+
+
+register(Exercise(
+    name="top_p", file="generate.py", concept="top-p (nucleus) sampling", level="intro", minutes=20,
+    against="fp64 nucleus; by hand",
+    statement="""\
+Keep the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.
+arXiv 1904.09751 §3.1): sort each row's probabilities in descending order; a token stays if the tokens ranked above
+it sum to LESS than top_p (so the token that crosses top_p stays, and the most likely token always stays). Set the
+logits of every other token to -inf, in vocabulary order: the softmax and torch.multinomial after the region
+renormalise and draw.
+In scope: logits (B, V) fp32, already divided by the temperature and with top-k's losers at -inf; top_p, a float
+in (0, 1); torch. Leave the result in `logits` (B, V).""",
+    hints=("logits.sort(dim=-1, descending=True) gives the sorted values and `order`, the vocabulary id at each rank.",
+           "The probability mass ranked above a token is cumsum - probs (an exclusive cumulative sum).",
+           "Build the -inf mask in sorted order, then put it back in vocabulary order with scatter(-1, order, ...)."),
+    checks=(check_top_p_random, check_top_p_after_top_k, check_top_p_by_hand, check_top_p_tiny),
+    mistakes=(
+        Mistake(TOP_P_STRICT, (("drop = probs.cumsum(dim=-1) - probs >= top_p", "drop = probs.cumsum(dim=-1) >= top_p"),)),
+        Mistake(TOP_P_ORDER, (("logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float(\"-inf\")))",
+                               "logits = logits.masked_fill(drop, float(\"-inf\"))"),)),
+        Mistake(TOP_P_UNSORTED, (("sorted_logits, order = logits.sort(dim=-1, descending=True)",
+                                  "sorted_logits, order = logits, torch.arange(logits.shape[-1]).expand_as(logits)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: Newton-Schulz orthogonalisation (muonclip.py zeropower_via_newtonschulz5)
+
+NS_ORDER = "the coefficients in the wrong order (a must multiply X, c the (X Xᵀ)² X term)"
+NS_NO_NORM = "G not divided by its Frobenius norm first (singular values above 1 leave the polynomial's basin)"
+NS_TALL = ("the tall matrix was not transposed: X Xᵀ is then the big A×A Gram matrix (iterate on the wide side, "
+           "A <= B, and transpose back)")
+NS_ABC = (3.4445, -4.7750, 2.0315)   # KellerJordan/Muon muon.py, written out again here as the independent truth
+
+
+def newton_schulz_truth(G: Tensor, steps: int = 5, abc: tuple[float, float, float] = NS_ABC,
+                        normalise: bool = True) -> Tensor:
+    """fp64, one matrix at a time: X = G/‖G‖_F, then X <- aX + b(XXᵀ)X + c(XXᵀ)²X (Muon, K. Jordan 2024; Moonlight
+    arXiv 2502.16982 §2.1). For a tall matrix this is the same polynomial of the singular values as on Gᵀ."""
+    a, b, c = abc
+    out = torch.empty(G.shape, dtype=torch.float64)
+    for i, g in enumerate(G.double().reshape(-1, *G.shape[-2:])):
+        X = g / (g.norm() + 1e-7) if normalise else g
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        out.view(-1, *G.shape[-2:])[i] = X
+    return out
+
+
+def _ns_mistakes(G: Tensor) -> dict[str, Tensor]:
+    return {NS_ORDER: newton_schulz_truth(G, abc=NS_ABC[::-1]), NS_NO_NORM: newton_schulz_truth(G, normalise=False)}
+
+
+def _ns_call(lab: Lab, G: Tensor) -> Tensor:
+    X = lab.muonclip.zeropower_via_newtonschulz5(G)
+    if not isinstance(X, Tensor) or X.shape != G.shape or X.dtype != torch.bfloat16:
+        raise CheckFailed(f"zeropower_via_newtonschulz5 on {tuple(G.shape)} returned "
+                          f"{getattr(X, 'dtype', type(X).__name__)} {tuple(getattr(X, 'shape', ()))}: expected "
+                          f"bf16 with G's shape")
+    return X
+
+
+def _small_norm_stack(lab: Lab, shape: tuple[int, ...]) -> Tensor:
+    """Matrices of random Frobenius norm in [0.3, 0.6]: finite without normalisation, but a different result."""
+    G = torch.randn(shape, generator=lab.gen)
+    return G / G.norm(dim=(-2, -1), keepdim=True) * (0.3 + 0.3 * torch.rand(shape[:-2] + (1, 1), generator=lab.gen))
+
+
+# bf16 iteration against fp64: tests/test_muonclip.py measures 1.5-3.6% relative error; 0.05 absolute per entry
+# of a near-orthogonal matrix (entries ~1/sqrt(A)) passes both common formulations and rejects the mistakes
+NS_ATOL = 0.05
+
+
+def check_ns_wide_and_tall(lab: Lab) -> None:
+    """matches fp64 Newton-Schulz for a wide, a tall and a square matrix"""
+    n = lab.randint(6, 24)
+    for shape in ((n, n + lab.randint(4, 40)), (n + lab.randint(4, 40), n), (n, n)):
+        G = _small_norm_stack(lab, shape)
+        expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {shape[0]}×{shape[1]} matrix",
+                     atol=NS_ATOL, mistakes=_ns_mistakes(G))
+
+
+def check_ns_batched(lab: Lab) -> None:
+    """orthogonalises each matrix of an (E, A, B) stack on its own"""
+    E, A, B = lab.randint(2, 4), lab.randint(8, 20), lab.randint(8, 20)
+    G = _small_norm_stack(lab, (E, A, B)) * torch.tensor([1.0] + [7.0] * (E - 1)).view(E, 1, 1)  # unequal norms
+    expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of an ({E}, {A}, {B}) stack",
+                 atol=NS_ATOL, mistakes=_ns_mistakes(G))
+
+
+def check_ns_large_input(lab: Lab) -> None:
+    """a gradient with large entries gives a finite near-orthogonal result (and zeros give zeros)"""
+    A, B = lab.randint(20, 40), lab.randint(6, 16)
+    G = torch.randn(A, B, generator=lab.gen) * 100
+    expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {A}×{B} matrix with entries ~100",
+                 atol=NS_ATOL, mistakes=_ns_mistakes(G))
+    Z = _ns_call(lab, torch.zeros(A, B))
+    if not bool((Z == 0).all()):
+        raise CheckFailed("Newton-Schulz of a zero matrix must be zero (add the 1e-7 guard to the norm, NS_EPS)")
+
+
+def check_ns_wide_side(lab: Lab) -> None:
+    """iterates on the wide side: a tall A×B matrix costs as many flops as its transpose"""
+    from torch.utils.flop_counter import FlopCounterMode
+    B = lab.randint(8, 16)
+    A = 4 * B
+    G = torch.randn(A, B, generator=lab.gen)
+    with FlopCounterMode(display=False) as fc:
+        _ns_call(lab, G)
+    # per step on the wide side (B×A): X Xᵀ 2·B²A, (X Xᵀ)² 2·B³, P X 2·B²A
+    wide = 5 * (4 * B * B * A + 2 * B ** 3)
+    if fc.get_total_flops() > 1.5 * wide:
+        raise CheckFailed(f"a {A}×{B} matrix took {fc.get_total_flops():,} matmul flops, {fc.get_total_flops() / wide:.1f}x "
+                          f"the {wide:,} of iterating on its {B}×{A} transpose: {NS_TALL}")
+
+
+register(Exercise(
+    name="newton_schulz", file="muonclip.py", concept="Muon's Newton-Schulz iteration", level="core", minutes=30,
+    against="fp64 iteration; flop count",
+    statement="""\
+Approximate the orthogonal polar factor U Vᵀ of every matrix in G with 5 steps of the quintic Newton-Schulz
+iteration (Muon, K. Jordan 2024; Moonlight arXiv 2502.16982 §2.1, Algorithm 1; Kimi K2 arXiv 2507.20534 §2.1):
+X = G / (‖G‖_F + NS_EPS), then `steps` times X <- a·X + b·(X Xᵀ) X + c·(X Xᵀ)² X with (a, b, c) = NS_COEFFICIENTS.
+Iterate in bf16, on the wide side: if a matrix is tall (A > B) work on its transpose and transpose back, so that
+X Xᵀ is the smaller Gram matrix. Each matrix of a stack is its own: norms per matrix.
+In scope: G (..., A, B) any float dtype, any leading batch dims; steps (int); NS_COEFFICIENTS, NS_EPS; torch.
+Return X, bf16, with G's shape.""",
+    hints=("X.norm(dim=(-2, -1), keepdim=True) gives one Frobenius norm per matrix of the stack; X.mT transposes the "
+           "last two dims.",
+           "torch.matmul/`@` broadcasts over leading dims, so one loop over the steps handles any stack.",
+           "The Frobenius norm bounds the spectral norm, so after the division every singular value is at most 1: the "
+           "polynomial p(x) = a x + b x³ + c x⁵ then pushes each towards ~1 (it diverges above ~1.3)."),
+    checks=(check_ns_wide_and_tall, check_ns_batched, check_ns_large_input, check_ns_wide_side),
+    mistakes=(
+        Mistake(NS_ORDER, (("a, b, c = NS_COEFFICIENTS", "c, b, a = NS_COEFFICIENTS"),)),
+        Mistake(NS_NO_NORM, (("X = X / (X.norm(dim=(-2, -1), keepdim=True) + NS_EPS)", "X = X"),)),
+        Mistake(NS_TALL, (("transposed = G.size(-2) > G.size(-1)", "transposed = False"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: markers and regions
+
+MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")
+
+
+class ExerciseError(Exception):
+    """A problem the user can fix (unknown name, no workspace, broken markers): printed without a traceback."""
+
+
+def get(name: str) -> Exercise:
+    if name not in EXERCISES:
+        raise ExerciseError(f"unknown exercise {name!r}; the exercises are: {', '.join(EXERCISES)} "
+                            f"(`python exercises.py list` describes them)")
+    return EXERCISES[name]
+
+
+def find_region(lines: list[str], name: str, where: str) -> tuple[int, int, str]:
+    """(first, end, indent): lines[first:end] is the region between the markers of `name` (0-based)."""
+    starts = [i for i, s in enumerate(lines) if (m := MARKER.match(s)) and m["name"] == name and not m["end"]]
+    ends = [i for i, s in enumerate(lines) if (m := MARKER.match(s)) and m["name"] == name and m["end"]]
+    if len(starts) != 1 or len(ends) != 1:
+        raise ExerciseError(f"{where} must hold exactly one '# exercise: {name}' and one '# end exercise: {name}' "
+                            f"line; found {len(starts)} and {len(ends)}")
+    s, e = starts[0], ends[0]
+    indent = MARKER.match(lines[s])["indent"]
+    if not s < e - 1 or MARKER.match(lines[e])["indent"] != indent:
+        raise ExerciseError(f"{where}: the markers of {name} (lines {s + 1} and {e + 1}) must enclose at least one "
+                            f"line and share one indentation")
+    return s + 1, e, indent
+
+
+def reference_region(ex: Exercise, root: Path = ROOT) -> list[str]:
+    lines = (root / ex.file).read_text().splitlines(keepends=True)
+    first, end, _ = find_region(lines, ex.name, ex.file)
+    return lines[first:end]
+
+
+def marker_problems(root: Path = ROOT) -> list[str]:
+    """Every way the repository's markers disagree with the registry (an empty list when all is well)."""
+    problems = []
+    for ex in EXERCISES.values():
+        if not (root / ex.file).is_file():
+            problems.append(f"{ex.name}: its file {ex.file} does not exist")
+            continue
+        try:
+            reference_region(ex, root)
+        except ExerciseError as e:
+            problems.append(str(e))
+    for path in sorted(root.glob("*.py")):
+        if path.name == Path(__file__).name:
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if (m := MARKER.match(line)) and (m["name"] not in EXERCISES or EXERCISES[m["name"]].file != path.name):
+                problems.append(f"{path.name}:{i}: marker for {m['name']!r}, which is not an exercise registered "
+                                f"for {path.name}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: the workspace
+
+
+def lab_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get(LAB_ENV) or ROOT / "lab").resolve()
+
+
+def project_modules(root: Path = ROOT) -> list[str]:
+    """The top-level modules a workspace holds copies of (everything but this file and setup.py)."""
+    return sorted(p.stem for p in root.glob("*.py") if p.name not in (Path(__file__).name, "setup.py"))
+
+
+def _state(lab: Path) -> dict:
+    f = lab / ".exercises.json"
+    return json.loads(f.read_text()) if f.is_file() else {"started": [], "hints": {}}
+
+
+def _save_state(lab: Path, state: dict) -> None:
+    (lab / ".exercises.json").write_text(json.dumps(state, indent=1))
+
+
+def _show(path: Path) -> str:
+    """A path as the student would type it: relative to the current directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def stub(ex: Exercise, indent: str) -> list[str]:
+    """The lines that replace the region in the workspace: the task as comments, then NotImplementedError."""
+    lines = [f"# Exercise {ex.name} ({ex.minutes} min): {ex.concept}. Replace these lines with your code.\n"]
+    for para in ex.statement.splitlines():
+        lines += [f"# {s}\n" for s in textwrap.wrap(para, 104)]
+    lines += [f"raise NotImplementedError(\"exercise {ex.name} is not written yet: see the comments above; \"\n",
+              f"                          \"`python exercises.py hint {ex.name}` gives a hint\")\n"]
+    return [indent + s for s in lines]
+
+
+def start(ex: Exercise, lab: Path, force: bool = False) -> str:
+    """Create or extend the workspace and put the stub of `ex` in lab/FILE; returns what to tell the student."""
+    lab.mkdir(parents=True, exist_ok=True)
+    for m in project_modules():
+        if not (lab / f"{m}.py").exists():
+            shutil.copy2(ROOT / f"{m}.py", lab / f"{m}.py")
+    target = lab / ex.file
+    lines = target.read_text().splitlines(keepends=True)
+    try:
+        first, end, indent = find_region(lines, ex.name, _show(target))
+    except ExerciseError:
+        if not force:
+            raise ExerciseError(f"{_show(target)} no longer has the markers of {ex.name}; restore them, or run "
+                                f"`python exercises.py start {ex.name} --force` to copy the file afresh "
+                                f"(your changes to it are lost)") from None
+        shutil.copy2(ROOT / ex.file, target)
+        lines = target.read_text().splitlines(keepends=True)
+        first, end, indent = find_region(lines, ex.name, ex.file)
+    body, blank = lines[first:end], stub(ex, indent)
+    state = _state(lab)
+    if body == blank:
+        note = f"{ex.name} was already started; {_show(target)} is unchanged."
+    elif body == reference_region(ex) or force:
+        target.write_text("".join(lines[:first] + blank + lines[end:]))
+        note = f"Started {ex.name}: write your code in {_show(target)} at line {first + 1}."
+    else:
+        raise ExerciseError(f"{_show(target)} already holds your work on {ex.name} (lines {first + 1}-{end}); "
+                            f"`python exercises.py start {ex.name} --force` replaces it by the blank stub")
+    if ex.name not in state["started"]:
+        state["started"].append(ex.name)
+    _save_state(lab, state)
+    return note
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: running the checks
+
+
+@contextlib.contextmanager
+def lab_imports(lab: Path) -> Iterator[None]:
+    """Within the block, `import attention` etc. load lab/'s copies; the previous modules come back afterwards."""
+    names = project_modules()
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, str(lab))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path.remove(str(lab))
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+def check_title(fn: Callable) -> str:
+    return fn.__name__.removeprefix("check_")
+
+
+def _student_error(e: BaseException, lab: Path) -> str:
+    """An exception as the student needs it: the deepest frame in the student's workspace, with its line."""
+    if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve().is_relative_to(lab):
+        text = (e.text or "").rstrip("\n")
+        code = text.lstrip()
+        col = max((e.offset or 1) - 1 - (len(text) - len(code)), 0)
+        return f"{type(e).__name__} in {_show(Path(e.filename))}:{e.lineno}: {e.msg}\n    {code}\n    {' ' * col}^"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve().is_relative_to(lab)]
+    what = f"{type(e).__name__}: {e}"
+    if not frames:
+        return f"{what} (raised by the check while it used your result)"
+    f = frames[-1]
+    return f"{what}\n    at {_show(Path(f.filename))}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def run_checks(ex: Exercise, lab: Path, seed: int) -> list[dict]:
+    """Run every check of `ex` against the workspace in this process: one dict per check
+    (name, passed, score, message, skipped)."""
+    lab = lab.resolve()
+    results = []
+    with lab_imports(lab):
+        try:
+            importlib.import_module(Path(ex.file).stem)
+        except Exception as e:  # noqa: BLE001 — the student's module does not import: every check fails with this
+            msg = f"{_show(lab / ex.file)} does not import: {_student_error(e, lab)}"
+            return [dict(name=check_title(c), passed=False, score=0.0, message=msg, skipped=False) for c in ex.checks]
+        for i, check in enumerate(ex.checks):
+            r = dict(name=check_title(check), passed=False, score=0.0, message="", skipped=False)
+            try:
+                check(Lab(lab, seed + i))
+                r.update(passed=True, score=1.0)
+            except CheckSkipped as e:
+                r.update(skipped=True, message=f"skipped: {e}")
+            except CheckFailed as e:
+                r["message"] = str(e)
+            except Exception as e:  # noqa: BLE001 — the student's exception, reported at the student's line
+                r["message"] = _student_error(e, lab)
+            results.append(r)
+    return results
+
+
+def summary(ex: Exercise, results: list[dict], seed: int | None = None, seconds: float | None = None) -> dict:
+    counted = [r for r in results if not r.get("skipped")]
+    passed = sum(r["passed"] for r in counted)
+    return dict(exercise=ex.name, file=ex.file, passed=passed, total=len(counted),
+                score=round(passed / len(counted), 4) if counted else 0.0, seed=seed,
+                seconds=None if seconds is None else round(seconds, 2), checks=results)
+
+
+def check(ex: Exercise, lab: Path, timeout: float = DEFAULT_TIMEOUT, seed: int | None = None) -> dict:
+    """Grade `ex` in a fresh process (so an infinite loop can be stopped, and modules load from the workspace)."""
+    if ex.name not in _state(lab)["started"] or not (lab / ex.file).is_file():
+        raise ExerciseError(f"{ex.name} is not started in {_show(lab)}: run `python exercises.py start {ex.name}` "
+                            f"first")
+    seed = int.from_bytes(os.urandom(3), "little") if seed is None else seed
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_run", ex.name, "--lab", str(lab), "--out", str(out),
+               "--seed", str(seed)]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a file edited within the same second must reload
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            msg = (f"stopped after {timeout:g} s: the checks of {ex.name} normally take a few seconds, so your code "
+                   f"probably loops forever (look at the loops in your region of {_show(lab / ex.file)}); "
+                   f"`--timeout S` gives it longer")
+            results = [dict(name=check_title(c), passed=False, score=0.0, message=msg, skipped=False)
+                       for c in ex.checks]
+            return summary(ex, results, seed, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if not out.is_file():
+            msg = f"the check process died (exit code {proc.returncode}) before reporting:\n{log[-2000:]}"
+            results = [dict(name=check_title(c), passed=False, score=0.0, message=msg, skipped=False)
+                       for c in ex.checks]
+            return summary(ex, results, seed, seconds)
+        return summary(ex, json.loads(out.read_text()), seed, seconds)
+
+
+def _print_result(res: dict) -> None:
+    print(f"check {res['exercise']} ({res['file']}, seed {res['seed']}, {res['seconds']} s)")
+    for r in res["checks"]:
+        tag = "SKIP" if r.get("skipped") else "PASS" if r["passed"] else "FAIL"
+        print(f"  {tag}  {r['name']}")
+        if r["message"] and not r["passed"]:
+            print(textwrap.indent(r["message"], "        "))
+    print(f"score {res['passed']}/{res['total']}" + ("  -- all checks pass" if res["passed"] == res["total"] else ""))
+
+
+def grade(lab: Path, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Check every started exercise of a workspace: {"lab", "date", "exercises": [per exercise...], totals}."""
+    started = [n for n in _state(lab)["started"] if n in EXERCISES]
+    if not started:
+        raise ExerciseError(f"no exercise is started in {_show(lab)}: run `python exercises.py start NAME` first")
+    res = [check(EXERCISES[n], lab, timeout) for n in started]
+    return dict(lab=str(lab), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                passed=sum(r["passed"] for r in res), total=sum(r["total"] for r in res), exercises=res)
+
+
+def bench(timeout: float = 60.0) -> list[tuple[str, float, str]]:
+    """Seconds of `check` for every exercise against a workspace holding the reference code."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Path(tmp) / "lab"
+        lab.mkdir()
+        for m in project_modules():
+            shutil.copy2(ROOT / f"{m}.py", lab / f"{m}.py")
+        _save_state(lab, {"started": list(EXERCISES), "hints": {}})
+        for ex in EXERCISES.values():
+            res = check(ex, lab, timeout)
+            rows.append((ex.name, res["seconds"], f"{res['passed']}/{res['total']}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in rows]).replace(" \n", "\n")
+
+
+def cmd_list(a) -> None:
+    print(_table([[e.name, e.file, e.concept, e.level, e.minutes, e.against] for e in EXERCISES.values()],
+                 ["name", "file", "concept", "level", "min", "checked against"]))
+    print(f"\n{len(EXERCISES)} exercises, {sum(e.minutes for e in EXERCISES.values())} minutes in all. "
+          f"Start one with `python exercises.py start NAME`.")
+
+
+def cmd_show(a) -> None:
+    ex = get(a.name)
+    print(f"{ex.name}: {ex.concept} ({ex.file}, {ex.level}, ~{ex.minutes} min)\n\n{ex.statement}")
+
+
+def cmd_start(a) -> None:
+    ex, lab = get(a.name), lab_dir(a.lab)
+    print(start(ex, lab, a.force))
+    print(f"\n{ex.statement}\n\nWhen done: python exercises.py check {ex.name}    (stuck? python exercises.py hint "
+          f"{ex.name})")
+
+
+def cmd_check(a) -> int:
+    ex, lab = get(a.name), lab_dir(a.lab)
+    res = check(ex, lab, a.timeout, a.seed)
+    _print_result(res)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0 if res["passed"] == res["total"] else 1
+
+
+def cmd_hint(a) -> None:
+    ex, lab = get(a.name), lab_dir(a.lab)
+    state = _state(lab) if lab.is_dir() else {"started": [], "hints": {}}
+    n = state["hints"].get(ex.name, 0)
+    if n < len(ex.hints):
+        print(f"Hint {n + 1}/{len(ex.hints)} for {ex.name}: {ex.hints[n]}")
+        state["hints"][ex.name] = n + 1
+        if lab.is_dir():
+            _save_state(lab, state)
+    else:
+        print(f"No more hints for {ex.name} (all {len(ex.hints)} given):\n" +
+              "\n".join(f"  {i + 1}. {h}" for i, h in enumerate(ex.hints)) +
+              f"\n`python exercises.py solution {ex.name}` shows the reference.")
+
+
+def cmd_solution(a) -> None:
+    ex = get(a.name)
+    print(f"# the reference between '# exercise: {ex.name}' and '# end exercise: {ex.name}' in {ex.file}:",
+          file=sys.stderr)
+    sys.stdout.write("".join(reference_region(ex)))
+
+
+def cmd_grade(a) -> int:
+    lab = lab_dir(a.lab)
+    res = grade(lab, a.timeout)
+    print(_table([[r["exercise"], f"{r['passed']}/{r['total']}", r["score"], r["seconds"],
+                   next((c["name"] for c in r["checks"] if not c["passed"] and not c.get("skipped")), "")]
+                  for r in res["exercises"]], ["exercise", "passed", "score", "seconds", "first failing check"]))
+    out = Path(a.json) if a.json else lab / "grade.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"\n{res['passed']}/{res['total']} checks pass; JSON in {_show(out)}")
+    return 0 if res["passed"] == res["total"] else 1
+
+
+def cmd_bench(a) -> None:
+    t0 = time.perf_counter()
+    rows = bench()
+    total = time.perf_counter() - t0
+    print(_table([[n, f"{s:.1f}", p] for n, s, p in rows], ["exercise", "check (s)", "passed"]))
+    print(f"\nall {len(rows)} checks: {total:.1f} s (`grade` of a full lab); {os.cpu_count()} CPU cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def cmd_run(a) -> None:
+    """The child process of `check`: run the checks in-process, write the results as JSON."""
+    sys.dont_write_bytecode = True
+    results = run_checks(get(a.name), Path(a.lab), a.seed)
+    Path(a.out).write_text(json.dumps(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--lab", help=f"the workspace folder (default: ${LAB_ENV}, else ./lab next to this file)")
+    named = argparse.ArgumentParser(add_help=False, parents=[common])
+    named.add_argument("name", help="an exercise name (`python exercises.py list`)")
+    timed = argparse.ArgumentParser(add_help=False)
+    timed.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the checks are stopped")
+    timed.add_argument("--json", help="also write the result as JSON to this file")
+    sub.add_parser("list", help="the exercises (the default)").set_defaults(fn=cmd_list)
+    sub.add_parser("show", parents=[named], help="the task of one exercise").set_defaults(fn=cmd_show)
+    s = sub.add_parser("start", parents=[named], help="copy the modules into the workspace and blank one region")
+    s.add_argument("--force", action="store_true", help="replace your work on this region by the blank stub")
+    s.set_defaults(fn=cmd_start)
+    s = sub.add_parser("check", parents=[named, timed], help="grade one exercise in the workspace")
+    s.add_argument("--seed", type=int, help="reproduce a run (the seed is printed)")
+    s.set_defaults(fn=cmd_check)
+    sub.add_parser("hint", parents=[named], help="the next hint").set_defaults(fn=cmd_hint)
+    sub.add_parser("solution", parents=[named], help="the reference region").set_defaults(fn=cmd_solution)
+    sub.add_parser("grade", parents=[common, timed], help="check every started exercise").set_defaults(fn=cmd_grade)
+    sub.add_parser("bench", help="time every check against the reference").set_defaults(fn=cmd_bench)
+    s = sub.add_parser("_run")  # internal: the child process of `check`
+    s.add_argument("name")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.set_defaults(fn=cmd_run)
+    a = p.parse_args(argv)
+    try:
+        return (a.fn if a.cmd else cmd_list)(a) or 0
+    except ExerciseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
