@@ -1,39 +1,41 @@
-"""Classroom exercises cut from the real code: a student rewrites one marked region, a check grades it in seconds.
+"""Classroom exercises cut from the real code: a student rewrites one marked region, a check grades it.
 
 For a student:
-    python exercises.py                  the exercises: name, file, concept, level, minutes, what the check compares against
-    python exercises.py start rope       copies the modules into lab/ and replaces the `rope` region in lab/attention.py
-                                         by a stub stating the task (the repository's own files are never modified)
-    python exercises.py check rope       grades lab/: PASS/FAIL per check, a score, and a diagnostic that names the
-                                         likely mistake ("half-split pairs ...") or the largest error and where
-    python exercises.py hint rope        the next hint (one more per call);  `show rope` the task again
-    python exercises.py solution rope    the reference region, exactly as it stands in the repository
-    python exercises.py tour             one token through a tiny model: each step, its shapes, and its file:line
-For a teacher: `grade --json FILE` grades every started exercise of a lab (a table + JSON per check), `bench` times
-every check against the reference. TEACHING.md has a 2-hour lab, a one-week sequence and how to collect a class's
-JSON. `--lab DIR` (or the environment variable K2_LAB) puts the workspace somewhere other than ./lab.
+    python exercises.py                 the exercises: name, file, concept, level, minutes, compared against
+    python exercises.py start rope      copies the modules into lab/ and replaces the `rope` region of
+                                        lab/attention.py by a stub stating the task (never the repository)
+    python exercises.py check rope      grades lab/: PASS/FAIL per check, a score, and a diagnostic that names
+                                        the likely mistake ("half-split pairs ...") or the largest error
+    python exercises.py hint rope       the next hint (one more per call); `show rope` prints the task again
+    python exercises.py solution rope   the reference region, exactly as it stands in the repository
+    python exercises.py tour            one token through a tiny model: each step, its shapes, its file:line
+For a teacher: `grade --json FILE` grades every started exercise of a workspace (a table, and JSON per check);
+`bench` times every exercise's check against the reference. TEACHING.md has a 2-hour lab, a one-week sequence
+and how to collect a class's JSON. `--lab DIR` (or K2_LAB in the environment) moves the workspace from ./lab.
 
-Where the exercises live. Each region is marked in the real module by two one-line comments at the indentation of its
-body, `# exercise: NAME` and `# end exercise: NAME`, so the reference code is the solution and cannot drift from the
-exercise. `start` copies the modules and puts the stub between the markers of lab/FILE; `check` runs the checks in a
-fresh Python process with lab/ first on sys.path, so `import attention` (and everything it imports) gets the lab
-copies. Each check runs on fresh random inputs (the seed is printed) of shapes the statement does not reveal, and a
-timeout stops a student's infinite loop. A region must be a block whose replacement by a stub (`raise
-NotImplementedError`) keeps its module importable: a function body, or a statement block inside one.
+Where the exercises live. A region is marked in the real module by two one-line comments at the indentation of
+its body, `# exercise: NAME` and `# end exercise: NAME`, so the reference code is the solution and cannot
+drift from the exercise. `start` copies the modules and puts the stub between the markers in lab/FILE; `check`
+runs the checks in a fresh Python process with lab/ first on sys.path, so `import attention` (and everything
+it imports) gets the workspace's copies. A check draws fresh random inputs (the seed is printed; `--seed`
+repeats a run) of shapes the statement does not reveal, and a timeout stops a student's infinite loop. A
+region must be a block whose replacement by a stub (comments + `raise NotImplementedError`) keeps its module
+importable: a function body, or a statement block inside one.
 
-How to add an exercise (see the sections below for three complete examples):
-1. Put the two markers around the region in the module (nothing else changes there).
-2. Write its truth in this file, independently of the module: an fp64 naive recomputation, transformers' function
-   where one applies, or hand-computed values. Also write the output of each known mistake the same way.
-3. Write checks: functions `check_WHAT(lab) -> None` whose docstring's first line says what they verify. `lab.MODULE`
-   is the workspace's module (`lab.attention.apply_rope`), `lab.gen` a torch.Generator seeded afresh for this check,
-   `lab.randint(lo, hi)` a random size from it. A check raises `CheckFailed(message)` (use `expect_close`, which
-   names the matching known mistake) or `CheckSkipped(reason)`; any other exception is the student's and is reported
-   at the student's own line.
-4. Register an `Exercise` (fields below) with its `Mistake`s: each is a description (which the diagnostic must
-   contain), source edits (old -> new) that plant it in the reference region, and optionally other words to expect.
-   tests/test_exercises.py then checks, for every registered exercise, that the stub fails, the reference passes,
-   each planted mistake fails with its diagnostic (at least two per exercise), and that the markers are intact.
+The Exercise API: how to add an exercise (the three sections after the API are complete examples).
+1. Put the two markers around the region in the module; nothing else changes there.
+2. Write the truth here, independently of the module: an fp64 naive recomputation, transformers' function
+   where one applies, or hand-computed values; and the output of each known mistake, computed the same way.
+3. Write checks, functions `check_WHAT(lab) -> None`; the first line of the docstring says what is verified.
+   `lab.MODULE` is the workspace's module (`lab.attention.apply_rope`); `lab.gen` is a torch.Generator seeded
+   afresh for this check, `lab.randint(lo, hi)` and `lab.uniform(lo, hi)` draw from it. A check raises
+   `CheckFailed(message)` (`expect_close` does, naming the known mistake whose output matches) or
+   `CheckSkipped(reason)`; any other exception is the student's, and is reported at the student's own line.
+4. `register(Exercise(...))` with its `Mistake`s: a description (the diagnostic must contain it) and the
+   source edits (old -> new) that plant the mistake in the reference region. tests/test_exercises.py then
+   proves, for every registered exercise, that the stub fails, the reference passes, each planted mistake (at
+   least two) fails with its diagnostic, and that the markers are intact. `python exercises.py bench` times
+   the new check.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent
 LAB_ENV = "K2_LAB"            # environment variable that moves the workspace (as --lab DIR does)
-DEFAULT_TIMEOUT = 20.0        # seconds for one `check`; a correct solution needs a few (`python exercises.py bench`)
+DEFAULT_TIMEOUT = 20.0        # seconds for one `check`; a correct solution takes a few (`exercises.py bench`)
 LEVELS = ("intro", "core", "advanced")
 
 
@@ -100,7 +102,7 @@ class Exercise:
     level: str                   # one of LEVELS
     minutes: int                 # expected time for a student who has read the module's docstring
     against: str                 # what the checks compare against (independent truth)
-    statement: str               # what to compute, the formula with its paper reference, shapes, names in scope
+    statement: str               # what to compute: formula and paper reference, shapes, names in scope
     hints: tuple[str, ...]       # 1-3, given in order by `hint`
     checks: tuple[Callable[["Lab"], None], ...]
     mistakes: tuple[Mistake, ...]
@@ -117,7 +119,7 @@ def register(ex: Exercise) -> Exercise:
 
 
 class Lab:
-    """What a check sees: the workspace's modules as attributes (`lab.attention`) and a fresh random generator."""
+    """What a check sees: the workspace's modules as attributes (`lab.attention`), a random generator."""
 
     def __init__(self, directory: Path, seed: int):
         self.dir, self.seed = directory, seed
@@ -140,8 +142,8 @@ def expect_close(got, want: Tensor, what: str, atol: float, rtol: float = 0.0,
                  mistakes: dict[str, Tensor] | None = None) -> None:
     """Raise CheckFailed unless `got` has want's shape and |got - want| <= atol + rtol·|want| everywhere.
 
-    On a mismatch, `got` is compared with each known mistake's output (same tolerance), and the first that matches
-    is named; otherwise the message gives the largest error and its index."""
+    On a mismatch, `got` is compared with each known mistake's output (same tolerance) and the first that
+    matches is named; otherwise the message gives the largest error and its index."""
     if not isinstance(got, Tensor):
         raise CheckFailed(f"{what}: expected a tensor, got {type(got).__name__}")
     if _close(got, want, atol, rtol):
@@ -159,9 +161,9 @@ def expect_close(got, want: Tensor, what: str, atol: float, rtol: float = 0.0,
                           f" (expected {w[i].item():.6g})")
     err = (g - w).abs().nan_to_num(nan=math.inf) - rtol * w.abs()
     i = tuple(int(v) for v in (err == err.max()).nonzero()[0])
+    tol = f"{atol:g}" + (f" + {rtol:g}·|expected|" if rtol else "")
     raise CheckFailed(f"{what}: max error {(g - w).abs()[i].item():.3g} at index {i} (got {g[i].item():.6g}, "
-                      f"expected {w[i].item():.6g}; tolerance {atol:g}{f' + {rtol:g}·|expected|' if rtol else ''});"
-                      f" it matches none of the known mistakes")
+                      f"expected {w[i].item():.6g}; tolerance {tol}); it matches none of the known mistakes")
 
 
 def _close(got: Tensor, want: Tensor, atol: float, rtol: float) -> bool:
@@ -192,8 +194,8 @@ def _angles(lab: Lab, T: int, half: int) -> Tensor:
 def rope_truth(x: Tensor, theta: Tensor, pairs: str = "interleaved", sign: float = 1.0,
                swap: bool = False) -> Tensor:
     """fp64, one pair at a time: y_a = x_a cos θ_i - x_b sin θ_i, y_b = x_a sin θ_i + x_b cos θ_i (RoFormer,
-    arXiv 2104.09864 §3.4.2) with (a, b) = (2i, 2i+1) interleaved or (i, i+Dr/2) half-split. x (B, T, ..., Dr),
-    theta (T, Dr/2). The optional arguments produce the known mistakes."""
+    arXiv 2104.09864 §3.4.2) with (a, b) = (2i, 2i+1) interleaved or (i, i+Dr/2) half-split.
+    x (B, T, ..., Dr), theta (T, Dr/2). The optional arguments produce the known mistakes."""
     x = x.double()
     y = torch.empty_like(x)
     half = x.shape[-1] // 2
@@ -229,21 +231,22 @@ def check_rope_by_hand(lab: Lab) -> None:
     theta = torch.tensor([[math.pi / 2, math.pi]], dtype=torch.float64)
     y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
     # pair (x0, x1) = (1, 0) turned by 90° is (0, 1); pair (x2, x3) = (0, 1) turned by 180° is (0, -1)
-    expect_close(y, torch.tensor([[[0.0, 1.0, 0.0, -1.0]]]), "apply_rope([1, 0, 0, 1], θ = (π/2, π))", atol=1e-6,
-                 mistakes=_rope_mistakes(x, theta))
+    expect_close(y, torch.tensor([[[0.0, 1.0, 0.0, -1.0]]]), "apply_rope([1, 0, 0, 1], θ = (π/2, π))",
+                 atol=1e-6, mistakes=_rope_mistakes(x, theta))
 
 
 def check_rope_dtype_and_strides(lab: Lab) -> None:
     """keeps a bf16 input's dtype and shape, and works on a slice of a wider tensor (as q[..., Dn:])"""
-    B, T, H, Dr, Dn = lab.randint(1, 2), lab.randint(2, 6), lab.randint(2, 4), 2 * lab.randint(2, 8), lab.randint(1, 9)
+    B, T, H, Dr = lab.randint(1, 2), lab.randint(2, 6), lab.randint(2, 4), 2 * lab.randint(2, 8)
+    Dn = lab.randint(1, 9)
     theta = _angles(lab, T, Dr // 2)
     x = torch.randn(B, T, H, Dn + Dr, generator=lab.gen).bfloat16()[..., Dn:]   # a non-contiguous view
     y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
     if not isinstance(y, Tensor) or y.dtype != torch.bfloat16:
-        raise CheckFailed(f"apply_rope on a bf16 input returned {getattr(y, 'dtype', type(y).__name__)}: compute "
-                          f"in fp32 if you like, but return x's dtype")
-    expect_close(y, rope_truth(x, theta), f"apply_rope on a bf16 slice {tuple(x.shape)}", atol=0.02, rtol=0.01,
-                 mistakes=_rope_mistakes(x, theta))
+        raise CheckFailed(f"apply_rope on a bf16 input returned {getattr(y, 'dtype', type(y).__name__)}: "
+                          f"compute in fp32 if you like, but return x's dtype")
+    expect_close(y, rope_truth(x, theta), f"apply_rope on a bf16 slice {tuple(x.shape)}", atol=0.02,
+                 rtol=0.01, mistakes=_rope_mistakes(x, theta))
 
 
 def check_rope_transformers(lab: Lab) -> None:
@@ -259,7 +262,7 @@ def check_rope_transformers(lab: Lab) -> None:
     # HF: (B, H, T, Dr) inputs, cos/sin (B, T, Dr) in rotate_half layout [θ_0..θ_n-1, θ_0..θ_n-1]
     cos, sin = (f(torch.cat([theta, theta], -1))[None] for f in (torch.cos, torch.sin))
     ref, _ = apply_rotary_pos_emb_interleave(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
-    ref = ref.transpose(1, 2)                                        # (B, T, H, Dr) as [re_0..re_n-1, im_0..im_n-1]
+    ref = ref.transpose(1, 2)                       # (B, T, H, Dr) as [re_0..re_n-1, im_0..im_n-1]
     def deinterleave(t):
         return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2) if isinstance(t, Tensor) else t
 
@@ -277,12 +280,12 @@ apply_rotary_emb):  y_2i = x_2i cos θ_i - x_2i+1 sin θ_i,   y_2i+1 = x_2i sin 
 In scope: x (B, T, ..., Dr), any dtype, possibly a non-contiguous slice; cos, sin (T, Dr/2) fp32, already
 cos θ and sin θ for each position t and pair i (broadcast them over B and any head dims); torch.
 Return y with x's shape and dtype (compute in fp32).""",
-    hints=("Shape cos and sin to (1, T, 1, ..., 1, Dr/2) so they broadcast against the pairs; x.unflatten(-1, (-1, 2)) "
-           "gives (..., Dr/2, 2) with x_2i in [..., 0] and x_2i+1 in [..., 1].",
-           "A pair (a, b) rotated by θ is the complex number (a + ib)·e^{iθ}: torch.view_as_complex needs the pairs in "
-           "the last dim and a contiguous fp32 tensor.",
-           "Interleaved means neighbours: x_0 pairs with x_1, not with x_Dr/2 (that is the half-split layout of "
-           "rotate_half, which these weights were not trained with)."),
+    hints=("Shape cos and sin to (1, T, 1, ..., 1, Dr/2) so they broadcast against the pairs; "
+           "x.unflatten(-1, (-1, 2)) gives (..., Dr/2, 2) with x_2i in [..., 0] and x_2i+1 in [..., 1].",
+           "A pair (a, b) rotated by θ is the complex number (a + ib)·e^{iθ}: torch.view_as_complex needs "
+           "the pairs in the last dim and a contiguous fp32 tensor.",
+           "Interleaved means neighbours: x_0 pairs with x_1, not with x_Dr/2 (that is the half-split layout "
+           "of rotate_half, which these weights were not trained with)."),
     checks=(check_rope_random, check_rope_by_hand, check_rope_dtype_and_strides, check_rope_transformers),
     mistakes=(
         Mistake(ROPE_HALF, (("torch.view_as_complex(x32.unflatten(-1, (-1, 2)))",
@@ -296,15 +299,16 @@ Return y with x's shape and dtype (compute in fp32).""",
 # ----------------------------------------------------------------------------------------------------------------
 # Exercise: top-p (nucleus) sampling (generate.py sample)
 
-TOP_P_STRICT = ("the token that crosses top_p is dropped (kept only tokens whose cumulative probability stays "
-                "strictly below p): the nucleus is one token too small")
-TOP_P_ORDER = "the cut made in sorted order was applied to the logits in vocabulary order (not scattered back)"
+TOP_P_STRICT = ("the token that crosses top_p is dropped (kept only tokens whose cumulative probability "
+                "stays strictly below p): the nucleus is one token too small")
+TOP_P_ORDER = "the cut made in sorted order was applied to the logits in vocabulary order (no scatter back)"
 TOP_P_UNSORTED = "the cumulative sum was taken in vocabulary order, not from the most likely token down"
 
 
 def nucleus_truth(logits: Tensor, p: float, rule: str = "right") -> Tensor:
-    """The distribution top-p samples from, fp64, one row at a time (Holtzman et al., arXiv 1904.09751 §3.1): the
-    smallest set of most likely tokens whose probability reaches p, renormalised. `rule` produces the mistakes."""
+    """The distribution top-p samples from, fp64, one row at a time (Holtzman et al., arXiv 1904.09751 §3.1):
+    the smallest set of most likely tokens whose probability reaches p, renormalised. `rule` makes the
+    mistakes."""
     probs = logits.double().softmax(-1)
     out = torch.zeros_like(probs)
     for r in range(probs.shape[0]):
@@ -350,7 +354,7 @@ def _sampled_distribution(lab: Lab, logits: Tensor, **kw) -> tuple[Tensor, Tenso
 
 
 def _safe_p(lab: Lab, logits: Tensor, lo: float, hi: float) -> float:
-    """A random p at least 1e-4 away from every cumulative probability, so fp32 rounding cannot move the cut."""
+    """A random p at least 1e-4 from every cumulative probability, so fp32 rounding cannot move the cut."""
     cum = logits.double().softmax(-1).sort(-1, descending=True).values.cumsum(-1)
     while True:
         p = lab.uniform(lo, hi)
@@ -388,10 +392,10 @@ def check_top_p_after_top_k(lab: Lab) -> None:
 def check_top_p_by_hand(lab: Lab) -> None:
     """probabilities (0.05, 0.5, 0.15, 0.3) with top_p 0.75 keep tokens 1 and 3: (0, 0.625, 0, 0.375)"""
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
-    # sorted: 0.5 (sum before 0 < 0.75, keep), 0.3 (sum before 0.5 < 0.75, keep), 0.15 (0.8 >= 0.75, drop), 0.05
+    # sorted: 0.5 (sum above 0 < 0.75, keep), 0.3 (sum above 0.5 < 0.75, keep), 0.15 (0.8 >= 0.75, drop), 0.05
     probs, _ = _sampled_distribution(lab, logits, temperature=1.0, top_p=0.75)
-    expect_close(probs, torch.tensor([[0.0, 0.625, 0.0, 0.375]]), "distribution for probs (0.05, 0.5, 0.15, 0.3), "
-                 "top_p 0.75", atol=1e-5, mistakes=_top_p_mistakes(logits, 0.75))
+    expect_close(probs, torch.tensor([[0.0, 0.625, 0.0, 0.375]]), "distribution for probs (0.05, 0.5, 0.15, "
+                 "0.3), top_p 0.75", atol=1e-5, mistakes=_top_p_mistakes(logits, 0.75))
 
 
 def check_top_p_tiny(lab: Lab) -> None:
@@ -402,30 +406,34 @@ def check_top_p_tiny(lab: Lab) -> None:
     expect_close(probs, nucleus_truth(logits, 1e-9), "distribution for top_p 1e-9", atol=1e-6,
                  mistakes=_top_p_mistakes(logits, 1e-9))
     if not (isinstance(ids, Tensor) and torch.equal(ids, logits.argmax(-1))):
-        raise CheckFailed(f"with top_p 1e-9 sample() must return the argmax {logits.argmax(-1).tolist()}, got {ids!r}")
+        raise CheckFailed(f"with top_p 1e-9 sample() must return the argmax {logits.argmax(-1).tolist()}, "
+                          f"got {ids!r}")
 
 
 register(Exercise(
     name="top_p", file="generate.py", concept="top-p (nucleus) sampling", level="intro", minutes=20,
     against="fp64 nucleus; by hand",
     statement="""\
-Keep the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.
-arXiv 1904.09751 §3.1): sort each row's probabilities in descending order; a token stays if the tokens ranked above
-it sum to LESS than top_p (so the token that crosses top_p stays, and the most likely token always stays). Set the
-logits of every other token to -inf, in vocabulary order: the softmax and torch.multinomial after the region
-renormalise and draw.
-In scope: logits (B, V) fp32, already divided by the temperature and with top-k's losers at -inf; top_p, a float
-in (0, 1); torch. Leave the result in `logits` (B, V).""",
-    hints=("logits.sort(dim=-1, descending=True) gives the sorted values and `order`, the vocabulary id at each rank.",
+Keep the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et
+al., arXiv 1904.09751 §3.1): sort each row's probabilities in descending order; a token stays if the tokens
+ranked above it sum to LESS than top_p (so the token that crosses top_p stays, and the most likely token
+always stays). Set the logits of every other token to -inf, in vocabulary order: the softmax and
+torch.multinomial after the region renormalise and draw.
+In scope: logits (B, V) fp32, already divided by the temperature and with top-k's losers at -inf; top_p, a
+float in (0, 1); torch. Leave the result in `logits` (B, V).""",
+    hints=("logits.sort(dim=-1, descending=True) gives the sorted values and `order`, the vocabulary id at "
+           "each rank.",
            "The probability mass ranked above a token is cumsum - probs (an exclusive cumulative sum).",
-           "Build the -inf mask in sorted order, then put it back in vocabulary order with scatter(-1, order, ...)."),
+           "Build the -inf mask in sorted order, then put it back in vocabulary order with "
+           "scatter(-1, order, ...)."),
     checks=(check_top_p_random, check_top_p_after_top_k, check_top_p_by_hand, check_top_p_tiny),
     mistakes=(
-        Mistake(TOP_P_STRICT, (("drop = probs.cumsum(dim=-1) - probs >= top_p", "drop = probs.cumsum(dim=-1) >= top_p"),)),
-        Mistake(TOP_P_ORDER, (("logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float(\"-inf\")))",
-                               "logits = logits.masked_fill(drop, float(\"-inf\"))"),)),
-        Mistake(TOP_P_UNSORTED, (("sorted_logits, order = logits.sort(dim=-1, descending=True)",
-                                  "sorted_logits, order = logits, torch.arange(logits.shape[-1]).expand_as(logits)"),)),
+        Mistake(TOP_P_STRICT, (("drop = probs.cumsum(dim=-1) - probs >= top_p",
+                                "drop = probs.cumsum(dim=-1) >= top_p"),)),
+        Mistake(TOP_P_ORDER, (("logits.scatter(-1, order, sorted_logits.masked_fill(drop, float(\"-inf\")))",
+                               "logits.masked_fill(drop, float(\"-inf\"))"),)),
+        Mistake(TOP_P_UNSORTED, (("logits.sort(dim=-1, descending=True)",
+                                  "logits, torch.arange(logits.shape[-1]).expand_as(logits)"),)),
     )))
 
 
@@ -433,16 +441,17 @@ in (0, 1); torch. Leave the result in `logits` (B, V).""",
 # Exercise: Newton-Schulz orthogonalisation (muonclip.py zeropower_via_newtonschulz5)
 
 NS_ORDER = "the coefficients in the wrong order (a must multiply X, c the (X Xᵀ)² X term)"
-NS_NO_NORM = "G not divided by its Frobenius norm first (singular values above 1 leave the polynomial's basin)"
-NS_TALL = ("the tall matrix was not transposed: X Xᵀ is then the big A×A Gram matrix (iterate on the wide side, "
-           "A <= B, and transpose back)")
-NS_ABC = (3.4445, -4.7750, 2.0315)   # KellerJordan/Muon muon.py, written out again here as the independent truth
+NS_NO_NORM = "G not divided by its Frobenius norm first (singular values above ~1.3 leave p's basin)"
+NS_TALL = ("the tall matrix was not transposed: X Xᵀ is then the big A×A Gram matrix (iterate on the wide "
+           "side, A <= B, and transpose back)")
+NS_ABC = (3.4445, -4.7750, 2.0315)   # KellerJordan/Muon muon.py, written out again as the independent truth
 
 
 def newton_schulz_truth(G: Tensor, steps: int = 5, abc: tuple[float, float, float] = NS_ABC,
                         normalise: bool = True) -> Tensor:
-    """fp64, one matrix at a time: X = G/‖G‖_F, then X <- aX + b(XXᵀ)X + c(XXᵀ)²X (Muon, K. Jordan 2024; Moonlight
-    arXiv 2502.16982 §2.1). For a tall matrix this is the same polynomial of the singular values as on Gᵀ."""
+    """fp64, one matrix at a time: X = G/‖G‖_F, then X <- aX + b(XXᵀ)X + c(XXᵀ)²X (Muon, K. Jordan 2024;
+    Moonlight arXiv 2502.16982 §2.1). For a tall matrix this is the same polynomial of the singular values
+    as on Gᵀ, so the truth needs no transpose."""
     a, b, c = abc
     out = torch.empty(G.shape, dtype=torch.float64)
     for i, g in enumerate(G.double().reshape(-1, *G.shape[-2:])):
@@ -455,26 +464,28 @@ def newton_schulz_truth(G: Tensor, steps: int = 5, abc: tuple[float, float, floa
 
 
 def _ns_mistakes(G: Tensor) -> dict[str, Tensor]:
-    return {NS_ORDER: newton_schulz_truth(G, abc=NS_ABC[::-1]), NS_NO_NORM: newton_schulz_truth(G, normalise=False)}
+    return {NS_ORDER: newton_schulz_truth(G, abc=NS_ABC[::-1]),
+            NS_NO_NORM: newton_schulz_truth(G, normalise=False)}
 
 
 def _ns_call(lab: Lab, G: Tensor) -> Tensor:
     X = lab.muonclip.zeropower_via_newtonschulz5(G)
     if not isinstance(X, Tensor) or X.shape != G.shape or X.dtype != torch.bfloat16:
         raise CheckFailed(f"zeropower_via_newtonschulz5 on {tuple(G.shape)} returned "
-                          f"{getattr(X, 'dtype', type(X).__name__)} {tuple(getattr(X, 'shape', ()))}: expected "
-                          f"bf16 with G's shape")
+                          f"{getattr(X, 'dtype', type(X).__name__)} {tuple(getattr(X, 'shape', ()))}: "
+                          f"expected bf16 with G's shape")
     return X
 
 
 def _small_norm_stack(lab: Lab, shape: tuple[int, ...]) -> Tensor:
-    """Matrices of random Frobenius norm in [0.3, 0.6]: finite without normalisation, but a different result."""
+    """Matrices of random Frobenius norm in [0.3, 0.6]: finite without the normalisation, but different."""
     G = torch.randn(shape, generator=lab.gen)
-    return G / G.norm(dim=(-2, -1), keepdim=True) * (0.3 + 0.3 * torch.rand(shape[:-2] + (1, 1), generator=lab.gen))
+    norm = 0.3 + 0.3 * torch.rand(shape[:-2] + (1, 1), generator=lab.gen)
+    return G / G.norm(dim=(-2, -1), keepdim=True) * norm
 
 
-# bf16 iteration against fp64: tests/test_muonclip.py measures 1.5-3.6% relative error; 0.05 absolute per entry
-# of a near-orthogonal matrix (entries ~1/sqrt(A)) passes both common formulations and rejects the mistakes
+# bf16 iteration against fp64: tests/test_muonclip.py measures 1.5-3.6% relative error; 0.05 absolute per
+# entry of a near-orthogonal matrix (entries ~1/sqrt(A)) passes both common formulations, rejects the mistakes
 NS_ATOL = 0.05
 
 
@@ -483,14 +494,14 @@ def check_ns_wide_and_tall(lab: Lab) -> None:
     n = lab.randint(6, 24)
     for shape in ((n, n + lab.randint(4, 40)), (n + lab.randint(4, 40), n), (n, n)):
         G = _small_norm_stack(lab, shape)
-        expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {shape[0]}×{shape[1]} matrix",
-                     atol=NS_ATOL, mistakes=_ns_mistakes(G))
+        expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {shape[0]}×{shape[1]} "
+                     f"matrix", atol=NS_ATOL, mistakes=_ns_mistakes(G))
 
 
 def check_ns_batched(lab: Lab) -> None:
     """orthogonalises each matrix of an (E, A, B) stack on its own"""
     E, A, B = lab.randint(2, 4), lab.randint(8, 20), lab.randint(8, 20)
-    G = _small_norm_stack(lab, (E, A, B)) * torch.tensor([1.0] + [7.0] * (E - 1)).view(E, 1, 1)  # unequal norms
+    G = _small_norm_stack(lab, (E, A, B)) * torch.tensor([1.0] + [7.0] * (E - 1)).view(E, 1, 1)  # unequal
     expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of an ({E}, {A}, {B}) stack",
                  atol=NS_ATOL, mistakes=_ns_mistakes(G))
 
@@ -499,11 +510,11 @@ def check_ns_large_input(lab: Lab) -> None:
     """a gradient with large entries gives a finite near-orthogonal result (and zeros give zeros)"""
     A, B = lab.randint(20, 40), lab.randint(6, 16)
     G = torch.randn(A, B, generator=lab.gen) * 100
-    expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {A}×{B} matrix with entries ~100",
-                 atol=NS_ATOL, mistakes=_ns_mistakes(G))
+    expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {A}×{B} matrix with entries "
+                 f"~100", atol=NS_ATOL, mistakes=_ns_mistakes(G))
     Z = _ns_call(lab, torch.zeros(A, B))
     if not bool((Z == 0).all()):
-        raise CheckFailed("Newton-Schulz of a zero matrix must be zero (add the 1e-7 guard to the norm, NS_EPS)")
+        raise CheckFailed("Newton-Schulz of a zero matrix must be zero (add NS_EPS to the norm)")
 
 
 def check_ns_wide_side(lab: Lab) -> None:
@@ -516,27 +527,30 @@ def check_ns_wide_side(lab: Lab) -> None:
         _ns_call(lab, G)
     # per step on the wide side (B×A): X Xᵀ 2·B²A, (X Xᵀ)² 2·B³, P X 2·B²A
     wide = 5 * (4 * B * B * A + 2 * B ** 3)
-    if fc.get_total_flops() > 1.5 * wide:
-        raise CheckFailed(f"a {A}×{B} matrix took {fc.get_total_flops():,} matmul flops, {fc.get_total_flops() / wide:.1f}x "
-                          f"the {wide:,} of iterating on its {B}×{A} transpose: {NS_TALL}")
+    flops = fc.get_total_flops()
+    if flops > 1.5 * wide:
+        raise CheckFailed(f"a {A}×{B} matrix took {flops:,} matmul flops, {flops / wide:.1f}x the {wide:,} "
+                          f"of iterating on its {B}×{A} transpose: {NS_TALL}")
 
 
 register(Exercise(
-    name="newton_schulz", file="muonclip.py", concept="Muon's Newton-Schulz iteration", level="core", minutes=30,
+    name="newton_schulz", file="muonclip.py", concept="Muon's Newton-Schulz iteration", level="core",
+    minutes=30,
     against="fp64 iteration; flop count",
     statement="""\
 Approximate the orthogonal polar factor U Vᵀ of every matrix in G with 5 steps of the quintic Newton-Schulz
 iteration (Muon, K. Jordan 2024; Moonlight arXiv 2502.16982 §2.1, Algorithm 1; Kimi K2 arXiv 2507.20534 §2.1):
-X = G / (‖G‖_F + NS_EPS), then `steps` times X <- a·X + b·(X Xᵀ) X + c·(X Xᵀ)² X with (a, b, c) = NS_COEFFICIENTS.
-Iterate in bf16, on the wide side: if a matrix is tall (A > B) work on its transpose and transpose back, so that
-X Xᵀ is the smaller Gram matrix. Each matrix of a stack is its own: norms per matrix.
+X = G / (‖G‖_F + NS_EPS), then `steps` times X <- a·X + b·(X Xᵀ) X + c·(X Xᵀ)² X with (a, b, c) =
+NS_COEFFICIENTS. Iterate in bf16, on the wide side: if a matrix is tall (A > B) work on its transpose and
+transpose back, so that X Xᵀ is the smaller Gram matrix. Each matrix of a stack is its own: norms per matrix.
 In scope: G (..., A, B) any float dtype, any leading batch dims; steps (int); NS_COEFFICIENTS, NS_EPS; torch.
 Return X, bf16, with G's shape.""",
-    hints=("X.norm(dim=(-2, -1), keepdim=True) gives one Frobenius norm per matrix of the stack; X.mT transposes the "
-           "last two dims.",
+    hints=("X.norm(dim=(-2, -1), keepdim=True) gives one Frobenius norm per matrix of the stack; X.mT "
+           "transposes the last two dims.",
            "torch.matmul/`@` broadcasts over leading dims, so one loop over the steps handles any stack.",
-           "The Frobenius norm bounds the spectral norm, so after the division every singular value is at most 1: the "
-           "polynomial p(x) = a x + b x³ + c x⁵ then pushes each towards ~1 (it diverges above ~1.3)."),
+           "The Frobenius norm bounds the spectral norm, so after the division every singular value is at "
+           "most 1: the polynomial p(x) = a x + b x³ + c x⁵ then pushes each towards ~1 (it diverges above "
+           "~1.3)."),
     checks=(check_ns_wide_and_tall, check_ns_batched, check_ns_large_input, check_ns_wide_side),
     mistakes=(
         Mistake(NS_ORDER, (("a, b, c = NS_COEFFICIENTS", "c, b, a = NS_COEFFICIENTS"),)),
@@ -552,7 +566,7 @@ MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)
 
 
 class ExerciseError(Exception):
-    """A problem the user can fix (unknown name, no workspace, broken markers): printed without a traceback."""
+    """A problem the user can fix (unknown name, no workspace, broken markers): printed, no traceback."""
 
 
 def get(name: str) -> Exercise:
@@ -567,13 +581,13 @@ def find_region(lines: list[str], name: str, where: str) -> tuple[int, int, str]
     starts = [i for i, s in enumerate(lines) if (m := MARKER.match(s)) and m["name"] == name and not m["end"]]
     ends = [i for i, s in enumerate(lines) if (m := MARKER.match(s)) and m["name"] == name and m["end"]]
     if len(starts) != 1 or len(ends) != 1:
-        raise ExerciseError(f"{where} must hold exactly one '# exercise: {name}' and one '# end exercise: {name}' "
-                            f"line; found {len(starts)} and {len(ends)}")
+        raise ExerciseError(f"{where} must hold exactly one '# exercise: {name}' and one "
+                            f"'# end exercise: {name}' line; found {len(starts)} and {len(ends)}")
     s, e = starts[0], ends[0]
     indent = MARKER.match(lines[s])["indent"]
     if not s < e - 1 or MARKER.match(lines[e])["indent"] != indent:
-        raise ExerciseError(f"{where}: the markers of {name} (lines {s + 1} and {e + 1}) must enclose at least one "
-                            f"line and share one indentation")
+        raise ExerciseError(f"{where}: the markers of {name} (lines {s + 1} and {e + 1}) must enclose at "
+                            f"least one line and share one indentation")
     return s + 1, e, indent
 
 
@@ -598,9 +612,10 @@ def marker_problems(root: Path = ROOT) -> list[str]:
         if path.name == Path(__file__).name:
             continue
         for i, line in enumerate(path.read_text().splitlines(), 1):
-            if (m := MARKER.match(line)) and (m["name"] not in EXERCISES or EXERCISES[m["name"]].file != path.name):
-                problems.append(f"{path.name}:{i}: marker for {m['name']!r}, which is not an exercise registered "
-                                f"for {path.name}")
+            m = MARKER.match(line)
+            if m and (m["name"] not in EXERCISES or EXERCISES[m["name"]].file != path.name):
+                problems.append(f"{path.name}:{i}: marker for {m['name']!r}, which is not an exercise "
+                                f"registered for {path.name}")
     return problems
 
 
@@ -639,13 +654,13 @@ def stub(ex: Exercise, indent: str) -> list[str]:
     lines = [f"# Exercise {ex.name} ({ex.minutes} min): {ex.concept}. Replace these lines with your code.\n"]
     for para in ex.statement.splitlines():
         lines += [f"# {s}\n" for s in textwrap.wrap(para, 104)]
-    lines += [f"raise NotImplementedError(\"exercise {ex.name} is not written yet: see the comments above; \"\n",
-              f"                          \"`python exercises.py hint {ex.name}` gives a hint\")\n"]
+    lines += [f"raise NotImplementedError(\"exercise {ex.name} is not written yet: see the comments \"\n",
+              f"                          \"above; `python exercises.py hint {ex.name}` gives a hint\")\n"]
     return [indent + s for s in lines]
 
 
 def start(ex: Exercise, lab: Path, force: bool = False) -> str:
-    """Create or extend the workspace and put the stub of `ex` in lab/FILE; returns what to tell the student."""
+    """Create or extend the workspace and put the stub of `ex` in lab/FILE; returns a note for the student."""
     lab.mkdir(parents=True, exist_ok=True)
     for m in project_modules():
         if not (lab / f"{m}.py").exists():
@@ -656,8 +671,8 @@ def start(ex: Exercise, lab: Path, force: bool = False) -> str:
         first, end, indent = find_region(lines, ex.name, _show(target))
     except ExerciseError:
         if not force:
-            raise ExerciseError(f"{_show(target)} no longer has the markers of {ex.name}; restore them, or run "
-                                f"`python exercises.py start {ex.name} --force` to copy the file afresh "
+            raise ExerciseError(f"{_show(target)} no longer has the markers of {ex.name}; restore them, or "
+                                f"run `python exercises.py start {ex.name} --force` to copy the file afresh "
                                 f"(your changes to it are lost)") from None
         shutil.copy2(ROOT / ex.file, target)
         lines = target.read_text().splitlines(keepends=True)
@@ -670,8 +685,9 @@ def start(ex: Exercise, lab: Path, force: bool = False) -> str:
         target.write_text("".join(lines[:first] + blank + lines[end:]))
         note = f"Started {ex.name}: write your code in {_show(target)} at line {first + 1}."
     else:
-        raise ExerciseError(f"{_show(target)} already holds your work on {ex.name} (lines {first + 1}-{end}); "
-                            f"`python exercises.py start {ex.name} --force` replaces it by the blank stub")
+        raise ExerciseError(f"{_show(target)} already holds your work on {ex.name} (lines {first + 1}-"
+                            f"{end}); `python exercises.py start {ex.name} --force` replaces it by the blank "
+                            f"stub")
     if ex.name not in state["started"]:
         state["started"].append(ex.name)
     _save_state(lab, state)
@@ -684,7 +700,7 @@ def start(ex: Exercise, lab: Path, force: bool = False) -> str:
 
 @contextlib.contextmanager
 def lab_imports(lab: Path) -> Iterator[None]:
-    """Within the block, `import attention` etc. load lab/'s copies; the previous modules come back afterwards."""
+    """Within the block `import attention` etc. load lab/'s copies; the previous modules come back after."""
     names = project_modules()
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.path.insert(0, str(lab))
@@ -708,13 +724,21 @@ def _student_error(e: BaseException, lab: Path) -> str:
         text = (e.text or "").rstrip("\n")
         code = text.lstrip()
         col = max((e.offset or 1) - 1 - (len(text) - len(code)), 0)
-        return f"{type(e).__name__} in {_show(Path(e.filename))}:{e.lineno}: {e.msg}\n    {code}\n    {' ' * col}^"
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve().is_relative_to(lab)]
+        where = f"{_show(Path(e.filename))}:{e.lineno}"
+        return f"{type(e).__name__} in {where}: {e.msg}\n    {code}\n    {' ' * col}^"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(lab)]
     what = f"{type(e).__name__}: {e}"
     if not frames:
         return f"{what} (raised by the check while it used your result)"
     f = frames[-1]
     return f"{what}\n    at {_show(Path(f.filename))}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def failed_all(ex: Exercise, message: str) -> list[dict]:
+    """Every check of `ex` failed with one message (the module does not import, a timeout, a crash)."""
+    return [dict(name=check_title(c), passed=False, score=0.0, message=message, skipped=False)
+            for c in ex.checks]
 
 
 def run_checks(ex: Exercise, lab: Path, seed: int) -> list[dict]:
@@ -725,9 +749,8 @@ def run_checks(ex: Exercise, lab: Path, seed: int) -> list[dict]:
     with lab_imports(lab):
         try:
             importlib.import_module(Path(ex.file).stem)
-        except Exception as e:  # noqa: BLE001 — the student's module does not import: every check fails with this
-            msg = f"{_show(lab / ex.file)} does not import: {_student_error(e, lab)}"
-            return [dict(name=check_title(c), passed=False, score=0.0, message=msg, skipped=False) for c in ex.checks]
+        except Exception as e:  # noqa: BLE001 — the student's module does not import: every check fails
+            return failed_all(ex, f"{_show(lab / ex.file)} does not import: {_student_error(e, lab)}")
         for i, check in enumerate(ex.checks):
             r = dict(name=check_title(check), passed=False, score=0.0, message="", skipped=False)
             try:
@@ -752,16 +775,16 @@ def summary(ex: Exercise, results: list[dict], seed: int | None = None, seconds:
 
 
 def check(ex: Exercise, lab: Path, timeout: float = DEFAULT_TIMEOUT, seed: int | None = None) -> dict:
-    """Grade `ex` in a fresh process (so an infinite loop can be stopped, and modules load from the workspace)."""
+    """Grade `ex` in a fresh process (where modules load from the workspace, and a loop can be stopped)."""
     if ex.name not in _state(lab)["started"] or not (lab / ex.file).is_file():
-        raise ExerciseError(f"{ex.name} is not started in {_show(lab)}: run `python exercises.py start {ex.name}` "
-                            f"first")
+        raise ExerciseError(f"{ex.name} is not started in {_show(lab)}: run `python exercises.py start "
+                            f"{ex.name}` first")
     seed = int.from_bytes(os.urandom(3), "little") if seed is None else seed
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_run", ex.name, "--lab", str(lab), "--out", str(out),
-               "--seed", str(seed)]
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a file edited within the same second must reload
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_run", ex.name, "--lab", str(lab),
+               "--out", str(out), "--seed", str(seed)]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a file edited in the same second must reload
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
@@ -770,18 +793,14 @@ def check(ex: Exercise, lab: Path, timeout: float = DEFAULT_TIMEOUT, seed: int |
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            msg = (f"stopped after {timeout:g} s: the checks of {ex.name} normally take a few seconds, so your code "
-                   f"probably loops forever (look at the loops in your region of {_show(lab / ex.file)}); "
-                   f"`--timeout S` gives it longer")
-            results = [dict(name=check_title(c), passed=False, score=0.0, message=msg, skipped=False)
-                       for c in ex.checks]
-            return summary(ex, results, seed, time.perf_counter() - t0)
+            msg = (f"stopped after {timeout:g} s: the checks of {ex.name} normally take a few seconds, so "
+                   f"your code probably loops forever (look at the loops in your region of "
+                   f"{_show(lab / ex.file)}); `--timeout S` gives it longer")
+            return summary(ex, failed_all(ex, msg), seed, time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         if not out.is_file():
             msg = f"the check process died (exit code {proc.returncode}) before reporting:\n{log[-2000:]}"
-            results = [dict(name=check_title(c), passed=False, score=0.0, message=msg, skipped=False)
-                       for c in ex.checks]
-            return summary(ex, results, seed, seconds)
+            return summary(ex, failed_all(ex, msg), seed, seconds)
         return summary(ex, json.loads(out.read_text()), seed, seconds)
 
 
@@ -792,14 +811,16 @@ def _print_result(res: dict) -> None:
         print(f"  {tag}  {r['name']}")
         if r["message"] and not r["passed"]:
             print(textwrap.indent(r["message"], "        "))
-    print(f"score {res['passed']}/{res['total']}" + ("  -- all checks pass" if res["passed"] == res["total"] else ""))
+    done = res["passed"] == res["total"]
+    print(f"score {res['passed']}/{res['total']}" + ("  -- all checks pass" if done else ""))
 
 
 def grade(lab: Path, timeout: float = DEFAULT_TIMEOUT) -> dict:
-    """Check every started exercise of a workspace: {"lab", "date", "exercises": [per exercise...], totals}."""
+    """Check every started exercise: {"lab", "date", "passed", "total", "exercises": [one per exercise]}."""
     started = [n for n in _state(lab)["started"] if n in EXERCISES]
     if not started:
-        raise ExerciseError(f"no exercise is started in {_show(lab)}: run `python exercises.py start NAME` first")
+        raise ExerciseError(f"no exercise is started in {_show(lab)}: run `python exercises.py start NAME` "
+                            f"first")
     res = [check(EXERCISES[n], lab, timeout) for n in started]
     return dict(lab=str(lab), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 passed=sum(r["passed"] for r in res), total=sum(r["total"] for r in res), exercises=res)
@@ -827,7 +848,9 @@ def bench(timeout: float = 60.0) -> list[tuple[str, float, str]]:
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in rows]).replace(" \n", "\n")
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(s.rstrip() for s in lines)
 
 
 def cmd_list(a) -> None:
@@ -845,8 +868,8 @@ def cmd_show(a) -> None:
 def cmd_start(a) -> None:
     ex, lab = get(a.name), lab_dir(a.lab)
     print(start(ex, lab, a.force))
-    print(f"\n{ex.statement}\n\nWhen done: python exercises.py check {ex.name}    (stuck? python exercises.py hint "
-          f"{ex.name})")
+    print(f"\n{ex.statement}\n\nWhen done: python exercises.py check {ex.name}    (stuck? python "
+          f"exercises.py hint {ex.name})")
 
 
 def cmd_check(a) -> int:
@@ -885,7 +908,8 @@ def cmd_grade(a) -> int:
     res = grade(lab, a.timeout)
     print(_table([[r["exercise"], f"{r['passed']}/{r['total']}", r["score"], r["seconds"],
                    next((c["name"] for c in r["checks"] if not c["passed"] and not c.get("skipped")), "")]
-                  for r in res["exercises"]], ["exercise", "passed", "score", "seconds", "first failing check"]))
+                  for r in res["exercises"]],
+                 ["exercise", "passed", "score", "seconds", "first failing check"]))
     out = Path(a.json) if a.json else lab / "grade.json"
     out.write_text(json.dumps(res, indent=1))
     print(f"\n{res['passed']}/{res['total']} checks pass; JSON in {_show(out)}")
@@ -909,18 +933,20 @@ def cmd_run(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--lab", help=f"the workspace folder (default: ${LAB_ENV}, else ./lab next to this file)")
+    common.add_argument("--lab", help=f"the workspace folder (default: ${LAB_ENV}, else lab/ by this file)")
     named = argparse.ArgumentParser(add_help=False, parents=[common])
     named.add_argument("name", help="an exercise name (`python exercises.py list`)")
     timed = argparse.ArgumentParser(add_help=False)
-    timed.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the checks are stopped")
+    timed.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds before the checks are stopped")
     timed.add_argument("--json", help="also write the result as JSON to this file")
     sub.add_parser("list", help="the exercises (the default)").set_defaults(fn=cmd_list)
     sub.add_parser("show", parents=[named], help="the task of one exercise").set_defaults(fn=cmd_show)
-    s = sub.add_parser("start", parents=[named], help="copy the modules into the workspace and blank one region")
+    s = sub.add_parser("start", parents=[named], help="copy the modules into the workspace, blank one region")
     s.add_argument("--force", action="store_true", help="replace your work on this region by the blank stub")
     s.set_defaults(fn=cmd_start)
     s = sub.add_parser("check", parents=[named, timed], help="grade one exercise in the workspace")
@@ -928,7 +954,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_check)
     sub.add_parser("hint", parents=[named], help="the next hint").set_defaults(fn=cmd_hint)
     sub.add_parser("solution", parents=[named], help="the reference region").set_defaults(fn=cmd_solution)
-    sub.add_parser("grade", parents=[common, timed], help="check every started exercise").set_defaults(fn=cmd_grade)
+    s = sub.add_parser("grade", parents=[common, timed], help="check every started exercise")
+    s.set_defaults(fn=cmd_grade)
     sub.add_parser("bench", help="time every check against the reference").set_defaults(fn=cmd_bench)
     s = sub.add_parser("_run")  # internal: the child process of `check`
     s.add_argument("name")
