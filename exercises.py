@@ -652,8 +652,7 @@ def _show(path: Path) -> str:
 def stub(ex: Exercise, indent: str) -> list[str]:
     """The lines that replace the region in the workspace: the task as comments, then NotImplementedError."""
     lines = [f"# Exercise {ex.name} ({ex.minutes} min): {ex.concept}. Replace these lines with your code.\n"]
-    for para in ex.statement.splitlines():
-        lines += [f"# {s}\n" for s in textwrap.wrap(para, 104)]
+    lines += [f"# {s}".rstrip() + "\n" for s in ex.statement.splitlines()]
     lines += [f"raise NotImplementedError(\"exercise {ex.name} is not written yet: see the comments \"\n",
               f"                          \"above; `python exercises.py hint {ex.name}` gives a hint\")\n"]
     return [indent + s for s in lines]
@@ -718,6 +717,10 @@ def check_title(fn: Callable) -> str:
     return fn.__name__.removeprefix("check_")
 
 
+def check_about(fn: Callable) -> str:
+    return fn.__doc__.strip().splitlines()[0] if fn.__doc__ else ""
+
+
 def _student_error(e: BaseException, lab: Path) -> str:
     """An exception as the student needs it: the deepest frame in the student's workspace, with its line."""
     if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve().is_relative_to(lab):
@@ -732,13 +735,16 @@ def _student_error(e: BaseException, lab: Path) -> str:
     if not frames:
         return f"{what} (raised by the check while it used your result)"
     f = frames[-1]
+    if isinstance(e, NotImplementedError) and "is not written yet" in str(e):  # a stub, this one or another's
+        stub_at = f"{_show(Path(f.filename))}:{f.lineno}"
+        return f"NotImplementedError: {str(e).split(':')[0]} ({stub_at} is its stub)"
     return f"{what}\n    at {_show(Path(f.filename))}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
 def failed_all(ex: Exercise, message: str) -> list[dict]:
     """Every check of `ex` failed with one message (the module does not import, a timeout, a crash)."""
-    return [dict(name=check_title(c), passed=False, score=0.0, message=message, skipped=False)
-            for c in ex.checks]
+    return [dict(name=check_title(c), about=check_about(c), passed=False, score=0.0, message=message,
+                 skipped=False) for c in ex.checks]
 
 
 def run_checks(ex: Exercise, lab: Path, seed: int) -> list[dict]:
@@ -752,7 +758,8 @@ def run_checks(ex: Exercise, lab: Path, seed: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001 — the student's module does not import: every check fails
             return failed_all(ex, f"{_show(lab / ex.file)} does not import: {_student_error(e, lab)}")
         for i, check in enumerate(ex.checks):
-            r = dict(name=check_title(check), passed=False, score=0.0, message="", skipped=False)
+            r = dict(name=check_title(check), about=check_about(check), passed=False, score=0.0, message="",
+                     skipped=False)
             try:
                 check(Lab(lab, seed + i))
                 r.update(passed=True, score=1.0)
@@ -808,7 +815,7 @@ def _print_result(res: dict) -> None:
     print(f"check {res['exercise']} ({res['file']}, seed {res['seed']}, {res['seconds']} s)")
     for r in res["checks"]:
         tag = "SKIP" if r.get("skipped") else "PASS" if r["passed"] else "FAIL"
-        print(f"  {tag}  {r['name']}")
+        print(f"  {tag}  {r['name']}: {r.get('about', '')}")
         if r["message"] and not r["passed"]:
             print(textwrap.indent(r["message"], "        "))
     done = res["passed"] == res["total"]
@@ -839,6 +846,141 @@ def bench(timeout: float = 60.0) -> list[tuple[str, float, str]]:
             res = check(ex, lab, timeout)
             rows.append((ex.name, res["seconds"], f"{res['passed']}/{res['total']}"))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tour: one token through a tiny model, each step with its shapes and the file:line to put a breakpoint on
+
+TOUR_STEPS = {  # module class or attribute name -> what the step does
+    "ParallelEmbedding": "embedding: token ids -> vectors (no sqrt(D) scaling)",
+    "rope_cos_sin": "RoPE tables: cos/sin of position·inv_freq (YaRN-scaled)",
+    "Block": "block: x + MLA(norm(x)), then x + FFN(norm(x))",
+    "input_layernorm": "RMSNorm before attention",
+    "MLA": "MLA attention (DeepSeek-V2 §2.1)",
+    "q_a_proj": "query down-projection W^DQ -> c_q",
+    "q_a_layernorm": "RMSNorm of the query latent",
+    "q_b_proj": "query up-projection W^UQ, W^QR -> per-head q_nope | q_pe",
+    "q_proj": "query projection -> per-head q_nope | q_pe",
+    "kv_a_proj_with_mqa": "KV down-projection -> latent c_kv | rope key k_pe",
+    "kv_a_layernorm": "RMSNorm of the latent c_kv (what the cache keeps)",
+    "apply_rope": "RoPE on interleaved pairs (exercise rope)",
+    "kv_b_proj": "latent up-projection W^UK, W^UV -> per-head k_nope | v",
+    "attend": "softmax(q·k · scale) v, causal mask",
+    "o_proj": "output projection W^O",
+    "post_attention_layernorm": "RMSNorm before the FFN",
+    "MLP": "SwiGLU MLP: down(silu(gate(x)) * up(x))",
+    "MoE": "MoE: router, routed experts, shared expert",
+    "Gate": "router: sigmoid, top-k of score + bias, renormalise, x scale",
+    "run_experts": "routed experts: K chosen SwiGLU experts per token, weighted",
+    "shared_experts": "shared expert (weight 1, every token)",
+    "norm": "final RMSNorm",
+    "lm_head": "head: vector -> logits over the vocabulary (fp32)",
+    "sample": "sampler: temperature, top-k, top-p, draw (exercise top_p)",
+}
+
+
+def _where(fn) -> str:
+    """file:line of a function of this project; for torch's own modules (nn.Linear), the line calling it."""
+    code = inspect.unwrap(fn).__code__
+    if Path(code.co_filename).resolve().parent == ROOT:
+        return f"{Path(code.co_filename).name}:{code.co_firstlineno}"
+    for frame in inspect.stack(0)[1:]:
+        if Path(frame.filename).resolve().parent == ROOT and frame.filename != __file__:
+            return f"{Path(frame.filename).name}:{frame.lineno}"
+    return "?"
+
+
+def _shapes(v) -> str:
+    if isinstance(v, Tensor):
+        return str(tuple(v.shape))
+    if isinstance(v, (tuple, list)):
+        return ", ".join(_shapes(t) for t in v if isinstance(t, Tensor))
+    return ""
+
+
+def tour(prompt_len: int = 5, seed: int = 0) -> list[str]:
+    """Run a prompt through config.PRESETS["tiny"] (random weights) and the sampler, recording each step."""
+    import attention
+    import config
+    import generate
+    import model as model_py
+    import moe
+
+    torch.manual_seed(seed)
+    args = config.PRESETS["tiny"]()
+    net = model_py.Transformer(args).eval()
+    events: list[list] = []          # [depth, label, where, input shapes, output shapes, note]
+    depth = [0]
+    t = prompt_len - 1               # the token we follow: the last one of the prompt
+
+    def note(name: str, out) -> str:
+        if name == "Gate":
+            w, idx, _ = out
+            return f"token {t} -> experts {idx[t].tolist()}, weights {[round(x, 3) for x in w[t].tolist()]}"
+        if name == "lm_head":
+            return f"token {t}: highest logits at ids {out[0, t].topk(3).indices.tolist()}"
+        if name == "sample":
+            return f"next token id {out.tolist()}"
+        return ""
+
+    def enter(name: str, where: str, args_) -> list:
+        first = next((v for v in args_ if isinstance(v, Tensor)), None)
+        ev = [depth[0], TOUR_STEPS[name], where, _shapes(first), "", ""]
+        events.append(ev)
+        depth[0] += 1
+        return ev
+
+    def leave(ev: list, name: str, out) -> None:
+        depth[0] -= 1
+        ev[4], ev[5] = _shapes(out if isinstance(out, Tensor) else tuple(out)), note(name, out)
+
+    def wrap(name: str, fn):
+        def traced(*a, **k):
+            ev = enter(name, _where(fn), a)
+            out = fn(*a, **k)
+            leave(ev, name, out)
+            return out
+        return traced
+
+    open_events: dict[int, list] = {}  # id(module) -> its event, between its pre-hook and its hook
+
+    def hook(mod, name: str):
+        fwd = type(mod).forward
+        mod.register_forward_pre_hook(lambda m, a: open_events.update({id(m): enter(name, _where(fwd), a)}))
+        mod.register_forward_hook(lambda m, a, out: leave(open_events.pop(id(m)), name, out))
+
+    for qual, mod in net.named_modules():
+        attr, cls = qual.rsplit(".", 1)[-1], type(mod).__name__
+        name = attr if attr in TOUR_STEPS else cls if cls in TOUR_STEPS else None
+        if name:
+            hook(mod, name)
+    functions = [(attention, "apply_rope"), (attention, "attend"), (moe, "run_experts"),
+                 (model_py, "rope_cos_sin")]  # called by name from their module's globals: wrapped there
+    saved = [(m, a, getattr(m, a)) for m, a in functions]
+    try:
+        for m, a, fn in saved:
+            setattr(m, a, wrap(a, fn))
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, args.vocab_size, (1, prompt_len), generator=gen)
+        with torch.no_grad():
+            logits = net(ids)
+        wrap("sample", generate.sample)(logits[:, -1], temperature=0.6, top_p=0.9, generator=gen)
+    finally:
+        for m, a, fn in saved:
+            setattr(m, a, fn)
+    head = (f"A prompt of {prompt_len} token ids through config.PRESETS['tiny'] (random weights: "
+            f"{args.num_hidden_layers} layers, layer 0 dense, then MoE with {args.n_routed_experts} experts "
+            f"top-{args.num_experts_per_tok}), following token {t}, then the sampler. Shapes: B=1 batch, "
+            f"T={prompt_len} tokens, D={args.hidden_size}, H={args.num_attention_heads} heads, "
+            f"V={args.vocab_size}. `where` is the file:line where the step's code starts (for nn.Linear: "
+            f"where it is called); a breakpoint there stops at it, e.g. `python -m pdb generate.py`, then "
+            f"`b attention.py:LINE`.")
+    rows = []
+    for d, label, where, i, o, n in events:
+        rows.append(["  " * d + label, where, f"{i} -> {o}"])
+        if n:
+            rows.append(["  " * (d + 1) + "= " + n, "", ""])
+    return textwrap.wrap(head, 110) + [""] + _table(rows, ["step", "where", "shapes"]).splitlines()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -921,8 +1063,12 @@ def cmd_bench(a) -> None:
     rows = bench()
     total = time.perf_counter() - t0
     print(_table([[n, f"{s:.1f}", p] for n, s, p in rows], ["exercise", "check (s)", "passed"]))
-    print(f"\nall {len(rows)} checks: {total:.1f} s (`grade` of a full lab); {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\nall {len(rows)} exercises: {total:.1f} s (`grade` of a full lab); {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f} (other processes on them), torch {torch.__version__}")
+
+
+def cmd_tour(a) -> None:
+    print("\n".join(tour()))
 
 
 def cmd_run(a) -> None:
@@ -956,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("solution", parents=[named], help="the reference region").set_defaults(fn=cmd_solution)
     s = sub.add_parser("grade", parents=[common, timed], help="check every started exercise")
     s.set_defaults(fn=cmd_grade)
+    sub.add_parser("tour", help="one token through a tiny model, step by step").set_defaults(fn=cmd_tour)
     sub.add_parser("bench", help="time every check against the reference").set_defaults(fn=cmd_bench)
     s = sub.add_parser("_run")  # internal: the child process of `check`
     s.add_argument("name")

@@ -4,7 +4,8 @@ registry; and the command line works end to end (start -> check -> fill in -> ch
 clear answers to bad input.
 
 Checks run in this process (exercises.run_checks swaps the workspace's modules in and back out); the
-command-line tests run `check` for real, in its own process, in temporary workspaces (the repository's lab/ is untouched).
+command-line tests run `check` for real, in its own process, in temporary workspaces (never the repository's
+lab/).
 Run: pytest tests/test_exercises.py -q
 """
 import hashlib
@@ -262,3 +263,26 @@ def test_check_reports_the_students_syntax_error_exception_and_infinite_loop(tmp
     write_region(lab, ex, "while True:\n    pass")
     rc, out = cli(capsys, "check", ex.name, "--lab", str(lab), "--timeout", "4")
     assert rc == 1 and "stopped after 4 s" in out and "loops forever" in out, out
+
+
+def test_tour_follows_the_token_through_the_model_and_its_lines_point_at_the_code():
+    lines = E.tour()
+    table = lines[next(i for i, s in enumerate(lines) if s.startswith("----")) + 1:]
+    steps = [s for s in table if ".py:" in s]
+    order = ["embedding", "MLA attention", "RoPE on interleaved pairs", "router", "routed experts", "head",
+             "sampler"]
+    firsts = [next(i for i, s in enumerate(steps) if s.lstrip().startswith(w)) for w in order]
+    assert firsts == sorted(firsts), steps
+    defs = {"embedding": "def forward", "MLA attention": "def forward",
+            "RoPE on interleaved": "def apply_rope",
+            "router": "def forward", "routed experts": "def run_experts", "sampler": "def sample",
+            "head": "self.lm_head(", "output projection": "self.o_proj("}
+    for s in steps:
+        label = s.strip()
+        where = next(w for w in s.split() if ".py:" in w)
+        file, line = where.split(":")
+        code = (ROOT / file).read_text().splitlines()[int(line) - 1]
+        for start, expected in defs.items():
+            if label.startswith(start):
+                assert expected in code, f"{label}: {where} is {code!r}"
+    assert any("-> experts" in s for s in lines) and any("next token id" in s for s in lines)
