@@ -1,5 +1,13 @@
 """Kimi K2: the whole network, embedding -> 61 blocks -> norm -> head.
 
+The forward pass, a pre-norm residual decoder (DeepSeek-V3 §2, arXiv 2412.19437), layers
+l = 0 .. L-1:
+    h      = Embed(tokens)                                 (B, T, D)
+    h      = h + MLA(RMSNorm(h))                           attention.py
+    h      = h + FFN_l(RMSNorm(h))                         dense MLP for l < first_k_dense_replace,
+                                                           MoE after (moe.py)
+    logits = lm_head(RMSNorm(h))                           (B, T, V) fp32
+
 Kimi K2 is architecturally DeepSeek-V3 (its config.json names `architectures:
 ["DeepseekV3ForCausalLM"]`): a pre-norm decoder of 61 blocks, each Multi-head Latent Attention
 (attention.py) followed by an FFN that is a dense SwiGLU MLP for the first `first_k_dense_replace`
@@ -359,6 +367,9 @@ def main() -> None:
     p.add_argument("--gpu-gib", type=float, default=parallel.H200_GIB,
                    help="memory per GPU (default: an H200)")
     a = p.parse_args()
+    for flag in ("context", "world_size", "batch", "prefill_chunk", "gpu_gib"):
+        if not getattr(a, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     args = load_args(a.config)
     if a.plan:
         with torch.device("meta"):

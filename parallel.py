@@ -1,32 +1,39 @@
-"""Tensor and expert parallelism for Kimi K2: joining a torchrun job, this rank's share, and the few collectives.
+"""Tensor and expert parallelism for Kimi K2: joining a torchrun job, this rank's share, and the few
+collectives.
 
-The model is split inside its own modules (one code path; at world size 1 every helper here is the identity and
-the model is the ordinary single-device one, bit for bit). With W ranks, following DeepSeek-V3's
-inference/model.py (ParallelEmbedding, Column/RowParallelLinear, experts partitioned across ranks):
-* Attention (attention.MLA): rank r computes heads [r·H/W, (r+1)·H/W): its rows of q_b_proj (or q_proj) and
-  kv_b_proj, its columns of o_proj. q_a_proj, kv_a_proj_with_mqa and the latent norms are small and replicated,
-  and so is the latent KV cache (every head reads all 576 numbers of every cached token). One all-reduce sums the
-  heads' o_proj outputs.
-* Dense MLP and shared expert (moe.MLP): the intermediate units are split (gate/up rows, down columns).
-* Routed experts (moe.MoE): rank r owns experts [r·E/W, (r+1)·E/W) (K2 on 16 ranks: 24 each). Every rank holds
-  every token (the attention all-reduce left them there), routes them all identically, runs the pairs that chose
-  its own experts, and one all-reduce sums routed + shared outputs. moe.py says why not all-to-all.
-* Embedding and lm_head (model.py): the vocabulary rows are split. The embedding all-reduces the rows looked up
-  on their owner rank; the head all-gathers the logits, so every rank holds the full (B, T, V) fp32 logits.
+The model is split inside its own modules (one code path; at world size 1 every helper here is the
+identity and the model is the ordinary single-device one, bit for bit). With W ranks, following
+DeepSeek-V3's inference/model.py (ParallelEmbedding, Column/RowParallelLinear, experts partitioned
+across ranks):
+* Attention (attention.MLA): rank r computes heads [r·H/W, (r+1)·H/W): its rows of q_b_proj (or
+  q_proj) and kv_b_proj, its columns of o_proj. q_a_proj, kv_a_proj_with_mqa and the latent norms
+  are small and replicated, and so is the latent KV cache (every head reads all 576 numbers of every
+  cached token). One all-reduce sums the heads' o_proj outputs.
+* Dense MLP and shared expert (moe.MLP): the intermediate units are split (gate/up rows, down
+  columns).
+* Routed experts (moe.MoE): rank r owns experts [r·E/W, (r+1)·E/W) (K2 on 16 ranks: 24 each). Every
+  rank holds every token (the attention all-reduce left them there), routes them all identically,
+  runs the pairs that chose its own experts, and one all-reduce sums routed + shared outputs. moe.py
+  says why not all-to-all.
+* Embedding and lm_head (model.py): the vocabulary rows are split. The embedding all-reduces the
+  rows looked up on their owner rank; the head all-gathers the logits, so every rank holds the full
+  (B, T, V) fp32 logits.
 Which tensors are split, and along which dim: `Transformer.shard_dims()`.
 
-Autograd, for training: Megatron-LM's two conjugate operators (Shoeybi et al., arXiv 1909.08053 §3, "f" and "g").
-`copy_to_ranks` is the identity forward and an all-reduce backward; it sits where a replicated activation enters
-split weights. `reduce_from_ranks` is an all-reduce forward and the identity backward; it sits where the ranks'
-partial outputs are summed. Together they give every replicated tensor the same full gradient on every rank.
+Autograd, for training: Megatron-LM's two conjugate operators (Shoeybi et al., arXiv 1909.08053 §3,
+"f" and "g"). `copy_to_ranks` is the identity forward and an all-reduce backward; it sits where a
+replicated activation enters split weights. `reduce_from_ranks` is an all-reduce forward and the
+identity backward; it sits where the ranks' partial outputs are summed. Together they give every
+replicated tensor the same full gradient on every rank.
 
-Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `init` joins the job with
-NCCL on CUDA devices and gloo on CPU. A rank that fails ends its process at once (`abort_on_error`), so torchrun
-stops the others instead of leaving them blocked in a collective that can never complete.
+Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `init` joins
+the job with NCCL on CUDA devices and gloo on CPU. A rank that fails ends its process at once
+(`abort_on_error`), so torchrun stops the others instead of leaving them blocked in a collective
+that can never complete.
 
-What a split costs each rank, before buying the machines: `memory_plan` counts the bytes one of W ranks
-holds (weights, latent KV cache, activation workspace) from the shapes alone, on the meta device;
-`python model.py --config kimi-k2 --plan --world-size 16` prints it.
+What a split costs each rank, before buying the machines: `memory_plan` counts the bytes one of W
+ranks holds (weights, latent KV cache, activation workspace) from the shapes alone, on the meta
+device; `python model.py --config kimi-k2 --plan --world-size 16` prints it.
 """
 from __future__ import annotations
 
@@ -59,16 +66,19 @@ def rank() -> int:
 
 
 def launched_by_torchrun() -> bool:
-    """True when the environment describes a multi-process job (torchrun, or the same variables set by hand)."""
+    """True when the environment describes a multi-process job (torchrun, or the same variables set
+    by hand)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init(device_type: str = "cpu", timeout_s: float = 600.0) -> torch.device:
-    """Join the job described by torchrun's environment; returns this rank's device (cuda:LOCAL_RANK or cpu).
+    """Join the job described by torchrun's environment; returns this rank's device (cuda:LOCAL_RANK
+    or cpu).
 
-    device_type "cuda" uses NCCL with one GPU per rank; "cpu" uses gloo. Without WORLD_SIZE > 1 in the environment
-    this is a single process: nothing is joined. timeout_s bounds every collective (a rank that never arrives turns
-    into an error on the others after this long, instead of a hang).
+    device_type "cuda" uses NCCL with one GPU per rank; "cpu" uses gloo. Without WORLD_SIZE > 1 in
+    the environment this is a single process: nothing is joined. timeout_s bounds every collective
+    (a rank that never arrives turns into an error on the others after this long, instead of a
+    hang).
     """
     global _WORLD_SIZE, _RANK
     if not launched_by_torchrun():
@@ -78,8 +88,9 @@ def init(device_type: str = "cpu", timeout_s: float = 600.0) -> torch.device:
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} CUDA devices; "
-                               f"start at most that many processes per node (--nproc-per-node)")
+            raise RuntimeError(f"LOCAL_RANK={local} but this node has "
+                               f"{torch.cuda.device_count()} CUDA devices; start at most that many "
+                               "processes per node (--nproc-per-node)")
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:
@@ -93,23 +104,27 @@ def shutdown() -> None:
     """Leave the job (a no-op in a single process)."""
     global _WORLD_SIZE, _RANK
     if dist.is_initialized():
-        dist.barrier()  # no rank tears its connections down while a peer is still in a collective (gloo aborts)
+        # no rank tears its connections down while a peer is still in a collective (gloo aborts)
+        dist.barrier()
         dist.destroy_process_group()
-        gc.collect()  # free the process group's C++ worker threads now, not during interpreter shutdown
+        # free the process group's C++ worker threads now, not during interpreter shutdown
+        gc.collect()
     _WORLD_SIZE, _RANK = 1, 0
 
 
 def split(n: int, what: str) -> tuple[int, int]:
-    """This rank's share of n things (heads, experts, vocabulary rows, hidden units): (count, index of its first)."""
+    """This rank's share of n things (heads, experts, vocabulary rows, hidden units): (count, index
+    of its first)."""
     if n % _WORLD_SIZE:
-        raise ValueError(f"{what}={n} cannot be split evenly over {_WORLD_SIZE} ranks; use a world size that "
-                         f"divides it")
+        raise ValueError(f"{what}={n} cannot be split evenly over {_WORLD_SIZE} ranks; "
+                         "use a world size that divides it")
     part = n // _WORLD_SIZE
     return part, _RANK * part
 
 
 def local_slice(full: Tensor, dim: int | None) -> Tensor:
-    """This rank's slice of a full tensor split along dim (None: replicated, the whole tensor). A view."""
+    """This rank's slice of a full tensor split along dim (None: replicated, the whole tensor). A
+    view."""
     if dim is None or _WORLD_SIZE == 1:
         return full
     part, first = split(full.shape[dim], f"dimension {dim} of a {tuple(full.shape)} tensor")
@@ -127,7 +142,8 @@ def print0(*args, **kwargs) -> None:
 
 
 class _CopyToRanks(torch.autograd.Function):
-    """Megatron's f: forward identity; backward all-reduce, because every rank's split weights used the same input."""
+    """Megatron's f: forward identity; backward all-reduce, because every rank's split weights used
+    the same input."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -151,7 +167,8 @@ class _ReduceFromRanks(torch.autograd.Function):
 
 
 class _GatherFromRanks(torch.autograd.Function):
-    """Forward: concatenate every rank's slice along dim; backward: keep this rank's slice of the gradient."""
+    """Forward: concatenate every rank's slice along dim; backward: keep this rank's slice of the
+    gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int) -> Tensor:
@@ -164,10 +181,12 @@ class _GatherFromRanks(torch.autograd.Function):
 
 
 def _all_reduce_fp32(x: Tensor) -> Tensor:
-    # The sum runs in fp32 whatever the activation dtype: on one device these partial sums are accumulated in fp32
-    # inside a single matmul (or moe_reference's fp32 buffer) and rounded once; a bf16 all-reduce would round once
-    # per rank. Twice the bytes of a bf16 all-reduce; production engines usually accept the bf16 rounding.
-    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # a copy: the input is never changed
+    # The sum runs in fp32 whatever the activation dtype: on one device these partial sums are
+    # accumulated in fp32 inside a single matmul (or moe_reference's fp32 buffer) and rounded once;
+    # a bf16 all-reduce would round once per rank. Twice the bytes of a bf16 all-reduce; production
+    # engines usually accept the bf16 rounding.
+    # A copy: the input is never changed.
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     dist.all_reduce(y)
     return y.to(x.dtype)
 
@@ -185,11 +204,13 @@ def gather_from_ranks(x: Tensor, dim: int = -1) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Collectives outside autograd: statistics, sampled tokens, whole tensors (for checkpoints and optimizers)
+# Collectives outside autograd: statistics, sampled tokens, whole tensors (for checkpoints and
+# optimizers)
 
 
 def gather_full(x: Tensor, dim: int | None) -> Tensor:
-    """The full tensor from every rank's slice along dim (None: replicated, returned as is). Every rank gets it."""
+    """The full tensor from every rank's slice along dim (None: replicated, returned as is). Every
+    rank gets it."""
     if dim is None or _WORLD_SIZE == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_WORLD_SIZE)]
@@ -198,14 +219,16 @@ def gather_full(x: Tensor, dim: int | None) -> Tensor:
 
 
 def all_reduce_(x: Tensor, op: str = "sum") -> Tensor:
-    """In place over all ranks: op "sum" (e.g. a gradient norm's squares) or "max" (QK-Clip's max logits)."""
+    """In place over all ranks: op "sum" (e.g. a gradient norm's squares) or "max" (QK-Clip's max
+    logits)."""
     if _WORLD_SIZE > 1:
         dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return x
 
 
 def broadcast_(x: Tensor, src: int = 0) -> Tensor:
-    """In place: every rank gets rank src's x (e.g. the sampled token, so all ranks decode the same sequence)."""
+    """In place: every rank gets rank src's x (e.g. the sampled token, so all ranks decode the same
+    sequence)."""
     if _WORLD_SIZE > 1:
         dist.broadcast(x, src)
     return x
@@ -221,9 +244,10 @@ def barrier() -> None:
 
 
 def check_all_ok(err: BaseException | None, what: str) -> None:
-    """Collective: every rank passes the error it hit (or None). If any rank failed, EVERY rank raises: the failing
-    ranks their own error, the others a RuntimeError naming the rank and its message. Use it after a step that can
-    fail on some ranks only (reading a checkpoint), before the next collective would wait forever for them."""
+    """Collective: every rank passes the error it hit (or None). If any rank failed, EVERY rank
+    raises: the failing ranks their own error, the others a RuntimeError naming the rank and its
+    message. Use it after a step that can fail on some ranks only (reading a checkpoint), before the
+    next collective would wait forever for them."""
     if _WORLD_SIZE == 1:
         if err is not None:
             raise err
@@ -234,26 +258,29 @@ def check_all_ok(err: BaseException | None, what: str) -> None:
         raise err
     failed = [r for r, m in enumerate(messages) if m is not None]
     if failed:
-        raise RuntimeError(f"{what} failed on rank {failed[0]} of {_WORLD_SIZE}"
-                           f"{f' (and ranks {failed[1:]})' if failed[1:] else ''}: {messages[failed[0]]}")
+        others = f" (and ranks {failed[1:]})" if failed[1:] else ""
+        raise RuntimeError(f"{what} failed on rank {failed[0]} of {_WORLD_SIZE}{others}: "
+                           f"{messages[failed[0]]}")
 
 
 @contextmanager
 def abort_on_error() -> Iterator[None]:
-    """Wrap a script's body: an exception on any rank prints `[rank r/W] ...` with its traceback and ends that
-    process immediately with exit code 1. torchrun then stops the other ranks (and with gloo they also see the
-    closed connection), so the job ends with a clear message instead of hanging in its next collective.
-    os._exit skips the interpreter's shutdown, which could itself block in NCCL teardown behind the failed step."""
+    """Wrap a script's body: an exception on any rank prints `[rank r/W] ...` with its traceback and
+    ends that process immediately with exit code 1. torchrun then stops the other ranks (and with
+    gloo they also see the closed connection), so the job ends with a clear message instead of
+    hanging in its next collective. os._exit skips the interpreter's shutdown, which could itself
+    block in NCCL teardown behind the failed step."""
     try:
         yield
     except BaseException as err:
-        if _WORLD_SIZE == 1 or isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and not err.code):
+        clean_exit = isinstance(err, SystemExit) and not err.code
+        if _WORLD_SIZE == 1 or isinstance(err, KeyboardInterrupt) or clean_exit:
             raise
         msg = err.code if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
         if not isinstance(err, SystemExit):
             traceback.print_exc()
-        print(f"[rank {_RANK}/{_WORLD_SIZE}] failed: {msg}; ending this rank so the job stops", file=sys.stderr,
-              flush=True)
+        print(f"[rank {_RANK}/{_WORLD_SIZE}] failed: {msg}; ending this rank so the job stops",
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
 
@@ -288,11 +315,12 @@ def memory_plan(model: torch.nn.Module, world_size: int, batch: int = 1, context
     every rank (every head reads all of it). workspace: an ESTIMATE of the largest activations of
     one forward over batch x prefill_chunk tokens with `context` keys (prefill is the peak; decode
     needs far less), counted from the tensors the code creates:
-      residual stream h, its normed copy, a partial output and its fp32 all-reduce copy: N·D·(2+2+2+4)
+      residual stream h, its normed copy, a partial output and its fp32 all-reduce copy:
+        N·D·(2+2+2+4)
       + the larger of: attention (this rank's heads; naive prefill up-projects K/V of all S keys;
         the T x S scores are not counted, a fused SDPA kernel never materializes them), the MoE
-        layer (router scores; this rank's M = N·K/W (token, expert) pairs at perfect balance through
-        moe_grouped; the fp32 per-token accumulator), the dense MLP
+        layer (router scores; this rank's M = N·K/W (token, expert) pairs at perfect balance
+        through moe_grouped; the fp32 per-token accumulator), the dense MLP
       + the last position's logits (fp32, full vocabulary on every rank).
     """
     args = model.args
@@ -351,8 +379,8 @@ def print_memory_plan(model: torch.nn.Module, name: str, world_size: int, batch:
     print(f"memory plan: {name} on {W} ranks, per rank (from the shapes; nothing is allocated)")
     print(f"  each rank: {args.num_attention_heads // W} of {args.num_attention_heads} heads, "
           f"{args.n_routed_experts // W} of {args.n_routed_experts} experts, "
-          f"{args.vocab_size // W:,} of {args.vocab_size:,} vocabulary rows, 1/{W} of the dense and "
-          "shared MLP units")
+          f"{args.vocab_size // W:,} of {args.vocab_size:,} vocabulary rows, "
+          f"1/{W} of the dense and shared MLP units")
     print(f"  {'':<56}{'bf16':>12}{'FP8 kept':>12}")
     rows = [(f"weights split across ranks (1/{W} each)", "weights_split_bf16", "weights_split_fp8"),
             ("weights replicated (latent path, norms, router)", "weights_replicated_bf16",

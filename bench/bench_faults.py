@@ -1,28 +1,32 @@
-"""A bounded fault campaign: does serve.py keep serving under malformed requests and an idle-socket flood, and does
-a train.py run survive kill -9 in the middle of a checkpoint save? Prints one table; asserts nothing.
+"""A bounded fault campaign: does serve.py keep serving under malformed requests and an idle-socket
+flood, and does a train.py run survive kill -9 in the middle of a checkpoint save? Prints one table;
+asserts nothing.
 
     python bench/bench_faults.py                            # about a minute on 2 shared CPU cores
     python bench/bench_faults.py --requests 1000 --idle 800 --max-connections 128 --kills 20
 
-1. Fuzz. A real `python serve.py` (a random-weight `tiny` model saved with the shipped tokenizer, on a free
-   127.0.0.1 port) gets --requests requests, each a valid chat request spoiled one way, chosen by a seeded RNG:
-   a field set to a value of the wrong kind, a message spoiled, bytes of the JSON flipped or cut, hostile JSON
-   (deep nesting, 5,000-digit integers, NaN), or the HTTP around it spoiled (Content-Length, Transfer-Encoding,
-   chunk sizes, Host, Origin, Content-Type, the request line). Each is sent on its own connection and must be
-   answered: "served" counts answers that are not a 500 (an error in OpenAI's shape, a 200 for the few spoilings
-   that are still valid, http.server's own 400/414/431 for a broken request line or header block), within 10 s.
-   Every 50 requests, and at the end, a normal request must still get its 200.
-2. Idle-socket flood. The server runs with --max-connections (64 here, below --idle). --idle connections (below
-   the file-descriptor limit) are opened and left idle: a third send nothing, a third half a request line, a third
-   a whole header block and one byte of a declared 1,000-byte body. With all of them open a normal request is
-   timed; the server's resident memory (VmRSS, and VmHWM, the peak of the whole run) and thread count are read
-   from /proc, and the idle sockets the server closed to stay within its cap are counted.
-3. kill -9 during a save. `python train.py --config tiny` (a byte-level tokenizer and a slice of the default
-   corpus, --save-every 1) is started, and killed with SIGKILL as soon as a checkpoint save has begun (its
-   `.ckpt.tmp-PID` folder appears; the first save of the run is let through, so that there is a checkpoint to
-   lose), after a random 0-3 ms so kills land at different points of the save; then
-   `--resume` on the same run must load and save again before it is killed in turn; the last one is stopped with
-   SIGTERM. "resumable" counts the kills after which --resume got as far as its next save.
+1. Fuzz. A real `python serve.py` (a random-weight `tiny` model saved with the shipped tokenizer, on
+   a free 127.0.0.1 port) gets --requests requests, each a valid chat request spoiled one way,
+   chosen by a seeded RNG: a field set to a value of the wrong kind, a message spoiled, bytes of the
+   JSON flipped or cut, hostile JSON (deep nesting, 5,000-digit integers, NaN), or the HTTP around
+   it spoiled (Content-Length, Transfer-Encoding, chunk sizes, Host, Origin, Content-Type, the
+   request line). Each is sent on its own connection and must be answered: "served" counts answers
+   that are not a 500 (an error in OpenAI's shape, a 200 for the few spoilings that are still valid,
+   http.server's own 400/414/431 for a broken request line or header block), within 10 s. Every 50
+   requests, and at the end, a normal request must still get its 200.
+2. Idle-socket flood. The server runs with --max-connections (64 here, below --idle). --idle
+   connections (below the file-descriptor limit) are opened and left idle: a third send nothing, a
+   third half a request line, a third a whole header block and one byte of a declared 1,000-byte
+   body. With all of them open a normal request is timed; the server's resident memory (VmRSS, and
+   VmHWM, the peak of the whole run) and thread count are read from /proc, and the idle sockets the
+   server closed to stay within its cap are counted.
+3. kill -9 during a save. `python train.py --config tiny` (a byte-level tokenizer and a slice of the
+   default corpus, --save-every 1) is started, and killed with SIGKILL as soon as a checkpoint save
+   has begun (its `.ckpt.tmp-PID` folder appears; the first save of the run is let through, so that
+   there is a checkpoint to lose), after a random 0-3 ms so kills land at different points of the
+   save; then `--resume` on the same run must load and save again before it is killed in turn; the
+   last one is stopped with SIGTERM. "resumable" counts the kills after which --resume got as far as
+   its next save.
 """
 from __future__ import annotations
 
@@ -47,24 +51,26 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
-CHAT = {"model": "kimi-k2-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "stop", "seed", "n", "stream", "stream_options",
-          "tools", "tool_choice", "logit_bias", "response_format", "top_k", "continue_final_message",
-          "repetition_penalty", "parallel_tool_calls", "frobnicate"]
-VALUES = [None, True, -1, 0, 0.5, 1e308, 10 ** 50, 2 ** 64, "x", "", [], {}, [1, 2], {"a": 1}, "\x00\x1b[31m",
-          "<|im_end|>", ["a"] * 10, [str(i) for i in range(1000)], {"type": "function"}, [{"name": "f"}]]
+CHAT = {"model": "kimi-k2-instruct", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4}
+FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "stop", "seed", "n", "stream",
+          "stream_options", "tools", "tool_choice", "logit_bias", "response_format", "top_k",
+          "continue_final_message", "repetition_penalty", "parallel_tool_calls", "frobnicate"]
+VALUES = [None, True, -1, 0, 0.5, 1e308, 10 ** 50, 2 ** 64, "x", "", [], {}, [1, 2], {"a": 1},
+          "\x00\x1b[31m", "<|im_end|>", ["a"] * 10, [str(i) for i in range(1000)],
+          {"type": "function"}, [{"name": "f"}]]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Fuzzed requests
 
 
-def request(body: bytes, headers: dict | None = None, line: str = "POST /v1/chat/completions HTTP/1.1",
-            port: int = 0) -> bytes:
-    h = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Content-Length": str(len(body)),
-         **(headers or {})}
-    return (line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items() if v is not None) + "\r\n").encode(
-        "latin-1") + body
+def request(body: bytes, headers: dict | None = None,
+            line: str = "POST /v1/chat/completions HTTP/1.1", port: int = 0) -> bytes:
+    h = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json",
+         "Content-Length": str(len(body)), **(headers or {})}
+    head = "".join(f"{k}: {v}\r\n" for k, v in h.items() if v is not None)
+    return (line + "\r\n" + head + "\r\n").encode("latin-1") + body
 
 
 def spoiled(rng: random.Random, port: int) -> tuple[str, bytes]:
@@ -75,50 +81,63 @@ def spoiled(rng: random.Random, port: int) -> tuple[str, bytes]:
         body[rng.choice(FIELDS)] = rng.choice(VALUES)
         return kind, request(json.dumps(body).encode(), port=port)
     if kind == "message":
-        m = {"role": rng.choice(["user", "system", "assistant", "tool", "developer", "wizard", 5, None]),
-             rng.choice(["content", "tool_calls", "tool_call_id", "name", "partial"]): rng.choice(VALUES)}
+        m = {"role": rng.choice(["user", "system", "assistant", "tool", "developer", "wizard", 5,
+                                 None]),
+             rng.choice(["content", "tool_calls", "tool_call_id", "name", "partial"]):
+                 rng.choice(VALUES)}
         body["messages"] = rng.choice([[m], [{"role": "user", "content": "hi"}, m], m, [m] * 3])
         return kind, request(json.dumps(body).encode(), port=port)
     if kind == "bytes":
         raw = bytearray(json.dumps(body).encode())
         for _ in range(rng.randint(1, 4)):
             raw[rng.randrange(len(raw))] = rng.randrange(256)
-        return kind, request(bytes(raw[:rng.randint(1, len(raw))] if rng.random() < 0.3 else raw), port=port)
+        return kind, request(bytes(raw[:rng.randint(1, len(raw))] if rng.random() < 0.3 else raw),
+                             port=port)
     if kind == "json":
-        raw = rng.choice([b"[" * 100_000, b'{"model": "kimi-k2-instruct", "seed": ' + b"9" * 5000 + b"}",
+        huge = [{"role": "user", "content": "x" * 2_000_000}]
+        raw = rng.choice([b"[" * 100_000,
+                          b'{"model": "kimi-k2-instruct", "seed": ' + b"9" * 5000 + b"}",
                           json.dumps(body).replace("4", "NaN").encode(), b'{"a": 1, "a": 2}',
-                          json.dumps({**body, "messages": [{"role": "user", "content": "x" * 2_000_000}]}).encode(),
-                          b"\xff\xfe" + json.dumps(body).encode("utf-16-le"), b"null", b'"just a string"'])
+                          json.dumps({**body, "messages": huge}).encode(),
+                          b"\xff\xfe" + json.dumps(body).encode("utf-16-le"), b"null",
+                          b'"just a string"'])
         return kind, request(raw, port=port)
     raw = json.dumps(body).encode()
     if kind == "length":
-        value = rng.choice(["\u00b2", "1\u00b9", "9" * 5000, "-1", " ", "0x10", str(len(raw) - 5), "1e3",
-                            f"{len(raw)}, {len(raw) + 1}"])
+        value = rng.choice(["\u00b2", "1\u00b9", "9" * 5000, "-1", " ", "0x10", str(len(raw) - 5),
+                            "1e3", f"{len(raw)}, {len(raw) + 1}"])
         return kind, request(raw, {"Content-Length": value}, port=port)
     if kind == "chunked":
-        size = rng.choice([b"-1", b"+5", b"0x10", b"fffffffff", b"5;x=\"open", b"%x" % len(raw), b"zz", b"5 5"])
+        size = rng.choice([b"-1", b"+5", b"0x10", b"fffffffff", b"5;x=\"open", b"%x" % len(raw),
+                           b"zz", b"5 5"])
         te = rng.choice(["chunked", "xchunkedx", "gzip, chunked", "chunked, chunked", "identity"])
         cl = rng.choice([None, str(len(raw))])
-        return kind, request(size + b"\r\n" + raw + b"\r\n0\r\n\r\n", {"Transfer-Encoding": te, "Content-Length": cl},
-                             port=port)
+        return kind, request(size + b"\r\n" + raw + b"\r\n0\r\n\r\n",
+                             {"Transfer-Encoding": te, "Content-Length": cl}, port=port)
     if kind == "headers":
-        headers = rng.choice([{"Host": None}, {"Host": "evil.example"}, {"Origin": "http://evil.example"},
-                              {"Content-Type": "text/plain"}, {"Content-Type": None}, {"Authorization": "Bearer x"},
-                              {f"X-{i}": "y" for i in range(150)}, {"Host": "[::1]:1", "Expect": "100-continue"}])
+        headers = rng.choice([{"Host": None}, {"Host": "evil.example"},
+                              {"Origin": "http://evil.example"}, {"Content-Type": "text/plain"},
+                              {"Content-Type": None}, {"Authorization": "Bearer x"},
+                              {f"X-{i}": "y" for i in range(150)},
+                              {"Host": "[::1]:1", "Expect": "100-continue"}])
         return kind, request(raw, headers, port=port)
-    line = rng.choice(["POST /v1/chat/completions HTTP/2.0", "POST /v1/chat/completions", "BREW /v1/chat HTTP/1.1",
-                       "POST /v1/\x1b[2Jchat HTTP/1.1", "GET /" + "a" * 70_000 + " HTTP/1.1",
-                       "POST /v1/chat/completions?x=\x00 HTTP/1.1", "POST http://evil/v1/chat/completions HTTP/1.1"])
+    line = rng.choice(["POST /v1/chat/completions HTTP/2.0", "POST /v1/chat/completions",
+                       "BREW /v1/chat HTTP/1.1", "POST /v1/\x1b[2Jchat HTTP/1.1",
+                       "GET /" + "a" * 70_000 + " HTTP/1.1",
+                       "POST /v1/chat/completions?x=\x00 HTTP/1.1",
+                       "POST http://evil/v1/chat/completions HTTP/1.1"])
     return kind, request(raw, line=line, port=port)
 
 
 def send(port: int, data: bytes, timeout: float = 10.0) -> int | None:
-    """Send one request on a fresh connection -> the response's status, or None if no answer came."""
+    """Send one request on a fresh connection -> the response's status, or None if no answer
+    came."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             try:
                 sock.sendall(data)
-            except (BrokenPipeError, ConnectionResetError):  # refused before all of it was read: the answer counts
+            # refused before all of it was read: the answer counts
+            except (BrokenPipeError, ConnectionResetError):
                 pass
             resp = http.client.HTTPResponse(sock)
             resp.begin()
@@ -146,7 +165,7 @@ def fuzz(port: int, n: int, seed: int) -> dict:
             "ok_200": statuses.count(200), "still_serving": all(still), "checks": len(still)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Idle-socket flood
 
 
@@ -163,7 +182,8 @@ def proc_status(pid: int) -> dict:
 
 
 def closed_by_server(sockets: list[socket.socket]) -> int:
-    """How many of the sockets the server has closed (they read as end-of-file or a reset); waits for none."""
+    """How many of the sockets the server has closed (they read as end-of-file or a reset); waits
+    for none."""
     readable, _, _ = select.select(sockets, [], [], 0)
     closed = 0
     for s in readable:
@@ -194,15 +214,17 @@ def flood(port: int, pid: int, n: int) -> dict:
     return {"sockets": n, "status": status, "seconds": seconds, "rss_before": before["VmRSS"],
             "rss_during": max(during["VmRSS"], peak["VmRSS"]), "peak_rss": peak["VmHWM"],
             "threads_before": before["Threads"],
-            "threads": max(during["Threads"], peak["Threads"]), "closed": closed, "after": normal_request(port)[0]}
+            "threads": max(during["Threads"], peak["Threads"]), "closed": closed,
+            "after": normal_request(port)[0]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. kill -9 during a checkpoint save
 
 
 def saving(run: Path) -> bool:
-    """A checkpoint save is under way (or was cut short): model.save_pretrained's `.ckpt.tmp-PID` folder exists."""
+    """A checkpoint save is under way (or was cut short): model.save_pretrained's `.ckpt.tmp-PID`
+    folder exists."""
     try:
         return any(e.name.startswith(".ckpt.tmp-") for e in os.scandir(run))
     except FileNotFoundError:
@@ -221,47 +243,55 @@ def kills(tmp: Path, n: int, seed: int) -> dict:
 
     rng = random.Random(seed)
     tok, corpus, run = tmp / "bytes.tiktoken", tmp / "slice.py", tmp / "run"
-    tk.save_ranks({bytes([i]): i for i in range(256)}, tok)  # byte level: 256 + 256 specials = tiny's vocab_size
+    # byte level: 256 + 256 specials = tiny's vocab_size
+    tk.save_ranks({bytes([i]): i for i in range(256)}, tok)
     corpus.write_text(tk.read_corpus(max_bytes=100_000), encoding="utf-8")
-    first = ["--config", "tiny", "--tokenizer", str(tok), "--data", str(corpus), "--data-cache", str(tmp / "cache"),
-             "--out", str(run), "--steps", "100000", "--batch-size", "2", "--seq-len", "16", "--save-every", "1",
-             "--eval-every", "100000", "--log-every", "100000"]
+    first = ["--config", "tiny", "--tokenizer", str(tok), "--data", str(corpus), "--data-cache",
+             str(tmp / "cache"), "--out", str(run), "--steps", "100000", "--batch-size", "2",
+             "--seq-len", "16", "--save-every", "1", "--eval-every", "100000", "--log-every",
+             "100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     landed, resumable, errors = 0, 0, []
     for i in range(n + 1):
-        cmd = [sys.executable, str(ROOT / "train.py"), *(["--resume", str(run)] if i else first), "--threads", "1"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd = [sys.executable, str(ROOT / "train.py"), *(["--resume", str(run)] if i else first),
+               "--threads", "1"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
         before, deadline = saved_step(run), time.monotonic() + 120
         while proc.poll() is None and saved_step(run) == before and time.monotonic() < deadline:
-            time.sleep(0.01)  # wait until this run has saved once (a resumed one: loaded, trained and saved)
+            # wait until this run has saved once (a resumed one: loaded, trained and saved)
+            time.sleep(0.01)
         if i and saved_step(run) != before:
             resumable += 1  # the previous kill left a run that this --resume continued
         while proc.poll() is None and not saving(run) and time.monotonic() < deadline:
             pass  # the next save begins: its .ckpt.tmp-PID folder appears
         if proc.poll() is not None or time.monotonic() >= deadline:
             proc.kill()
-            errors.append((proc.communicate()[1] or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
+            last_line = (proc.communicate()[1] or "").strip().splitlines()[-1:]
+            errors.append(last_line or [f"exit {proc.returncode}"])
             continue
         if i == n:  # the last one: a clean stop (train.py saves and exits on SIGTERM)
             proc.send_signal(signal.SIGTERM)
         else:
-            time.sleep(rng.uniform(0, 0.003))  # a save of tiny takes milliseconds: land anywhere in it
+            # a save of tiny takes milliseconds: land anywhere in it
+            time.sleep(rng.uniform(0, 0.003))
             proc.kill()
         proc.communicate(timeout=60)
         landed += i < n and (saving(run) or any(run.glob(".ckpt.old-*")))
     left = sum(1 for e in os.scandir(run) if re.match(r"\.ckpt\.(tmp|old)-", e.name))
-    return {"kills": n, "resumable": resumable, "landed_in_save": landed, "final_step": saved_step(run),
-            "left_behind": left, "errors": errors}
+    return {"kills": n, "resumable": resumable, "landed_in_save": landed,
+            "final_step": saved_step(run), "left_behind": left, "errors": errors}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The campaign
 
 
 def start_server(ckpt: Path, log: Path, max_connections: int) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
-                             "--device", "cpu", "--max-connections", str(max_connections)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(ckpt),
+                             "--port", "0", "--device", "cpu",
+                             "--max-connections", str(max_connections)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE,
                             stderr=log.open("w"), text=True)
     for line in proc.stdout:
@@ -270,7 +300,8 @@ def start_server(ckpt: Path, log: Path, max_connections: int) -> tuple[subproces
     raise RuntimeError(f"serve.py did not start: {log.read_text()[-2000:]}")
 
 
-def campaign(requests: int, idle: int, n_kills: int, seed: int = 0, max_connections: int = 64) -> dict:
+def campaign(requests: int, idle: int, n_kills: int, seed: int = 0,
+             max_connections: int = 64) -> dict:
     """Run the three parts, each bounded by its count; returns their figures."""
     from bench_serve import random_checkpoint
 
@@ -290,34 +321,40 @@ def campaign(requests: int, idle: int, n_kills: int, seed: int = 0, max_connecti
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="bounded fault campaign: fuzzed requests, idle sockets, kill -9 in saves")
+    p = argparse.ArgumentParser(description="bounded fault campaign: fuzzed requests, idle "
+                                            "sockets, kill -9 in saves")
     p.add_argument("--requests", type=int, default=300, help="fuzzed requests")
     p.add_argument("--idle", type=int, default=300, help="idle sockets in the flood")
-    p.add_argument("--max-connections", type=int, default=64, help="the server's connection cap (serve.py's flag)")
-    p.add_argument("--kills", type=int, default=5, help="kill -9 of train.py during a checkpoint save (0 = skip)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the spoilings and of the kill delays")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="the server's connection cap (serve.py's flag)")
+    p.add_argument("--kills", type=int, default=5,
+                   help="kill -9 of train.py during a checkpoint save (0 = skip)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the spoilings and of the kill delays")
     a = p.parse_args(argv)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if max(a.idle, a.max_connections) > limit - 64:
-        sys.exit(f"error: --idle and --max-connections need about that many file descriptors; the limit is {limit} "
-                 f"(ulimit -n): use at most {limit - 64}")
+        p.error("--idle and --max-connections need about that many file descriptors; the limit is "
+                f"{limit} (ulimit -n): use at most {limit - 64}")
     t0 = time.perf_counter()
     r = campaign(a.requests, a.idle, a.kills, a.seed, a.max_connections)
     f, fl, t = r["fuzz"], r["flood"], r["train"]
     print(f"\n| fault | result |\n|---|---|")
-    print(f"| {f['total']} fuzzed requests (seed {a.seed}) | {f['served']}/{f['total']} served (not a 500, answered "
-          f"within 10 s); {f['ok_200']} were still valid (200); 500s: {f['status_500']}; no answer: "
-          f"{f['no_answer']}; tracebacks in the log: {r['tracebacks']}; a normal request got its 200 in "
-          f"{f['checks']}/{f['checks']} checks |")
-    print(f"| {fl['sockets']} idle sockets, --max-connections {a.max_connections} | normal request: {fl['status']} "
-          f"in {fl['seconds'] * 1e3:.0f} ms; the server closed {fl['closed']} idle sockets to stay within its cap; "
-          f"{fl['threads']} threads ({fl['threads_before']} before); RSS {fl['rss_during']:.0f} MiB "
-          f"({fl['rss_before']:.0f} MiB before; the run's peak so far {fl['peak_rss']:.0f} MiB); after the flood: "
-          f"{fl['after']} |")
+    print(f"| {f['total']} fuzzed requests (seed {a.seed}) | {f['served']}/{f['total']} served "
+          f"(not a 500, answered within 10 s); {f['ok_200']} were still valid (200); 500s: "
+          f"{f['status_500']}; no answer: {f['no_answer']}; tracebacks in the log: "
+          f"{r['tracebacks']}; a normal request got its 200 in {f['checks']}/{f['checks']} "
+          "checks |")
+    print(f"| {fl['sockets']} idle sockets, --max-connections {a.max_connections} | normal "
+          f"request: {fl['status']} in {fl['seconds'] * 1e3:.0f} ms; the server closed "
+          f"{fl['closed']} idle sockets to stay within its cap; {fl['threads']} threads "
+          f"({fl['threads_before']} before); RSS {fl['rss_during']:.0f} MiB "
+          f"({fl['rss_before']:.0f} MiB before; the run's peak so far {fl['peak_rss']:.0f} MiB); "
+          f"after the flood: {fl['after']} |")
     if t:
-        print(f"| {t['kills']} kill -9 during a save | {t['resumable']}/{t['kills']} resumable ({t['landed_in_save']} "
-              f"kills left a save's folder behind; {t['left_behind']} such folders at the end); the run reached "
-              f"step {t['final_step']}"
+        print(f"| {t['kills']} kill -9 during a save | {t['resumable']}/{t['kills']} resumable "
+              f"({t['landed_in_save']} kills left a save's folder behind; {t['left_behind']} such "
+              f"folders at the end); the run reached step {t['final_step']}"
               + (f"; errors: {t['errors']}" if t["errors"] else "") + " |")
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 

@@ -1,14 +1,21 @@
-"""Benchmark decoding: the latent KV cache vs recomputing the whole sequence, and absorbed vs naive MLA decode.
+"""Benchmark decoding: the latent KV cache vs recomputing the whole sequence, and absorbed vs naive
+MLA decode.
 
-For each context length (the prompt), times --new-tokens greedy steps three ways on the same model and prompt:
-* cache + absorbed : the default decode (generate.generate_tokens): one token per step against the latent cache,
-                     W^UK folded into the query, attention directly over the cached 576-number latents (K2);
-* cache + naive    : the same cache, but every step up-projects all cached latents to per-head keys and values;
-* recompute        : no cache; every step runs the whole sequence again (use_cache=False, the plain twin).
-Prints new tokens/s and the speed-ups. Timings alternate between the three and the median of --repeats is kept.
+For each context length (the prompt), times --new-tokens greedy steps three ways on the same
+model and prompt:
+* cache + absorbed : the default decode (generate.generate_tokens): one token per step against
+                     the latent cache, W^UK folded into the query, attention directly over the
+                     cached 576-number latents (K2);
+* cache + naive    : the same cache, but every step up-projects all cached latents to per-head
+                     keys and values;
+* recompute        : no cache; every step runs the whole sequence again (use_cache=False, the
+                     plain twin).
+Prints new tokens/s and the speed-ups. Timings alternate between the three and the median of
+--repeats is kept.
 
     python bench/bench_generate.py                    # the shipped demo model (demo/)
-    python bench/bench_generate.py --preset gpu-small --contexts 64 256 --new-tokens 4 --repeats 1  # random weights
+    # random weights:
+    python bench/bench_generate.py --preset gpu-small --contexts 64 256 --new-tokens 4 --repeats 1
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from generate import DEMO_DIR, generate_tokens
 
 @torch.inference_mode()
 def decode(model: M.Transformer, prompt: torch.Tensor, new_tokens: int, how: str) -> float:
-    """Seconds for new_tokens greedy steps after the prompt (the prefill is excluded for the cached variants)."""
+    """Seconds for new_tokens greedy steps after the prompt (the prefill is excluded for the cached
+    variants)."""
     if how == "recompute":
         t = time.perf_counter()
         for _ in generate_tokens(model, prompt, new_tokens, temperature=0, use_cache=False):
@@ -46,12 +54,16 @@ def decode(model: M.Transformer, prompt: torch.Tensor, new_tokens: int, how: str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", default=str(DEMO_DIR), help="checkpoint directory (ignored with --preset)")
-    p.add_argument("--preset", default="", help="use a random-weight preset instead of --ckpt (e.g. gpu-small)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024], help="prompt lengths")
+    p.add_argument("--ckpt", default=str(DEMO_DIR),
+                   help="checkpoint directory (ignored with --preset)")
+    p.add_argument("--preset", default="",
+                   help="use a random-weight preset instead of --ckpt (e.g. gpu-small)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024],
+                   help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is steadiest on a shared 2-core machine)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -62,8 +74,8 @@ def main() -> None:
     print(f"model {name}, fp32, {a.threads} thread(s), {a.new_tokens} new tokens per measurement, "
           f"torch {torch.__version__}")
     hows = ("cache+absorbed", "cache+naive", "recompute")
-    print(f"{'context':>8}" + "".join(f"{h + ' tok/s':>22}" for h in hows) + f"{'cache/recompute':>17}"
-          + f"{'absorbed/naive':>16}")
+    print(f"{'context':>8}" + "".join(f"{h + ' tok/s':>22}" for h in hows)
+          + f"{'cache/recompute':>17}" + f"{'absorbed/naive':>16}")
     for ctx in a.contexts:
         prompt = torch.randint(0, model.args.vocab_size, (1, ctx))
         decode(model, prompt, 2, "cache+absorbed")  # warm-up

@@ -1,14 +1,17 @@
-"""Benchmark serve.py: requests/s, completion tokens/s and time to first token with 1 and 8 concurrent clients.
+"""Benchmark serve.py: requests/s, completion tokens/s and time to first token with 1 and 8
+concurrent clients.
 
-Starts the server in this process on a free loopback port (the HTTP, SSE and JSON work is all there, as in
-production; only the process is shared with the clients), then each of C client threads sends its requests one
-after another with the official `openai` client, streamed, so time to first token (TTFT) is the moment the first
-content or tool-call delta arrives. The server runs one request at a time (serve.py, docstring point 4), so with 8
-clients requests/s stays that of one client and TTFT grows with the queue: this table is the argument for
-continuous batching, which real engines (vLLM, SGLang) do and this reference does not.
+Starts the server in this process on a free loopback port (the HTTP, SSE and JSON work is all there,
+as in production; only the process is shared with the clients), then each of C client threads sends
+its requests one after another with the official `openai` client, streamed, so time to first token
+(TTFT) is the moment the first content or tool-call delta arrives. The server runs one request at a
+time (serve.py, docstring point 4), so with 8 clients requests/s stays that of one client and TTFT
+grows with the queue: this table is the argument for continuous batching, which real engines (vLLM,
+SGLang) do and this reference does not.
 
-Model: --ckpt, else the shipped demo model (demo/), else a random-weight model of the demo's preset (cpu-small),
-saved to a temporary directory with demo/tiktoken.model beside it: same shapes, so the same cost per token.
+Model: --ckpt, else the shipped demo model (demo/), else a random-weight model of the demo's preset
+(cpu-small), saved to a temporary directory with demo/tiktoken.model beside it: same shapes, so the
+same cost per token.
 Run: python bench/bench_serve.py  (CPU, about a minute; needs `pip install openai`)
 """
 from __future__ import annotations
@@ -36,7 +39,8 @@ DEMO = ROOT / "demo"
 
 
 def random_checkpoint(preset: str, out: Path) -> Path:
-    """A random-weight model of `preset`, saved like a real checkpoint, with the shipped tokenizer beside it."""
+    """A random-weight model of `preset`, saved like a real checkpoint, with the shipped tokenizer
+    beside it."""
     import dataclasses
 
     import torch
@@ -53,19 +57,23 @@ def random_checkpoint(preset: str, out: Path) -> Path:
 
 
 def one_request(client, i: int, max_tokens: int) -> dict:
-    """One streamed request: seconds to the first content/tool-call delta, seconds in all, completion tokens."""
+    """One streamed request: seconds to the first content/tool-call delta, seconds in all,
+    completion tokens."""
     t0 = time.perf_counter()
     ttft, usage = None, None
     stream = client.chat.completions.create(
-        model=serve.DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": f"Tell me a story, number {i}."}],
+        model=serve.DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "Tell me a story, "
+                                                                              f"number {i}."}],
         max_tokens=max_tokens, seed=i, stream=True, stream_options={"include_usage": True})
     for chunk in stream:
-        if ttft is None and chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].delta.tool_calls):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        if ttft is None and delta is not None and (delta.content or delta.tool_calls):
             ttft = time.perf_counter() - t0
         if chunk.usage is not None:
             usage = chunk.usage
     total = time.perf_counter() - t0
-    return {"ttft": ttft if ttft is not None else total, "total": total, "tokens": usage.completion_tokens}
+    return {"ttft": ttft if ttft is not None else total, "total": total,
+            "tokens": usage.completion_tokens}
 
 
 def run(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -98,14 +106,19 @@ def run(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="requests/s and time to first token of serve.py, 1 and 8 clients")
+    p = argparse.ArgumentParser(description="requests/s and time to first token of serve.py, 1 and "
+                                            "8 clients")
     # --- what to serve
-    p.add_argument("--ckpt", default="", help="checkpoint directory; default: demo/, else a random cpu-small model")
+    p.add_argument("--ckpt", default="",
+                   help="checkpoint directory; default: demo/, else a random cpu-small model")
     p.add_argument("--device", default="", help="cpu | cuda | mps; empty = pick the best available")
-    p.add_argument("--dtype", default="", help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
+    p.add_argument("--dtype", default="",
+                   help="fp32 | bf16 | fp16; empty = bf16 on a capable GPU, else fp32")
     # --- the load
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
-    p.add_argument("--requests", type=int, default=16, help="requests per row (split evenly over the clients)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8],
+                   help="concurrent clients, one row each")
+    p.add_argument("--requests", type=int, default=16,
+                   help="requests per row (split evenly over the clients)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     G.add_threads_argument(p)
     a = p.parse_args(argv)
@@ -116,24 +129,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif (DEMO / "config.json").exists():
             ckpt, what = DEMO, "demo/ (the shipped demo model)"
         else:
-            ckpt, what = random_checkpoint("cpu-small", Path(tmp) / "ckpt"), "random cpu-small (demo/ has no model)"
+            ckpt = random_checkpoint("cpu-small", Path(tmp) / "ckpt")
+            what = "random cpu-small (demo/ has no model)"
         engine = serve.ModelEngine.load(ckpt, a.device, a.dtype)
         server = serve.ChatServer(engine, "127.0.0.1", 0, log=lambda line: None)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         import torch
 
         print(f"model: {what}; {engine.description}")
-        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-              f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}")
-        print(f"each request: streamed, max_tokens={a.max_tokens}, temperature 0.6, a different seed")
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+              f"with {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}")
+        print(f"each request: streamed, max_tokens={a.max_tokens}, temperature 0.6, a different "
+              "seed")
         run(server.url, 1, 2, a.max_tokens)  # warm-up: first-call allocations, connection setup
         rows = [run(server.url, c, max(1, a.requests // c), a.max_tokens) for c in a.clients]
         server.close()
-    print("\n| clients | requests | req/s | completion tok/s | TTFT p50 | TTFT p90 | latency p50 | tokens/request |")
+    print("\n| clients | requests | req/s | completion tok/s | TTFT p50 | TTFT p90 | latency p50 | "
+          "tokens/request |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['tok_s']:.0f} | {r['ttft_p50'] * 1e3:.0f} ms "
-              f"| {r['ttft_p90'] * 1e3:.0f} ms | {r['latency_p50'] * 1e3:.0f} ms | {r['tokens_mean']:.1f} |")
+        print(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['tok_s']:.0f} | "
+              f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p90'] * 1e3:.0f} ms | "
+              f"{r['latency_p50'] * 1e3:.0f} ms | {r['tokens_mean']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""Benchmark of tokenizer.py: how long the BPE trainer takes, and how fast and how well the result encodes.
+"""Benchmark of tokenizer.py: how long the BPE trainer takes, and how fast and how well the result
+encodes.
 
-Target: 8,192 ranks learned from 10 MB of text in under 60 s on 2 CPU cores. The trainer is single-threaded
-pure Python (pre-tokenization with `regex`, merges with incremental pair counts); encoding is tiktoken's Rust BPE on
-one thread. Prints one table; nothing is asserted (tests/test_tokenizer.py checks correctness, this checks speed).
+Target: 8,192 ranks learned from 10 MB of text in under 60 s on 2 CPU cores. The trainer is
+single-threaded pure Python (pre-tokenization with `regex`, merges with incremental pair counts);
+encoding is tiktoken's Rust BPE on one thread. Prints one table; nothing is asserted
+(tests/test_tokenizer.py checks correctness, this checks speed).
 
-Run: python bench/bench_tokenizer.py                # 8,192 ranks on the first 10 MB of the default corpus
-     python bench/bench_tokenizer.py --vocab-size 4096 --max-bytes 8000000  # the shipped demo/tiktoken.model setting
+Run:
+    # 8,192 ranks on the first 10 MB of the default corpus
+    python bench/bench_tokenizer.py
+    # the shipped demo/tiktoken.model setting
+    python bench/bench_tokenizer.py --vocab-size 4096 --max-bytes 8000000
 """
 import argparse
 import datetime
@@ -25,9 +30,12 @@ import tokenizer as T
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE ranks to learn (including the 256 bytes)")
-    p.add_argument("--max-bytes", type=int, default=10_000_000, help="corpus size in bytes (default corpus: stdlib)")
-    p.add_argument("--corpus", nargs="+", default=None, help="files or folders instead of the default corpus")
+    p.add_argument("--vocab-size", type=int, default=8192,
+                   help="BPE ranks to learn (including the 256 bytes)")
+    p.add_argument("--max-bytes", type=int, default=10_000_000,
+                   help="corpus size in bytes (default corpus: stdlib)")
+    p.add_argument("--corpus", nargs="+", default=None,
+                   help="files or folders instead of the default corpus")
     args = p.parse_args()
 
     rows = []
@@ -59,8 +67,9 @@ def main() -> None:
     rows += [(f"encode with demo/tiktoken.model ({demo.n_ranks:,} ranks)", f"{t7 - t6:.2f} s",
               f"{n_bytes / 1e6 / (t7 - t6):.1f} MB/s, {n_bytes / len(demo_ids):.2f} bytes/token")]
 
-    print(f"# {datetime.date.today()}  Python {sys.version.split()[0]}  tiktoken {tiktoken.__version__}  "
-          f"{platform.processor() or platform.machine()}  {os.cpu_count()} CPUs visible")
+    print(f"# {datetime.date.today()}  Python {sys.version.split()[0]}  tiktoken "
+          f"{tiktoken.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} "
+          "CPUs visible")
     print(f"# python {' '.join(sys.argv)}")
     w = max(len(r[0]) for r in rows)
     print(f"| {'step':<{w}} | {'time':>8} | notes")

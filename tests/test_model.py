@@ -32,6 +32,16 @@ def test_k2_breakdown():
     assert r["routed_experts"] == 60 * 384 * 44_040_192 and r["router"] == 60 * (2_752_512 + 384)
 
 
+@pytest.mark.parametrize("flag", ["--context", "--world-size", "--batch", "--prefill-chunk", "--gpu-gib"])
+def test_cli_rejects_non_positive_sizes(flag, capsys, monkeypatch):
+    """A size of 0 is a usage error (exit 2, the flag named), not a ZeroDivisionError or a negative table."""
+    monkeypatch.setattr("sys.argv", ["model.py", "--config", "tiny", "--plan", flag, "0"])
+    with pytest.raises(SystemExit) as exc:
+        M.main()
+    assert exc.value.code == 2
+    assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
+
+
 def test_cli_prints_k2_counts(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["model.py", "--config", "kimi-k2"])
     M.main()

@@ -128,6 +128,23 @@ def test_grouped_handles_what_grouped_mm_rejects(dtype, D, I):
         assert err <= max(2 * err_ref, 1e-5 * ref.abs().max().item()), f"{fn.__name__} {err:.2e} vs {err_ref:.2e}"
 
 
+def test_float64_inputs_sum_in_float64():
+    """x, routing weights and experts all in float64 (tests/test_kernels.py's exact reference): every path runs
+    (it used to stop at index_add_ with "self (Float) and source (Double)") and agrees with the float64 dense
+    twin to float64 rounding, not float32's."""
+    m = make_moe("k2", seed=12).double()
+    x = torch.randn(40, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(12)).double()
+    w, idx, _ = m.gate(x)
+    w = w.double()
+    ref = dense_all_experts(x, w, idx, m.experts)
+    for fn in (MOE.moe_reference, MOE.moe_grouped, MOE.moe_segments):
+        out = fn(x, w, idx, m.experts)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
+    out = MOE.moe_grouped(x[:2], w[:2], idx[:2], m.experts)  # the decode case (pairs <= experts)
+    torch.testing.assert_close(out, ref[:2], rtol=0, atol=1e-12 * ref.abs().max().item())
+
+
 def test_experts_with_no_tokens_and_skewed_routing():
     m = make_moe("k2", seed=3)
     x = torch.randn(50, m.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
