@@ -111,8 +111,10 @@ import torch
 
 import generate as G
 from tokenizer import (CALL_ARG_BEGIN, CALL_BEGIN, CALL_END, CALL_ID_RE, ROLES, SECTION_BEGIN, SECTION_END,
-                       Tokenizer, mask_pipes, normalize_tools, tool_call_id, unmask_pipes)
-from tools import TOOL_NAME_RE, count_tool_calls, parse_assistant
+                       TOOL_NAME_RE, Tokenizer, ToolCall, find_section, join_segments, mask_pipes,
+                       normalize_tools, parse_arguments, tool_call_head, tool_call_id, tool_call_opening,
+                       unmask_pipes)
+from tools import count_tool_calls, parse_assistant
 
 DEFAULT_MODEL_NAME = "kimi-k2-instruct"  # the model name the README's `openai` client examples use
 DEFAULT_TEMPERATURE = 0.6  # Kimi-K2-Instruct's recommended temperature (MoonshotAI/Kimi-K2 README)
@@ -422,13 +424,11 @@ def build_prompt(tok: Tokenizer, req: ChatRequest) -> Prompt:
         raise bad(str(err), "tools" if str(err).startswith("tools") else "messages") from None
     prefill, extra, starts = "", [], []
     if req.tool_choice in ("required", "function"):
-        prefill, extra = SECTION_BEGIN + CALL_BEGIN, [tok.tool_calls_section_begin_id, tok.tool_call_begin_id]
-        if req.tool_choice == "function":
-            call_id = tool_call_id(req.function, first_index)
-            prefill += call_id + CALL_ARG_BEGIN
-            extra += tok.encode(call_id) + [tok.tool_call_argument_begin_id]
-        else:  # the id of a declared tool, encoded as the template encodes it (a text run of its own)
-            starts = [tok.encode(tool_call_id(t["function"]["name"], first_index)) + [tok.tool_call_argument_begin_id]
+        forced = tool_call_id(req.function, first_index) if req.tool_choice == "function" else None
+        opening = tool_call_opening(forced)
+        prefill, extra = join_segments(opening), tok.encode_segments(opening)
+        if forced is None:  # the id of a declared tool, encoded as the template encodes it
+            starts = [tok.encode_segments(tool_call_head(tool_call_id(t["function"]["name"], first_index)))
                       for t in req.tools]
     return Prompt(ids + extra, prefill, first_index, starts)
 
@@ -552,7 +552,7 @@ def finish_reason(text: str, stream_reason: str | None, has_calls: bool) -> str:
     token limit cut their section off (its calls are incomplete); otherwise the stream's "stop" / "length"."""
     if not has_calls:
         return stream_reason or "stop"
-    if stream_reason == "length" and SECTION_END not in text[text.find(SECTION_BEGIN):]:
+    if stream_reason == "length" and find_section(text)[1] < 0:
         return "length"
     return "tool_calls"
 
@@ -563,7 +563,7 @@ def assistant_message(text: str, first_index: int, max_calls: int | None = None,
     log). declared: the request's tool names; a call to any other tool is dropped (module docstring, point 1);
     None = keep all. max_calls: keep only the first calls (1 for parallel_tool_calls false); None = all."""
     turn = parse_assistant(text, None, first_index)
-    problems = list(turn.notes) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
+    problems = list(turn.errors) + [f"{c.id}: {c.error}" for c in turn.calls if c.error]
     if declared is not None:
         problems += [f"{c.id}: dropped, {c.name!r} is not a tool this request declared" for c in turn.calls
                      if c.name not in declared]
@@ -579,14 +579,6 @@ def assistant_message(text: str, first_index: int, max_calls: int | None = None,
         for call in msg["tool_calls"]:
             call["function"]["arguments"] = unmask_pipes(call["function"]["arguments"])
     return msg, [unmask_pipes(p) for p in problems]
-
-
-def _json_object_or_empty(raw: str) -> str:
-    """tools.ToolCall.to_openai's rule: the model's argument text if it is a JSON object, else "{}"."""
-    try:
-        return raw if isinstance(json.loads(raw), dict) else "{}"
-    except (ValueError, RecursionError):  # not JSON, an integer over 4,300 digits, nesting too deep
-        return "{}"
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -615,6 +607,7 @@ class ToolCallStreamer:
         self.state = "content"  # -> section -> head -> args -> section ...; or done (section over), stuck (malformed)
         self.tail = ""  # fed text not consumed yet: a possible marker start, plus the newest piece
         self.field: list[str] = []  # the current call's id or arguments so far
+        self.head: tuple[str, str] = ("", "")  # the current call's id and name
         self.keep = False  # the current call goes out (declared, and within max_calls)
         self.content_sent, self.headers_sent, self.args_sent = 0, 0, 0
 
@@ -673,7 +666,7 @@ class ToolCallStreamer:
         if idm is None:  # a malformed id: the parser will make one up in finish()
             self.state = "stuck"
             return []
-        self.state, self.field = "args", []
+        self.state, self.field, self.head = "args", [], (head, idm.group("name"))
         self.keep = (self.declared is None or idm.group("name") in self.declared) and (
             self.max_calls is None or self.headers_sent < self.max_calls)
         if not self.keep:
@@ -688,7 +681,9 @@ class ToolCallStreamer:
         self.args_sent += 1
         if self.max_calls is not None and self.args_sent >= self.max_calls:
             self.state = "done"
-        return [self._arguments(self.args_sent - 1, unmask_pipes(_json_object_or_empty(raw)))]
+        (call_id, name), (args, _) = self.head, parse_arguments(self.head[0], raw)
+        call = ToolCall(id=call_id, name=name, raw_arguments=raw, arguments=args)
+        return [self._arguments(self.args_sent - 1, unmask_pipes(call.to_openai()["function"]["arguments"]))]
 
     def finish(self) -> list[dict]:
         """End of the completion: the content and calls not sent yet, straight from assistant_message."""

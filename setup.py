@@ -60,7 +60,9 @@ setup(
     # torch: a range that 2.13.0 satisfies and that stops there, so a fresh CPU machine takes the local CPU wheel
     # instead of downloading a several-GB CUDA build of a newer release.
     # regex: the BPE trainer's pre-tokenizer needs \p{..} classes and && intersections (tiktoken depends on it too)
-    install_requires=["torch>=2.6,<=2.13.0", "numpy", "tiktoken>=0.7", "safetensors>=0.4", "regex>=2023.0"],
+    # jsonschema: tools.py validates tool schemas and the model's call arguments with it (full JSON Schema)
+    install_requires=["torch>=2.6,<=2.13.0", "numpy", "tiktoken>=0.7", "safetensors>=0.4", "regex>=2023.0",
+                      "jsonschema>=4.18"],
     extras_require={
         "dev": [
             "pytest>=8",

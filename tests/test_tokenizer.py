@@ -37,15 +37,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-TEMPLATE_0905 = (DATA / "k2_instruct_0905.jinja").read_text(encoding="utf-8")  # copy of ../shared/reference
-SPEC_CHECK = "Hello World! I'm Kimi, 你好世界 12345 HTTPServer\n\n  done."
-SPEC_CHECK_SPLIT = ["Hello", " World", "!", " I'm", " Kimi", ",", " ", "你好世界", " ", "123", "45", " HTTPServer",
-                    "\n\n", " ", " done", "."]  # the split by V1 regex and tiktoken alike
+# a verbatim copy of Kimi-K2-Instruct-0905 chat_template.jinja
+TEMPLATE_0905 = (DATA / "k2_instruct_0905.jinja").read_text(encoding="utf-8")
+# Kimi-K2-Instruct tokenization_kimi.py's `pat_str`, its eight alternatives joined by "|", copied verbatim
+OFFICIAL_PAT_STR = (
+    r"""[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# One line that reaches every kind of chunk: words with a leading space, a contraction, Han, a digit run cut
+# after three, CamelCase kept whole, a newline run, whitespace before a word
+MIXED_TEXT = "Hello World! I'm Kimi, 你好世界 12345 HTTPServer\n\n  done."
+MIXED_TEXT_CHUNKS = ["Hello", " World", "!", " I'm", " Kimi", ",", " ", "你好世界", " ", "123", "45", " HTTPServer",
+                     "\n\n", " ", " done", "."]  # the split by V1 regex and tiktoken alike
 
 # Text that exercises every alternative of the pattern: Han runs, kana/hangul (Lo), Greek/Cyrillic case, combining
 # marks, contractions in both cases, long digit runs, punctuation runs with CR/LF, tabs, NBSP, U+3000, emoji.
 VARIED = [
-    SPEC_CHECK,
+    MIXED_TEXT,
     "def f(x):\r\n\treturn x**2  # square\n\n\n    pass   \n",
     "I'M HERE, you're there; THEY'LL go. O'Neil's café naïve coöperate",
     "日本語のテキストと中文混合、한국어 텍스트도。Ελληνικά ΚΕΙΜΕΝΟ Русский ТЕКСТ",
@@ -98,15 +107,12 @@ def render_jinja(messages, tools=None, add_generation_prompt=True, template=TEMP
 # Pre-tokenization
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_pattern_is_spec_pattern_and_splits_spec_check_string():
-    spec = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "SPEC.md")
-    if spec.exists():  # the pattern must be the one in SPEC §5, character for character
-        text = spec.read_text(encoding="utf-8")
-        assert T.PAT_STR in text.split("**Pre-tokenization pattern (exact):**")[1].split("```")[1]
-    assert regex.findall(T.PAT_STR, SPEC_CHECK, flags=regex.V1) == SPEC_CHECK_SPLIT
-    assert T.count_chunks(SPEC_CHECK) == Counter(SPEC_CHECK_SPLIT)
+def test_pattern_is_the_official_one_and_splits_mixed_text():
+    assert T.PAT_STR == OFFICIAL_PAT_STR  # character for character
+    assert regex.findall(T.PAT_STR, MIXED_TEXT, flags=regex.V1) == MIXED_TEXT_CHUNKS
+    assert T.count_chunks(MIXED_TEXT) == Counter(MIXED_TEXT_CHUNKS)
     # The known trap (regex docs): in regex's default V0 mode `&&` is not intersection and Latin words vanish
-    assert "Hello" not in regex.findall(T.PAT_STR, SPEC_CHECK)
+    assert "Hello" not in regex.findall(T.PAT_STR, MIXED_TEXT)
 
 
 def chunk_table_tokenizer(texts: list[str]) -> tuple[T.Tokenizer, list[list[bytes]]]:
@@ -580,7 +586,7 @@ def deep_sorted(x):
         [deep_sorted(v) for v in x] if isinstance(x, list) else x
 
 
-def test_spec_6_4_literal_examples():
+def test_template_renders_three_conversations_verbatim():
     # the 0905 template's output for three conversations, verbatim
     assert T.apply_chat_template([{"role": "user", "content": "Hello"}]) == '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>Hello<|im_end|><|im_assistant|>assistant<|im_middle|>'  # noqa: E501
     messages, tools, _ = CONVERSATIONS["one_call_round_trip"]
@@ -917,3 +923,23 @@ def test_shipped_rank_file_is_reproducible(tmp_path):
     out = tmp_path / "tiktoken.model"
     T.main(SHIPPED_COMMAND + ["--out", str(out)])
     assert out.read_bytes() == T.DEMO_RANK_FILE.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["train", "--vocab-size", "100", "--out", "x.model"], 2, "--vocab-size 100 is below 256"),
+    (["train", "--vocab-size", "300", "--max-bytes", "0", "--out", "x.model"], 2, "--max-bytes must be positive"),
+    (["train", "--vocab-size", "300", "--corpus", "no/such/dir", "--out", "x.model"], 1,
+     "error: corpus path no/such/dir does not exist"),
+    (["encode", "hi", "--model", "no/such.model"], 1, "error: rank file no/such.model does not exist"),
+])
+def test_cli_errors(tmp_path, argv, code, message):
+    """A bad flag is argparse's usage error (exit 2); a problem found after parsing is one line (exit 1)."""
+    import subprocess
+    script = pathlib.Path(T.__file__).resolve()
+    r = subprocess.run([sys.executable, str(script), *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x.model").exists()

@@ -35,14 +35,14 @@ SYSTEM = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created 
 GEN = "<|im_assistant|>assistant<|im_middle|>"
 
 # A minimal flat-form get_weather tool and schema, as chat_data.py and tools.GET_WEATHER_SCHEMA have it.
-SEED_TOOLS = [{
+WEATHER_TOOLS = [{
     "name": "get_weather",
     "description": "Retrieve current weather for a given city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
 }]
 
 
-def seed_get_weather(city: str) -> dict:
+def sunny_get_weather(city: str) -> dict:
     return {"weather": "Sunny, 25°C"}
 
 
@@ -92,13 +92,13 @@ def weather_rule(city: str) -> tuple[str, int]:
 # Registry
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_seed_example_runs_through_the_registry():
+def test_a_flat_schema_tool_runs_through_the_registry():
     registry = T.ToolRegistry()
-    registry.register(seed_get_weather, SEED_TOOLS[0])
-    wrapped = [{"type": "function", "function": SEED_TOOLS[0]}]
-    assert registry.schemas() == wrapped == K.normalize_tools(SEED_TOOLS)
+    registry.register(sunny_get_weather, WEATHER_TOOLS[0])
+    wrapped = [{"type": "function", "function": WEATHER_TOOLS[0]}]
+    assert registry.schemas() == wrapped == K.normalize_tools(WEATHER_TOOLS)
     model = Script(section(("functions.get_weather:0", '{"city": "Tokyo"}')), "It is sunny, 25°C, in Tokyo.")
-    question = "What’s the current weather in Tokyo?"  # the seed's prompt, with its typographic apostrophe
+    question = "What’s the current weather in Tokyo?"  # with a typographic apostrophe
     out = T.run_agent(model, [user(question)], registry)
     assert out[2] == {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather",
                       "content": '{"weather": "Sunny, 25°C"}'}
@@ -107,14 +107,14 @@ def test_seed_example_runs_through_the_registry():
         + GEN
     # the OpenAI form of the same schema registers to the same declaration
     other = T.ToolRegistry()
-    other.register(seed_get_weather, wrapped[0])
+    other.register(sunny_get_weather, wrapped[0])
     assert other.schemas() == wrapped
 
 
-def test_default_registry_declares_the_seed_schema_and_a_calculator():
+def test_default_registry_declares_the_flat_weather_schema_and_a_calculator():
     registry = T.default_registry()
     assert registry.names() == ["get_weather", "calculator"]
-    assert registry.schemas()[0] == {"type": "function", "function": SEED_TOOLS[0]}
+    assert registry.schemas()[0] == {"type": "function", "function": WEATHER_TOOLS[0]}
     registry.schemas()[0]["function"]["name"] = "changed"  # callers get copies
     assert registry.schemas()[0]["function"]["name"] == "get_weather"
     K.apply_chat_template([user("hi")], registry.schemas())
@@ -235,7 +235,7 @@ def test_format_then_parse_round_trip():
              {"id": "functions.web.search:2", "type": "function",
               "function": {"name": "web.search", "arguments": {"q": "weather", "n": 3}}}]
     turn = T.parse_assistant("Checking." + K.format_tool_calls(calls), T.default_registry(), first_index=0)
-    assert turn.content == "Checking." and turn.notes == []
+    assert turn.content == "Checking." and turn.errors == []
     assert [c.to_openai() for c in turn.calls[:2]] == calls[:2]  # ids, names and argument text unchanged
     assert [(c.id, c.name, c.arguments, c.error) for c in turn.calls] == [
         ("functions.get_weather:0", "get_weather", {"city": "北京"}, None),
