@@ -560,6 +560,576 @@ Return X, bf16, with G's shape.""",
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: YaRN frequencies (attention.py rope_parameters)
+
+YARN_REVERSED = ("the ramp is reversed: the high-frequency pairs (small i, many turns over the original context) "
+                 "were interpolated and the low-frequency ones kept")
+YARN_NO_2PI = ("the correction pair index without the 2π: a pair's wavelength is 2π/θ_i, so it turns "
+               "L0·θ_i/(2π) times over the original context, not L0·θ_i")
+YARN_NO_ROUND = ("the ramp's ends were not rounded outward to whole pairs (floor the start, ceil the end, "
+                 "unless rope_scaling sets truncate: false)")
+
+
+def yarn_truth(d: int, base: float, L0: int, s: float, beta_fast: float, beta_slow: float,
+               truncate: bool = True, mistake: str = "") -> Tensor:
+    """fp64, pair by pair: YaRN's "NTK-by-parts" inverse frequencies (arXiv 2309.00071 §3.2, eq. 17-18), in
+    the pair-index form of DeepSeek-V3 inference/model.py precompute_freqs_cis. Pair i has θ_i = base^(-2i/d)
+    and wavelength λ_i = 2π/θ_i, so it turns r_i = L0/λ_i times over the original context L0; r_i = n at
+    i(n) = d·ln(L0/(2πn)) / (2·ln base). γ_i ramps linearly from 0 at i(beta_fast) to 1 at i(beta_slow);
+    h(θ_i) = (1 - γ_i)·θ_i + γ_i·θ_i/s. `mistake` ("reversed", "no_2pi", "no_round") makes the mistakes."""
+    turns = (lambda n: L0 / n) if mistake == "no_2pi" else (lambda n: L0 / (2 * math.pi * n))
+    lo, hi = (d * math.log(turns(n)) / (2 * math.log(base)) for n in (beta_fast, beta_slow))
+    if truncate and mistake != "no_round":
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001
+    out = []
+    for i in range(d // 2):
+        theta = base ** (-2 * i / d)
+        gamma = min(max((i - lo) / (hi - lo), 0.0), 1.0)     # 1: interpolate (divide by s)
+        if mistake == "reversed":
+            gamma = 1 - gamma
+        out.append((1 - gamma) * theta + gamma * theta / s)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _yarn_mistakes(*a, **kw) -> dict[str, Tensor]:
+    return {YARN_REVERSED: yarn_truth(*a, mistake="reversed", **kw),
+            YARN_NO_2PI: yarn_truth(*a, mistake="no_2pi", **kw),
+            YARN_NO_ROUND: yarn_truth(*a, mistake="no_round", **kw)}
+
+
+def _attn_args(lab: Lab, **kw):
+    """The workspace's ModelArgs for one dense layer (no router to validate), small sizes, given overrides."""
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, first_k_dense_replace=1,
+                intermediate_size=16, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=1 << 17,
+                bos_token_id=None, eos_token_id=None)
+    return lab.config.ModelArgs(**{**base, **kw})
+
+
+def _inv_freq(lab: Lab, args) -> Tensor:
+    out = lab.attention.rope_parameters(args)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise CheckFailed(f"rope_parameters returned {type(out).__name__}: leave `inv_freq` set in the region "
+                          f"(the lines after it return (inv_freq, multiplier))")
+    return out[0]
+
+
+def check_yarn_random(lab: Lab) -> None:
+    """matches fp64 NTK-by-parts frequencies for random base, context, factor and betas, rounded or not"""
+    d, base = 2 * lab.randint(16, 40), 10 ** lab.uniform(4.0, 6.0)
+    L0, s = 2 ** lab.randint(11, 14), lab.uniform(4.0, 64.0)
+    beta_fast, beta_slow = float(lab.randint(16, 48)), lab.uniform(1.0, 2.0)
+    for truncate in (None, False):
+        rs = {"type": "yarn", "factor": s, "original_max_position_embeddings": L0, "beta_fast": beta_fast,
+              "beta_slow": beta_slow}
+        if truncate is not None:
+            rs["truncate"] = truncate
+        args = _attn_args(lab, qk_rope_head_dim=d, rope_theta=base, rope_scaling=rs)
+        want = (d, base, L0, s, beta_fast, beta_slow)
+        expect_close(_inv_freq(lab, args), yarn_truth(*want, truncate=truncate is None),
+                     f"inv_freq (Dr={d}, base {base:.0f}, L0 {L0}, factor {s:.2f}, beta_fast {beta_fast:g}, "
+                     f"beta_slow {beta_slow:.3f}, truncate {truncate is None})", atol=0, rtol=1e-5,
+                     mistakes=_yarn_mistakes(*want, truncate=truncate is None))
+
+
+def check_yarn_k2(lab: Lab) -> None:
+    """K2 (base 50000, L0 4096, factor 32, beta_fast = beta_slow = 1): pairs 0..19 kept, 20..31 divided by 32"""
+    # i(1) = 64·ln(4096/2π) / (2·ln 50000) = 19.16: floor 19, ceil 20, so the ramp is a step between them
+    k2 = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    args = _attn_args(lab, qk_rope_head_dim=64, rope_theta=50000.0, rope_scaling=k2)
+    want = torch.tensor([50000.0 ** (-2 * i / 64) / (32 if i >= 20 else 1) for i in range(32)],
+                        dtype=torch.float64)
+    expect_close(_inv_freq(lab, args), want, "inv_freq for K2's rope_scaling", atol=0, rtol=1e-5,
+                 mistakes=_yarn_mistakes(64, 50000.0, 4096, 32.0, 1.0, 1.0))
+
+
+def check_yarn_deepseek_v3(lab: Lab) -> None:
+    """DeepSeek-V3 (base 1e4, L0 4096, factor 40, betas 32/1): kept to pair 10, a ramp to 23, then /40"""
+    # i(32) = 10.47 -> 10, i(1) = 22.51 -> 23: γ_i = (i - 10)/13, so θ_11 keeps 1 - (1/13)(1 - 1/40) = 0.925
+    ds = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    args = _attn_args(lab, qk_rope_head_dim=64, rope_theta=10000.0, rope_scaling=ds)
+    ratio = [1.0] * 11 + [1.0 - (i - 10) / 13 * (1 - 1 / 40) for i in range(11, 23)] + [1 / 40] * 9
+    want = torch.tensor([10000.0 ** (-2 * i / 64) * r for i, r in enumerate(ratio)], dtype=torch.float64)
+    expect_close(_inv_freq(lab, args), want, "inv_freq for DeepSeek-V3's rope_scaling", atol=0, rtol=1e-5,
+                 mistakes=_yarn_mistakes(64, 10000.0, 4096, 40.0, 32.0, 1.0))
+
+
+register(Exercise(
+    name="yarn", file="attention.py", concept="YaRN frequencies (NTK-by-parts)", level="core", minutes=25,
+    against="fp64 pair by pair; by hand (K2, DeepSeek-V3)",
+    statement="""\
+Stretch the RoPE frequencies for a longer context with YaRN's "NTK-by-parts" (arXiv 2309.00071 §3.2; the
+pair-index form of DeepSeek-V3 inference/model.py precompute_freqs_cis; config key rope_scaling).
+Pair i (θ_i = freq[i]) has wavelength 2π/θ_i, so it turns r_i = L0·θ_i/(2π) times over the original context
+L0. The pair index where r_i = n is  i(n) = d·ln(L0 / (2π·n)) / (2·ln base).  The ramp runs from
+lo = i(beta_fast) to hi = i(beta_slow): round lo down and hi up to whole pairs unless rs.get("truncate", True)
+is False, clamp to lo >= 0, hi <= d - 1, and if lo == hi add 0.001 to hi.  γ_i = clamp((i - lo)/(hi - lo), 0, 1)
+and  inv_freq_i = (1 - γ_i)·θ_i + γ_i·θ_i/s:  pairs that turn many times keep θ_i, slow pairs are divided by s.
+In scope: d (= qk_rope_head_dim, even), base (rope_theta), freq (d/2,) fp32 = base^(-2i/d); s (factor), L0
+(original_max_position_embeddings), beta_fast, beta_slow (floats), rs (the rope_scaling dict); math, torch.
+Leave inv_freq, (d/2,) fp32.""",
+    hints=("torch.arange(d // 2) gives every pair index i at once; .clamp(0, 1) bounds the ramp.",
+           "beta_fast (many turns) gives the smaller index: fast pairs sit at the start of the vector.",
+           "Check by hand: K2 (d 64, base 50000, L0 4096, s 32, betas 1/1) keeps pairs 0..19 and divides "
+           "20..31 by 32."),
+    checks=(check_yarn_random, check_yarn_k2, check_yarn_deepseek_v3),
+    mistakes=(
+        Mistake(YARN_REVERSED, (("inv_freq = freq * (1 - ramp) + (freq / s) * ramp",
+                                 "inv_freq = freq * ramp + (freq / s) * (1 - ramp)"),)),
+        Mistake(YARN_NO_2PI, (("math.log(L0 / (n_rot * 2 * math.pi))", "math.log(L0 / n_rot)"),)),
+        Mistake(YARN_NO_ROUND, (('if rs.get("truncate", True):', "if False:"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: YaRN's softmax scale (attention.py softmax_scale)
+
+SCALE_ONCE = "YaRN's m was applied once: the softmax scale takes m² (m on the query and m on the key)"
+SCALE_NOPE = "1/√Dn (the nope dim only): the query·key dot product runs over Dn + Dr dims"
+SCALE_KEY = ("m computed from rope_scaling's mscale, not mscale_all_dim (mscale_all_dim is the one that goes "
+             "into the softmax scale)")
+
+
+def scale_truth(Dn: int, Dr: int, rs: dict | None, mistake: str = "") -> Tensor:
+    """fp64: (Dn + Dr)^-1/2 · m², m = 0.1·mscale_all_dim·ln(factor) + 1 for factor > 1 (YaRN arXiv 2309.00071
+    §3.4, eq. 22: √(1/t) = 0.1 ln s + 1; DeepSeek-V3 inference/model.py MLA.__init__), applied only when
+    rope_scaling sets mscale_all_dim. `mistake` ("once", "nope", "key") makes the mistakes."""
+    scale = (Dn if mistake == "nope" else Dn + Dr) ** -0.5
+    if rs is not None and rs.get("mscale_all_dim"):
+        a = rs.get("mscale", 1.0) if mistake == "key" else rs["mscale_all_dim"]
+        m = 0.1 * a * math.log(rs["factor"]) + 1 if rs["factor"] > 1 else 1.0
+        scale *= m if mistake == "once" else m * m
+    return torch.tensor(scale, dtype=torch.float64)
+
+
+def _scale_mistakes(Dn: int, Dr: int, rs: dict | None) -> dict[str, Tensor]:
+    return {SCALE_ONCE: scale_truth(Dn, Dr, rs, "once"), SCALE_NOPE: scale_truth(Dn, Dr, rs, "nope"),
+            SCALE_KEY: scale_truth(Dn, Dr, rs, "key")}
+
+
+def _scale(lab: Lab, args):
+    got = lab.attention.softmax_scale(args)
+    return torch.tensor(float(got), dtype=torch.float64) if isinstance(got, (int, float)) else got
+
+
+def check_yarn_scale_random(lab: Lab) -> None:
+    """matches the fp64 m²-corrected scale for random head dims, factor, mscale and mscale_all_dim"""
+    Dn, Dr = lab.randint(4, 200), 2 * lab.randint(2, 40)
+    rs = {"type": "yarn", "factor": lab.uniform(2.0, 64.0), "original_max_position_embeddings": 4096,
+          "mscale": lab.uniform(0.3, 0.8), "mscale_all_dim": lab.uniform(0.9, 1.6)}
+    args = _attn_args(lab, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, rope_scaling=rs)
+    expect_close(_scale(lab, args), scale_truth(Dn, Dr, rs), f"softmax_scale (Dn {Dn}, Dr {Dr}, factor "
+                 f"{rs['factor']:.2f}, mscale {rs['mscale']:.3f}, mscale_all_dim {rs['mscale_all_dim']:.3f})",
+                 atol=0, rtol=1e-9, mistakes=_scale_mistakes(Dn, Dr, rs))
+
+
+def check_yarn_scale_k2(lab: Lab) -> None:
+    """K2: 192^-0.5·(1 + 0.1·ln 32)² = 0.13086080; DeepSeek-V3 (factor 40): 0.13523378 (by hand)"""
+    for factor, want in ((32.0, 0.13086080), (40.0, 0.13523378)):
+        rs = {"type": "yarn", "factor": factor, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        args = _attn_args(lab, qk_nope_head_dim=128, qk_rope_head_dim=64, rope_scaling=rs)
+        expect_close(_scale(lab, args), torch.tensor(want, dtype=torch.float64), f"softmax_scale for factor "
+                     f"{factor:g}, Dn 128, Dr 64", atol=0, rtol=1e-7, mistakes=_scale_mistakes(128, 64, rs))
+
+
+def check_yarn_scale_without_m(lab: Lab) -> None:
+    """plain 1/√(Dn+Dr) without rope_scaling, or when rope_scaling has no mscale_all_dim"""
+    Dn, Dr = lab.randint(4, 200), 2 * lab.randint(2, 40)
+    for rs in (None, {"type": "yarn", "factor": lab.uniform(2.0, 64.0), "original_max_position_embeddings": 64,
+                      "mscale": 0.707}):
+        args = _attn_args(lab, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, rope_scaling=rs)
+        expect_close(_scale(lab, args), scale_truth(Dn, Dr, rs), f"softmax_scale (Dn {Dn}, Dr {Dr}, "
+                     f"rope_scaling {rs})", atol=0, rtol=1e-9, mistakes=_scale_mistakes(Dn, Dr, rs))
+
+
+register(Exercise(
+    name="yarn_scale", file="attention.py", concept="YaRN's m² softmax scale", level="intro", minutes=10,
+    against="fp64 formula; by hand (K2, DeepSeek-V3)",
+    statement="""\
+The softmax scale of MLA: scale = (Dn + Dr)^-1/2 · m², with YaRN's attention temperature
+m = 0.1·mscale_all_dim·ln(factor) + 1 (m = 1 for factor <= 1) (YaRN arXiv 2309.00071 §3.4; DeepSeek-V3
+inference/model.py MLA.__init__). m² because DeepSeek folds the m of the query and the m of the key into
+the scale, at every sequence length. Apply m² only when rope_scaling is set and has a (non-zero)
+mscale_all_dim; otherwise the scale is the plain (Dn + Dr)^-1/2.
+In scope: args (ModelArgs: qk_nope_head_dim = Dn, qk_rope_head_dim = Dr, rope_scaling = None or a dict
+with "factor", "mscale_all_dim", ...); yarn_get_mscale(scale, mscale) = 0.1·mscale·ln(scale) + 1; math.
+Leave `scale`, a float.""",
+    hints=("The head dim of the dot product is the whole query: nope part plus rope part.",
+           "rs.get(\"mscale_all_dim\") is None or 0 when the key is absent or zero."),
+    checks=(check_yarn_scale_random, check_yarn_scale_k2, check_yarn_scale_without_m),
+    mistakes=(
+        Mistake(SCALE_ONCE, (('rs["mscale_all_dim"]) ** 2', 'rs["mscale_all_dim"])'),)),
+        Mistake(SCALE_NOPE, (("scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5",
+                              "scale = args.qk_nope_head_dim ** -0.5"),)),
+        Mistake(SCALE_KEY, (('rs["mscale_all_dim"]) ** 2', 'rs.get("mscale", 1.0)) ** 2'),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: the latent KV-cache update (attention.py KVCache.update)
+
+CACHE_SHIFT = "off by one: the new rows were written at pos+1.. instead of pos.. (position pos is the next free row)"
+CACHE_ZERO = "the new rows were written at 0..T every step (overwriting the prefix) instead of at pos..pos+T"
+CACHE_NEW = "returned only the new rows: return the layer's whole prefix 0..pos+T, which attention reads as keys"
+CACHE_ADVANCE = ("self.pos was advanced inside update(): every layer must write at the same pos (the model "
+                 "advances it once, after all layers)")
+
+
+def cache_truth(rows: Tensor, steps: list[int], max_len: int, rule: str = "right") -> tuple[list[Tensor], Tensor]:
+    """The cache replayed by positions, as worked by hand (DeepSeek-V3 inference/model.py MLA.forward:
+    kv_cache[:, start_pos:end_pos] = ..., then attention reads [:end_pos]). rows (L, B, N, C) holds each
+    layer's row [c_kv | k_pe] of every token; each step of T tokens calls update for layers 0..L-1, then pos
+    += T. Returns what every call returns, in call order, and the final cache (L, B, max_len, C). `rule`
+    ("shift", "zero", "new", "advance") makes the mistakes."""
+    L, B, _, C = rows.shape
+    cache, pos, n, outs = torch.zeros(L, B, max_len, C, dtype=rows.dtype), 0, 0, []
+    for T in steps:
+        for layer in range(L):
+            at = {"shift": pos + 1, "zero": 0}.get(rule, pos)
+            cache[layer, :, at:at + T] = rows[layer, :, n:n + T]
+            end = pos + T + (rule == "shift")
+            outs.append(cache[layer, :, (pos if rule == "new" else 0):end].clone())
+            if rule == "advance":
+                pos += T
+        pos, n = pos + T, n + T
+    return outs, cache
+
+
+def _run_cache(lab: Lab, cache, rows: Tensor, steps: list[int], Ckv: int) -> Iterator[tuple[int, Tensor]]:
+    """Drive the workspace's cache as model.py does; yields (call index, returned rows)."""
+    i, n = 0, 0
+    for T in steps:
+        for layer in range(rows.shape[0]):
+            new = rows[layer, :, n:n + T]
+            yield i, cache.update(layer, new[..., :Ckv].clone(), new[..., Ckv:].clone())
+            i += 1
+        cache.pos += T
+        n += T
+
+
+def _check_cache(lab: Lab, rows: Tensor, steps: list[int], Ckv: int, max_len: int, what: str) -> None:
+    L, B, _, C = rows.shape
+    args = _attn_args(lab, num_hidden_layers=L, first_k_dense_replace=L, kv_lora_rank=Ckv,
+                      qk_rope_head_dim=C - Ckv)
+    cache = lab.attention.KVCache(args, B, max_len)
+    want, final = cache_truth(rows, steps, max_len)
+    wrong = {d: cache_truth(rows, steps, max_len, r) for d, r in ((CACHE_SHIFT, "shift"), (CACHE_ZERO, "zero"),
+                                                                  (CACHE_NEW, "new"), (CACHE_ADVANCE, "advance"))}
+    for i, got in _run_cache(lab, cache, rows, steps, Ckv):
+        step, layer = divmod(i, L)
+        expect_close(got, want[i], f"{what}: update() of layer {layer} at step {step} (steps of {steps} tokens)",
+                     atol=0, mistakes={d: w[0][i] for d, w in wrong.items()})
+    expect_close(cache.latent, final, f"{what}: the whole cache after steps of {steps} tokens", atol=0,
+                 mistakes={d: w[1] for d, w in wrong.items()})
+
+
+def check_kv_cache_steps(lab: Lab) -> None:
+    """a prefill, single-token decode steps and a chunk land at the right rows of every layer"""
+    L, B, Ckv, Dr = lab.randint(2, 3), lab.randint(1, 3), lab.randint(3, 9), 2 * lab.randint(1, 4)
+    steps = [lab.randint(2, 6)] + [1] * lab.randint(2, 4) + [lab.randint(2, 5)]
+    N = sum(steps)
+    rows = torch.randn(L, B, N, Ckv + Dr, generator=lab.gen)
+    _check_cache(lab, rows, steps, Ckv, (L + 1) * N + 2, "random rows")
+
+
+def check_kv_cache_by_hand(lab: Lab) -> None:
+    """2 tokens then 1: rows [1 2 | 5], [3 4 | 6], then [7 8 | 9] at row 2; the update returns all three"""
+    rows = torch.tensor([[[[1.0, 2.0, 5.0], [3.0, 4.0, 6.0], [7.0, 8.0, 9.0]]]])  # (L=1, B=1, N=3, Ckv+Dr=3)
+    args = _attn_args(lab, kv_lora_rank=2, qk_rope_head_dim=2)
+    rows4 = torch.cat([rows, rows[..., 2:] * 10], -1)            # Dr = 2: k_pe [5, 50], [6, 60], [9, 90]
+    cache = lab.attention.KVCache(args, 1, 8)
+    got = [out for _, out in _run_cache(lab, cache, rows4, [2, 1], 2)]
+    want = [torch.tensor([[[1.0, 2, 5, 50], [3, 4, 6, 60]]]),
+            torch.tensor([[[1.0, 2, 5, 50], [3, 4, 6, 60], [7, 8, 9, 90]]])]
+    wrong = {d: cache_truth(rows4, [2, 1], 8, r)[0] for d, r in ((CACHE_SHIFT, "shift"), (CACHE_ZERO, "zero"),
+                                                                 (CACHE_NEW, "new"), (CACHE_ADVANCE, "advance"))}
+    for i in range(2):
+        expect_close(got[i], want[i], f"update() number {i + 1} (2 tokens, then 1)", atol=0,
+                     mistakes={d: w[i] for d, w in wrong.items()})
+
+
+register(Exercise(
+    name="kv_cache", file="attention.py", concept="the latent KV-cache update", level="intro", minutes=10,
+    against="positions worked by hand",
+    statement="""\
+Write one layer's new tokens into MLA's latent cache and return what attention reads (DeepSeek-V2
+arXiv 2405.04434 §2.1.2: only c_kv and the rotated k^R are cached; DeepSeek-V3 inference/model.py
+MLA.forward: kv_cache[:bsz, start_pos:end_pos] = ..., then it reads [:end_pos]).
+self.pos tokens are already cached; the T new ones take rows pos..pos+T-1 of layer `layer`: c_kv into the
+c_kv columns, k_pe into the k_pe columns. Do NOT change self.pos: the model calls update once per layer
+and then advances pos by T itself.
+In scope: self (self.latent (L, B, max_len, Ckv+Dr); self.c_kv and self.k_pe, views of its two column
+blocks (L, B, max_len, Ckv) and (L, B, max_len, Dr); self.pos, an int), layer (int), c_kv (B, T, Ckv),
+k_pe (B, T, Dr); torch.
+Return the layer's rows [c_kv | k_pe] of tokens 0..pos+T-1: (B, pos+T, Ckv+Dr), a view is fine.""",
+    hints=("Writing into a slice of a view writes into self.latent: self.c_kv[layer, :, a:b] = c_kv.",
+           "The last row written is pos + T - 1, so the prefix to return ends at pos + T (exclusive)."),
+    checks=(check_kv_cache_steps, check_kv_cache_by_hand),
+    mistakes=(
+        Mistake(CACHE_SHIFT, (("end = self.pos + c_kv.shape[1]", "end = self.pos + 1 + c_kv.shape[1]"),
+                              ("self.c_kv[layer, :, self.pos:end]", "self.c_kv[layer, :, self.pos + 1:end]"),
+                              ("self.k_pe[layer, :, self.pos:end]", "self.k_pe[layer, :, self.pos + 1:end]"))),
+        Mistake(CACHE_ZERO, (("self.c_kv[layer, :, self.pos:end]", "self.c_kv[layer, :, :c_kv.shape[1]]"),
+                             ("self.k_pe[layer, :, self.pos:end]", "self.k_pe[layer, :, :k_pe.shape[1]]"))),
+        Mistake(CACHE_NEW, (("return self.latent[layer, :, :end]", "return self.latent[layer, :, self.pos:end]"),)),
+        Mistake(CACHE_ADVANCE, (("return self.latent[layer, :, :end]",
+                                 "self.pos = end\n        return self.latent[layer, :, :end]"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: MLA attention, naive (attention.py MLA.forward, impl "naive")
+# (the truth and the setup serve the absorbed exercise too)
+
+MLA_SCALE_NOPE = "softmax scale 1/√Dn: the scores run over Dn + Dr dims and carry YaRN's m² (self.softmax_scale)"
+MLA_SCALE_NO_M = "softmax scale 1/√(Dn+Dr) without YaRN's m²: use self.softmax_scale"
+MLA_NO_CAUSAL = ("no causal mask: a query saw later tokens (query t sits at position start + t and sees keys "
+                 "0..start+t; pass `start` to attend)")
+MLA_KV_HALVES = ("keys and values taken from the wrong halves of kv_b_proj's per-head rows (each head's rows are "
+                 "[k_nope Dn | v Dv])")
+ABS_WRONG_HALF = ("q_nope absorbed through the values' half of kv_b_proj (W^UV) instead of the keys' half "
+                  "(W^UK, each head's first Dn rows)")
+ABS_NO_ROPE = ("the rope term is missing: the scores are q_lat·c_kv + q_pe·k_pe (concatenate q_pe to the "
+               "latent query and attend against the whole cached row [c_kv | k_pe])")
+ABS_SCALE = ("softmax scale 1/√(Ckv+Dr) from the latent width: absorption does not change the logits, the "
+             "scale stays self.softmax_scale (1/√(Dn+Dr)·m²)")
+
+
+def mla_truth(W: dict[str, Tensor], x: Tensor, theta: Tensor, dims: tuple[int, int, int, int, int],
+              scale: float, causal: bool = True, kv_halves: str = "kv", rope_term: bool = True
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """fp64, head by head, straight from the equations (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3, DeepSeek-V3
+    arXiv 2412.19437 §2.1.1), over tokens at positions 0..S-1 with rotation angles theta (S, Dr/2):
+    c_q = RMSNorm(W^DQ x), [q^C | q^R] = W^UQ/QR c_q; c_kv = RMSNorm(W^DKV x), k^R = RoPE(W^KR x) shared by all
+    heads; k^C_h = W^UK_h c_kv, v_h = W^UV_h c_kv; o_h = softmax((q^C_h·k^C_h + RoPE(q^R_h)·k^R)·scale, causal)
+    v_h; y = W^O [o_1 … o_H]. dims (H, Dn, Dr, Dv, Ckv). Returns (y (B, S, D), c_kv (B, S, Ckv), k^R (B, S, Dr)).
+    kv_halves "vk" (rows [v | k]), "vv" (keys from the value rows), causal, rope_term make the mistakes."""
+    H, Dn, Dr, Dv, Ckv = dims
+    W = {k: v.double() for k, v in W.items()}
+    x = x.double()
+    B, S, _ = x.shape
+
+    def rms(v, w):
+        return w * v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    if "q_proj.weight" in W:
+        q = x @ W["q_proj.weight"].T
+    else:
+        q = rms(x @ W["q_a_proj.weight"].T, W["q_a_layernorm.weight"]) @ W["q_b_proj.weight"].T
+    q = q.view(B, S, H, Dn + Dr)
+    q_nope, q_pe = q[..., :Dn], rope_truth(q[..., Dn:], theta)
+    kv_a = x @ W["kv_a_proj_with_mqa.weight"].T
+    c_kv, k_pe = rms(kv_a[..., :Ckv], W["kv_a_layernorm.weight"]), rope_truth(kv_a[..., Ckv:], theta)
+    wb = W["kv_b_proj.weight"].view(H, Dn + Dv, Ckv)
+    later = torch.ones(S, S, dtype=torch.bool).triu(1)          # key s is later than query t
+    outs = []
+    for h in range(H):
+        w_k, w_v = {"kv": (wb[h, :Dn], wb[h, Dn:]), "vk": (wb[h, Dv:], wb[h, :Dv]),
+                    "vv": (wb[h, Dn:], wb[h, Dn:])}[kv_halves]
+        k_nope, v = c_kv @ w_k.T, c_kv @ w_v.T                  # (B, S, Dn), (B, S, Dv)
+        logits = q_nope[:, :, h] @ k_nope.transpose(1, 2)      # (B, S, S)
+        if rope_term:
+            logits = logits + q_pe[:, :, h] @ k_pe.transpose(1, 2)
+        logits = logits * scale
+        if causal:
+            logits = logits.masked_fill(later, float("-inf"))
+        outs.append(logits.softmax(-1) @ v)                     # (B, S, Dv)
+    return torch.cat(outs, -1) @ W["o_proj.weight"].T, c_kv, k_pe
+
+
+@dataclass
+class _MLASetup:
+    args: object               # the workspace's ModelArgs
+    attn: object               # the workspace's MLA, random weights
+    W: dict[str, Tensor]       # those weights
+    dims: tuple[int, int, int, int, int]
+    scale: float               # the true softmax scale of args, fp64
+    rs: dict
+
+
+def _mla_setup(lab: Lab, Dv_equals_Dn: bool = False, q_lora: bool = True) -> _MLASetup:
+    """An MLA of random shapes and weights (norm gains near 1, projections of std fan_in^-1/2), with YaRN."""
+    H, Dn, Dr = lab.randint(2, 4), lab.randint(4, 10), 2 * lab.randint(2, 4)
+    Dv = Dn if Dv_equals_Dn else lab.randint(4, 10)
+    Ckv, D = lab.randint(Dn + Dr + 6, 32), lab.randint(16, 40)
+    rs = {"type": "yarn", "factor": lab.uniform(8.0, 40.0), "original_max_position_embeddings": 64,
+          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": lab.uniform(0.7, 1.3)}
+    args = _attn_args(lab, hidden_size=D, num_attention_heads=H, q_lora_rank=lab.randint(8, 24) if q_lora else None,
+                      kv_lora_rank=Ckv, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, v_head_dim=Dv, rope_scaling=rs)
+    attn = lab.attention.MLA(args).eval()
+    W = {}
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if name.endswith("norm.weight"):
+                w = 1 + 0.2 * torch.randn(p.shape, generator=lab.gen)
+            else:
+                w = torch.randn(p.shape, generator=lab.gen) * p.shape[1] ** -0.5
+            p.copy_(w)
+            W[name] = w
+    return _MLASetup(args, attn, W, (H, Dn, Dr, Dv, Ckv), float(scale_truth(Dn, Dr, rs)), rs)
+
+
+def _mla_run(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cached: bool = True
+             ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The workspace's MLA on T new tokens after P cached ones (the cache rows written from the truth), against
+    the truth's output for those T tokens: (got, want, known mistakes' outputs), each (B, T, D)."""
+    D = su.args.hidden_size
+    x = torch.randn(B, P + T, D, generator=lab.gen)
+    inv_freq = 10.0 ** -torch.rand(su.dims[2] // 2, generator=lab.gen, dtype=torch.float64).mul(3)
+    theta = torch.arange(P + T, dtype=torch.float64)[:, None] * inv_freq       # (P+T, Dr/2): positions 0..
+    _, c_kv, k_pe = mla_truth(su.W, x, theta, su.dims, su.scale)
+    cache = None
+    if cached:
+        cache = lab.attention.KVCache(su.args, B, P + T + lab.randint(0, 3))
+        cache.c_kv[0, :, :P] = c_kv[:, :P].float()
+        cache.k_pe[0, :, :P] = k_pe[:, :P].float()
+        cache.pos = P
+    cos, sin = theta[P:].cos().float(), theta[P:].sin().float()
+    with torch.no_grad():
+        got = su.attn(x[:, P:], cos, sin, cache, 0, impl)
+    H, Dn, Dr, Dv, Ckv = su.dims
+    variants = {MLA_SCALE_NOPE: dict(scale=Dn ** -0.5), MLA_SCALE_NO_M: dict(scale=(Dn + Dr) ** -0.5),
+                MLA_NO_CAUSAL: dict(causal=False), MLA_KV_HALVES: dict(kv_halves="vk"),
+                ABS_SCALE: dict(scale=(Ckv + Dr) ** -0.5), ABS_NO_ROPE: dict(rope_term=False)}
+    if Dn == Dv:
+        variants[ABS_WRONG_HALF] = dict(kv_halves="vv")
+    mistakes = {}
+    for d, kw in variants.items():
+        mistakes[d] = mla_truth(su.W, x, theta, su.dims, **{"scale": su.scale, **kw})[0][:, P:]
+    return got, mla_truth(su.W, x, theta, su.dims, su.scale)[0][:, P:], mistakes
+
+
+def _mla_expect(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cached: bool = True) -> None:
+    got, want, mistakes = _mla_run(lab, su, B, P, T, impl, cached)
+    H, Dn, Dr, Dv, Ckv = su.dims
+    where = f"cache holding {P} tokens" if cached else "no cache"
+    expect_close(got, want, f"MLA output ({impl}) for {T} new tokens, {where} (B {B}, H {H}, Dn {Dn}, Dr {Dr}, "
+                 f"Dv {Dv}, Ckv {Ckv})", atol=2e-5 * float(want.abs().max()), mistakes=mistakes)
+
+
+def check_mla_prefill(lab: Lab) -> None:
+    """a prefill without cache matches the fp64 layer written from the MLA equations"""
+    _mla_expect(lab, _mla_setup(lab), lab.randint(1, 3), 0, lab.randint(3, 9), "naive", cached=False)
+
+
+def check_mla_chunk_after_cache(lab: Lab) -> None:
+    """a chunk of tokens after a filled cache (the causal mask is offset by the cached length)"""
+    _mla_expect(lab, _mla_setup(lab), lab.randint(1, 3), lab.randint(2, 8), lab.randint(2, 5), "naive")
+
+
+def check_mla_plain_query_decode(lab: Lab) -> None:
+    """a plain q_proj (q_lora_rank None, as Moonlight) with Dv = Dn: single-token decode and a short chunk"""
+    su = _mla_setup(lab, Dv_equals_Dn=True, q_lora=False)
+    for T in (1, lab.randint(2, 4)):
+        _mla_expect(lab, su, 2, lab.randint(2, 8), T, "naive")
+
+
+_MLA_SCOPE = """\
+In scope (inside MLA.forward): B, T, S (= start + T: cached plus new tokens), H, Ckv, Dn, Dr, Dv;
+q_nope (B, T, H, Dn); q_pe (B, T, H, Dr), already rotated; c_kv (B, S, Ckv), the normed latent of every
+token so far; k_pe (B, S, Dr), the rotated rope key of every token so far, ONE for all heads; start (int,
+the position of the first new token); rec (None, or the (H,) buffer attend folds QK-Clip's max logit into:
+pass it on); self.kv_b_proj (Linear Ckv -> H·(Dn+Dv), each head's output rows [k_nope Dn | v Dv]);
+self.softmax_scale (float, (Dn+Dr)^-1/2 · m²); attend(q, k, v, scale, start, max_logits) -> (B, H, T, Ev), the
+causal softmax attention with q (B, H, T, E), k (B, 1 or H, S, E), v (B, 1 or H, S, Ev); torch."""
+
+register(Exercise(
+    name="mla", file="attention.py", concept="MLA attention (naive)", level="core", minutes=30,
+    against="fp64 layer from the MLA equations; transformers (test)",
+    statement="""\
+Multi-head Latent Attention, the naive way (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3; DeepSeek-V3
+arXiv 2412.19437 §2.1.1, eq. 1-11): decompress every cached token's latent into per-head keys and values,
+k^C_h = W^UK_h c_kv and v_h = W^UV_h c_kv (both in kv_b_proj); each head's key is [k^C_h | k^R] with the one
+shared rope key k^R = k_pe broadcast to all heads, its query [q^C_h | q^R_h]; then
+o_h = softmax(q_h·k_hᵀ · softmax_scale, causal: query t sees keys 0..start+t) v_h.
+""" + _MLA_SCOPE + """
+Leave o (B, H, T, Dv), each head's attention output (o_proj after the region mixes the heads).""",
+    hints=("kv_b_proj(c_kv).view(B, S, H, Dn + Dv) splits into k_nope and v along the last dim.",
+           "k_pe[:, :, None, :].expand(B, S, H, Dr) gives every head the same rope key without a copy.",
+           "attend wants heads before tokens: .transpose(1, 2) turns (B, S, H, E) into (B, H, S, E)."),
+    checks=(check_mla_prefill, check_mla_chunk_after_cache, check_mla_plain_query_decode),
+    mistakes=(
+        Mistake(MLA_SCALE_NOPE, (("self.softmax_scale, start, rec)", "Dn ** -0.5, start, rec)"),)),
+        Mistake(MLA_SCALE_NO_M, (("self.softmax_scale, start, rec)", "(Dn + Dr) ** -0.5, start, rec)"),)),
+        Mistake(MLA_NO_CAUSAL, (("self.softmax_scale, start, rec)", "self.softmax_scale, S, rec)"),)),
+        Mistake(MLA_KV_HALVES, (("k_nope, v = kv.split([Dn, Dv], dim=-1)",
+                                 "v, k_nope = kv.split([Dv, Dn], dim=-1)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: absorbed decode against the latent cache (attention.py MLA.forward, impl "absorb")
+
+
+def check_absorbed_decode(lab: Lab) -> None:
+    """single-token decode after a filled latent cache equals the fp64 naive layer"""
+    _mla_expect(lab, _mla_setup(lab, Dv_equals_Dn=True), lab.randint(2, 3), lab.randint(3, 10), 1, "absorb")
+
+
+def check_absorbed_chunk(lab: Lab) -> None:
+    """a chunk after the cache, and a prefill without cache (plain q_proj), equal the fp64 naive layer"""
+    su = _mla_setup(lab, Dv_equals_Dn=True, q_lora=False)
+    _mla_expect(lab, su, lab.randint(1, 2), lab.randint(2, 6), lab.randint(2, 4), "absorb")
+    _mla_expect(lab, su, lab.randint(1, 2), 0, lab.randint(2, 6), "absorb", cached=False)
+
+
+def check_absorbed_reads_latent(lab: Lab) -> None:
+    """decode reads the latent rows: matmul flops per cached token ~2H(2Ckv+Dr), no per-token up-projection"""
+    from torch.utils.flop_counter import FlopCounterMode
+    su = _mla_setup(lab)
+    H, Dn, Dr, Dv, Ckv = su.dims
+    flops = []
+    for P in (8, 40):
+        cache = lab.attention.KVCache(su.args, 2, P + 1)
+        cache.pos = P
+        x = torch.randn(2, 1, su.args.hidden_size, generator=lab.gen)
+        cos, sin = torch.ones(1, Dr // 2), torch.zeros(1, Dr // 2)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            su.attn(x, cos, sin, cache, 0, "absorb")
+        flops.append(fc.get_total_flops())
+    per_token, latent = (flops[1] - flops[0]) / (2 * 32), 2 * H * (2 * Ckv + Dr)    # batch 2, 32 more tokens
+    if per_token > 1.5 * latent:
+        raise CheckFailed(f"decode costs {per_token:,.0f} matmul flops per cached token, {per_token / latent:.1f}x "
+                          f"the {latent:,} of scoring and mixing the latent rows (H={H}, Ckv={Ckv}, Dr={Dr}): "
+                          f"the cached latents were up-projected (kv_b_proj on c_kv); absorb W^UK into the "
+                          f"query and W^UV into the output instead")
+
+
+register(Exercise(
+    name="absorbed", file="attention.py", concept="absorbed MLA decode on the latent cache", level="advanced",
+    minutes=40,
+    against="fp64 naive layer on the same weights and cache; flop count",
+    statement="""\
+MLA without decompressing the cache (DeepSeek-V2 arXiv 2405.04434 §2.1.2, "W^UK can be absorbed into W^Q,
+and W^UV into W^O"; DeepSeek-V3 inference/model.py MLA.forward, attn_impl "absorb"). Per head h, with
+W^UK_h (Dn, Ckv) and W^UV_h (Dv, Ckv) the head's two blocks of kv_b_proj.weight:
+  q^C_h·k^C_h = q^C_h·(W^UK_h c) = (W^UK_hᵀ q^C_h)·c,  so  score_h(t, s) = q_lat_h(t)·c_kv(s) + q^R_h(t)·k^R(s)
+with q_lat_h = W^UK_hᵀ q^C_h (B, H, T, Ckv); one key row [c_kv | k_pe] (Ckv + Dr) serves every head. The
+values: z_h = softmax(score_h · softmax_scale, causal) over the latent rows c_kv, then o_h = W^UV_h z_h.
+Never run kv_b_proj on the cached latents (a decode step must cost O(H·(Ckv+Dr)) per cached token).
+""" + _MLA_SCOPE + """
+latent: None or the cache's rows (B, S, Ckv + Dr) = [c_kv | k_pe]; self.kv_b_proj.weight (H·(Dn+Dv), Ckv).
+Leave o (B, H, T, Dv).""",
+    hints=("self.kv_b_proj.weight.view(H, Dn + Dv, Ckv): rows [:, :Dn] are W^UK, rows [:, Dn:] are W^UV.",
+           "(B, H, T, Dn) @ (H, Dn, Ckv) broadcasts over B: the latent query in one matmul.",
+           "attend(qh, latent[:, None], c_kv[:, None], ...) with qh = [q_lat | q_pe] (B, H, T, Ckv+Dr): one "
+           "shared key/value head; then z @ W^UVᵀ per head."),
+    checks=(check_absorbed_decode, check_absorbed_chunk, check_absorbed_reads_latent),
+    mistakes=(
+        Mistake(ABS_WRONG_HALF, (("q_nope.transpose(1, 2) @ w_uk", "q_nope.transpose(1, 2) @ w_uv"),)),
+        Mistake(ABS_NO_ROPE, (("qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)", "qh = q_lat"),
+                              ("attend(qh, latent[:, None], c_kv[:, None],", "attend(qh, c_kv[:, None], c_kv[:, None],"))),
+        Mistake(ABS_SCALE, (("self.softmax_scale, start, rec)", "(Ckv + Dr) ** -0.5, start, rec)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")
