@@ -663,16 +663,17 @@ register(Exercise(
     name="yarn", file="attention.py", concept="YaRN frequencies (NTK-by-parts)", level="core", minutes=25,
     against="fp64 pair by pair; by hand (K2, DeepSeek-V3)",
     statement="""\
-Stretch the RoPE frequencies for a longer context with YaRN's "NTK-by-parts" (arXiv 2309.00071 §3.2; the
-pair-index form of DeepSeek-V3 inference/model.py precompute_freqs_cis; config key rope_scaling).
-Pair i (θ_i = freq[i]) has wavelength 2π/θ_i, so it turns r_i = L0·θ_i/(2π) times over the original context
-L0. The pair index where r_i = n is  i(n) = d·ln(L0 / (2π·n)) / (2·ln base).  The ramp runs from
-lo = i(beta_fast) to hi = i(beta_slow): round lo down and hi up to whole pairs unless rs.get("truncate", True)
-is False, clamp to lo >= 0, hi <= d - 1, and if lo == hi add 0.001 to hi.  γ_i = clamp((i - lo)/(hi - lo), 0, 1)
-and  inv_freq_i = (1 - γ_i)·θ_i + γ_i·θ_i/s:  pairs that turn many times keep θ_i, slow pairs are divided by s.
-In scope: d (= qk_rope_head_dim, even), base (rope_theta), freq (d/2,) fp32 = base^(-2i/d); s (factor), L0
-(original_max_position_embeddings), beta_fast, beta_slow (floats), rs (the rope_scaling dict); math, torch.
-Leave inv_freq, (d/2,) fp32.""",
+Stretch the RoPE frequencies to a longer context with YaRN's "NTK-by-parts" (arXiv 2309.00071 §3.2;
+the pair-index form of DeepSeek-V3 inference/model.py precompute_freqs_cis; config key rope_scaling).
+Pair i (θ_i = freq[i]) has wavelength 2π/θ_i: it turns r_i = L0·θ_i/(2π) times over the original
+context L0, and r_i = n at the pair index   i(n) = d·ln(L0 / (2π·n)) / (2·ln base).
+The ramp runs from lo = i(beta_fast) to hi = i(beta_slow): round lo down and hi up to whole pairs
+unless rs.get("truncate", True) is False; clamp lo >= 0 and hi <= d - 1; if lo == hi, add 0.001 to hi.
+    γ_i = clamp((i - lo) / (hi - lo), 0, 1),     inv_freq_i = (1 - γ_i)·θ_i + γ_i·θ_i / s
+so the pairs that turn many times keep θ_i and the slow ones are divided by s.
+In scope: d (qk_rope_head_dim, even), base (rope_theta), freq (d/2,) fp32 = base^(-2i/d), s (factor),
+L0 (original_max_position_embeddings), beta_fast, beta_slow (floats), rs (the rope_scaling dict);
+math, torch. Leave inv_freq, (d/2,) fp32.""",
     hints=("torch.arange(d // 2) gives every pair index i at once; .clamp(0, 1) bounds the ramp.",
            "beta_fast (many turns) gives the smaller index: fast pairs sit at the start of the vector.",
            "Check by hand: K2 (d 64, base 50000, L0 4096, s 32, betas 1/1) keeps pairs 0..19 and divides "
@@ -752,11 +753,11 @@ register(Exercise(
     name="yarn_scale", file="attention.py", concept="YaRN's m² softmax scale", level="intro", minutes=10,
     against="fp64 formula; by hand (K2, DeepSeek-V3)",
     statement="""\
-The softmax scale of MLA: scale = (Dn + Dr)^-1/2 · m², with YaRN's attention temperature
-m = 0.1·mscale_all_dim·ln(factor) + 1 (m = 1 for factor <= 1) (YaRN arXiv 2309.00071 §3.4; DeepSeek-V3
-inference/model.py MLA.__init__). m² because DeepSeek folds the m of the query and the m of the key into
-the scale, at every sequence length. Apply m² only when rope_scaling is set and has a (non-zero)
-mscale_all_dim; otherwise the scale is the plain (Dn + Dr)^-1/2.
+The softmax scale of MLA with YaRN's attention temperature m (YaRN arXiv 2309.00071 §3.4; DeepSeek-V3
+inference/model.py MLA.__init__):
+    scale = (Dn + Dr)^-1/2 · m²,     m = 0.1·mscale_all_dim·ln(factor) + 1   (m = 1 if factor <= 1)
+m², because DeepSeek folds the m of the query and the m of the key into the scale, at every length.
+Apply it only when rope_scaling is set and has a non-zero mscale_all_dim; else the plain (Dn + Dr)^-1/2.
 In scope: args (ModelArgs: qk_nope_head_dim = Dn, qk_rope_head_dim = Dr, rope_scaling = None or a dict
 with "factor", "mscale_all_dim", ...); yarn_get_mscale(scale, mscale) = 0.1·mscale·ln(scale) + 1; math.
 Leave `scale`, a float.""",
@@ -860,14 +861,14 @@ register(Exercise(
     statement="""\
 Write one layer's new tokens into MLA's latent cache and return what attention reads (DeepSeek-V2
 arXiv 2405.04434 §2.1.2: only c_kv and the rotated k^R are cached; DeepSeek-V3 inference/model.py
-MLA.forward: kv_cache[:bsz, start_pos:end_pos] = ..., then it reads [:end_pos]).
-self.pos tokens are already cached; the T new ones take rows pos..pos+T-1 of layer `layer`: c_kv into the
-c_kv columns, k_pe into the k_pe columns. Do NOT change self.pos: the model calls update once per layer
-and then advances pos by T itself.
-In scope: self (self.latent (L, B, max_len, Ckv+Dr); self.c_kv and self.k_pe, views of its two column
-blocks (L, B, max_len, Ckv) and (L, B, max_len, Dr); self.pos, an int), layer (int), c_kv (B, T, Ckv),
-k_pe (B, T, Dr); torch.
-Return the layer's rows [c_kv | k_pe] of tokens 0..pos+T-1: (B, pos+T, Ckv+Dr), a view is fine.""",
+MLA.forward: kv_cache[:bsz, start_pos:end_pos] = ..., then attention reads [:end_pos]).
+self.pos tokens are cached; the T new ones take rows pos..pos+T-1 of layer `layer`: c_kv in the c_kv
+columns, k_pe in the k_pe columns. Do NOT change self.pos: the model calls update once per layer,
+then advances pos by T itself.
+In scope: self.latent (L, B, max_len, Ckv+Dr); self.c_kv and self.k_pe, views of its two column
+blocks, (L, B, max_len, Ckv) and (L, B, max_len, Dr); self.pos (int); layer (int); c_kv (B, T, Ckv);
+k_pe (B, T, Dr); torch. Return that layer's rows [c_kv | k_pe] of tokens 0..pos+T-1,
+(B, pos+T, Ckv+Dr) (a view is fine).""",
     hints=("Writing into a slice of a view writes into self.latent: self.c_kv[layer, :, a:b] = c_kv.",
            "The last row written is pos + T - 1, so the prefix to return ends at pos + T (exclusive)."),
     checks=(check_kv_cache_steps, check_kv_cache_by_hand),
@@ -903,12 +904,13 @@ ABS_SCALE = ("softmax scale 1/√(Ckv+Dr) from the latent width: absorption does
 
 def mla_truth(W: dict[str, Tensor], x: Tensor, theta: Tensor, dims: tuple[int, int, int, int, int],
               scale: float, causal: bool = True, kv_halves: str = "kv", rope_term: bool = True
-              ) -> tuple[Tensor, Tensor, Tensor]:
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """fp64, head by head, straight from the equations (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3, DeepSeek-V3
     arXiv 2412.19437 §2.1.1), over tokens at positions 0..S-1 with rotation angles theta (S, Dr/2):
     c_q = RMSNorm(W^DQ x), [q^C | q^R] = W^UQ/QR c_q; c_kv = RMSNorm(W^DKV x), k^R = RoPE(W^KR x) shared by all
     heads; k^C_h = W^UK_h c_kv, v_h = W^UV_h c_kv; o_h = softmax((q^C_h·k^C_h + RoPE(q^R_h)·k^R)·scale, causal)
-    v_h; y = W^O [o_1 … o_H]. dims (H, Dn, Dr, Dv, Ckv). Returns (y (B, S, D), c_kv (B, S, Ckv), k^R (B, S, Dr)).
+    v_h; y = W^O [o_1 … o_H]. dims (H, Dn, Dr, Dv, Ckv). Returns y (B, S, D), c_kv (B, S, Ckv), k^R (B, S, Dr)
+    and each head's largest visible scaled logit (H,) (QK-Clip's S_max, Kimi K2 arXiv 2507.20534 §2.1).
     kv_halves "vk" (rows [v | k]), "vv" (keys from the value rows), causal, rope_term make the mistakes."""
     H, Dn, Dr, Dv, Ckv = dims
     W = {k: v.double() for k, v in W.items()}
@@ -928,7 +930,7 @@ def mla_truth(W: dict[str, Tensor], x: Tensor, theta: Tensor, dims: tuple[int, i
     c_kv, k_pe = rms(kv_a[..., :Ckv], W["kv_a_layernorm.weight"]), rope_truth(kv_a[..., Ckv:], theta)
     wb = W["kv_b_proj.weight"].view(H, Dn + Dv, Ckv)
     later = torch.ones(S, S, dtype=torch.bool).triu(1)          # key s is later than query t
-    outs = []
+    outs, s_max = [], torch.empty(H, dtype=torch.float64)
     for h in range(H):
         w_k, w_v = {"kv": (wb[h, :Dn], wb[h, Dn:]), "vk": (wb[h, Dv:], wb[h, :Dv]),
                     "vv": (wb[h, Dn:], wb[h, Dn:])}[kv_halves]
@@ -939,8 +941,9 @@ def mla_truth(W: dict[str, Tensor], x: Tensor, theta: Tensor, dims: tuple[int, i
         logits = logits * scale
         if causal:
             logits = logits.masked_fill(later, float("-inf"))
+        s_max[h] = logits.max()
         outs.append(logits.softmax(-1) @ v)                     # (B, S, Dv)
-    return torch.cat(outs, -1) @ W["o_proj.weight"].T, c_kv, k_pe
+    return torch.cat(outs, -1) @ W["o_proj.weight"].T, c_kv, k_pe, s_max
 
 
 @dataclass
@@ -975,15 +978,19 @@ def _mla_setup(lab: Lab, Dv_equals_Dn: bool = False, q_lora: bool = True) -> _ML
     return _MLASetup(args, attn, W, (H, Dn, Dr, Dv, Ckv), float(scale_truth(Dn, Dr, rs)), rs)
 
 
+def _mla_tokens(lab: Lab, su: _MLASetup, B: int, S: int) -> tuple[Tensor, Tensor]:
+    """Random hidden states (B, S, D) and rotation angles (S, Dr/2) of positions 0..S-1."""
+    x = torch.randn(B, S, su.args.hidden_size, generator=lab.gen)
+    inv_freq = 10.0 ** -torch.rand(su.dims[2] // 2, generator=lab.gen, dtype=torch.float64).mul(3)
+    return x, torch.arange(S, dtype=torch.float64)[:, None] * inv_freq
+
+
 def _mla_run(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cached: bool = True
              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The workspace's MLA on T new tokens after P cached ones (the cache rows written from the truth), against
     the truth's output for those T tokens: (got, want, known mistakes' outputs), each (B, T, D)."""
-    D = su.args.hidden_size
-    x = torch.randn(B, P + T, D, generator=lab.gen)
-    inv_freq = 10.0 ** -torch.rand(su.dims[2] // 2, generator=lab.gen, dtype=torch.float64).mul(3)
-    theta = torch.arange(P + T, dtype=torch.float64)[:, None] * inv_freq       # (P+T, Dr/2): positions 0..
-    _, c_kv, k_pe = mla_truth(su.W, x, theta, su.dims, su.scale)
+    x, theta = _mla_tokens(lab, su, B, P + T)
+    _, c_kv, k_pe, _ = mla_truth(su.W, x, theta, su.dims, su.scale)
     cache = None
     if cached:
         cache = lab.attention.KVCache(su.args, B, P + T + lab.randint(0, 3))
@@ -1009,7 +1016,7 @@ def _mla_expect(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cach
     got, want, mistakes = _mla_run(lab, su, B, P, T, impl, cached)
     H, Dn, Dr, Dv, Ckv = su.dims
     where = f"cache holding {P} tokens" if cached else "no cache"
-    expect_close(got, want, f"MLA output ({impl}) for {T} new tokens, {where} (B {B}, H {H}, Dn {Dn}, Dr {Dr}, "
+    expect_close(got, want, f"MLA output ({impl}) for {T} new token{'s' * (T > 1)}, {where} (B {B}, H {H}, Dn {Dn}, Dr {Dr}, "
                  f"Dv {Dv}, Ckv {Ckv})", atol=2e-5 * float(want.abs().max()), mistakes=mistakes)
 
 
@@ -1030,30 +1037,54 @@ def check_mla_plain_query_decode(lab: Lab) -> None:
         _mla_expect(lab, su, 2, lab.randint(2, 8), T, "naive")
 
 
+def check_mla_records_max_logit(lab: Lab) -> None:
+    """in training with record_max_logits on, each head's largest visible logit reaches QK-Clip's max_logits"""
+    su = _mla_setup(lab)
+    x, theta = _mla_tokens(lab, su, lab.randint(1, 3), lab.randint(3, 8))
+    attn = su.attn.train()
+    attn.record_max_logits = True
+    attn.max_logits.fill_(float("-inf"))
+    with torch.no_grad():
+        attn(x, theta.cos().float(), theta.sin().float(), None, 0, "naive")
+    H, Dn, Dr, Dv, Ckv = su.dims
+    mistakes = {MLA_SCALE_NOPE: dict(scale=Dn ** -0.5), MLA_SCALE_NO_M: dict(scale=(Dn + Dr) ** -0.5),
+                MLA_NO_CAUSAL: dict(causal=False), MLA_KV_HALVES: dict(kv_halves="vk")}
+    if bool((attn.max_logits == float("-inf")).all()):
+        raise CheckFailed("max_logits was not updated in a training forward with record_max_logits on: pass "
+                          "`rec` to attend as its max_logits")
+    expect_close(attn.max_logits, mla_truth(su.W, x, theta, su.dims, su.scale)[3], f"max_logits (H={H}) after "
+                 f"a {x.shape[1]}-token training forward", atol=1e-4,
+                 mistakes={d: mla_truth(su.W, x, theta, su.dims, **{"scale": su.scale, **kw})[3]
+                           for d, kw in mistakes.items()})
+
+
 _MLA_SCOPE = """\
-In scope (inside MLA.forward): B, T, S (= start + T: cached plus new tokens), H, Ckv, Dn, Dr, Dv;
-q_nope (B, T, H, Dn); q_pe (B, T, H, Dr), already rotated; c_kv (B, S, Ckv), the normed latent of every
-token so far; k_pe (B, S, Dr), the rotated rope key of every token so far, ONE for all heads; start (int,
-the position of the first new token); rec (None, or the (H,) buffer attend folds QK-Clip's max logit into:
-pass it on); self.kv_b_proj (Linear Ckv -> H·(Dn+Dv), each head's output rows [k_nope Dn | v Dv]);
-self.softmax_scale (float, (Dn+Dr)^-1/2 · m²); attend(q, k, v, scale, start, max_logits) -> (B, H, T, Ev), the
-causal softmax attention with q (B, H, T, E), k (B, 1 or H, S, E), v (B, 1 or H, S, Ev); torch."""
+In scope (MLA.forward): B, T, S (= start + T, cached plus new tokens), H, Ckv, Dn, Dr, Dv;
+q_nope (B, T, H, Dn); q_pe (B, T, H, Dr), already rotated; c_kv (B, S, Ckv), the normed latent
+of every token so far; k_pe (B, S, Dr), every token's rotated rope key, ONE for all heads;
+start (int, the position of the first new token); rec (None or an (H,) buffer: pass it to attend,
+which folds QK-Clip's max logit into it); self.kv_b_proj (Linear Ckv -> H·(Dn+Dv), each head's
+rows [k_nope Dn | v Dv]); self.softmax_scale ((Dn+Dr)^-1/2·m², float); torch;
+attend(q, k, v, scale, start, max_logits) -> (B, H, T, Ev): causal softmax attention of
+q (B, H, T, E) against k (B, 1 or H, S, E), v (B, 1 or H, S, Ev)."""
 
 register(Exercise(
     name="mla", file="attention.py", concept="MLA attention (naive)", level="core", minutes=30,
     against="fp64 layer from the MLA equations; transformers (test)",
     statement="""\
-Multi-head Latent Attention, the naive way (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3; DeepSeek-V3
-arXiv 2412.19437 §2.1.1, eq. 1-11): decompress every cached token's latent into per-head keys and values,
-k^C_h = W^UK_h c_kv and v_h = W^UV_h c_kv (both in kv_b_proj); each head's key is [k^C_h | k^R] with the one
-shared rope key k^R = k_pe broadcast to all heads, its query [q^C_h | q^R_h]; then
-o_h = softmax(q_h·k_hᵀ · softmax_scale, causal: query t sees keys 0..start+t) v_h.
+Multi-head Latent Attention, the naive way (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3;
+DeepSeek-V3 arXiv 2412.19437 §2.1.1, eq. 1-11). Decompress every token's latent into per-head
+keys and values, k^C_h = W^UK_h c_kv and v_h = W^UV_h c_kv (both in kv_b_proj). Head h's key
+is [k^C_h | k^R], with the ONE rope key k^R = k_pe shared by all heads; its query [q^C_h | q^R_h].
+    o_h = softmax(q_h·k_hᵀ · softmax_scale + causal mask) v_h
+where query t (position start + t) sees keys 0..start+t.
 """ + _MLA_SCOPE + """
-Leave o (B, H, T, Dv), each head's attention output (o_proj after the region mixes the heads).""",
+Leave o (B, H, T, Dv), each head's output (o_proj after the region mixes the heads).""",
     hints=("kv_b_proj(c_kv).view(B, S, H, Dn + Dv) splits into k_nope and v along the last dim.",
            "k_pe[:, :, None, :].expand(B, S, H, Dr) gives every head the same rope key without a copy.",
            "attend wants heads before tokens: .transpose(1, 2) turns (B, S, H, E) into (B, H, S, E)."),
-    checks=(check_mla_prefill, check_mla_chunk_after_cache, check_mla_plain_query_decode),
+    checks=(check_mla_prefill, check_mla_chunk_after_cache, check_mla_plain_query_decode,
+            check_mla_records_max_logit),
     mistakes=(
         Mistake(MLA_SCALE_NOPE, (("self.softmax_scale, start, rec)", "Dn ** -0.5, start, rec)"),)),
         Mistake(MLA_SCALE_NO_M, (("self.softmax_scale, start, rec)", "(Dn + Dr) ** -0.5, start, rec)"),)),
@@ -1106,16 +1137,17 @@ register(Exercise(
     minutes=40,
     against="fp64 naive layer on the same weights and cache; flop count",
     statement="""\
-MLA without decompressing the cache (DeepSeek-V2 arXiv 2405.04434 §2.1.2, "W^UK can be absorbed into W^Q,
-and W^UV into W^O"; DeepSeek-V3 inference/model.py MLA.forward, attn_impl "absorb"). Per head h, with
-W^UK_h (Dn, Ckv) and W^UV_h (Dv, Ckv) the head's two blocks of kv_b_proj.weight:
-  q^C_h·k^C_h = q^C_h·(W^UK_h c) = (W^UK_hᵀ q^C_h)·c,  so  score_h(t, s) = q_lat_h(t)·c_kv(s) + q^R_h(t)·k^R(s)
-with q_lat_h = W^UK_hᵀ q^C_h (B, H, T, Ckv); one key row [c_kv | k_pe] (Ckv + Dr) serves every head. The
-values: z_h = softmax(score_h · softmax_scale, causal) over the latent rows c_kv, then o_h = W^UV_h z_h.
-Never run kv_b_proj on the cached latents (a decode step must cost O(H·(Ckv+Dr)) per cached token).
+MLA without decompressing the cache (DeepSeek-V2 arXiv 2405.04434 §2.1.2: "W^UK can be absorbed
+into W^Q, and W^UV into W^O"; DeepSeek-V3 inference/model.py MLA.forward, attn_impl "absorb").
+W^UK_h (Dn, Ckv) and W^UV_h (Dv, Ckv) are head h's two row blocks of kv_b_proj.weight, and
+    q^C_h·k^C_h = q^C_h·(W^UK_h c) = (W^UK_hᵀ q^C_h)·c = q_lat_h·c
+    score_h(t, s) = q_lat_h(t)·c_kv(s) + q^R_h(t)·k^R(s)
+so one key row [c_kv | k_pe] (Ckv + Dr) serves every head. Values: mix the latent rows,
+z_h = softmax(score_h · softmax_scale + causal mask) c_kv, then o_h = W^UV_h z_h.
+Never run kv_b_proj on the cached latents: decode must cost O(H·(Ckv+Dr)) per cached token.
 """ + _MLA_SCOPE + """
-latent: None or the cache's rows (B, S, Ckv + Dr) = [c_kv | k_pe]; self.kv_b_proj.weight (H·(Dn+Dv), Ckv).
-Leave o (B, H, T, Dv).""",
+latent: None or the cache's rows [c_kv | k_pe] (B, S, Ckv+Dr); self.kv_b_proj.weight
+(H·(Dn+Dv), Ckv). Leave o (B, H, T, Dv).""",
     hints=("self.kv_b_proj.weight.view(H, Dn + Dv, Ckv): rows [:, :Dn] are W^UK, rows [:, Dn:] are W^UV.",
            "(B, H, T, Dn) @ (H, Dn, Ckv) broadcasts over B: the latent query in one matmul.",
            "attend(qh, latent[:, None], c_kv[:, None], ...) with qh = [q_lat | q_pe] (B, H, T, Ckv+Dr): one "
