@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import ROOT
+from conftest import ROOT, hf_available, hf_config, tiny_args
 
 sys.path.insert(0, str(ROOT))
 import exercises as E  # noqa: E402
@@ -286,3 +287,66 @@ def test_tour_follows_the_token_through_the_model_and_its_lines_point_at_the_cod
             if label.startswith(start):
                 assert expected in code, f"{label}: {where} is {code!r}"
     assert any("-> experts" in s for s in lines) and any("next token id" in s for s in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exercises' own truths against transformers' DeepseekV3 (the checks never import transformers: too slow)
+
+K2_YARN = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+           "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}   # Kimi-K2-Instruct config.json
+DSV3_YARN = dict(K2_YARN, factor=40.0, beta_fast=32.0)                # DeepSeek-V3 config.json
+
+
+@hf_available
+@pytest.mark.parametrize("theta,rs,max_pos", [
+    (50000.0, K2_YARN, 131072), (10000.0, DSV3_YARN, 163840),
+    (1e6, dict(DSV3_YARN, factor=8.0, beta_fast=16.0, beta_slow=2.0, mscale_all_dim=0.7, truncate=False), 32768),
+], ids=["k2", "deepseek-v3", "unrounded"])
+def test_yarn_truths_match_transformers(theta, rs, max_pos):
+    """yarn_truth = transformers' YaRN inv_freq (_compute_yarn_parameters) and scale_truth = its attention
+    scaling, on the K2 and DeepSeek-V3 rope settings and head dims (Dn 128, Dr 64)."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_mod
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    args = tiny_args("k2", qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=theta,
+                     rope_scaling=rs, max_position_embeddings=max_pos)
+    cfg = hf_config(args)
+    inv_freq, _ = _compute_yarn_parameters(cfg)
+    want = E.yarn_truth(64, theta, 4096, rs["factor"], rs["beta_fast"], rs["beta_slow"], rs.get("truncate", True))
+    torch.testing.assert_close(want, inv_freq.double(), rtol=1e-6, atol=0)
+    assert abs(E.scale_truth(128, 64, rs).item() - hf_mod.DeepseekV3Attention(cfg, 0).scaling) < 1e-9
+
+
+@hf_available
+@pytest.mark.parametrize("kind", ["k2", "moonlight"])
+def test_mla_truth_matches_transformers_attention(kind):
+    """mla_truth (fp64, from the equations) = transformers' DeepseekV3Attention (eager, fp32, causal mask) with
+    the same random weights, on 90 tokens (beyond original_max_position_embeddings 64)."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_mod
+
+    args = tiny_args(kind)
+    cfg = hf_config(args)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    attn = hf_mod.DeepseekV3Attention(cfg, 0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
+                    else torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    B, S = 2, 90
+    x = torch.randn(B, S, args.hidden_size, generator=g)
+    rotary = hf_mod.DeepseekV3RotaryEmbedding(cfg)
+    assert rotary.attention_scaling == 1.0      # cos/sin unscaled, so the angles below are all of RoPE
+    cos_sin = rotary(x, torch.arange(S)[None])
+    mask = torch.zeros(S, S).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.no_grad():
+        ref = attn(x, cos_sin, mask[None, None])[0]
+    theta = torch.arange(S, dtype=torch.float64)[:, None] * rotary.inv_freq.double()
+    dims = (args.num_attention_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim,
+            args.kv_lora_rank)
+    scale = E.scale_truth(args.qk_nope_head_dim, args.qk_rope_head_dim, args.rope_scaling).item()
+    want = E.mla_truth(dict(attn.state_dict()), x, theta, dims, scale)[0]
+    torch.testing.assert_close(ref.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    wrong = E.mla_truth(dict(attn.state_dict()), x, theta, dims, scale, causal=False)[0]   # the test can fail
+    assert (ref.double() - wrong).abs().max() > 1e-2 * want.abs().max()
