@@ -775,7 +775,8 @@ Leave `scale`, a float.""",
 # ----------------------------------------------------------------------------------------------------------------
 # Exercise: the latent KV-cache update (attention.py KVCache.update)
 
-CACHE_SHIFT = "off by one: the new rows were written at pos+1.. instead of pos.. (position pos is the next free row)"
+CACHE_SHIFT = ("off by one: the new rows were written at pos+1.. instead of pos.. (position pos is the next "
+               "free row)")
 CACHE_ZERO = "the new rows were written at 0..T every step (overwriting the prefix) instead of at pos..pos+T"
 CACHE_NEW = "returned only the new rows: return the layer's whole prefix 0..pos+T, which attention reads as keys"
 CACHE_ADVANCE = ("self.pos was advanced inside update(): every layer must write at the same pos (the model "
@@ -878,7 +879,8 @@ k_pe (B, T, Dr); torch. Return that layer's rows [c_kv | k_pe] of tokens 0..pos+
                               ("self.k_pe[layer, :, self.pos:end]", "self.k_pe[layer, :, self.pos + 1:end]"))),
         Mistake(CACHE_ZERO, (("self.c_kv[layer, :, self.pos:end]", "self.c_kv[layer, :, :c_kv.shape[1]]"),
                              ("self.k_pe[layer, :, self.pos:end]", "self.k_pe[layer, :, :k_pe.shape[1]]"))),
-        Mistake(CACHE_NEW, (("return self.latent[layer, :, :end]", "return self.latent[layer, :, self.pos:end]"),)),
+        Mistake(CACHE_NEW, (("return self.latent[layer, :, :end]",
+                             "return self.latent[layer, :, self.pos:end]"),)),
         Mistake(CACHE_ADVANCE, (("return self.latent[layer, :, :end]",
                                  "self.pos = end\n        return self.latent[layer, :, :end]"),)),
     )))
@@ -888,7 +890,8 @@ k_pe (B, T, Dr); torch. Return that layer's rows [c_kv | k_pe] of tokens 0..pos+
 # Exercise: MLA attention, naive (attention.py MLA.forward, impl "naive")
 # (the truth and the setup serve the absorbed exercise too)
 
-MLA_SCALE_NOPE = "softmax scale 1/√Dn: the scores run over Dn + Dr dims and carry YaRN's m² (self.softmax_scale)"
+MLA_SCALE_NOPE = ("softmax scale 1/√Dn: the scores run over Dn + Dr dims and carry YaRN's m² "
+                  "(self.softmax_scale)")
 MLA_SCALE_NO_M = "softmax scale 1/√(Dn+Dr) without YaRN's m²: use self.softmax_scale"
 MLA_NO_CAUSAL = ("no causal mask: a query saw later tokens (query t sits at position start + t and sees keys "
                  "0..start+t; pass `start` to attend)")
@@ -953,7 +956,6 @@ class _MLASetup:
     W: dict[str, Tensor]       # those weights
     dims: tuple[int, int, int, int, int]
     scale: float               # the true softmax scale of args, fp64
-    rs: dict
 
 
 def _mla_setup(lab: Lab, Dv_equals_Dn: bool = False, q_lora: bool = True) -> _MLASetup:
@@ -963,8 +965,9 @@ def _mla_setup(lab: Lab, Dv_equals_Dn: bool = False, q_lora: bool = True) -> _ML
     Ckv, D = lab.randint(Dn + Dr + 6, 32), lab.randint(16, 40)
     rs = {"type": "yarn", "factor": lab.uniform(8.0, 40.0), "original_max_position_embeddings": 64,
           "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": lab.uniform(0.7, 1.3)}
-    args = _attn_args(lab, hidden_size=D, num_attention_heads=H, q_lora_rank=lab.randint(8, 24) if q_lora else None,
-                      kv_lora_rank=Ckv, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, v_head_dim=Dv, rope_scaling=rs)
+    Cq = lab.randint(8, 24) if q_lora else None
+    args = _attn_args(lab, hidden_size=D, num_attention_heads=H, q_lora_rank=Cq, kv_lora_rank=Ckv,
+                      qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, v_head_dim=Dv, rope_scaling=rs)
     attn = lab.attention.MLA(args).eval()
     W = {}
     with torch.no_grad():
@@ -975,7 +978,7 @@ def _mla_setup(lab: Lab, Dv_equals_Dn: bool = False, q_lora: bool = True) -> _ML
                 w = torch.randn(p.shape, generator=lab.gen) * p.shape[1] ** -0.5
             p.copy_(w)
             W[name] = w
-    return _MLASetup(args, attn, W, (H, Dn, Dr, Dv, Ckv), float(scale_truth(Dn, Dr, rs)), rs)
+    return _MLASetup(args, attn, W, (H, Dn, Dr, Dv, Ckv), float(scale_truth(Dn, Dr, rs)))
 
 
 def _mla_tokens(lab: Lab, su: _MLASetup, B: int, S: int) -> tuple[Tensor, Tensor]:
@@ -1016,8 +1019,8 @@ def _mla_expect(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cach
     got, want, mistakes = _mla_run(lab, su, B, P, T, impl, cached)
     H, Dn, Dr, Dv, Ckv = su.dims
     where = f"cache holding {P} tokens" if cached else "no cache"
-    expect_close(got, want, f"MLA output ({impl}) for {T} new token{'s' * (T > 1)}, {where} (B {B}, H {H}, Dn {Dn}, Dr {Dr}, "
-                 f"Dv {Dv}, Ckv {Ckv})", atol=2e-5 * float(want.abs().max()), mistakes=mistakes)
+    expect_close(got, want, f"MLA output ({impl}) for {T} new token{'s' * (T > 1)}, {where} (B {B}, H {H}, "
+                 f"Dn {Dn}, Dr {Dr}, Dv {Dv}, Ckv {Ckv})", atol=2e-5 * float(want.abs().max()), mistakes=mistakes)
 
 
 def check_mla_prefill(lab: Lab) -> None:
@@ -1126,10 +1129,10 @@ def check_absorbed_reads_latent(lab: Lab) -> None:
         flops.append(fc.get_total_flops())
     per_token, latent = (flops[1] - flops[0]) / (2 * 32), 2 * H * (2 * Ckv + Dr)    # batch 2, 32 more tokens
     if per_token > 1.5 * latent:
-        raise CheckFailed(f"decode costs {per_token:,.0f} matmul flops per cached token, {per_token / latent:.1f}x "
-                          f"the {latent:,} of scoring and mixing the latent rows (H={H}, Ckv={Ckv}, Dr={Dr}): "
-                          f"the cached latents were up-projected (kv_b_proj on c_kv); absorb W^UK into the "
-                          f"query and W^UV into the output instead")
+        raise CheckFailed(f"decode costs {per_token:,.0f} matmul flops per cached token, "
+                          f"{per_token / latent:.1f}x the {latent:,} of scoring and mixing the latent rows "
+                          f"(H={H}, Ckv={Ckv}, Dr={Dr}): the cached latents were up-projected (kv_b_proj on "
+                          f"c_kv); absorb W^UK into the query and W^UV into the output instead")
 
 
 register(Exercise(
@@ -1156,7 +1159,8 @@ latent: None or the cache's rows [c_kv | k_pe] (B, S, Ckv+Dr); self.kv_b_proj.we
     mistakes=(
         Mistake(ABS_WRONG_HALF, (("q_nope.transpose(1, 2) @ w_uk", "q_nope.transpose(1, 2) @ w_uv"),)),
         Mistake(ABS_NO_ROPE, (("qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)", "qh = q_lat"),
-                              ("attend(qh, latent[:, None], c_kv[:, None],", "attend(qh, c_kv[:, None], c_kv[:, None],"))),
+                              ("attend(qh, latent[:, None], c_kv[:, None],",
+                               "attend(qh, c_kv[:, None], c_kv[:, None],"))),
         Mistake(ABS_SCALE, (("self.softmax_scale, start, rec)", "(Ckv + Dr) ** -0.5, start, rec)"),)),
     )))
 
