@@ -106,6 +106,7 @@ def rope_parameters(args: ModelArgs) -> tuple[Tensor, float]:
     # as HF's `rope_parameters.get("beta_fast") or 32`
     beta_fast, beta_slow = rs.get("beta_fast") or 32.0, rs.get("beta_slow") or 1.0
 
+    # exercise: yarn
     def correction_dim(n_rot: float) -> float:
         # the pair index whose wavelength makes n_rot turns over L0 tokens
         return d * math.log(L0 / (n_rot * 2 * math.pi)) / (2 * math.log(base))
@@ -120,6 +121,7 @@ def rope_parameters(args: ModelArgs) -> tuple[Tensor, float]:
     # 0: keep the base frequency, 1: interpolate (divide by the factor)
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # (Dr/2,)
     inv_freq = freq * (1 - ramp) + (freq / s) * ramp  # (Dr/2,)
+    # end exercise: yarn
     # cos/sin multiplier: mscale / mscale_all_dim; 1.0 for K2 and DeepSeek-V3, whose YaRN
     # temperature lives entirely in the softmax scale (see softmax_scale). Same rule as HF
     # `_compute_yarn_parameters`.
@@ -139,10 +141,12 @@ def softmax_scale(args: ModelArgs) -> float:
     K2: 192^-0.5 · (1 + 0.1·ln 32)² = 0.13086080, at every sequence length (not only beyond 4096
     tokens).
     """
+    # exercise: yarn_scale
     scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
     rs = args.rope_scaling
     if rs is not None and rs.get("mscale_all_dim"):
         scale *= yarn_get_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+    # end exercise: yarn_scale
     return scale
 
 
@@ -159,6 +163,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     y_2i = x_2i cos θ_i − x_2i+1 sin θ_i,   y_2i+1 = x_2i sin θ_i + x_2i+1 cos θ_i.
     """
+    # exercise: rope
     # broadcast over B and any head dim
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)  # (1, T, 1.., Dr/2)
     rot = torch.complex(cos, sin).view(shape)  # e^{iθ_i}
@@ -173,6 +178,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x32 = x32.clone(memory_format=torch.contiguous_format)
     y = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * rot  # (..., Dr/2) complex
     return torch.view_as_real(y).flatten(-2).to(x.dtype)  # (..., Dr)
+    # end exercise: rope
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,10 +228,12 @@ class KVCache:
     def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> Tensor:
         """Store one layer's new tokens at [pos, pos+T); return that layer's rows [c_kv | k_pe] so
         far, (B, pos+T, Ckv+Dr)."""
+        # exercise: kv_cache
         end = self.pos + c_kv.shape[1]
         self.c_kv[layer, :, self.pos:end] = c_kv
         self.k_pe[layer, :, self.pos:end] = k_pe
         return self.latent[layer, :, :end]
+        # end exercise: kv_cache
 
     def nbytes(self) -> int:
         return self.latent.nbytes
@@ -365,6 +373,7 @@ class MLA(nn.Module):
         # eval passes never feed QK-Clip
         rec = self.max_logits if self.record_max_logits and self.training else None
         if impl == "naive":
+            # exercise: mla
             # up-project every cached token: per-head keys/values
             kv = self.kv_b_proj(c_kv).view(B, S, H, Dn + Dv)  # (B, S, H, Dn+Dv)
             k_nope, v = kv.split([Dn, Dv], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
@@ -374,7 +383,9 @@ class MLA(nn.Module):
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
             o = attend(qh, k.transpose(1, 2), v.transpose(1, 2),
                        self.softmax_scale, start, rec)  # (B, H, T, Dv)
+            # end exercise: mla
         elif impl == "absorb":
+            # exercise: absorbed
             w = self.kv_b_proj.weight.view(H, Dn + Dv, Ckv)
             w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, Ckv), (H, Dv, Ckv)
             # q_nope·k_nope = q_nope·(W^UK c) = (W^UKᵀ q_nope)·c: the query moves into the latent
@@ -389,6 +400,7 @@ class MLA(nn.Module):
             z = attend(qh, latent[:, None], c_kv[:, None],
                        self.softmax_scale, start, rec)  # (B, H, T, Ckv)
             o = z @ w_uv.transpose(1, 2)  # (B, H, T, Ckv) @ (H, Ckv, Dv) -> (B, H, T, Dv)
+            # end exercise: absorbed
         else:
             raise ValueError(f"attention impl must be 'naive' or 'absorb', got {impl!r}")
         # under TP each rank's o_proj sees only its heads' columns: one all-reduce sums the heads

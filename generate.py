@@ -95,6 +95,7 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
+        # exercise: top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token if the tokens before it already reach top_p (so the first token is always
@@ -103,6 +104,7 @@ def sample(logits: Tensor, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
         # explicitly: a top_p below fp32's smallest number compares as 0 and would drop it too
         drop[..., 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        # end exercise: top_p
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

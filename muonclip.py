@@ -103,6 +103,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
     iteration of p; K. Jordan's notes say "~Uniform(0.5, 1.5)"), which does not hurt training (Muon
     post). Works on any leading batch dims, e.g. (E, I, D).
     """
+    # exercise: newton_schulz
     assert G.ndim >= 2, f"Newton-Schulz needs matrices, got shape {tuple(G.shape)}"
     a, b, c = NS_COEFFICIENTS
     # bf16 on purpose (Moonlight toy_train.py): NS is stable in bf16 and the result only needs to be
@@ -128,6 +129,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
     if transposed:
         X = X.mT                         # back to G's orientation
     return X
+    # end exercise: newton_schulz
 
 
 def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:

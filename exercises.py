@@ -1,0 +1,1728 @@
+"""Classroom exercises cut from the real code: a student rewrites one marked region, a check grades it.
+
+For a student:
+    python exercises.py                 the exercises: name, file, concept, level, minutes, compared against
+    python exercises.py start rope      copies the modules into lab/ and replaces the `rope` region of
+                                        lab/attention.py by a stub stating the task (never the repository)
+    python exercises.py check rope      grades lab/: PASS/FAIL per check, a score, and a diagnostic that names
+                                        the likely mistake ("half-split pairs ...") or the largest error
+    python exercises.py hint rope       the next hint (one more per call); `show rope` prints the task again
+    python exercises.py solution rope   the reference region, exactly as it stands in the repository
+    python exercises.py tour            one token through a tiny model: each step, its shapes, its file:line
+For a teacher: `grade --json FILE` grades every started exercise of a workspace (a table, and JSON per check);
+`bench` times every exercise's check against the reference. TEACHING.md has a 2-hour lab, a one-week sequence
+and how to collect a class's JSON. `--lab DIR` (or K2_LAB in the environment) moves the workspace from ./lab.
+
+Where the exercises live. A region is marked in the real module by two one-line comments at the indentation of
+its body, `# exercise: NAME` and `# end exercise: NAME`, so the reference code is the solution and cannot
+drift from the exercise. `start` copies the modules and puts the stub between the markers in lab/FILE; `check`
+runs the checks in a fresh Python process with lab/ first on sys.path, so `import attention` (and everything
+it imports) gets the workspace's copies. A check draws fresh random inputs (the seed is printed; `--seed`
+repeats a run) of shapes the statement does not reveal, and a timeout stops a student's infinite loop. A
+region must be a block whose replacement by a stub (comments + `raise NotImplementedError`) keeps its module
+importable: a function body, or a statement block inside one.
+
+The Exercise API: how to add an exercise (the three sections after the API are complete examples).
+1. Put the two markers around the region in the module; nothing else changes there.
+2. Write the truth here, independently of the module: an fp64 naive recomputation, transformers' function
+   where one applies, or hand-computed values; and the output of each known mistake, computed the same way.
+3. Write checks, functions `check_WHAT(lab) -> None`; the first line of the docstring says what is verified.
+   `lab.MODULE` is the workspace's module (`lab.attention.apply_rope`); `lab.gen` is a torch.Generator seeded
+   afresh for this check, `lab.randint(lo, hi)` and `lab.uniform(lo, hi)` draw from it. A check raises
+   `CheckFailed(message)` (`expect_close` does, naming the known mistake whose output matches) or
+   `CheckSkipped(reason)`; any other exception is the student's, and is reported at the student's own line.
+4. `register(Exercise(...))` with its `Mistake`s: a description (the diagnostic must contain it) and the
+   source edits (old -> new) that plant the mistake in the reference region. tests/test_exercises.py then
+   proves, for every registered exercise, that the stub fails, the reference passes, each planted mistake (at
+   least two) fails with its diagnostic, and that the markers are intact. `python exercises.py bench` times
+   the new check.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parent
+LAB_ENV = "K2_LAB"            # environment variable that moves the workspace (as --lab DIR does)
+DEFAULT_TIMEOUT = 20.0        # seconds for one `check`; a correct solution takes a few (`exercises.py bench`)
+LEVELS = ("intro", "core", "advanced")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Exercise API
+
+
+class CheckFailed(AssertionError):
+    """A check's verdict on the student's code: what is wrong, in words a student can act on."""
+
+
+class CheckSkipped(Exception):
+    """A check that cannot run here (e.g. transformers is not installed); it does not count in the score."""
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A known wrong variant. `edits` plant it in the reference region (each `old` occurs exactly once there);
+    the check's diagnostic for it must contain `words` (default: the description itself)."""
+    description: str
+    edits: tuple[tuple[str, str], ...]
+    words: str = ""
+
+    @property
+    def expected(self) -> str:
+        return self.words or self.description
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str                    # the marker name and the CLI argument
+    file: str                    # the module holding the region, e.g. "attention.py"
+    concept: str                 # a few words for the table
+    level: str                   # one of LEVELS
+    minutes: int                 # expected time for a student who has read the module's docstring
+    against: str                 # what the checks compare against (independent truth)
+    statement: str               # what to compute: formula and paper reference, shapes, names in scope
+    hints: tuple[str, ...]       # 1-3, given in order by `hint`
+    checks: tuple[Callable[["Lab"], None], ...]
+    mistakes: tuple[Mistake, ...]
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def register(ex: Exercise) -> Exercise:
+    assert ex.name not in EXERCISES, f"exercise {ex.name!r} registered twice"
+    assert ex.level in LEVELS and 1 <= len(ex.hints) <= 3 and ex.checks, ex.name
+    EXERCISES[ex.name] = ex
+    return ex
+
+
+class Lab:
+    """What a check sees: the workspace's modules as attributes (`lab.attention`), a random generator."""
+
+    def __init__(self, directory: Path, seed: int):
+        self.dir, self.seed = directory, seed
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __getattr__(self, module: str):
+        if module.startswith("_"):
+            raise AttributeError(module)
+        return importlib.import_module(module)
+
+    def randint(self, lo: int, hi: int) -> int:
+        """A random integer in [lo, hi] from this check's generator."""
+        return int(torch.randint(lo, hi + 1, (), generator=self.gen))
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.gen, dtype=torch.float64))
+
+
+def expect_close(got, want: Tensor, what: str, atol: float, rtol: float = 0.0,
+                 mistakes: dict[str, Tensor] | None = None) -> None:
+    """Raise CheckFailed unless `got` has want's shape and |got - want| <= atol + rtol·|want| everywhere.
+
+    On a mismatch, `got` is compared with each known mistake's output (same tolerance) and the first that
+    matches is named; otherwise the message gives the largest error and its index."""
+    if not isinstance(got, Tensor):
+        raise CheckFailed(f"{what}: expected a tensor, got {type(got).__name__}")
+    if _close(got, want, atol, rtol):
+        return
+    for description, out in (mistakes or {}).items():
+        if _close(got, out, atol, rtol):
+            raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {description}")
+    if got.shape != want.shape:
+        raise CheckFailed(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    bad = ~torch.isfinite(g) & torch.isfinite(w)
+    if bad.any():
+        i = tuple(int(v) for v in bad.nonzero()[0])
+        raise CheckFailed(f"{what}: {int(bad.sum())} of {g.numel()} values are NaN or inf, e.g. at index {i}"
+                          f" (expected {w[i].item():.6g})")
+    err = (g - w).abs().nan_to_num(nan=math.inf) - rtol * w.abs()
+    i = tuple(int(v) for v in (err == err.max()).nonzero()[0])
+    tol = f"{atol:g}" + (f" + {rtol:g}·|expected|" if rtol else "")
+    raise CheckFailed(f"{what}: max error {(g - w).abs()[i].item():.3g} at index {i} (got {g[i].item():.6g}, "
+                      f"expected {w[i].item():.6g}; tolerance {tol}); it matches none of the known mistakes")
+
+
+def _close(got: Tensor, want: Tensor, atol: float, rtol: float) -> bool:
+    if got.shape != want.shape:
+        return False
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    fin = torch.isfinite(w)
+    if not torch.equal(torch.isfinite(g), fin) or not torch.equal(g[~fin].nan_to_num(), w[~fin].nan_to_num()):
+        return False
+    return bool(((g[fin] - w[fin]).abs() <= atol + rtol * w[fin].abs()).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: interleaved RoPE (attention.py apply_rope)
+
+ROPE_HALF = "half-split pairs (x_i, x_i+Dr/2) instead of interleaved pairs (x_2i, x_2i+1)"
+ROPE_SIGN = "rotation in the wrong direction (by -θ: the sign of the sin terms is flipped)"
+ROPE_SWAP = "cos and sin swapped"
+
+
+def _angles(lab: Lab, T: int, half: int) -> Tensor:
+    """Random positions times random inverse frequencies: (T, Dr/2) fp64 angles."""
+    pos = torch.randint(0, 5000, (T,), generator=lab.gen).double()
+    inv_freq = 10.0 ** -torch.rand(half, generator=lab.gen, dtype=torch.float64).mul(4)
+    return pos[:, None] * inv_freq[None, :]
+
+
+def rope_truth(x: Tensor, theta: Tensor, pairs: str = "interleaved", sign: float = 1.0,
+               swap: bool = False) -> Tensor:
+    """fp64, one pair at a time: y_a = x_a cos θ_i - x_b sin θ_i, y_b = x_a sin θ_i + x_b cos θ_i (RoFormer,
+    arXiv 2104.09864 §3.4.2) with (a, b) = (2i, 2i+1) interleaved or (i, i+Dr/2) half-split.
+    x (B, T, ..., Dr), theta (T, Dr/2). The optional arguments produce the known mistakes."""
+    x = x.double()
+    y = torch.empty_like(x)
+    half = x.shape[-1] // 2
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3)
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if pairs == "interleaved" else (i, i + half)
+        cos, sin = theta[:, i].cos().view(shape), sign * theta[:, i].sin().view(shape)
+        if swap:
+            cos, sin = sin, cos
+        y[..., a] = x[..., a] * cos - x[..., b] * sin
+        y[..., b] = x[..., a] * sin + x[..., b] * cos
+    return y
+
+
+def _rope_mistakes(x: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    return {ROPE_HALF: rope_truth(x, theta, pairs="half"), ROPE_SIGN: rope_truth(x, theta, sign=-1.0),
+            ROPE_SWAP: rope_truth(x, theta, swap=True)}
+
+
+def check_rope_random(lab: Lab) -> None:
+    """matches an fp64 recomputation on random shapes, with and without a head dim"""
+    B, T, H, Dr = lab.randint(1, 3), lab.randint(2, 9), lab.randint(1, 5), 2 * lab.randint(3, 12)
+    theta = _angles(lab, T, Dr // 2)
+    for x in (torch.randn(B, T, H, Dr, generator=lab.gen), torch.randn(B, T, Dr, generator=lab.gen)):
+        y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
+        expect_close(y, rope_truth(x, theta), f"apply_rope on x {tuple(x.shape)}", atol=1e-5,
+                     mistakes=_rope_mistakes(x, theta))
+
+
+def check_rope_by_hand(lab: Lab) -> None:
+    """x = [1, 0, 0, 1] at angles (π/2, π) gives [0, 1, 0, -1] (worked by hand)"""
+    x = torch.tensor([[[1.0, 0.0, 0.0, 1.0]]])  # (B=1, T=1, Dr=4)
+    theta = torch.tensor([[math.pi / 2, math.pi]], dtype=torch.float64)
+    y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
+    # pair (x0, x1) = (1, 0) turned by 90° is (0, 1); pair (x2, x3) = (0, 1) turned by 180° is (0, -1)
+    expect_close(y, torch.tensor([[[0.0, 1.0, 0.0, -1.0]]]), "apply_rope([1, 0, 0, 1], θ = (π/2, π))",
+                 atol=1e-6, mistakes=_rope_mistakes(x, theta))
+
+
+def check_rope_dtype_and_strides(lab: Lab) -> None:
+    """keeps a bf16 input's dtype and shape, and works on a slice of a wider tensor (as q[..., Dn:])"""
+    B, T, H, Dr = lab.randint(1, 2), lab.randint(2, 6), lab.randint(2, 4), 2 * lab.randint(2, 8)
+    Dn = lab.randint(1, 9)
+    theta = _angles(lab, T, Dr // 2)
+    x = torch.randn(B, T, H, Dn + Dr, generator=lab.gen).bfloat16()[..., Dn:]   # a non-contiguous view
+    y = lab.attention.apply_rope(x, theta.cos().float(), theta.sin().float())
+    if not isinstance(y, Tensor) or y.dtype != torch.bfloat16:
+        raise CheckFailed(f"apply_rope on a bf16 input returned {getattr(y, 'dtype', type(y).__name__)}: "
+                          f"compute in fp32 if you like, but return x's dtype")
+    expect_close(y, rope_truth(x, theta), f"apply_rope on a bf16 slice {tuple(x.shape)}", atol=0.02,
+                 rtol=0.01, mistakes=_rope_mistakes(x, theta))
+
+
+def check_rope_transformers(lab: Lab) -> None:
+    """matches transformers' DeepseekV3 apply_rotary_pos_emb_interleave (whose output is de-interleaved)"""
+    try:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+    except ImportError:
+        raise CheckSkipped("transformers is not installed") from None
+    B, T, H, Dr = lab.randint(1, 3), lab.randint(2, 7), lab.randint(1, 4), 2 * lab.randint(2, 8)
+    theta = _angles(lab, T, Dr // 2)
+    x = torch.randn(B, T, H, Dr, generator=lab.gen, dtype=torch.float64)
+    y = lab.attention.apply_rope(x, theta.cos(), theta.sin())
+    # HF: (B, H, T, Dr) inputs, cos/sin (B, T, Dr) in rotate_half layout [θ_0..θ_n-1, θ_0..θ_n-1]
+    cos, sin = (f(torch.cat([theta, theta], -1))[None] for f in (torch.cos, torch.sin))
+    ref, _ = apply_rotary_pos_emb_interleave(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+    ref = ref.transpose(1, 2)                       # (B, T, H, Dr) as [re_0..re_n-1, im_0..im_n-1]
+    def deinterleave(t):
+        return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2) if isinstance(t, Tensor) else t
+
+    expect_close(deinterleave(y), ref, "apply_rope vs transformers (both de-interleaved)", atol=1e-5,
+                 mistakes={k: deinterleave(v) for k, v in _rope_mistakes(x, theta).items()})
+
+
+register(Exercise(
+    name="rope", file="attention.py", concept="interleaved RoPE", level="intro", minutes=20,
+    against="fp64 pair-by-pair; transformers; by hand",
+    statement="""\
+Rotate every interleaved pair (x_2i, x_2i+1) of the last dim of x by its angle θ_i (RoFormer arXiv 2104.09864
+§3.4.2; the pair layout of DeepSeek-V3's released weights, arXiv 2412.19437 §2.1.1, inference/model.py
+apply_rotary_emb):  y_2i = x_2i cos θ_i - x_2i+1 sin θ_i,   y_2i+1 = x_2i sin θ_i + x_2i+1 cos θ_i.
+In scope: x (B, T, ..., Dr), any dtype, possibly a non-contiguous slice; cos, sin (T, Dr/2) fp32, already
+cos θ and sin θ for each position t and pair i (broadcast them over B and any head dims); torch.
+Return y with x's shape and dtype (compute in fp32).""",
+    hints=("Shape cos and sin to (1, T, 1, ..., 1, Dr/2) so they broadcast against the pairs; "
+           "x.unflatten(-1, (-1, 2)) gives (..., Dr/2, 2) with x_2i in [..., 0] and x_2i+1 in [..., 1].",
+           "A pair (a, b) rotated by θ is the complex number (a + ib)·e^{iθ}: torch.view_as_complex needs "
+           "the pairs in the last dim and a contiguous fp32 tensor.",
+           "Interleaved means neighbours: x_0 pairs with x_1, not with x_Dr/2 (that is the half-split layout "
+           "of rotate_half, which these weights were not trained with)."),
+    checks=(check_rope_random, check_rope_by_hand, check_rope_dtype_and_strides, check_rope_transformers),
+    mistakes=(
+        Mistake(ROPE_HALF, (("torch.view_as_complex(x32.unflatten(-1, (-1, 2)))",
+                             "torch.view_as_complex(x32.unflatten(-1, (2, -1)).mT.contiguous())"),
+                            ("torch.view_as_real(y).flatten(-2)", "torch.view_as_real(y).mT.flatten(-2)"))),
+        Mistake(ROPE_SIGN, (("torch.complex(cos, sin)", "torch.complex(cos, -sin)"),)),
+        Mistake(ROPE_SWAP, (("torch.complex(cos, sin)", "torch.complex(sin, cos)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: top-p (nucleus) sampling (generate.py sample)
+
+TOP_P_STRICT = ("the token that crosses top_p is dropped (kept only tokens whose cumulative probability "
+                "stays strictly below p): the nucleus is one token too small")
+TOP_P_ORDER = "the cut made in sorted order was applied to the logits in vocabulary order (no scatter back)"
+TOP_P_UNSORTED = "the cumulative sum was taken in vocabulary order, not from the most likely token down"
+
+
+def nucleus_truth(logits: Tensor, p: float, rule: str = "right") -> Tensor:
+    """The distribution top-p samples from, fp64, one row at a time (Holtzman et al., arXiv 1904.09751 §3.1):
+    the smallest set of most likely tokens whose probability reaches p, renormalised. `rule` makes the
+    mistakes."""
+    probs = logits.double().softmax(-1)
+    out = torch.zeros_like(probs)
+    for r in range(probs.shape[0]):
+        order = sorted(range(probs.shape[1]), key=lambda j: -probs[r, j].item())
+        keep, total = [], 0.0
+        ids = list(range(probs.shape[1])) if rule == "unsorted" else order
+        for rank, j in enumerate(ids):
+            if rank > 0 and (total >= p or (rule == "strict" and total + probs[r, j].item() >= p)):
+                break
+            keep.append(j)
+            total += probs[r, j].item()
+        if rule == "order":  # the sorted cut, applied to vocabulary positions 0..n-1
+            keep = list(range(len(keep)))
+        mask = torch.zeros(probs.shape[1], dtype=torch.bool)
+        mask[keep] = True
+        q = probs[r] * mask
+        out[r] = q / q.sum() if q.sum() > 0 else q
+    return out
+
+
+def _top_p_mistakes(logits: Tensor, p: float) -> dict[str, Tensor]:
+    return {TOP_P_STRICT: nucleus_truth(logits, p, "strict"), TOP_P_ORDER: nucleus_truth(logits, p, "order"),
+            TOP_P_UNSORTED: nucleus_truth(logits, p, "unsorted")}
+
+
+def _sampled_distribution(lab: Lab, logits: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """Call the lab's sample() and capture the probabilities it hands to torch.multinomial: (probs, ids)."""
+    seen: list[Tensor] = []
+    real = torch.multinomial
+
+    def spy(probs, *a, **k):
+        seen.append(probs.detach().clone())
+        return real(probs, *a, **k)
+
+    torch.multinomial = spy
+    try:
+        ids = lab.generate.sample(logits.clone(), generator=lab.gen, **kw)
+    finally:
+        torch.multinomial = real
+    if not seen:
+        raise CheckFailed("sample() never called torch.multinomial: keep the sampling line after the region")
+    return seen[-1], ids
+
+
+def _safe_p(lab: Lab, logits: Tensor, lo: float, hi: float) -> float:
+    """A random p at least 1e-4 from every cumulative probability, so fp32 rounding cannot move the cut."""
+    cum = logits.double().softmax(-1).sort(-1, descending=True).values.cumsum(-1)
+    while True:
+        p = lab.uniform(lo, hi)
+        if bool(((cum - p).abs() > 1e-4).all()):
+            return p
+
+
+def check_top_p_random(lab: Lab) -> None:
+    """samples from the renormalised nucleus of fp64 truth, for random logits, temperature and p"""
+    B, V = lab.randint(2, 5), lab.randint(20, 120)
+    logits = torch.randn(B, V, generator=lab.gen) * lab.uniform(1.0, 4.0)
+    t = lab.uniform(0.5, 1.5)
+    p = _safe_p(lab, logits / t, 0.2, 0.95)
+    probs, ids = _sampled_distribution(lab, logits, temperature=t, top_p=p)
+    want = nucleus_truth(logits.double() / t, p)
+    expect_close(probs, want, f"distribution sampled from (B={B}, V={V}, top_p={p:.3f})", atol=1e-5,
+                 mistakes=_top_p_mistakes(logits.double() / t, p))
+    if not (isinstance(ids, Tensor) and ids.shape == (B,) and bool((want.gather(1, ids[:, None]) > 0).all())):
+        raise CheckFailed(f"sample() returned {ids!r}: expected {B} token ids, each inside its row's nucleus")
+
+
+def check_top_p_after_top_k(lab: Lab) -> None:
+    """after top-k has masked tokens to -inf, the nucleus is taken among the survivors"""
+    B, V = lab.randint(2, 4), lab.randint(30, 90)
+    k = lab.randint(4, V // 2)
+    logits = torch.randn(B, V, generator=lab.gen) * 3
+    kth = logits.topk(k, -1).values[:, -1:]
+    masked = logits.double().masked_fill(logits < kth, float("-inf"))
+    p = _safe_p(lab, masked, 0.3, 0.9)
+    probs, _ = _sampled_distribution(lab, logits, temperature=1.0, top_k=k, top_p=p)
+    expect_close(probs, nucleus_truth(masked, p), f"distribution after top_k={k}, top_p={p:.3f}", atol=1e-5,
+                 mistakes=_top_p_mistakes(masked, p))
+
+
+def check_top_p_by_hand(lab: Lab) -> None:
+    """probabilities (0.05, 0.5, 0.15, 0.3) with top_p 0.75 keep tokens 1 and 3: (0, 0.625, 0, 0.375)"""
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    # sorted: 0.5 (sum above 0 < 0.75, keep), 0.3 (sum above 0.5 < 0.75, keep), 0.15 (0.8 >= 0.75, drop), 0.05
+    probs, _ = _sampled_distribution(lab, logits, temperature=1.0, top_p=0.75)
+    expect_close(probs, torch.tensor([[0.0, 0.625, 0.0, 0.375]]), "distribution for probs (0.05, 0.5, 0.15, "
+                 "0.3), top_p 0.75", atol=1e-5, mistakes=_top_p_mistakes(logits, 0.75))
+
+
+def check_top_p_tiny(lab: Lab) -> None:
+    """a tiny top_p keeps exactly the most likely token"""
+    B, V = lab.randint(2, 4), lab.randint(10, 50)
+    logits = torch.randn(B, V, generator=lab.gen)
+    probs, ids = _sampled_distribution(lab, logits, temperature=1.0, top_p=1e-9)
+    expect_close(probs, nucleus_truth(logits, 1e-9), "distribution for top_p 1e-9", atol=1e-6,
+                 mistakes=_top_p_mistakes(logits, 1e-9))
+    if not (isinstance(ids, Tensor) and torch.equal(ids, logits.argmax(-1))):
+        raise CheckFailed(f"with top_p 1e-9 sample() must return the argmax {logits.argmax(-1).tolist()}, "
+                          f"got {ids!r}")
+
+
+register(Exercise(
+    name="top_p", file="generate.py", concept="top-p (nucleus) sampling", level="intro", minutes=20,
+    against="fp64 nucleus; by hand",
+    statement="""\
+Keep the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et
+al., arXiv 1904.09751 §3.1): sort each row's probabilities in descending order; a token stays if the tokens
+ranked above it sum to LESS than top_p (so the token that crosses top_p stays, and the most likely token
+always stays). Set the logits of every other token to -inf, in vocabulary order: the softmax and
+torch.multinomial after the region renormalise and draw.
+In scope: logits (B, V) fp32, already divided by the temperature and with top-k's losers at -inf; top_p, a
+float in (0, 1); torch. Leave the result in `logits` (B, V).""",
+    hints=("logits.sort(dim=-1, descending=True) gives the sorted values and `order`, the vocabulary id at "
+           "each rank.",
+           "The probability mass ranked above a token is cumsum - probs (an exclusive cumulative sum).",
+           "Build the -inf mask in sorted order, then put it back in vocabulary order with "
+           "scatter(-1, order, ...)."),
+    checks=(check_top_p_random, check_top_p_after_top_k, check_top_p_by_hand, check_top_p_tiny),
+    mistakes=(
+        Mistake(TOP_P_STRICT, (("drop = probs.cumsum(dim=-1) - probs >= top_p",
+                                "drop = probs.cumsum(dim=-1) >= top_p"),)),
+        Mistake(TOP_P_ORDER, (("logits.scatter(-1, order, sorted_logits.masked_fill(drop, float(\"-inf\")))",
+                               "logits.masked_fill(drop, float(\"-inf\"))"),)),
+        Mistake(TOP_P_UNSORTED, (("logits.sort(dim=-1, descending=True)",
+                                  "logits, torch.arange(logits.shape[-1]).expand_as(logits)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: Newton-Schulz orthogonalisation (muonclip.py zeropower_via_newtonschulz5)
+
+NS_ORDER = "the coefficients in the wrong order (a must multiply X, c the (X Xᵀ)² X term)"
+NS_NO_NORM = "G not divided by its Frobenius norm first (singular values above ~1.3 leave p's basin)"
+NS_TALL = ("the tall matrix was not transposed: X Xᵀ is then the big A×A Gram matrix (iterate on the wide "
+           "side, A <= B, and transpose back)")
+NS_ABC = (3.4445, -4.7750, 2.0315)   # KellerJordan/Muon muon.py, written out again as the independent truth
+
+
+def newton_schulz_truth(G: Tensor, steps: int = 5, abc: tuple[float, float, float] = NS_ABC,
+                        normalise: bool = True) -> Tensor:
+    """fp64, one matrix at a time: X = G/‖G‖_F, then X <- aX + b(XXᵀ)X + c(XXᵀ)²X (Muon, K. Jordan 2024;
+    Moonlight arXiv 2502.16982 §2.1). For a tall matrix this is the same polynomial of the singular values
+    as on Gᵀ, so the truth needs no transpose."""
+    a, b, c = abc
+    out = torch.empty(G.shape, dtype=torch.float64)
+    for i, g in enumerate(G.double().reshape(-1, *G.shape[-2:])):
+        X = g / (g.norm() + 1e-7) if normalise else g
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        out.view(-1, *G.shape[-2:])[i] = X
+    return out
+
+
+def _ns_mistakes(G: Tensor) -> dict[str, Tensor]:
+    return {NS_ORDER: newton_schulz_truth(G, abc=NS_ABC[::-1]),
+            NS_NO_NORM: newton_schulz_truth(G, normalise=False)}
+
+
+def _ns_call(lab: Lab, G: Tensor) -> Tensor:
+    X = lab.muonclip.zeropower_via_newtonschulz5(G)
+    if not isinstance(X, Tensor) or X.shape != G.shape or X.dtype != torch.bfloat16:
+        raise CheckFailed(f"zeropower_via_newtonschulz5 on {tuple(G.shape)} returned "
+                          f"{getattr(X, 'dtype', type(X).__name__)} {tuple(getattr(X, 'shape', ()))}: "
+                          f"expected bf16 with G's shape")
+    return X
+
+
+def _small_norm_stack(lab: Lab, shape: tuple[int, ...]) -> Tensor:
+    """Matrices of random Frobenius norm in [0.3, 0.6]: finite without the normalisation, but different."""
+    G = torch.randn(shape, generator=lab.gen)
+    norm = 0.3 + 0.3 * torch.rand(shape[:-2] + (1, 1), generator=lab.gen)
+    return G / G.norm(dim=(-2, -1), keepdim=True) * norm
+
+
+# bf16 iteration against fp64: tests/test_muonclip.py measures 1.5-3.6% relative error; 0.05 absolute per
+# entry of a near-orthogonal matrix (entries ~1/sqrt(A)) passes both common formulations, rejects the mistakes
+NS_ATOL = 0.05
+
+
+def check_ns_wide_and_tall(lab: Lab) -> None:
+    """matches fp64 Newton-Schulz for a wide, a tall and a square matrix"""
+    n = lab.randint(6, 24)
+    for shape in ((n, n + lab.randint(4, 40)), (n + lab.randint(4, 40), n), (n, n)):
+        G = _small_norm_stack(lab, shape)
+        expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {shape[0]}×{shape[1]} "
+                     f"matrix", atol=NS_ATOL, mistakes=_ns_mistakes(G))
+
+
+def check_ns_batched(lab: Lab) -> None:
+    """orthogonalises each matrix of an (E, A, B) stack on its own"""
+    E, A, B = lab.randint(2, 4), lab.randint(8, 20), lab.randint(8, 20)
+    G = _small_norm_stack(lab, (E, A, B)) * torch.tensor([1.0] + [7.0] * (E - 1)).view(E, 1, 1)  # unequal
+    expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of an ({E}, {A}, {B}) stack",
+                 atol=NS_ATOL, mistakes=_ns_mistakes(G))
+
+
+def check_ns_large_input(lab: Lab) -> None:
+    """a gradient with large entries gives a finite near-orthogonal result (and zeros give zeros)"""
+    A, B = lab.randint(20, 40), lab.randint(6, 16)
+    G = torch.randn(A, B, generator=lab.gen) * 100
+    expect_close(_ns_call(lab, G), newton_schulz_truth(G), f"Newton-Schulz of a {A}×{B} matrix with entries "
+                 f"~100", atol=NS_ATOL, mistakes=_ns_mistakes(G))
+    Z = _ns_call(lab, torch.zeros(A, B))
+    if not bool((Z == 0).all()):
+        raise CheckFailed("Newton-Schulz of a zero matrix must be zero (add NS_EPS to the norm)")
+
+
+def check_ns_wide_side(lab: Lab) -> None:
+    """iterates on the wide side: a tall A×B matrix costs as many flops as its transpose"""
+    from torch.utils.flop_counter import FlopCounterMode
+    B = lab.randint(8, 16)
+    A = 4 * B
+    G = torch.randn(A, B, generator=lab.gen)
+    with FlopCounterMode(display=False) as fc:
+        _ns_call(lab, G)
+    # per step on the wide side (B×A): X Xᵀ 2·B²A, (X Xᵀ)² 2·B³, P X 2·B²A
+    wide = 5 * (4 * B * B * A + 2 * B ** 3)
+    flops = fc.get_total_flops()
+    if flops > 1.5 * wide:
+        raise CheckFailed(f"a {A}×{B} matrix took {flops:,} matmul flops, {flops / wide:.1f}x the {wide:,} "
+                          f"of iterating on its {B}×{A} transpose: {NS_TALL}")
+
+
+register(Exercise(
+    name="newton_schulz", file="muonclip.py", concept="Muon's Newton-Schulz iteration", level="core",
+    minutes=30,
+    against="fp64 iteration; flop count",
+    statement="""\
+Approximate the orthogonal polar factor U Vᵀ of every matrix in G with 5 steps of the quintic Newton-Schulz
+iteration (Muon, K. Jordan 2024; Moonlight arXiv 2502.16982 §2.1, Algorithm 1; Kimi K2 arXiv 2507.20534 §2.1):
+X = G / (‖G‖_F + NS_EPS), then `steps` times X <- a·X + b·(X Xᵀ) X + c·(X Xᵀ)² X with (a, b, c) =
+NS_COEFFICIENTS. Iterate in bf16, on the wide side: if a matrix is tall (A > B) work on its transpose and
+transpose back, so that X Xᵀ is the smaller Gram matrix. Each matrix of a stack is its own: norms per matrix.
+In scope: G (..., A, B) any float dtype, any leading batch dims; steps (int); NS_COEFFICIENTS, NS_EPS; torch.
+Return X, bf16, with G's shape.""",
+    hints=("X.norm(dim=(-2, -1), keepdim=True) gives one Frobenius norm per matrix of the stack; X.mT "
+           "transposes the last two dims.",
+           "torch.matmul/`@` broadcasts over leading dims, so one loop over the steps handles any stack.",
+           "The Frobenius norm bounds the spectral norm, so after the division every singular value is at "
+           "most 1: the polynomial p(x) = a x + b x³ + c x⁵ then pushes each towards ~1 (it diverges above "
+           "~1.3)."),
+    checks=(check_ns_wide_and_tall, check_ns_batched, check_ns_large_input, check_ns_wide_side),
+    mistakes=(
+        Mistake(NS_ORDER, (("a, b, c = NS_COEFFICIENTS", "c, b, a = NS_COEFFICIENTS"),)),
+        Mistake(NS_NO_NORM, (("X = X / (X.norm(dim=(-2, -1), keepdim=True) + NS_EPS)", "X = X"),)),
+        Mistake(NS_TALL, (("transposed = G.size(-2) > G.size(-1)", "transposed = False"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: YaRN frequencies (attention.py rope_parameters)
+
+YARN_REVERSED = ("the ramp is reversed: the high-frequency pairs (small i, many turns over the original context) "
+                 "were interpolated and the low-frequency ones kept")
+YARN_NO_2PI = ("the correction pair index without the 2π: a pair's wavelength is 2π/θ_i, so it turns "
+               "L0·θ_i/(2π) times over the original context, not L0·θ_i")
+YARN_NO_ROUND = ("the ramp's ends were not rounded outward to whole pairs (floor the start, ceil the end, "
+                 "unless rope_scaling sets truncate: false)")
+
+
+def yarn_truth(d: int, base: float, L0: int, s: float, beta_fast: float, beta_slow: float,
+               truncate: bool = True, mistake: str = "") -> Tensor:
+    """fp64, pair by pair: YaRN's "NTK-by-parts" inverse frequencies (arXiv 2309.00071 §3.2, eq. 17-18), in
+    the pair-index form of DeepSeek-V3 inference/model.py precompute_freqs_cis. Pair i has θ_i = base^(-2i/d)
+    and wavelength λ_i = 2π/θ_i, so it turns r_i = L0/λ_i times over the original context L0; r_i = n at
+    i(n) = d·ln(L0/(2πn)) / (2·ln base). γ_i ramps linearly from 0 at i(beta_fast) to 1 at i(beta_slow);
+    h(θ_i) = (1 - γ_i)·θ_i + γ_i·θ_i/s. `mistake` ("reversed", "no_2pi", "no_round") makes the mistakes."""
+    turns = (lambda n: L0 / n) if mistake == "no_2pi" else (lambda n: L0 / (2 * math.pi * n))
+    lo, hi = (d * math.log(turns(n)) / (2 * math.log(base)) for n in (beta_fast, beta_slow))
+    if truncate and mistake != "no_round":
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001
+    out = []
+    for i in range(d // 2):
+        theta = base ** (-2 * i / d)
+        gamma = min(max((i - lo) / (hi - lo), 0.0), 1.0)     # 1: interpolate (divide by s)
+        if mistake == "reversed":
+            gamma = 1 - gamma
+        out.append((1 - gamma) * theta + gamma * theta / s)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _yarn_mistakes(*a, **kw) -> dict[str, Tensor]:
+    return {YARN_REVERSED: yarn_truth(*a, mistake="reversed", **kw),
+            YARN_NO_2PI: yarn_truth(*a, mistake="no_2pi", **kw),
+            YARN_NO_ROUND: yarn_truth(*a, mistake="no_round", **kw)}
+
+
+def _attn_args(lab: Lab, **kw):
+    """The workspace's ModelArgs for one dense layer (no router to validate), small sizes, given overrides."""
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, first_k_dense_replace=1,
+                intermediate_size=16, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=1 << 17,
+                bos_token_id=None, eos_token_id=None)
+    return lab.config.ModelArgs(**{**base, **kw})
+
+
+def _inv_freq(lab: Lab, args) -> Tensor:
+    out = lab.attention.rope_parameters(args)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise CheckFailed(f"rope_parameters returned {type(out).__name__}: leave `inv_freq` set in the region "
+                          f"(the lines after it return (inv_freq, multiplier))")
+    return out[0]
+
+
+def check_yarn_random(lab: Lab) -> None:
+    """matches fp64 NTK-by-parts frequencies for random base, context, factor and betas, rounded or not"""
+    d, base = 2 * lab.randint(16, 40), 10 ** lab.uniform(4.0, 6.0)
+    L0, s = 2 ** lab.randint(11, 14), lab.uniform(4.0, 64.0)
+    beta_fast, beta_slow = float(lab.randint(16, 48)), lab.uniform(1.0, 2.0)
+    for truncate in (None, False):
+        rs = {"type": "yarn", "factor": s, "original_max_position_embeddings": L0, "beta_fast": beta_fast,
+              "beta_slow": beta_slow}
+        if truncate is not None:
+            rs["truncate"] = truncate
+        args = _attn_args(lab, qk_rope_head_dim=d, rope_theta=base, rope_scaling=rs)
+        want = (d, base, L0, s, beta_fast, beta_slow)
+        expect_close(_inv_freq(lab, args), yarn_truth(*want, truncate=truncate is None),
+                     f"inv_freq (Dr={d}, base {base:.0f}, L0 {L0}, factor {s:.2f}, beta_fast {beta_fast:g}, "
+                     f"beta_slow {beta_slow:.3f}, truncate {truncate is None})", atol=0, rtol=1e-5,
+                     mistakes=_yarn_mistakes(*want, truncate=truncate is None))
+
+
+def check_yarn_k2(lab: Lab) -> None:
+    """K2 (base 50000, L0 4096, factor 32, beta_fast = beta_slow = 1): pairs 0..19 kept, 20..31 divided by 32"""
+    # i(1) = 64·ln(4096/2π) / (2·ln 50000) = 19.16: floor 19, ceil 20, so the ramp is a step between them
+    k2 = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    args = _attn_args(lab, qk_rope_head_dim=64, rope_theta=50000.0, rope_scaling=k2)
+    want = torch.tensor([50000.0 ** (-2 * i / 64) / (32 if i >= 20 else 1) for i in range(32)],
+                        dtype=torch.float64)
+    expect_close(_inv_freq(lab, args), want, "inv_freq for K2's rope_scaling", atol=0, rtol=1e-5,
+                 mistakes=_yarn_mistakes(64, 50000.0, 4096, 32.0, 1.0, 1.0))
+
+
+def check_yarn_deepseek_v3(lab: Lab) -> None:
+    """DeepSeek-V3 (base 1e4, L0 4096, factor 40, betas 32/1): kept to pair 10, a ramp to 23, then /40"""
+    # i(32) = 10.47 -> 10, i(1) = 22.51 -> 23: γ_i = (i - 10)/13, so θ_11 keeps 1 - (1/13)(1 - 1/40) = 0.925
+    ds = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    args = _attn_args(lab, qk_rope_head_dim=64, rope_theta=10000.0, rope_scaling=ds)
+    ratio = [1.0] * 11 + [1.0 - (i - 10) / 13 * (1 - 1 / 40) for i in range(11, 23)] + [1 / 40] * 9
+    want = torch.tensor([10000.0 ** (-2 * i / 64) * r for i, r in enumerate(ratio)], dtype=torch.float64)
+    expect_close(_inv_freq(lab, args), want, "inv_freq for DeepSeek-V3's rope_scaling", atol=0, rtol=1e-5,
+                 mistakes=_yarn_mistakes(64, 10000.0, 4096, 40.0, 32.0, 1.0))
+
+
+register(Exercise(
+    name="yarn", file="attention.py", concept="YaRN frequencies (NTK-by-parts)", level="core", minutes=25,
+    against="fp64 pair by pair; by hand (K2, DeepSeek-V3)",
+    statement="""\
+Stretch the RoPE frequencies to a longer context with YaRN's "NTK-by-parts" (arXiv 2309.00071 §3.2;
+the pair-index form of DeepSeek-V3 inference/model.py precompute_freqs_cis; config key rope_scaling).
+Pair i (θ_i = freq[i]) has wavelength 2π/θ_i: it turns r_i = L0·θ_i/(2π) times over the original
+context L0, and r_i = n at the pair index   i(n) = d·ln(L0 / (2π·n)) / (2·ln base).
+The ramp runs from lo = i(beta_fast) to hi = i(beta_slow): round lo down and hi up to whole pairs
+unless rs.get("truncate", True) is False; clamp lo >= 0 and hi <= d - 1; if lo == hi, add 0.001 to hi.
+    γ_i = clamp((i - lo) / (hi - lo), 0, 1),     inv_freq_i = (1 - γ_i)·θ_i + γ_i·θ_i / s
+so the pairs that turn many times keep θ_i and the slow ones are divided by s.
+In scope: d (qk_rope_head_dim, even), base (rope_theta), freq (d/2,) fp32 = base^(-2i/d), s (factor),
+L0 (original_max_position_embeddings), beta_fast, beta_slow (floats), rs (the rope_scaling dict);
+math, torch. Leave inv_freq, (d/2,) fp32.""",
+    hints=("torch.arange(d // 2) gives every pair index i at once; .clamp(0, 1) bounds the ramp.",
+           "beta_fast (many turns) gives the smaller index: fast pairs sit at the start of the vector.",
+           "Check by hand: K2 (d 64, base 50000, L0 4096, s 32, betas 1/1) keeps pairs 0..19 and divides "
+           "20..31 by 32."),
+    checks=(check_yarn_random, check_yarn_k2, check_yarn_deepseek_v3),
+    mistakes=(
+        Mistake(YARN_REVERSED, (("inv_freq = freq * (1 - ramp) + (freq / s) * ramp",
+                                 "inv_freq = freq * ramp + (freq / s) * (1 - ramp)"),)),
+        Mistake(YARN_NO_2PI, (("math.log(L0 / (n_rot * 2 * math.pi))", "math.log(L0 / n_rot)"),)),
+        Mistake(YARN_NO_ROUND, (('if rs.get("truncate", True):', "if False:"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: YaRN's softmax scale (attention.py softmax_scale)
+
+SCALE_ONCE = "YaRN's m was applied once: the softmax scale takes m² (m on the query and m on the key)"
+SCALE_NOPE = "1/√Dn (the nope dim only): the query·key dot product runs over Dn + Dr dims"
+SCALE_KEY = ("m computed from rope_scaling's mscale, not mscale_all_dim (mscale_all_dim is the one that goes "
+             "into the softmax scale)")
+
+
+def scale_truth(Dn: int, Dr: int, rs: dict | None, mistake: str = "") -> Tensor:
+    """fp64: (Dn + Dr)^-1/2 · m², m = 0.1·mscale_all_dim·ln(factor) + 1 for factor > 1 (YaRN arXiv 2309.00071
+    §3.4, eq. 22: √(1/t) = 0.1 ln s + 1; DeepSeek-V3 inference/model.py MLA.__init__), applied only when
+    rope_scaling sets mscale_all_dim. `mistake` ("once", "nope", "key") makes the mistakes."""
+    scale = (Dn if mistake == "nope" else Dn + Dr) ** -0.5
+    if rs is not None and rs.get("mscale_all_dim"):
+        a = rs.get("mscale", 1.0) if mistake == "key" else rs["mscale_all_dim"]
+        m = 0.1 * a * math.log(rs["factor"]) + 1 if rs["factor"] > 1 else 1.0
+        scale *= m if mistake == "once" else m * m
+    return torch.tensor(scale, dtype=torch.float64)
+
+
+def _scale_mistakes(Dn: int, Dr: int, rs: dict | None) -> dict[str, Tensor]:
+    return {SCALE_ONCE: scale_truth(Dn, Dr, rs, "once"), SCALE_NOPE: scale_truth(Dn, Dr, rs, "nope"),
+            SCALE_KEY: scale_truth(Dn, Dr, rs, "key")}
+
+
+def _scale(lab: Lab, args):
+    got = lab.attention.softmax_scale(args)
+    return torch.tensor(float(got), dtype=torch.float64) if isinstance(got, (int, float)) else got
+
+
+def check_yarn_scale_random(lab: Lab) -> None:
+    """matches the fp64 m²-corrected scale for random head dims, factor, mscale and mscale_all_dim"""
+    Dn, Dr = lab.randint(4, 200), 2 * lab.randint(2, 40)
+    rs = {"type": "yarn", "factor": lab.uniform(2.0, 64.0), "original_max_position_embeddings": 4096,
+          "mscale": lab.uniform(0.3, 0.8), "mscale_all_dim": lab.uniform(0.9, 1.6)}
+    args = _attn_args(lab, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, rope_scaling=rs)
+    expect_close(_scale(lab, args), scale_truth(Dn, Dr, rs), f"softmax_scale (Dn {Dn}, Dr {Dr}, factor "
+                 f"{rs['factor']:.2f}, mscale {rs['mscale']:.3f}, mscale_all_dim {rs['mscale_all_dim']:.3f})",
+                 atol=0, rtol=1e-9, mistakes=_scale_mistakes(Dn, Dr, rs))
+
+
+def check_yarn_scale_k2(lab: Lab) -> None:
+    """K2: 192^-0.5·(1 + 0.1·ln 32)² = 0.13086080; DeepSeek-V3 (factor 40): 0.13523378 (by hand)"""
+    for factor, want in ((32.0, 0.13086080), (40.0, 0.13523378)):
+        rs = {"type": "yarn", "factor": factor, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        args = _attn_args(lab, qk_nope_head_dim=128, qk_rope_head_dim=64, rope_scaling=rs)
+        expect_close(_scale(lab, args), torch.tensor(want, dtype=torch.float64), f"softmax_scale for factor "
+                     f"{factor:g}, Dn 128, Dr 64", atol=0, rtol=1e-7, mistakes=_scale_mistakes(128, 64, rs))
+
+
+def check_yarn_scale_without_m(lab: Lab) -> None:
+    """plain 1/√(Dn+Dr) without rope_scaling, or when rope_scaling has no mscale_all_dim"""
+    Dn, Dr = lab.randint(4, 200), 2 * lab.randint(2, 40)
+    for rs in (None, {"type": "yarn", "factor": lab.uniform(2.0, 64.0), "original_max_position_embeddings": 64,
+                      "mscale": 0.707}):
+        args = _attn_args(lab, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, rope_scaling=rs)
+        expect_close(_scale(lab, args), scale_truth(Dn, Dr, rs), f"softmax_scale (Dn {Dn}, Dr {Dr}, "
+                     f"rope_scaling {rs})", atol=0, rtol=1e-9, mistakes=_scale_mistakes(Dn, Dr, rs))
+
+
+register(Exercise(
+    name="yarn_scale", file="attention.py", concept="YaRN's m² softmax scale", level="intro", minutes=10,
+    against="fp64 formula; by hand (K2, DeepSeek-V3)",
+    statement="""\
+The softmax scale of MLA with YaRN's attention temperature m (YaRN arXiv 2309.00071 §3.4; DeepSeek-V3
+inference/model.py MLA.__init__):
+    scale = (Dn + Dr)^-1/2 · m²,     m = 0.1·mscale_all_dim·ln(factor) + 1   (m = 1 if factor <= 1)
+m², because DeepSeek folds the m of the query and the m of the key into the scale, at every length.
+Apply it only when rope_scaling is set and has a non-zero mscale_all_dim; else the plain (Dn + Dr)^-1/2.
+In scope: args (ModelArgs: qk_nope_head_dim = Dn, qk_rope_head_dim = Dr, rope_scaling = None or a dict
+with "factor", "mscale_all_dim", ...); yarn_get_mscale(scale, mscale) = 0.1·mscale·ln(scale) + 1; math.
+Leave `scale`, a float.""",
+    hints=("The head dim of the dot product is the whole query: nope part plus rope part.",
+           "rs.get(\"mscale_all_dim\") is None or 0 when the key is absent or zero."),
+    checks=(check_yarn_scale_random, check_yarn_scale_k2, check_yarn_scale_without_m),
+    mistakes=(
+        Mistake(SCALE_ONCE, (('rs["mscale_all_dim"]) ** 2', 'rs["mscale_all_dim"])'),)),
+        Mistake(SCALE_NOPE, (("scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5",
+                              "scale = args.qk_nope_head_dim ** -0.5"),)),
+        Mistake(SCALE_KEY, (('rs["mscale_all_dim"]) ** 2', 'rs.get("mscale", 1.0)) ** 2'),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: the latent KV-cache update (attention.py KVCache.update)
+
+CACHE_SHIFT = ("off by one: the new rows were written at pos+1.. instead of pos.. (position pos is the next "
+               "free row)")
+CACHE_ZERO = "the new rows were written at 0..T every step (overwriting the prefix) instead of at pos..pos+T"
+CACHE_NEW = "returned only the new rows: return the layer's whole prefix 0..pos+T, which attention reads as keys"
+CACHE_ADVANCE = ("self.pos was advanced inside update(): every layer must write at the same pos (the model "
+                 "advances it once, after all layers)")
+
+
+def cache_truth(rows: Tensor, steps: list[int], max_len: int, rule: str = "right") -> tuple[list[Tensor], Tensor]:
+    """The cache replayed by positions, as worked by hand (DeepSeek-V3 inference/model.py MLA.forward:
+    kv_cache[:, start_pos:end_pos] = ..., then attention reads [:end_pos]). rows (L, B, N, C) holds each
+    layer's row [c_kv | k_pe] of every token; each step of T tokens calls update for layers 0..L-1, then pos
+    += T. Returns what every call returns, in call order, and the final cache (L, B, max_len, C). `rule`
+    ("shift", "zero", "new", "advance") makes the mistakes."""
+    L, B, _, C = rows.shape
+    cache, pos, n, outs = torch.zeros(L, B, max_len, C, dtype=rows.dtype), 0, 0, []
+    for T in steps:
+        for layer in range(L):
+            at = {"shift": pos + 1, "zero": 0}.get(rule, pos)
+            cache[layer, :, at:at + T] = rows[layer, :, n:n + T]
+            end = pos + T + (rule == "shift")
+            outs.append(cache[layer, :, (pos if rule == "new" else 0):end].clone())
+            if rule == "advance":
+                pos += T
+        pos, n = pos + T, n + T
+    return outs, cache
+
+
+def _run_cache(lab: Lab, cache, rows: Tensor, steps: list[int], Ckv: int) -> Iterator[tuple[int, Tensor]]:
+    """Drive the workspace's cache as model.py does; yields (call index, returned rows)."""
+    i, n = 0, 0
+    for T in steps:
+        for layer in range(rows.shape[0]):
+            new = rows[layer, :, n:n + T]
+            yield i, cache.update(layer, new[..., :Ckv].clone(), new[..., Ckv:].clone())
+            i += 1
+        cache.pos += T
+        n += T
+
+
+def _check_cache(lab: Lab, rows: Tensor, steps: list[int], Ckv: int, max_len: int, what: str) -> None:
+    L, B, _, C = rows.shape
+    args = _attn_args(lab, num_hidden_layers=L, first_k_dense_replace=L, kv_lora_rank=Ckv,
+                      qk_rope_head_dim=C - Ckv)
+    cache = lab.attention.KVCache(args, B, max_len)
+    want, final = cache_truth(rows, steps, max_len)
+    wrong = {d: cache_truth(rows, steps, max_len, r) for d, r in ((CACHE_SHIFT, "shift"), (CACHE_ZERO, "zero"),
+                                                                  (CACHE_NEW, "new"), (CACHE_ADVANCE, "advance"))}
+    for i, got in _run_cache(lab, cache, rows, steps, Ckv):
+        step, layer = divmod(i, L)
+        expect_close(got, want[i], f"{what}: update() of layer {layer} at step {step} (steps of {steps} tokens)",
+                     atol=0, mistakes={d: w[0][i] for d, w in wrong.items()})
+    expect_close(cache.latent, final, f"{what}: the whole cache after steps of {steps} tokens", atol=0,
+                 mistakes={d: w[1] for d, w in wrong.items()})
+
+
+def check_kv_cache_steps(lab: Lab) -> None:
+    """a prefill, single-token decode steps and a chunk land at the right rows of every layer"""
+    L, B, Ckv, Dr = lab.randint(2, 3), lab.randint(1, 3), lab.randint(3, 9), 2 * lab.randint(1, 4)
+    steps = [lab.randint(2, 6)] + [1] * lab.randint(2, 4) + [lab.randint(2, 5)]
+    N = sum(steps)
+    rows = torch.randn(L, B, N, Ckv + Dr, generator=lab.gen)
+    _check_cache(lab, rows, steps, Ckv, (L + 1) * N + 2, "random rows")
+
+
+def check_kv_cache_by_hand(lab: Lab) -> None:
+    """2 tokens then 1: rows [1 2 | 5], [3 4 | 6], then [7 8 | 9] at row 2; the update returns all three"""
+    rows = torch.tensor([[[[1.0, 2.0, 5.0], [3.0, 4.0, 6.0], [7.0, 8.0, 9.0]]]])  # (L=1, B=1, N=3, Ckv+Dr=3)
+    args = _attn_args(lab, kv_lora_rank=2, qk_rope_head_dim=2)
+    rows4 = torch.cat([rows, rows[..., 2:] * 10], -1)            # Dr = 2: k_pe [5, 50], [6, 60], [9, 90]
+    cache = lab.attention.KVCache(args, 1, 8)
+    got = [out for _, out in _run_cache(lab, cache, rows4, [2, 1], 2)]
+    want = [torch.tensor([[[1.0, 2, 5, 50], [3, 4, 6, 60]]]),
+            torch.tensor([[[1.0, 2, 5, 50], [3, 4, 6, 60], [7, 8, 9, 90]]])]
+    wrong = {d: cache_truth(rows4, [2, 1], 8, r)[0] for d, r in ((CACHE_SHIFT, "shift"), (CACHE_ZERO, "zero"),
+                                                                 (CACHE_NEW, "new"), (CACHE_ADVANCE, "advance"))}
+    for i in range(2):
+        expect_close(got[i], want[i], f"update() number {i + 1} (2 tokens, then 1)", atol=0,
+                     mistakes={d: w[i] for d, w in wrong.items()})
+
+
+register(Exercise(
+    name="kv_cache", file="attention.py", concept="the latent KV-cache update", level="intro", minutes=10,
+    against="positions worked by hand",
+    statement="""\
+Write one layer's new tokens into MLA's latent cache and return what attention reads (DeepSeek-V2
+arXiv 2405.04434 §2.1.2: only c_kv and the rotated k^R are cached; DeepSeek-V3 inference/model.py
+MLA.forward: kv_cache[:bsz, start_pos:end_pos] = ..., then attention reads [:end_pos]).
+self.pos tokens are cached; the T new ones take rows pos..pos+T-1 of layer `layer`: c_kv in the c_kv
+columns, k_pe in the k_pe columns. Do NOT change self.pos: the model calls update once per layer,
+then advances pos by T itself.
+In scope: self.latent (L, B, max_len, Ckv+Dr); self.c_kv and self.k_pe, views of its two column
+blocks, (L, B, max_len, Ckv) and (L, B, max_len, Dr); self.pos (int); layer (int); c_kv (B, T, Ckv);
+k_pe (B, T, Dr); torch. Return that layer's rows [c_kv | k_pe] of tokens 0..pos+T-1,
+(B, pos+T, Ckv+Dr) (a view is fine).""",
+    hints=("Writing into a slice of a view writes into self.latent: self.c_kv[layer, :, a:b] = c_kv.",
+           "The last row written is pos + T - 1, so the prefix to return ends at pos + T (exclusive)."),
+    checks=(check_kv_cache_steps, check_kv_cache_by_hand),
+    mistakes=(
+        Mistake(CACHE_SHIFT, (("end = self.pos + c_kv.shape[1]", "end = self.pos + 1 + c_kv.shape[1]"),
+                              ("self.c_kv[layer, :, self.pos:end]", "self.c_kv[layer, :, self.pos + 1:end]"),
+                              ("self.k_pe[layer, :, self.pos:end]", "self.k_pe[layer, :, self.pos + 1:end]"))),
+        Mistake(CACHE_ZERO, (("self.c_kv[layer, :, self.pos:end]", "self.c_kv[layer, :, :c_kv.shape[1]]"),
+                             ("self.k_pe[layer, :, self.pos:end]", "self.k_pe[layer, :, :k_pe.shape[1]]"))),
+        Mistake(CACHE_NEW, (("return self.latent[layer, :, :end]",
+                             "return self.latent[layer, :, self.pos:end]"),)),
+        Mistake(CACHE_ADVANCE, (("return self.latent[layer, :, :end]",
+                                 "self.pos = end\n        return self.latent[layer, :, :end]"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: MLA attention, naive (attention.py MLA.forward, impl "naive")
+# (the truth and the setup serve the absorbed exercise too)
+
+MLA_SCALE_NOPE = ("softmax scale 1/√Dn: the scores run over Dn + Dr dims and carry YaRN's m² "
+                  "(self.softmax_scale)")
+MLA_SCALE_NO_M = "softmax scale 1/√(Dn+Dr) without YaRN's m²: use self.softmax_scale"
+MLA_NO_CAUSAL = ("no causal mask: a query saw later tokens (query t sits at position start + t and sees keys "
+                 "0..start+t; pass `start` to attend)")
+MLA_KV_HALVES = ("keys and values taken from the wrong halves of kv_b_proj's per-head rows (each head's rows are "
+                 "[k_nope Dn | v Dv])")
+ABS_WRONG_HALF = ("q_nope absorbed through the values' half of kv_b_proj (W^UV) instead of the keys' half "
+                  "(W^UK, each head's first Dn rows)")
+ABS_NO_ROPE = ("the rope term is missing: the scores are q_lat·c_kv + q_pe·k_pe (concatenate q_pe to the "
+               "latent query and attend against the whole cached row [c_kv | k_pe])")
+ABS_SCALE = ("softmax scale 1/√(Ckv+Dr) from the latent width: absorption does not change the logits, the "
+             "scale stays self.softmax_scale (1/√(Dn+Dr)·m²)")
+
+
+def mla_truth(W: dict[str, Tensor], x: Tensor, theta: Tensor, dims: tuple[int, int, int, int, int],
+              scale: float, causal: bool = True, kv_halves: str = "kv", rope_term: bool = True
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fp64, head by head, straight from the equations (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3, DeepSeek-V3
+    arXiv 2412.19437 §2.1.1), over tokens at positions 0..S-1 with rotation angles theta (S, Dr/2):
+    c_q = RMSNorm(W^DQ x), [q^C | q^R] = W^UQ/QR c_q; c_kv = RMSNorm(W^DKV x), k^R = RoPE(W^KR x) shared by all
+    heads; k^C_h = W^UK_h c_kv, v_h = W^UV_h c_kv; o_h = softmax((q^C_h·k^C_h + RoPE(q^R_h)·k^R)·scale, causal)
+    v_h; y = W^O [o_1 … o_H]. dims (H, Dn, Dr, Dv, Ckv). Returns y (B, S, D), c_kv (B, S, Ckv), k^R (B, S, Dr)
+    and each head's largest visible scaled logit (H,) (QK-Clip's S_max, Kimi K2 arXiv 2507.20534 §2.1).
+    kv_halves "vk" (rows [v | k]), "vv" (keys from the value rows), causal, rope_term make the mistakes."""
+    H, Dn, Dr, Dv, Ckv = dims
+    W = {k: v.double() for k, v in W.items()}
+    x = x.double()
+    B, S, _ = x.shape
+
+    def rms(v, w):
+        return w * v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    if "q_proj.weight" in W:
+        q = x @ W["q_proj.weight"].T
+    else:
+        q = rms(x @ W["q_a_proj.weight"].T, W["q_a_layernorm.weight"]) @ W["q_b_proj.weight"].T
+    q = q.view(B, S, H, Dn + Dr)
+    q_nope, q_pe = q[..., :Dn], rope_truth(q[..., Dn:], theta)
+    kv_a = x @ W["kv_a_proj_with_mqa.weight"].T
+    c_kv, k_pe = rms(kv_a[..., :Ckv], W["kv_a_layernorm.weight"]), rope_truth(kv_a[..., Ckv:], theta)
+    wb = W["kv_b_proj.weight"].view(H, Dn + Dv, Ckv)
+    later = torch.ones(S, S, dtype=torch.bool).triu(1)          # key s is later than query t
+    outs, s_max = [], torch.empty(H, dtype=torch.float64)
+    for h in range(H):
+        w_k, w_v = {"kv": (wb[h, :Dn], wb[h, Dn:]), "vk": (wb[h, Dv:], wb[h, :Dv]),
+                    "vv": (wb[h, Dn:], wb[h, Dn:])}[kv_halves]
+        k_nope, v = c_kv @ w_k.T, c_kv @ w_v.T                  # (B, S, Dn), (B, S, Dv)
+        logits = q_nope[:, :, h] @ k_nope.transpose(1, 2)      # (B, S, S)
+        if rope_term:
+            logits = logits + q_pe[:, :, h] @ k_pe.transpose(1, 2)
+        logits = logits * scale
+        if causal:
+            logits = logits.masked_fill(later, float("-inf"))
+        s_max[h] = logits.max()
+        outs.append(logits.softmax(-1) @ v)                     # (B, S, Dv)
+    return torch.cat(outs, -1) @ W["o_proj.weight"].T, c_kv, k_pe, s_max
+
+
+@dataclass
+class _MLASetup:
+    args: object               # the workspace's ModelArgs
+    attn: object               # the workspace's MLA, random weights
+    W: dict[str, Tensor]       # those weights
+    dims: tuple[int, int, int, int, int]
+    scale: float               # the true softmax scale of args, fp64
+
+
+def _mla_setup(lab: Lab, Dv_equals_Dn: bool = False, q_lora: bool = True) -> _MLASetup:
+    """An MLA of random shapes and weights (norm gains near 1, projections of std fan_in^-1/2), with YaRN."""
+    H, Dn, Dr = lab.randint(2, 4), lab.randint(4, 10), 2 * lab.randint(2, 4)
+    Dv = Dn if Dv_equals_Dn else lab.randint(4, 10)
+    Ckv, D = lab.randint(Dn + Dr + 6, 32), lab.randint(16, 40)
+    rs = {"type": "yarn", "factor": lab.uniform(8.0, 40.0), "original_max_position_embeddings": 64,
+          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": lab.uniform(0.7, 1.3)}
+    Cq = lab.randint(8, 24) if q_lora else None
+    args = _attn_args(lab, hidden_size=D, num_attention_heads=H, q_lora_rank=Cq, kv_lora_rank=Ckv,
+                      qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, v_head_dim=Dv, rope_scaling=rs)
+    attn = lab.attention.MLA(args).eval()
+    W = {}
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if name.endswith("norm.weight"):
+                w = 1 + 0.2 * torch.randn(p.shape, generator=lab.gen)
+            else:
+                w = torch.randn(p.shape, generator=lab.gen) * p.shape[1] ** -0.5
+            p.copy_(w)
+            W[name] = w
+    return _MLASetup(args, attn, W, (H, Dn, Dr, Dv, Ckv), float(scale_truth(Dn, Dr, rs)))
+
+
+def _mla_tokens(lab: Lab, su: _MLASetup, B: int, S: int) -> tuple[Tensor, Tensor]:
+    """Random hidden states (B, S, D) and rotation angles (S, Dr/2) of positions 0..S-1."""
+    x = torch.randn(B, S, su.args.hidden_size, generator=lab.gen)
+    inv_freq = 10.0 ** -torch.rand(su.dims[2] // 2, generator=lab.gen, dtype=torch.float64).mul(3)
+    return x, torch.arange(S, dtype=torch.float64)[:, None] * inv_freq
+
+
+def _mla_run(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cached: bool = True
+             ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The workspace's MLA on T new tokens after P cached ones (the cache rows written from the truth), against
+    the truth's output for those T tokens: (got, want, known mistakes' outputs), each (B, T, D)."""
+    x, theta = _mla_tokens(lab, su, B, P + T)
+    _, c_kv, k_pe, _ = mla_truth(su.W, x, theta, su.dims, su.scale)
+    cache = None
+    if cached:
+        cache = lab.attention.KVCache(su.args, B, P + T + lab.randint(0, 3))
+        cache.c_kv[0, :, :P] = c_kv[:, :P].float()
+        cache.k_pe[0, :, :P] = k_pe[:, :P].float()
+        cache.pos = P
+    cos, sin = theta[P:].cos().float(), theta[P:].sin().float()
+    with torch.no_grad():
+        got = su.attn(x[:, P:], cos, sin, cache, 0, impl)
+    H, Dn, Dr, Dv, Ckv = su.dims
+    variants = {MLA_SCALE_NOPE: dict(scale=Dn ** -0.5), MLA_SCALE_NO_M: dict(scale=(Dn + Dr) ** -0.5),
+                MLA_NO_CAUSAL: dict(causal=False), MLA_KV_HALVES: dict(kv_halves="vk"),
+                ABS_SCALE: dict(scale=(Ckv + Dr) ** -0.5), ABS_NO_ROPE: dict(rope_term=False)}
+    if Dn == Dv:
+        variants[ABS_WRONG_HALF] = dict(kv_halves="vv")
+    mistakes = {}
+    for d, kw in variants.items():
+        mistakes[d] = mla_truth(su.W, x, theta, su.dims, **{"scale": su.scale, **kw})[0][:, P:]
+    return got, mla_truth(su.W, x, theta, su.dims, su.scale)[0][:, P:], mistakes
+
+
+def _mla_expect(lab: Lab, su: _MLASetup, B: int, P: int, T: int, impl: str, cached: bool = True) -> None:
+    got, want, mistakes = _mla_run(lab, su, B, P, T, impl, cached)
+    H, Dn, Dr, Dv, Ckv = su.dims
+    where = f"cache holding {P} tokens" if cached else "no cache"
+    expect_close(got, want, f"MLA output ({impl}) for {T} new token{'s' * (T > 1)}, {where} (B {B}, H {H}, "
+                 f"Dn {Dn}, Dr {Dr}, Dv {Dv}, Ckv {Ckv})", atol=2e-5 * float(want.abs().max()), mistakes=mistakes)
+
+
+def check_mla_prefill(lab: Lab) -> None:
+    """a prefill without cache matches the fp64 layer written from the MLA equations"""
+    _mla_expect(lab, _mla_setup(lab), lab.randint(1, 3), 0, lab.randint(3, 9), "naive", cached=False)
+
+
+def check_mla_chunk_after_cache(lab: Lab) -> None:
+    """a chunk of tokens after a filled cache (the causal mask is offset by the cached length)"""
+    _mla_expect(lab, _mla_setup(lab), lab.randint(1, 3), lab.randint(2, 8), lab.randint(2, 5), "naive")
+
+
+def check_mla_plain_query_decode(lab: Lab) -> None:
+    """a plain q_proj (q_lora_rank None, as Moonlight) with Dv = Dn: single-token decode and a short chunk"""
+    su = _mla_setup(lab, Dv_equals_Dn=True, q_lora=False)
+    for T in (1, lab.randint(2, 4)):
+        _mla_expect(lab, su, 2, lab.randint(2, 8), T, "naive")
+
+
+def check_mla_records_max_logit(lab: Lab) -> None:
+    """in training with record_max_logits on, each head's largest visible logit reaches QK-Clip's max_logits"""
+    su = _mla_setup(lab)
+    x, theta = _mla_tokens(lab, su, lab.randint(1, 3), lab.randint(3, 8))
+    attn = su.attn.train()
+    attn.record_max_logits = True
+    attn.max_logits.fill_(float("-inf"))
+    with torch.no_grad():
+        attn(x, theta.cos().float(), theta.sin().float(), None, 0, "naive")
+    H, Dn, Dr, Dv, Ckv = su.dims
+    mistakes = {MLA_SCALE_NOPE: dict(scale=Dn ** -0.5), MLA_SCALE_NO_M: dict(scale=(Dn + Dr) ** -0.5),
+                MLA_NO_CAUSAL: dict(causal=False), MLA_KV_HALVES: dict(kv_halves="vk")}
+    if bool((attn.max_logits == float("-inf")).all()):
+        raise CheckFailed("max_logits was not updated in a training forward with record_max_logits on: pass "
+                          "`rec` to attend as its max_logits")
+    expect_close(attn.max_logits, mla_truth(su.W, x, theta, su.dims, su.scale)[3], f"max_logits (H={H}) after "
+                 f"a {x.shape[1]}-token training forward", atol=1e-4,
+                 mistakes={d: mla_truth(su.W, x, theta, su.dims, **{"scale": su.scale, **kw})[3]
+                           for d, kw in mistakes.items()})
+
+
+_MLA_SCOPE = """\
+In scope (MLA.forward): B, T, S (= start + T, cached plus new tokens), H, Ckv, Dn, Dr, Dv;
+q_nope (B, T, H, Dn); q_pe (B, T, H, Dr), already rotated; c_kv (B, S, Ckv), the normed latent
+of every token so far; k_pe (B, S, Dr), every token's rotated rope key, ONE for all heads;
+start (int, the position of the first new token); rec (None or an (H,) buffer: pass it to attend,
+which folds QK-Clip's max logit into it); self.kv_b_proj (Linear Ckv -> H·(Dn+Dv), each head's
+rows [k_nope Dn | v Dv]); self.softmax_scale ((Dn+Dr)^-1/2·m², float); torch;
+attend(q, k, v, scale, start, max_logits) -> (B, H, T, Ev): causal softmax attention of
+q (B, H, T, E) against k (B, 1 or H, S, E), v (B, 1 or H, S, Ev)."""
+
+register(Exercise(
+    name="mla", file="attention.py", concept="MLA attention (naive)", level="core", minutes=30,
+    against="fp64 layer from the MLA equations; transformers (test)",
+    statement="""\
+Multi-head Latent Attention, the naive way (DeepSeek-V2 arXiv 2405.04434 §2.1.2-2.1.3;
+DeepSeek-V3 arXiv 2412.19437 §2.1.1, eq. 1-11). Decompress every token's latent into per-head
+keys and values, k^C_h = W^UK_h c_kv and v_h = W^UV_h c_kv (both in kv_b_proj). Head h's key
+is [k^C_h | k^R], with the ONE rope key k^R = k_pe shared by all heads; its query [q^C_h | q^R_h].
+    o_h = softmax(q_h·k_hᵀ · softmax_scale + causal mask) v_h
+where query t (position start + t) sees keys 0..start+t.
+""" + _MLA_SCOPE + """
+Leave o (B, H, T, Dv), each head's output (o_proj after the region mixes the heads).""",
+    hints=("kv_b_proj(c_kv).view(B, S, H, Dn + Dv) splits into k_nope and v along the last dim.",
+           "k_pe[:, :, None, :].expand(B, S, H, Dr) gives every head the same rope key without a copy.",
+           "attend wants heads before tokens: .transpose(1, 2) turns (B, S, H, E) into (B, H, S, E)."),
+    checks=(check_mla_prefill, check_mla_chunk_after_cache, check_mla_plain_query_decode,
+            check_mla_records_max_logit),
+    mistakes=(
+        Mistake(MLA_SCALE_NOPE, (("self.softmax_scale, start, rec)", "Dn ** -0.5, start, rec)"),)),
+        Mistake(MLA_SCALE_NO_M, (("self.softmax_scale, start, rec)", "(Dn + Dr) ** -0.5, start, rec)"),)),
+        Mistake(MLA_NO_CAUSAL, (("self.softmax_scale, start, rec)", "self.softmax_scale, S, rec)"),)),
+        Mistake(MLA_KV_HALVES, (("k_nope, v = kv.split([Dn, Dv], dim=-1)",
+                                 "v, k_nope = kv.split([Dv, Dn], dim=-1)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: absorbed decode against the latent cache (attention.py MLA.forward, impl "absorb")
+
+
+def check_absorbed_decode(lab: Lab) -> None:
+    """single-token decode after a filled latent cache equals the fp64 naive layer"""
+    _mla_expect(lab, _mla_setup(lab, Dv_equals_Dn=True), lab.randint(2, 3), lab.randint(3, 10), 1, "absorb")
+
+
+def check_absorbed_chunk(lab: Lab) -> None:
+    """a chunk after the cache, and a prefill without cache (plain q_proj), equal the fp64 naive layer"""
+    su = _mla_setup(lab, Dv_equals_Dn=True, q_lora=False)
+    _mla_expect(lab, su, lab.randint(1, 2), lab.randint(2, 6), lab.randint(2, 4), "absorb")
+    _mla_expect(lab, su, lab.randint(1, 2), 0, lab.randint(2, 6), "absorb", cached=False)
+
+
+def check_absorbed_reads_latent(lab: Lab) -> None:
+    """decode reads the latent rows: matmul flops per cached token ~2H(2Ckv+Dr), no per-token up-projection"""
+    from torch.utils.flop_counter import FlopCounterMode
+    su = _mla_setup(lab)
+    H, Dn, Dr, Dv, Ckv = su.dims
+    flops = []
+    for P in (8, 40):
+        cache = lab.attention.KVCache(su.args, 2, P + 1)
+        cache.pos = P
+        x = torch.randn(2, 1, su.args.hidden_size, generator=lab.gen)
+        cos, sin = torch.ones(1, Dr // 2), torch.zeros(1, Dr // 2)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            su.attn(x, cos, sin, cache, 0, "absorb")
+        flops.append(fc.get_total_flops())
+    per_token, latent = (flops[1] - flops[0]) / (2 * 32), 2 * H * (2 * Ckv + Dr)    # batch 2, 32 more tokens
+    if per_token > 1.5 * latent:
+        raise CheckFailed(f"decode costs {per_token:,.0f} matmul flops per cached token, "
+                          f"{per_token / latent:.1f}x the {latent:,} of scoring and mixing the latent rows "
+                          f"(H={H}, Ckv={Ckv}, Dr={Dr}): the cached latents were up-projected (kv_b_proj on "
+                          f"c_kv); absorb W^UK into the query and W^UV into the output instead")
+
+
+register(Exercise(
+    name="absorbed", file="attention.py", concept="absorbed MLA decode on the latent cache", level="advanced",
+    minutes=40,
+    against="fp64 naive layer on the same weights and cache; flop count",
+    statement="""\
+MLA without decompressing the cache (DeepSeek-V2 arXiv 2405.04434 §2.1.2: "W^UK can be absorbed
+into W^Q, and W^UV into W^O"; DeepSeek-V3 inference/model.py MLA.forward, attn_impl "absorb").
+W^UK_h (Dn, Ckv) and W^UV_h (Dv, Ckv) are head h's two row blocks of kv_b_proj.weight, and
+    q^C_h·k^C_h = q^C_h·(W^UK_h c) = (W^UK_hᵀ q^C_h)·c = q_lat_h·c
+    score_h(t, s) = q_lat_h(t)·c_kv(s) + q^R_h(t)·k^R(s)
+so one key row [c_kv | k_pe] (Ckv + Dr) serves every head. Values: mix the latent rows,
+z_h = softmax(score_h · softmax_scale + causal mask) c_kv, then o_h = W^UV_h z_h.
+Never run kv_b_proj on the cached latents: decode must cost O(H·(Ckv+Dr)) per cached token.
+""" + _MLA_SCOPE + """
+latent: None or the cache's rows [c_kv | k_pe] (B, S, Ckv+Dr); self.kv_b_proj.weight
+(H·(Dn+Dv), Ckv). Leave o (B, H, T, Dv).""",
+    hints=("self.kv_b_proj.weight.view(H, Dn + Dv, Ckv): rows [:, :Dn] are W^UK, rows [:, Dn:] are W^UV.",
+           "(B, H, T, Dn) @ (H, Dn, Ckv) broadcasts over B: the latent query in one matmul.",
+           "attend(qh, latent[:, None], c_kv[:, None], ...) with qh = [q_lat | q_pe] (B, H, T, Ckv+Dr): one "
+           "shared key/value head; then z @ W^UVᵀ per head."),
+    checks=(check_absorbed_decode, check_absorbed_chunk, check_absorbed_reads_latent),
+    mistakes=(
+        Mistake(ABS_WRONG_HALF, (("q_nope.transpose(1, 2) @ w_uk", "q_nope.transpose(1, 2) @ w_uv"),)),
+        Mistake(ABS_NO_ROPE, (("qh = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)", "qh = q_lat"),
+                              ("attend(qh, latent[:, None], c_kv[:, None],",
+                               "attend(qh, c_kv[:, None], c_kv[:, None],"))),
+        Mistake(ABS_SCALE, (("self.softmax_scale, start, rec)", "(Ckv + Dr) ** -0.5, start, rec)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: markers and regions
+
+MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")
+
+
+class ExerciseError(Exception):
+    """A problem the user can fix (unknown name, no workspace, broken markers): printed, no traceback."""
+
+
+def get(name: str) -> Exercise:
+    if name not in EXERCISES:
+        raise ExerciseError(f"unknown exercise {name!r}; the exercises are: {', '.join(EXERCISES)} "
+                            f"(`python exercises.py list` describes them)")
+    return EXERCISES[name]
+
+
+def find_region(lines: list[str], name: str, where: str) -> tuple[int, int, str]:
+    """(first, end, indent): lines[first:end] is the region between the markers of `name` (0-based)."""
+    starts = [i for i, s in enumerate(lines) if (m := MARKER.match(s)) and m["name"] == name and not m["end"]]
+    ends = [i for i, s in enumerate(lines) if (m := MARKER.match(s)) and m["name"] == name and m["end"]]
+    if len(starts) != 1 or len(ends) != 1:
+        raise ExerciseError(f"{where} must hold exactly one '# exercise: {name}' and one "
+                            f"'# end exercise: {name}' line; found {len(starts)} and {len(ends)}")
+    s, e = starts[0], ends[0]
+    indent = MARKER.match(lines[s])["indent"]
+    if not s < e - 1 or MARKER.match(lines[e])["indent"] != indent:
+        raise ExerciseError(f"{where}: the markers of {name} (lines {s + 1} and {e + 1}) must enclose at "
+                            f"least one line and share one indentation")
+    return s + 1, e, indent
+
+
+def reference_region(ex: Exercise, root: Path = ROOT) -> list[str]:
+    lines = (root / ex.file).read_text().splitlines(keepends=True)
+    first, end, _ = find_region(lines, ex.name, ex.file)
+    return lines[first:end]
+
+
+def marker_problems(root: Path = ROOT) -> list[str]:
+    """Every way the repository's markers disagree with the registry (an empty list when all is well)."""
+    problems = []
+    for ex in EXERCISES.values():
+        if not (root / ex.file).is_file():
+            problems.append(f"{ex.name}: its file {ex.file} does not exist")
+            continue
+        try:
+            reference_region(ex, root)
+        except ExerciseError as e:
+            problems.append(str(e))
+    for path in sorted(root.glob("*.py")):
+        if path.name == Path(__file__).name:
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            m = MARKER.match(line)
+            if m and (m["name"] not in EXERCISES or EXERCISES[m["name"]].file != path.name):
+                problems.append(f"{path.name}:{i}: marker for {m['name']!r}, which is not an exercise "
+                                f"registered for {path.name}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: the workspace
+
+
+def lab_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get(LAB_ENV) or ROOT / "lab").resolve()
+
+
+def project_modules(root: Path = ROOT) -> list[str]:
+    """The top-level modules a workspace holds copies of (everything but this file and setup.py)."""
+    return sorted(p.stem for p in root.glob("*.py") if p.name not in (Path(__file__).name, "setup.py"))
+
+
+def _state(lab: Path) -> dict:
+    f = lab / ".exercises.json"
+    return json.loads(f.read_text()) if f.is_file() else {"started": [], "hints": {}}
+
+
+def _save_state(lab: Path, state: dict) -> None:
+    (lab / ".exercises.json").write_text(json.dumps(state, indent=1))
+
+
+def _show(path: Path) -> str:
+    """A path as the student would type it: relative to the current directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def stub(ex: Exercise, indent: str) -> list[str]:
+    """The lines that replace the region in the workspace: the task as comments, then NotImplementedError."""
+    lines = [f"# Exercise {ex.name} ({ex.minutes} min): {ex.concept}. Replace these lines with your code.\n"]
+    lines += [f"# {s}".rstrip() + "\n" for s in ex.statement.splitlines()]
+    lines += [f"raise NotImplementedError(\"exercise {ex.name} is not written yet: see the comments \"\n",
+              f"                          \"above; `python exercises.py hint {ex.name}` gives a hint\")\n"]
+    return [indent + s for s in lines]
+
+
+def start(ex: Exercise, lab: Path, force: bool = False) -> str:
+    """Create or extend the workspace and put the stub of `ex` in lab/FILE; returns a note for the student."""
+    lab.mkdir(parents=True, exist_ok=True)
+    for m in project_modules():
+        if not (lab / f"{m}.py").exists():
+            shutil.copy2(ROOT / f"{m}.py", lab / f"{m}.py")
+    target = lab / ex.file
+    lines = target.read_text().splitlines(keepends=True)
+    try:
+        first, end, indent = find_region(lines, ex.name, _show(target))
+    except ExerciseError:
+        if not force:
+            raise ExerciseError(f"{_show(target)} no longer has the markers of {ex.name}; restore them, or "
+                                f"run `python exercises.py start {ex.name} --force` to copy the file afresh "
+                                f"(your changes to it are lost)") from None
+        shutil.copy2(ROOT / ex.file, target)
+        lines = target.read_text().splitlines(keepends=True)
+        first, end, indent = find_region(lines, ex.name, ex.file)
+    body, blank = lines[first:end], stub(ex, indent)
+    state = _state(lab)
+    if body == blank:
+        note = f"{ex.name} was already started; {_show(target)} is unchanged."
+    elif body == reference_region(ex) or force:
+        target.write_text("".join(lines[:first] + blank + lines[end:]))
+        note = f"Started {ex.name}: write your code in {_show(target)} at line {first + 1}."
+    else:
+        raise ExerciseError(f"{_show(target)} already holds your work on {ex.name} (lines {first + 1}-"
+                            f"{end}); `python exercises.py start {ex.name} --force` replaces it by the blank "
+                            f"stub")
+    if ex.name not in state["started"]:
+        state["started"].append(ex.name)
+    _save_state(lab, state)
+    return note
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: running the checks
+
+
+@contextlib.contextmanager
+def lab_imports(lab: Path) -> Iterator[None]:
+    """Within the block `import attention` etc. load lab/'s copies; the previous modules come back after."""
+    names = project_modules()
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, str(lab))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path.remove(str(lab))
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+def check_title(fn: Callable) -> str:
+    return fn.__name__.removeprefix("check_")
+
+
+def check_about(fn: Callable) -> str:
+    return fn.__doc__.strip().splitlines()[0] if fn.__doc__ else ""
+
+
+def _student_error(e: BaseException, lab: Path) -> str:
+    """An exception as the student needs it: the deepest frame in the student's workspace, with its line."""
+    if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve().is_relative_to(lab):
+        text = (e.text or "").rstrip("\n")
+        code = text.lstrip()
+        col = max((e.offset or 1) - 1 - (len(text) - len(code)), 0)
+        where = f"{_show(Path(e.filename))}:{e.lineno}"
+        return f"{type(e).__name__} in {where}: {e.msg}\n    {code}\n    {' ' * col}^"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(lab)]
+    what = f"{type(e).__name__}: {e}"
+    if not frames:
+        return f"{what} (raised by the check while it used your result)"
+    f = frames[-1]
+    if isinstance(e, NotImplementedError) and "is not written yet" in str(e):  # a stub, this one or another's
+        stub_at = f"{_show(Path(f.filename))}:{f.lineno}"
+        return f"NotImplementedError: {str(e).split(':')[0]} ({stub_at} is its stub)"
+    return f"{what}\n    at {_show(Path(f.filename))}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def failed_all(ex: Exercise, message: str) -> list[dict]:
+    """Every check of `ex` failed with one message (the module does not import, a timeout, a crash)."""
+    return [dict(name=check_title(c), about=check_about(c), passed=False, score=0.0, message=message,
+                 skipped=False) for c in ex.checks]
+
+
+def run_checks(ex: Exercise, lab: Path, seed: int) -> list[dict]:
+    """Run every check of `ex` against the workspace in this process: one dict per check
+    (name, passed, score, message, skipped)."""
+    lab = lab.resolve()
+    results = []
+    with lab_imports(lab):
+        try:
+            importlib.import_module(Path(ex.file).stem)
+        except Exception as e:  # noqa: BLE001 — the student's module does not import: every check fails
+            return failed_all(ex, f"{_show(lab / ex.file)} does not import: {_student_error(e, lab)}")
+        for i, check in enumerate(ex.checks):
+            r = dict(name=check_title(check), about=check_about(check), passed=False, score=0.0, message="",
+                     skipped=False)
+            try:
+                check(Lab(lab, seed + i))
+                r.update(passed=True, score=1.0)
+            except CheckSkipped as e:
+                r.update(skipped=True, message=f"skipped: {e}")
+            except CheckFailed as e:
+                r["message"] = str(e)
+            except Exception as e:  # noqa: BLE001 — the student's exception, reported at the student's line
+                r["message"] = _student_error(e, lab)
+            results.append(r)
+    return results
+
+
+def summary(ex: Exercise, results: list[dict], seed: int | None = None, seconds: float | None = None) -> dict:
+    counted = [r for r in results if not r.get("skipped")]
+    passed = sum(r["passed"] for r in counted)
+    return dict(exercise=ex.name, file=ex.file, passed=passed, total=len(counted),
+                score=round(passed / len(counted), 4) if counted else 0.0, seed=seed,
+                seconds=None if seconds is None else round(seconds, 2), checks=results)
+
+
+def check(ex: Exercise, lab: Path, timeout: float = DEFAULT_TIMEOUT, seed: int | None = None) -> dict:
+    """Grade `ex` in a fresh process (where modules load from the workspace, and a loop can be stopped)."""
+    if ex.name not in _state(lab)["started"] or not (lab / ex.file).is_file():
+        raise ExerciseError(f"{ex.name} is not started in {_show(lab)}: run `python exercises.py start "
+                            f"{ex.name}` first")
+    seed = int.from_bytes(os.urandom(3), "little") if seed is None else seed
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_run", ex.name, "--lab", str(lab),
+               "--out", str(out), "--seed", str(seed)]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a file edited in the same second must reload
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            msg = (f"stopped after {timeout:g} s: the checks of {ex.name} normally take a few seconds, so "
+                   f"your code probably loops forever (look at the loops in your region of "
+                   f"{_show(lab / ex.file)}); `--timeout S` gives it longer")
+            return summary(ex, failed_all(ex, msg), seed, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if not out.is_file():
+            msg = f"the check process died (exit code {proc.returncode}) before reporting:\n{log[-2000:]}"
+            return summary(ex, failed_all(ex, msg), seed, seconds)
+        return summary(ex, json.loads(out.read_text()), seed, seconds)
+
+
+def _print_result(res: dict) -> None:
+    print(f"check {res['exercise']} ({res['file']}, seed {res['seed']}, {res['seconds']} s)")
+    for r in res["checks"]:
+        tag = "SKIP" if r.get("skipped") else "PASS" if r["passed"] else "FAIL"
+        print(f"  {tag}  {r['name']}: {r.get('about', '')}")
+        if r["message"] and not r["passed"]:
+            print(textwrap.indent(r["message"], "        "))
+    done = res["passed"] == res["total"]
+    print(f"score {res['passed']}/{res['total']}" + ("  -- all checks pass" if done else ""))
+
+
+def grade(lab: Path, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Check every started exercise: {"lab", "date", "passed", "total", "exercises": [one per exercise]}."""
+    started = [n for n in _state(lab)["started"] if n in EXERCISES]
+    if not started:
+        raise ExerciseError(f"no exercise is started in {_show(lab)}: run `python exercises.py start NAME` "
+                            f"first")
+    res = [check(EXERCISES[n], lab, timeout) for n in started]
+    return dict(lab=str(lab), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                passed=sum(r["passed"] for r in res), total=sum(r["total"] for r in res), exercises=res)
+
+
+def bench(timeout: float = 60.0) -> list[tuple[str, float, str]]:
+    """Seconds of `check` for every exercise against a workspace holding the reference code."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = Path(tmp) / "lab"
+        lab.mkdir()
+        for m in project_modules():
+            shutil.copy2(ROOT / f"{m}.py", lab / f"{m}.py")
+        _save_state(lab, {"started": list(EXERCISES), "hints": {}})
+        for ex in EXERCISES.values():
+            res = check(ex, lab, timeout)
+            rows.append((ex.name, res["seconds"], f"{res['passed']}/{res['total']}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tour: one token through a tiny model, each step with its shapes and the file:line to put a breakpoint on
+
+TOUR_STEPS = {  # module class or attribute name -> what the step does
+    "ParallelEmbedding": "embedding: token ids -> vectors (no sqrt(D) scaling)",
+    "rope_cos_sin": "RoPE tables: cos/sin of position·inv_freq (YaRN-scaled)",
+    "Block": "block: x + MLA(norm(x)), then x + FFN(norm(x))",
+    "input_layernorm": "RMSNorm before attention",
+    "MLA": "MLA attention (DeepSeek-V2 §2.1)",
+    "q_a_proj": "query down-projection W^DQ -> c_q",
+    "q_a_layernorm": "RMSNorm of the query latent",
+    "q_b_proj": "query up-projection W^UQ, W^QR -> per-head q_nope | q_pe",
+    "q_proj": "query projection -> per-head q_nope | q_pe",
+    "kv_a_proj_with_mqa": "KV down-projection -> latent c_kv | rope key k_pe",
+    "kv_a_layernorm": "RMSNorm of the latent c_kv (what the cache keeps)",
+    "apply_rope": "RoPE on interleaved pairs (exercise rope)",
+    "kv_b_proj": "latent up-projection W^UK, W^UV -> per-head k_nope | v",
+    "attend": "softmax(q·k · scale) v, causal mask",
+    "o_proj": "output projection W^O",
+    "post_attention_layernorm": "RMSNorm before the FFN",
+    "MLP": "SwiGLU MLP: down(silu(gate(x)) * up(x))",
+    "MoE": "MoE: router, routed experts, shared expert",
+    "Gate": "router: sigmoid, top-k of score + bias, renormalise, x scale",
+    "run_experts": "routed experts: K chosen SwiGLU experts per token, weighted",
+    "shared_experts": "shared expert (weight 1, every token)",
+    "norm": "final RMSNorm",
+    "lm_head": "head: vector -> logits over the vocabulary (fp32)",
+    "sample": "sampler: temperature, top-k, top-p, draw (exercise top_p)",
+}
+
+
+def _where(fn) -> str:
+    """file:line of a function of this project; for torch's own modules (nn.Linear), the line calling it."""
+    code = inspect.unwrap(fn).__code__
+    if Path(code.co_filename).resolve().parent == ROOT:
+        return f"{Path(code.co_filename).name}:{code.co_firstlineno}"
+    for frame in inspect.stack(0)[1:]:
+        if Path(frame.filename).resolve().parent == ROOT and frame.filename != __file__:
+            return f"{Path(frame.filename).name}:{frame.lineno}"
+    return "?"
+
+
+def _shapes(v) -> str:
+    if isinstance(v, Tensor):
+        return str(tuple(v.shape))
+    if isinstance(v, (tuple, list)):
+        return ", ".join(_shapes(t) for t in v if isinstance(t, Tensor))
+    return ""
+
+
+def tour(prompt_len: int = 5, seed: int = 0) -> list[str]:
+    """Run a prompt through config.PRESETS["tiny"] (random weights) and the sampler, recording each step."""
+    import attention
+    import config
+    import generate
+    import model as model_py
+    import moe
+
+    torch.manual_seed(seed)
+    args = config.PRESETS["tiny"]()
+    net = model_py.Transformer(args).eval()
+    events: list[list] = []          # [depth, label, where, input shapes, output shapes, note]
+    depth = [0]
+    t = prompt_len - 1               # the token we follow: the last one of the prompt
+
+    def note(name: str, out) -> str:
+        if name == "Gate":
+            w, idx, _ = out
+            return f"token {t} -> experts {idx[t].tolist()}, weights {[round(x, 3) for x in w[t].tolist()]}"
+        if name == "lm_head":
+            return f"token {t}: highest logits at ids {out[0, t].topk(3).indices.tolist()}"
+        if name == "sample":
+            return f"next token id {out.tolist()}"
+        return ""
+
+    def enter(name: str, where: str, args_) -> list:
+        first = next((v for v in args_ if isinstance(v, Tensor)), None)
+        ev = [depth[0], TOUR_STEPS[name], where, _shapes(first), "", ""]
+        events.append(ev)
+        depth[0] += 1
+        return ev
+
+    def leave(ev: list, name: str, out) -> None:
+        depth[0] -= 1
+        ev[4], ev[5] = _shapes(out if isinstance(out, Tensor) else tuple(out)), note(name, out)
+
+    def wrap(name: str, fn):
+        def traced(*a, **k):
+            ev = enter(name, _where(fn), a)
+            out = fn(*a, **k)
+            leave(ev, name, out)
+            return out
+        return traced
+
+    open_events: dict[int, list] = {}  # id(module) -> its event, between its pre-hook and its hook
+
+    def hook(mod, name: str):
+        fwd = type(mod).forward
+        mod.register_forward_pre_hook(lambda m, a: open_events.update({id(m): enter(name, _where(fwd), a)}))
+        mod.register_forward_hook(lambda m, a, out: leave(open_events.pop(id(m)), name, out))
+
+    for qual, mod in net.named_modules():
+        attr, cls = qual.rsplit(".", 1)[-1], type(mod).__name__
+        name = attr if attr in TOUR_STEPS else cls if cls in TOUR_STEPS else None
+        if name:
+            hook(mod, name)
+    functions = [(attention, "apply_rope"), (attention, "attend"), (moe, "run_experts"),
+                 (model_py, "rope_cos_sin")]  # called by name from their module's globals: wrapped there
+    saved = [(m, a, getattr(m, a)) for m, a in functions]
+    try:
+        for m, a, fn in saved:
+            setattr(m, a, wrap(a, fn))
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, args.vocab_size, (1, prompt_len), generator=gen)
+        with torch.no_grad():
+            logits = net(ids)
+        wrap("sample", generate.sample)(logits[:, -1], temperature=0.6, top_p=0.9, generator=gen)
+    finally:
+        for m, a, fn in saved:
+            setattr(m, a, fn)
+    head = (f"A prompt of {prompt_len} token ids through config.PRESETS['tiny'] (random weights: "
+            f"{args.num_hidden_layers} layers, layer 0 dense, then MoE with {args.n_routed_experts} experts "
+            f"top-{args.num_experts_per_tok}), following token {t}, then the sampler. Shapes: B=1 batch, "
+            f"T={prompt_len} tokens, D={args.hidden_size}, H={args.num_attention_heads} heads, "
+            f"V={args.vocab_size}. `where` is the file:line where the step's code starts (for nn.Linear: "
+            f"where it is called); a breakpoint there stops at it, e.g. `python -m pdb generate.py`, then "
+            f"`b attention.py:LINE`.")
+    rows = []
+    for d, label, where, i, o, n in events:
+        rows.append(["  " * d + label, where, f"{i} -> {o}"])
+        if n:
+            rows.append(["  " * (d + 1) + "= " + n, "", ""])
+    return textwrap.wrap(head, 110) + [""] + _table(rows, ["step", "where", "shapes"]).splitlines()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(s.rstrip() for s in lines)
+
+
+def cmd_list(a) -> None:
+    print(_table([[e.name, e.file, e.concept, e.level, e.minutes, e.against] for e in EXERCISES.values()],
+                 ["name", "file", "concept", "level", "min", "checked against"]))
+    print(f"\n{len(EXERCISES)} exercises, {sum(e.minutes for e in EXERCISES.values())} minutes in all. "
+          f"Start one with `python exercises.py start NAME`.")
+
+
+def cmd_show(a) -> None:
+    ex = get(a.name)
+    print(f"{ex.name}: {ex.concept} ({ex.file}, {ex.level}, ~{ex.minutes} min)\n\n{ex.statement}")
+
+
+def cmd_start(a) -> None:
+    ex, lab = get(a.name), lab_dir(a.lab)
+    print(start(ex, lab, a.force))
+    print(f"\n{ex.statement}\n\nWhen done: python exercises.py check {ex.name}    (stuck? python "
+          f"exercises.py hint {ex.name})")
+
+
+def cmd_check(a) -> int:
+    ex, lab = get(a.name), lab_dir(a.lab)
+    res = check(ex, lab, a.timeout, a.seed)
+    _print_result(res)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0 if res["passed"] == res["total"] else 1
+
+
+def cmd_hint(a) -> None:
+    ex, lab = get(a.name), lab_dir(a.lab)
+    state = _state(lab) if lab.is_dir() else {"started": [], "hints": {}}
+    n = state["hints"].get(ex.name, 0)
+    if n < len(ex.hints):
+        print(f"Hint {n + 1}/{len(ex.hints)} for {ex.name}: {ex.hints[n]}")
+        state["hints"][ex.name] = n + 1
+        if lab.is_dir():
+            _save_state(lab, state)
+    else:
+        print(f"No more hints for {ex.name} (all {len(ex.hints)} given):\n" +
+              "\n".join(f"  {i + 1}. {h}" for i, h in enumerate(ex.hints)) +
+              f"\n`python exercises.py solution {ex.name}` shows the reference.")
+
+
+def cmd_solution(a) -> None:
+    ex = get(a.name)
+    print(f"# the reference between '# exercise: {ex.name}' and '# end exercise: {ex.name}' in {ex.file}:",
+          file=sys.stderr)
+    sys.stdout.write("".join(reference_region(ex)))
+
+
+def cmd_grade(a) -> int:
+    lab = lab_dir(a.lab)
+    res = grade(lab, a.timeout)
+    print(_table([[r["exercise"], f"{r['passed']}/{r['total']}", r["score"], r["seconds"],
+                   next((c["name"] for c in r["checks"] if not c["passed"] and not c.get("skipped")), "")]
+                  for r in res["exercises"]],
+                 ["exercise", "passed", "score", "seconds", "first failing check"]))
+    out = Path(a.json) if a.json else lab / "grade.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"\n{res['passed']}/{res['total']} checks pass; JSON in {_show(out)}")
+    return 0 if res["passed"] == res["total"] else 1
+
+
+def cmd_bench(a) -> None:
+    t0 = time.perf_counter()
+    rows = bench()
+    total = time.perf_counter() - t0
+    print(_table([[n, f"{s:.1f}", p] for n, s, p in rows], ["exercise", "check (s)", "passed"]))
+    print(f"\nall {len(rows)} exercises: {total:.1f} s (`grade` of a full lab); {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f} (other processes on them), torch {torch.__version__}")
+
+
+def cmd_tour(a) -> None:
+    print("\n".join(tour()))
+
+
+def cmd_run(a) -> None:
+    """The child process of `check`: run the checks in-process, write the results as JSON."""
+    sys.dont_write_bytecode = True
+    results = run_checks(get(a.name), Path(a.lab), a.seed)
+    Path(a.out).write_text(json.dumps(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--lab", help=f"the workspace folder (default: ${LAB_ENV}, else lab/ by this file)")
+    named = argparse.ArgumentParser(add_help=False, parents=[common])
+    named.add_argument("name", help="an exercise name (`python exercises.py list`)")
+    timed = argparse.ArgumentParser(add_help=False)
+    timed.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds before the checks are stopped")
+    timed.add_argument("--json", help="also write the result as JSON to this file")
+    sub.add_parser("list", help="the exercises (the default)").set_defaults(fn=cmd_list)
+    sub.add_parser("show", parents=[named], help="the task of one exercise").set_defaults(fn=cmd_show)
+    s = sub.add_parser("start", parents=[named], help="copy the modules into the workspace, blank one region")
+    s.add_argument("--force", action="store_true", help="replace your work on this region by the blank stub")
+    s.set_defaults(fn=cmd_start)
+    s = sub.add_parser("check", parents=[named, timed], help="grade one exercise in the workspace")
+    s.add_argument("--seed", type=int, help="reproduce a run (the seed is printed)")
+    s.set_defaults(fn=cmd_check)
+    sub.add_parser("hint", parents=[named], help="the next hint").set_defaults(fn=cmd_hint)
+    sub.add_parser("solution", parents=[named], help="the reference region").set_defaults(fn=cmd_solution)
+    s = sub.add_parser("grade", parents=[common, timed], help="check every started exercise")
+    s.set_defaults(fn=cmd_grade)
+    sub.add_parser("tour", help="one token through a tiny model, step by step").set_defaults(fn=cmd_tour)
+    sub.add_parser("bench", help="time every check against the reference").set_defaults(fn=cmd_bench)
+    s = sub.add_parser("_run")  # internal: the child process of `check`
+    s.add_argument("name")
+    s.add_argument("--lab", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.set_defaults(fn=cmd_run)
+    a = p.parse_args(argv)
+    try:
+        return (a.fn if a.cmd else cmd_list)(a) or 0
+    except ExerciseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
