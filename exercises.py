@@ -560,6 +560,187 @@ Return X, bf16, with G's shape.""",
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: the sigmoid router (moe.py Gate.forward)
+
+from types import SimpleNamespace  # noqa: E402 — the configs the MoE exercises build (Gate reads attributes)
+
+ROUTER_SOFTMAX = ("softmax affinities instead of sigmoid (K2 and DeepSeek-V3 score each expert on its own: "
+                  "σ(x·w_e))")
+ROUTER_BIAS_WEIGHT = ("the correction bias leaked into the gate weights (weight the chosen experts by their "
+                      "UNBIASED scores s; s + b is only for choosing)")
+ROUTER_BIAS_UNUSED = "the correction bias was not used to choose the experts (top-k of s + b, not of s)"
+ROUTER_NO_RENORM = "the chosen weights were not renormalised to sum to 1 before the scaling factor"
+ROUTER_RENORM = "the weights were renormalised although norm_topk_prob is False"
+ROUTER_NO_SCALE = "routed_scaling_factor missing (multiply the renormalised weights by it)"
+ROUTER_NO_GROUP = ("the group limit was ignored (with n_group > 1, choose the topk_group best groups first, "
+                   "a group's score being the sum of its 2 best biased scores)")
+
+
+def router_truth(x: Tensor, W: Tensor, bias: Tensor, k: int, n_group: int = 1, topk_group: int = 1,
+                 scale: float = 1.0, norm: bool = True, mistake: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """fp64, one token at a time (DeepSeek-V3 arXiv 2412.19437 §2.1.2, eq. 15-16; group-limited routing as in
+    its inference/model.py Gate): s = σ(x Wᵀ); choose the k largest s + b among the experts of the topk_group
+    groups whose 2 best s + b sum highest; w = scale · s_j / Σ_chosen s. Returns (dense (N, E) weights, zero
+    off the chosen experts; scores (N, E); margin (N,), the smallest gap a top-k or group cut had to split).
+    `mistake` (a ROUTER_* string) produces that mistake's output instead."""
+    logits = x.double() @ W.double().T                                         # (N, E)
+    scores = logits.softmax(-1) if mistake == ROUTER_SOFTMAX else logits.sigmoid()
+    N, E = scores.shape
+    size = E // n_group
+    dense, margin = torch.zeros(N, E, dtype=torch.float64), torch.full((N,), math.inf, dtype=torch.float64)
+    for n in range(N):
+        s = scores[n].tolist()
+        c = s if mistake == ROUTER_BIAS_UNUSED else [s[e] + float(bias[e]) for e in range(E)]
+        allowed = list(range(E))
+        if n_group > 1 and mistake != ROUTER_NO_GROUP:
+            group_score = [sum(sorted(c[g * size:(g + 1) * size])[-2:]) for g in range(n_group)]
+            ranked = sorted(range(n_group), key=lambda g: -group_score[g])
+            margin[n] = group_score[ranked[topk_group - 1]] - group_score[ranked[topk_group]]
+            allowed = [e for g in ranked[:topk_group] for e in range(g * size, (g + 1) * size)]
+        ranked = sorted(allowed, key=lambda e: -c[e])
+        if len(ranked) > k:
+            margin[n] = min(margin[n].item(), c[ranked[k - 1]] - c[ranked[k]])
+        chosen = ranked[:k]
+        w = [c[e] if mistake == ROUTER_BIAS_WEIGHT else s[e] for e in chosen]
+        total = sum(w) if (norm and mistake != ROUTER_NO_RENORM) or mistake == ROUTER_RENORM else 1.0
+        factor = 1.0 if mistake == ROUTER_NO_SCALE else scale
+        for e, v in zip(chosen, w):
+            dense[n, e] = factor * v / total
+    return dense, scores, margin
+
+
+ROUTER_MISTAKES = (ROUTER_SOFTMAX, ROUTER_BIAS_WEIGHT, ROUTER_BIAS_UNUSED, ROUTER_NO_RENORM, ROUTER_RENORM,
+                   ROUTER_NO_SCALE, ROUTER_NO_GROUP)
+
+
+def _router_case(lab: Lab, N: int, D: int, E: int, k: int, n_group: int = 1, topk_group: int = 1,
+                 norm: bool = True, dtype: torch.dtype = torch.float32) -> tuple:
+    """A Gate of the lab with random weights and bias, random tokens, the truth and each mistake's output.
+    Tokens whose top-k or group cut (for the truth or any mistake) is closer than 1e-4 are dropped, so fp32
+    rounding cannot flip a choice."""
+    scale = lab.uniform(1.5, 3.0)
+    args = SimpleNamespace(num_experts_per_tok=k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+                           routed_scaling_factor=scale, n_routed_experts=E, hidden_size=D)
+    gate = lab.moe.Gate(args)
+    W = torch.randn(E, D, generator=lab.gen) / math.sqrt(D)
+    bias = 0.1 * torch.randn(E, generator=lab.gen)
+    x = torch.randn(N, D, generator=lab.gen).to(dtype)
+    with torch.no_grad():
+        gate.weight.copy_(W)
+        gate.e_score_correction_bias.copy_(bias)
+    gate = gate.to(dtype)
+    W = gate.weight.detach()                         # as rounded to dtype: the truth sees the same
+    cut = dict(k=k, n_group=n_group, topk_group=topk_group, scale=scale, norm=norm)
+    outs = {m: router_truth(x, W, bias, mistake=m, **cut) for m in ("",) + ROUTER_MISTAKES}
+    keep = torch.stack([o[2] for o in outs.values()]).min(0).values > 1e-4
+    x = x[keep]
+    return gate, x, {m: (o[0][keep], o[1][keep]) for m, o in outs.items()}, scale
+
+
+def _check_router(lab: Lab, gate, x: Tensor, outs: dict, what: str) -> None:
+    N, E, k = x.shape[0], outs[""][0].shape[1], gate.top_k
+    with torch.no_grad():
+        got = gate(x)
+    if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, Tensor) for t in got)):
+        raise CheckFailed(f"Gate.forward must return three tensors (weights, idx, scores), got {type(got)}")
+    weights, idx, scores = got
+    if weights.shape != (N, k) or idx.shape != (N, k) or scores.shape != (N, E):
+        raise CheckFailed(f"{what}: shapes weights {tuple(weights.shape)}, idx {tuple(idx.shape)}, scores "
+                          f"{tuple(scores.shape)}; expected ({N}, {k}), ({N}, {k}), ({N}, {E})")
+    if idx.dtype != torch.int64 or weights.dtype != torch.float32 or scores.dtype != torch.float32:
+        raise CheckFailed(f"{what}: dtypes weights {weights.dtype}, idx {idx.dtype}, scores {scores.dtype}; "
+                          f"expected float32, int64, float32 (route in fp32 whatever x's dtype)")
+    if bool((idx.sort(-1).values.diff(dim=-1) == 0).any()) or bool(((idx < 0) | (idx >= E)).any()):
+        raise CheckFailed(f"{what}: idx must hold {k} distinct expert ids in [0, {E}) per token")
+    expect_close(scores, outs[""][1], f"{what}: scores", atol=1e-5,
+                 mistakes={ROUTER_SOFTMAX: outs[ROUTER_SOFTMAX][1]})
+    dense = torch.zeros(N, E, dtype=torch.float64).scatter(1, idx, weights.double())
+    expect_close(dense, outs[""][0], f"{what}: weights of the chosen experts (as an (N, E) matrix, zero "
+                 f"elsewhere)", atol=1e-5, rtol=1e-5, mistakes={m: outs[m][0] for m in ROUTER_MISTAKES})
+
+
+def check_router_random(lab: Lab) -> None:
+    """chooses and weights the experts as fp64 truth, one group (K2: n_group = topk_group = 1)"""
+    E = lab.randint(8, 40)
+    gate, x, outs, _ = _router_case(lab, N=lab.randint(20, 60), D=lab.randint(8, 32), E=E,
+                                    k=lab.randint(2, min(8, E - 1)))
+    _check_router(lab, gate, x, outs, f"router, E={E}, top-{gate.top_k}")
+
+
+def check_router_groups(lab: Lab) -> None:
+    """group-limited top-k (DeepSeek-V3: n_group groups, keep topk_group): as fp64 truth"""
+    G = 2 * lab.randint(1, 2)
+    m = lab.randint(3, 8)
+    tg = lab.randint(1, G - 1)
+    gate, x, outs, _ = _router_case(lab, N=lab.randint(30, 60), D=lab.randint(8, 32), E=G * m,
+                                    k=lab.randint(2, min(8, tg * m - 1)), n_group=G, topk_group=tg)
+    _check_router(lab, gate, x, outs, f"router, {G} groups of {m}, keep {tg}, top-{gate.top_k}")
+
+
+def check_router_bf16_no_renorm(lab: Lab) -> None:
+    """a bf16 model routes in fp32; with norm_topk_prob False the weights are scale · s"""
+    E = lab.randint(8, 24)
+    gate, x, outs, _ = _router_case(lab, N=lab.randint(20, 40), D=lab.randint(8, 32), E=E,
+                                    k=lab.randint(2, min(6, E - 1)), norm=False, dtype=torch.bfloat16)
+    _check_router(lab, gate, x, outs, f"bf16 router, norm_topk_prob False, E={E}, top-{gate.top_k}")
+
+
+def check_router_by_hand(lab: Lab) -> None:
+    """logits (ln 3, 0, -ln 3, 0), bias (0, 0, .4, -.1), top-2, scale 2.5: weights (1.875, 0, 0.625, 0)"""
+    args = SimpleNamespace(num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=2.5, n_routed_experts=4, hidden_size=4)
+    gate = lab.moe.Gate(args)
+    bias = torch.tensor([0.0, 0.0, 0.4, -0.1])
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(4))
+        gate.e_score_correction_bias.copy_(bias)
+    x = torch.tensor([[math.log(3), 0.0, -math.log(3), 0.0]])
+    # s = (0.75, 0.5, 0.25, 0.5); s + b = (0.75, 0.5, 0.65, 0.4) chooses experts 0 and 2 (expert 2 only thanks
+    # to its bias); w = 2.5 · (0.75, 0.25) / (0.75 + 0.25) = (1.875, 0.625)
+    truth = torch.tensor([[1.875, 0.0, 0.625, 0.0]], dtype=torch.float64)
+    outs = {m: router_truth(x, torch.eye(4), bias, 2, scale=2.5, mistake=m)[:2] for m in ROUTER_MISTAKES}
+    outs[""] = (truth, torch.tensor([[0.75, 0.5, 0.25, 0.5]], dtype=torch.float64))
+    _check_router(lab, gate, x, outs, "router on the worked example")
+
+
+register(Exercise(
+    name="router", file="moe.py", concept="sigmoid router with correction bias", level="core", minutes=30,
+    against="fp64 per-token truth; by hand",
+    statement="""\
+Route each token to K experts (DeepSeek-V3 arXiv 2412.19437 §2.1.2, eq. 15-16, and its
+inference/model.py Gate; Kimi K2 arXiv 2507.20534 §2.1 uses one group; config keys n_group,
+topk_group, norm_topk_prob, routed_scaling_factor):
+    s = σ(x W_gᵀ), in fp32 whatever x's dtype      the affinities, one sigmoid per expert
+    c = s + b                                      b: the correction bias, used ONLY to choose
+    if n_group > 1: split the E experts into n_group equal groups; a group's score is the sum
+        of its 2 largest c; keep the topk_group best groups, set c of all other experts to -inf
+    idx = top-K of c                               (best first)
+    w = s[idx] (UNBIASED), / Σ s[idx] if norm_topk_prob, then × routed_scaling_factor
+In scope: x (N, D) any float dtype; self.weight (E, D) W_g; self.e_score_correction_bias (E,)
+fp32 b; self.top_k (K), self.n_group, self.topk_group, self.norm_topk_prob,
+self.routed_scaling_factor; torch, F. Return (w (N, K) fp32, idx (N, K) int64, s (N, E) fp32).""",
+    hints=("torch.sigmoid(F.linear(x.float(), self.weight.float())) gives s in fp32; then c.topk(K, dim=-1) "
+           "gives the indices, and s.gather(1, idx) the unbiased scores of the chosen experts.",
+           "Groups: c.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(-1) scores the groups; a "
+           "boolean (N, n_group) mask of the kept ones, broadcast over the group's experts, feeds "
+           "masked_fill.",
+           "Mask with -inf, not 0.0: biased scores can be negative, so a 0.0 from a dropped group could "
+           "win."),
+    checks=(check_router_random, check_router_groups, check_router_bf16_no_renorm, check_router_by_hand),
+    mistakes=(
+        Mistake(ROUTER_SOFTMAX, (("scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))",
+                                  "scores = torch.softmax(F.linear(x.float(), self.weight.float()), -1)"),)),
+        Mistake(ROUTER_BIAS_WEIGHT, (("weights = scores.gather(1, idx)",
+                                      "weights = choice.gather(1, idx)"),)),
+        Mistake(ROUTER_NO_RENORM, (("weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)",
+                                    "weights = weights"),)),
+        Mistake(ROUTER_NO_SCALE, (("return weights * self.routed_scaling_factor, idx, scores",
+                                   "return weights, idx, scores"),)),
+        Mistake(ROUTER_NO_GROUP, (("if self.n_group > 1:", "if False:"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")

@@ -131,6 +131,7 @@ class Gate(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, D) -> weights (N, K) fp32, idx (N, K) int64 (best first), scores (N, E) fp32
         sigmoid affinities."""
+        # exercise: router
         # fp32: bf16 rounding must not decide which experts win top-k (HF casts x and W_g to fp32
         # as well)
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, E)
@@ -153,6 +154,7 @@ class Gate(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # HF's epsilon
         return weights * self.routed_scaling_factor, idx, scores
+        # end exercise: router
 
 
 # --------------------------------------------------------------------------------------------------
