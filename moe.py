@@ -190,6 +190,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """The definition: each token's output is the weighted sum of its K experts.
     x (N, D), weights/idx (N, K) -> (N, D)."""
+    # exercise: combine
     # fp32 (fp64 for fp64 inputs): sums K expert outputs per token (HF)
     acc = _acc_dtype(x)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (N, D)
@@ -205,6 +206,7 @@ def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> 
         y = swiglu(x[tok], gate[e], up[e], down[e])  # (n_e, D)
         out.index_add_(0, tok, y.to(acc) * weights[tok, slot, None])
     return out.to(x.dtype)
+    # end exercise: combine
 
 
 def _grouped_mm_ok(w: Tensor) -> bool:
