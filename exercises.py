@@ -937,6 +937,102 @@ Return out (N, D).""",
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: Muon's update scale (muonclip.py muon_scale)
+
+MUON_ROWS = "scaled by sqrt(A), the number of rows: use the larger side, sqrt(max(A, B))"
+MUON_COLS = "scaled by sqrt(B), the number of columns: use the larger side, sqrt(max(A, B))"
+MUON_NO_RMS = "the 0.2 factor is missing (Moonlight matches AdamW's update RMS of ~0.2, not 1)"
+MUON_KELLER = ("Keller Jordan's original scale max(1, A/B)^½ (torch.optim.Muon adjust_lr_fn=\"original\"), "
+               "not Moonshot's 0.2·sqrt(max(A, B))")
+MUON_ALL_DIMS = ("the expert count E of an (E, A, B) stack was taken as a side of the matrix: every expert "
+                 "is its own A×B matrix, use the last two dims only")
+
+
+def muon_scale_truth(shape: tuple[int, ...], mistake: str = "") -> float:
+    """Moonlight arXiv 2502.16982 §2.2 (eq. 4, Lemma 1): the Muon update of an A×B matrix is rescaled by
+    0.2·sqrt(max(A, B)) so that its RMS matches AdamW's; leading dims are a batch. `mistake` gives its
+    value."""
+    A, B = shape[-2], shape[-1]
+    return {MUON_ROWS: 0.2 * math.sqrt(A), MUON_COLS: 0.2 * math.sqrt(B), MUON_NO_RMS: math.sqrt(max(A, B)),
+            MUON_KELLER: max(1.0, A / B) ** 0.5, MUON_ALL_DIMS: 0.2 * math.sqrt(max(shape))
+            }.get(mistake, 0.2 * math.sqrt(max(A, B)))
+
+
+def _muon_scale_compare(got: list, shapes: list[tuple[int, ...]], what: str, rtol: float) -> None:
+    for s, v in zip(shapes, got):
+        if not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1):
+            raise CheckFailed(f"muon_scale({s}) returned {type(v).__name__}: expected a number")
+    got_t = torch.tensor([float(v) for v in got], dtype=torch.float64)
+    def row(mistake=""):
+        return torch.tensor([muon_scale_truth(s, mistake) for s in shapes], dtype=torch.float64)
+
+    expect_close(got_t, row(), f"{what} for shapes {shapes}", atol=0.0, rtol=rtol,
+                 mistakes={m: row(m) for m in (MUON_ROWS, MUON_COLS, MUON_NO_RMS, MUON_KELLER,
+                                               MUON_ALL_DIMS)})
+
+
+def _muon_shapes(lab: Lab) -> list[tuple[int, ...]]:
+    """A tall, a wide and a square matrix, and an expert stack whose count exceeds both sides."""
+    a, b = lab.randint(4, 30), lab.randint(40, 300)
+    n = lab.randint(5, 60)
+    e, i, d = lab.randint(70, 130), lab.randint(4, 30), lab.randint(31, 64)
+    return [(b, a), (a, b), (n, n), (e, i, d)]
+
+
+def check_muon_scale_shapes(lab: Lab) -> None:
+    """equals 0.2·sqrt(max(A, B)) for tall, wide and square matrices and an (E, A, B) expert stack"""
+    shapes = _muon_shapes(lab)
+    _muon_scale_compare([lab.muonclip.muon_scale(torch.Size(s)) for s in shapes], shapes, "muon_scale",
+                        rtol=1e-9)
+
+
+def check_muon_scale_by_hand(lab: Lab) -> None:
+    """(4, 9) -> 0.6, (16, 4) -> 0.8, an (8, 100, 25) stack -> 2.0 (worked by hand)"""
+    shapes = [(4, 9), (16, 4), (8, 100, 25)]       # 0.2·√9, 0.2·√16, 0.2·√100
+    got = [lab.muonclip.muon_scale(s) for s in shapes]
+    _muon_scale_compare(got, shapes, "muon_scale", rtol=1e-9)
+    if [round(float(v), 9) for v in got] != [0.6, 0.8, 2.0]:
+        raise CheckFailed(f"muon_scale gave {got} for {shapes}; expected [0.6, 0.8, 2.0]")
+
+
+def check_muon_scale_in_the_update(lab: Lab) -> None:
+    """muon_update's result is 0.2·sqrt(max(A, B)) times the fp64 Newton-Schulz factor (fitted per matrix)"""
+    shapes = _muon_shapes(lab)[:2] + [(lab.randint(2, 4), lab.randint(40, 64), lab.randint(4, 20))]
+    fitted = []
+    for s in shapes:
+        G = torch.randn(s, generator=lab.gen)
+        update = lab.muonclip.muon_update(G, torch.zeros_like(G))
+        O = newton_schulz_truth(G)                    # the update's direction; only its scale is graded here
+        # least-squares factor per matrix, <update, O> / <O, O>: bf16 Newton-Schulz moves it by < 1% (measured
+        # over 30 seeds on such shapes)
+        fitted.append(float(((update.double() * O).sum((-2, -1)) / (O * O).sum((-2, -1))).mean()))
+    _muon_scale_compare(fitted, shapes, "the scale of muon_update's result", rtol=0.04)
+
+
+register(Exercise(
+    name="muon_scale", file="muonclip.py", concept="Muon's update-RMS scale", level="intro", minutes=10,
+    against="the formula per shape; by hand; fitted on muon_update",
+    statement="""\
+Return the factor Muon's orthogonalised update O of an A×B matrix is multiplied by, so that its RMS
+matches AdamW's and AdamW's learning rate and weight decay carry over (Moonlight arXiv 2502.16982
+§2.2, eq. 4 and Lemma 1; Kimi K2 arXiv 2507.20534 §2.1, Algorithm 1):  0.2·sqrt(max(A, B)).
+The leading dims of an (..., A, B) shape are a batch: each expert of an (E, I, D) stack is its own
+I×D matrix. MuonClip.step then applies W ← W·(1 − lr·wd) − lr·muon_scale(W.shape)·O: the
+weight decay is decoupled and uses the unscaled lr.
+In scope: shape (a tuple or torch.Size); MUON_RMS (0.2); math. Return a Python float.""",
+    hints=("O ≈ U Vᵀ has min(A, B) singular values near 1, so ‖O‖_F² ≈ min(A, B) and its RMS is "
+           "sqrt(min(A, B) / (A·B)) = 1/sqrt(max(A, B)).",
+           "shape[-2] and shape[-1] are the matrix's sides, whatever the leading dims."),
+    checks=(check_muon_scale_shapes, check_muon_scale_by_hand, check_muon_scale_in_the_update),
+    mistakes=(
+        Mistake(MUON_ROWS, (("math.sqrt(max(A, B))", "math.sqrt(A)"),)),
+        Mistake(MUON_COLS, (("math.sqrt(max(A, B))", "math.sqrt(B)"),)),
+        Mistake(MUON_NO_RMS, (("return MUON_RMS * math.sqrt(max(A, B))", "return math.sqrt(max(A, B))"),)),
+        Mistake(MUON_ALL_DIMS, (("math.sqrt(max(A, B))", "math.sqrt(max(shape))"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")

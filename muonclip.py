@@ -135,6 +135,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
 def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
     """Moonshot's update scale 0.2·sqrt(max(A, B)) for a matrix of shape (..., A, B); the same for
     every expert slice."""
+    # exercise: muon_scale
     A, B = shape[-2], shape[-1]
     # Why: an A×B matrix with min(A, B) unit singular values has RMS sqrt(1/max(A, B)), so raw Muon
     # updates get smaller as matrices grow. Multiplying by sqrt(max(A, B)) gives RMS ~1 for every
@@ -142,6 +143,7 @@ def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
     # over unchanged (Moonlight arXiv 2502.16982 §2.2, Lemma 1). Keller Jordan's max(1, A/B)^0.5 is
     # a different rule (torch.optim.Muon adjust_lr_fn="original").
     return MUON_RMS * math.sqrt(max(A, B))
+    # end exercise: muon_scale
 
 
 def muon_updates(grads: list[Tensor], momentum_buffers: list[Tensor], beta: float = 0.95,
