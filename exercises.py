@@ -1033,6 +1033,141 @@ In scope: shape (a tuple or torch.Size); MUON_RMS (0.2); math. Return a Python f
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: the aux-loss-free routing-bias update (muonclip.py routing_bias_delta)
+
+BIAS_REVERSED = ("the sign is reversed: over-loaded experts got a larger bias (more tokens); use "
+                 "sign(mean load - load_i)")
+BIAS_RAW = "the raw difference (mean load - load_i) was used instead of its sign: every step is ±speed"
+BIAS_NO_SPEED = "the sign was not multiplied by the update speed"
+BIAS_ZERO = "an expert exactly at the mean load moved: sign(0) is 0"
+BIAS_NOT_CENTRED = "the 'moonlight' rule without subtracting the mean of the signs"
+
+
+def bias_delta_truth(load: Tensor, speed: float, rule: str = "deepseek", mistake: str = "") -> Tensor:
+    """fp64, one expert at a time: Δb_i = speed · sign(mean load - load_i) (DeepSeek-V3 arXiv 2412.19437
+    §2.1.2, "bias update speed" γ; Wang et al. arXiv 2408.15664 Algorithm 1); rule 'moonlight' (Moonlight
+    arXiv 2502.16982 App. C) subtracts the mean of those signs. `mistake` gives its output."""
+    load = [float(v) for v in load]
+    mean = sum(load) / len(load)
+    def sign(v):
+        return (v > 0) - (v < 0) if mistake != BIAS_ZERO else (1 if v >= 0 else -1)
+
+    d = [(l - mean if mistake == BIAS_REVERSED else mean - l) for l in load]
+    d = d if mistake == BIAS_RAW else [float(sign(v)) for v in d]
+    if rule == "moonlight" and mistake != BIAS_NOT_CENTRED:
+        d = [v - sum(d) / len(d) for v in d]
+    return torch.tensor(d, dtype=torch.float64) * (1.0 if mistake == BIAS_NO_SPEED else speed)
+
+
+def _bias_mistakes(load: Tensor, speed: float, rule: str) -> dict[str, Tensor]:
+    ms = [BIAS_REVERSED, BIAS_RAW, BIAS_NO_SPEED, BIAS_ZERO]
+    ms += [BIAS_NOT_CENTRED] if rule == "moonlight" else []
+    return {m: bias_delta_truth(load, speed, rule, m) for m in ms}
+
+
+def _loads(lab: Lab) -> Tensor:
+    """Token counts (E,) in pairs (m+d, m-d): the mean m is an integer, and some experts sit exactly at it."""
+    E, m = 2 * lab.randint(3, 16), lab.randint(20, 200)
+    d = torch.randint(0, m, (E // 2,), generator=lab.gen)
+    d[:2] = 0                                            # at least one pair at the mean
+    load = torch.cat([m + d, m - d])
+    return load[torch.randperm(E, generator=lab.gen)]
+
+
+def _delta(lab: Lab, load: Tensor, speed: float, rule: str) -> Tensor:
+    delta = lab.muonclip.routing_bias_delta(load, speed, rule)
+    if not isinstance(delta, Tensor) or delta.shape != load.shape or delta.dtype != torch.float32:
+        got = f"{getattr(delta, 'dtype', type(delta).__name__)} {tuple(getattr(delta, 'shape', ()))}"
+        raise CheckFailed(f"routing_bias_delta on load {tuple(load.shape)} {load.dtype} returned {got}: "
+                          f"expected fp32 of load's shape (the bias it moves is fp32)")
+    return delta
+
+
+def check_bias_update_deepseek(lab: Lab) -> None:
+    """'deepseek' rule: speed · sign(mean load - load_i), as fp64 truth, for int and float loads"""
+    speed = lab.uniform(1e-4, 1e-2)
+    for load in (_loads(lab), _loads(lab).float()):
+        expect_close(_delta(lab, load, speed, "deepseek"), bias_delta_truth(load, speed),
+                     f"routing_bias_delta(load of {load.numel()} experts ({load.dtype}), speed {speed:.2g})",
+                     atol=1e-9, rtol=1e-6, mistakes=_bias_mistakes(load, speed, "deepseek"))
+
+
+def check_bias_update_moonlight(lab: Lab) -> None:
+    """'moonlight' rule: the signs minus their mean; an unknown rule raises ValueError"""
+    speed = lab.uniform(1e-4, 1e-2)
+    load = _loads(lab)
+    load[0] += 3 * int(load.float().mean())               # one hot expert: the signs no longer sum to 0
+    expect_close(_delta(lab, load, speed, "moonlight"), bias_delta_truth(load, speed, "moonlight"),
+                 f"routing_bias_delta(rule='moonlight', speed {speed:.2g})", atol=1e-9, rtol=1e-6,
+                 mistakes=_bias_mistakes(load, speed, "moonlight"))
+    try:
+        lab.muonclip.routing_bias_delta(load, speed, "aux_loss")
+    except ValueError:
+        return
+    raise CheckFailed("routing_bias_delta(load, speed, rule='aux_loss') must raise ValueError naming the "
+                      "rules ('deepseek', 'moonlight')")
+
+
+def check_bias_update_by_hand(lab: Lab) -> None:
+    """loads (3, 1, 2, 2) -> (-1, 1, 0, 0)·speed; 'moonlight' on (5, 1, 1, 1) -> (-1.5, .5, .5, .5)·speed"""
+    load = torch.tensor([3, 1, 2, 2])
+    # mean 2: expert 0 is over-loaded (less attractive), expert 1 under-loaded, experts 2 and 3 stay
+    expect_close(_delta(lab, load, 1e-3, "deepseek"), torch.tensor([-1e-3, 1e-3, 0.0, 0.0]),
+                 "routing_bias_delta((3, 1, 2, 2), 0.001)", atol=1e-9,
+                 mistakes=_bias_mistakes(load, 1e-3, "deepseek"))
+    load = torch.tensor([5, 1, 1, 1])
+    # mean 2: signs (-1, 1, 1, 1), their mean 0.5
+    expect_close(_delta(lab, load, 1e-3, "moonlight"), torch.tensor([-1.5e-3, 0.5e-3, 0.5e-3, 0.5e-3]),
+                 "routing_bias_delta((5, 1, 1, 1), 0.001, 'moonlight')", atol=1e-9,
+                 mistakes=_bias_mistakes(load, 1e-3, "moonlight"))
+
+
+def check_bias_update_layer(lab: Lab) -> None:
+    """update_routing_bias_ moves a MoE layer's e_score_correction_bias by the rule, zeroes its load count"""
+    E, D = lab.randint(4, 12), lab.randint(4, 8)
+    args = SimpleNamespace(num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=1.0, n_routed_experts=E, hidden_size=D,
+                           moe_intermediate_size=4, n_shared_experts=1)
+    layer = lab.moe.MoE(args)
+    before = 0.05 * torch.randn(E, generator=lab.gen)
+    load = torch.randint(0, 50, (E,), generator=lab.gen).float()
+    layer.gate.e_score_correction_bias.copy_(before)
+    layer.expert_load.copy_(load)
+    speed = lab.uniform(1e-4, 1e-2)
+    lab.muonclip.update_routing_bias_(torch.nn.Sequential(layer), speed)
+    moved = layer.gate.e_score_correction_bias - before
+    expect_close(moved, bias_delta_truth(load, speed), f"change of e_score_correction_bias ({E} experts, "
+                 f"speed {speed:.2g})", atol=1e-7, mistakes=_bias_mistakes(load, speed, "deepseek"))
+    if bool(layer.expert_load.any()):
+        raise CheckFailed("expert_load must be zero after update_routing_bias_ (it is outside your region: "
+                          "restore muonclip.py's update_routing_bias_)")
+
+
+register(Exercise(
+    name="bias_update", file="muonclip.py", concept="aux-loss-free routing-bias update", level="intro",
+    minutes=15, against="fp64 per expert; by hand; a MoE layer",
+    statement="""\
+Move each expert's routing bias towards balanced load (DeepSeek-V3 arXiv 2412.19437 §2.1.2,
+auxiliary-loss-free load balancing, "bias update speed" γ, 0.001 in §4.2; Wang et al. arXiv
+2408.15664): after a step in which expert i received load_i tokens,
+    'deepseek':   Δb_i = speed · sign(mean_j load_j − load_i)
+an over-loaded expert's bias goes down (fewer tokens choose it), an under-loaded one's goes up, an
+expert exactly at the mean stays. 'moonlight' (Moonlight arXiv 2502.16982 App. C) subtracts the
+mean of those signs: Δb_i = speed · (sign_i − mean_j sign_j). Any other rule: raise ValueError.
+In scope: load (E,) token counts, any dtype; speed (float); rule ('deepseek' or 'moonlight');
+torch. Return Δb (E,) fp32 (update_routing_bias_ adds it to the fp32 e_score_correction_bias).""",
+    hints=("torch.sign gives -1, 0 or +1 per entry, so an expert exactly at the mean does not move.",
+           "Convert load to fp32 first: bincount counts are int64, and load.mean() needs a float tensor."),
+    checks=(check_bias_update_deepseek, check_bias_update_moonlight, check_bias_update_by_hand,
+            check_bias_update_layer),
+    mistakes=(
+        Mistake(BIAS_REVERSED, (("err = load.mean() - load", "err = load - load.mean()"),)),
+        Mistake(BIAS_RAW, (("direction = torch.sign(err)", "direction = err"),)),
+        Mistake(BIAS_NOT_CENTRED, (("direction = direction - direction.mean()", "direction = direction"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")

@@ -510,6 +510,7 @@ def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Te
     which keeps sum(b) from drifting and changes no top-k choice. Which rule K2 used is UNVERIFIED
     (neither the Kimi K2 report nor its config says).
     """
+    # exercise: bias_update
     load = load.float()  # fp32: e_score_correction_bias is fp32 in the checkpoint
     # mean_load = T·K/E (DeepSeek-V3 §2.1.2); equal to load.mean() because every token is routed to
     # exactly K experts
@@ -520,6 +521,7 @@ def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Te
     elif rule != "deepseek":
         raise ValueError(f"rule={rule!r}; use 'deepseek' or 'moonlight'")
     return speed * direction
+    # end exercise: bias_update
 
 
 @torch.no_grad()
