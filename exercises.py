@@ -1168,6 +1168,171 @@ torch. Return Δb (E,) fp32 (update_routing_bias_ adds it to the fp32 e_score_co
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: QK-Clip per head on MLA's weights (muonclip.py _scale_qk_rows_)
+
+import dataclasses  # noqa: E402 — a small MLA config from the tiny preset
+
+QK_QR_ROOT = "q^R (the head's rope query rows) was scaled by sqrt(γ_h): it must take the whole γ_h"
+QK_KR = ("the shared rope key k^R (the last Dr rows of kv_a_proj_with_mqa) was scaled: every head uses it, "
+         "so leave it alone and give q^R the whole γ_h")
+QK_ALL_HEADS = ("every head was scaled by the layer's smallest γ (per-layer clipping): each head takes its "
+                "own γ_h, and heads at or under τ (γ_h = 1) stay unchanged")
+QK_V = "the value rows of kv_b_proj were scaled too: only k^C rows take sqrt(γ_h) (values are not logits)"
+QK_Q_ONLY = ("q^C took the whole γ_h and k^C none: the logits are right, but K2 splits it evenly, sqrt(γ_h) "
+             "on q^C and on k^C")
+
+
+def qk_clip_truth(q: Tensor, kv_b: Tensor, gamma: Tensor, H: int, Dn: int, mistake: str = "") -> tuple:
+    """fp64, one head at a time (Kimi K2 arXiv 2507.20534 §2.1, Algorithm 1, MLA case): rows of head h in q
+    ([q^C (Dn) | q^R (Dr)] per head) × sqrt(γ_h) and × γ_h; rows of k^C in kv_b ([k^C (Dn) | v (Dv)] per head)
+    × sqrt(γ_h), v rows untouched. Returns the new (q, kv_b); `mistake` gives its output."""
+    q, kv_b = q.double().clone(), kv_b.double().clone()
+    g = gamma.double().tolist()
+    if mistake == QK_ALL_HEADS:
+        g = [min(g)] * H
+    qh, kvh = q.view(H, -1, q.shape[-1]), kv_b.view(H, -1, kv_b.shape[-1])
+    for h in range(H):
+        root = math.sqrt(g[h])
+        qh[h, :Dn] *= g[h] if mistake == QK_Q_ONLY else root
+        qh[h, Dn:] *= root if mistake == QK_QR_ROOT else g[h]
+        if mistake == QK_V:
+            kvh[h] *= root
+        elif mistake != QK_Q_ONLY:
+            kvh[h, :Dn] *= root
+    return q, kv_b
+
+
+def _mla(lab: Lab, q_lora: bool):
+    """A real attention.MLA of random small sizes, its weights drawn from the check's generator."""
+    H, Dn, Dr, Dv = lab.randint(2, 6), lab.randint(2, 8), 2 * lab.randint(1, 4), lab.randint(2, 8)
+    args = dataclasses.replace(lab.config.PRESETS["tiny"](), num_attention_heads=H, qk_nope_head_dim=Dn,
+                               qk_rope_head_dim=Dr, v_head_dim=Dv, kv_lora_rank=lab.randint(4, 12),
+                               q_lora_rank=lab.randint(4, 12) if q_lora else None,
+                               hidden_size=lab.randint(8, 24))
+    attn = lab.attention.MLA(args)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=lab.gen))
+    return attn
+
+
+def _gamma(lab: Lab, H: int) -> Tensor:
+    """Per-head factors: about half the heads exactly 1 (under τ), the rest (at least one) in (0.05, 0.95)."""
+    g = 0.05 + 0.9 * torch.rand(H, generator=lab.gen)
+    g[torch.rand(H, generator=lab.gen) < 0.5] = 1.0
+    g[lab.randint(0, H - 1)] = 0.05 + 0.9 * lab.uniform(0, 1)
+    return g
+
+
+def _q_weight(attn) -> Tensor:
+    return (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight
+
+
+def _check_qk_rows(lab: Lab, attn, gamma: Tensor, what: str) -> None:
+    H, Dn = attn.num_heads, attn.qk_nope_head_dim
+    before = {n: p.detach().clone() for n, p in attn.named_parameters()}
+    qname = "q_proj.weight" if attn.q_lora_rank is None else "q_b_proj.weight"
+    outs = {m: qk_clip_truth(before[qname], before["kv_b_proj.weight"], gamma, H, Dn, m)
+            for m in ("", QK_QR_ROOT, QK_ALL_HEADS, QK_V, QK_Q_ONLY)}
+    with torch.no_grad():
+        lab.muonclip._scale_qk_rows_(attn, gamma.clone())
+    after = dict(attn.named_parameters())
+    if not torch.equal(after["kv_a_proj_with_mqa.weight"], before["kv_a_proj_with_mqa.weight"]):
+        raise CheckFailed(f"{what}: {QK_KR}")
+    expect_close(after[qname], outs[""][0], f"{what}: {qname} (per head [q^C | q^R] rows)", atol=1e-6,
+                 rtol=1e-6, mistakes={m: o[0] for m, o in outs.items() if m})
+    expect_close(after["kv_b_proj.weight"], outs[""][1], f"{what}: kv_b_proj.weight (per head [k^C | v] "
+                 f"rows)", atol=1e-6, rtol=1e-6, mistakes={m: o[1] for m, o in outs.items() if m})
+    for name in before:
+        if name not in (qname, "kv_b_proj.weight") and not torch.equal(after[name], before[name]):
+            raise CheckFailed(f"{what}: {name} changed; QK-Clip only rescales q^C, q^R and k^C rows")
+    same = gamma == 1                                                    # heads under τ: exactly as before
+    qh, qt = after[qname].view(H, -1, after[qname].shape[-1]), outs[""][0].view(H, -1, after[qname].shape[-1])
+    if not torch.equal(qh[same].double(), qt[same]):
+        raise CheckFailed(f"{what}: heads {same.nonzero().flatten().tolist()} have γ = 1 (under τ) and must "
+                          f"stay bit-identical")
+
+
+def check_qk_clip_rows(lab: Lab) -> None:
+    """K2's layout (q_lora_rank set, q_b_proj): q^C × sqrt(γ_h), q^R × γ_h, k^C × sqrt(γ_h), all else kept"""
+    attn = _mla(lab, q_lora=True)
+    _check_qk_rows(lab, attn, _gamma(lab, attn.num_heads), f"QK-Clip of {attn.num_heads} heads (q_b_proj)")
+
+
+def check_qk_clip_plain_q(lab: Lab) -> None:
+    """Moonlight's layout (q_lora_rank None: q_proj): the same rows scaled"""
+    attn = _mla(lab, q_lora=False)
+    _check_qk_rows(lab, attn, _gamma(lab, attn.num_heads), f"QK-Clip of {attn.num_heads} heads (q_proj)")
+
+
+def check_qk_clip_logits(lab: Lab) -> None:
+    """through qk_clip_: every logit of a head over τ becomes γ_h times what it was (fp64, random latents)"""
+    attn = _mla(lab, q_lora=True)
+    H, Dn, Dr = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    tau = lab.uniform(20.0, 100.0)
+    S = tau * (0.5 + 2 * torch.rand(H, generator=lab.gen))          # recorded max logits, some over τ
+    S[0] = 3 * tau
+    attn.record_max_logits = True
+    attn.max_logits.copy_(S)
+    c_q = torch.randn(7, attn.q_lora_rank, generator=lab.gen, dtype=torch.float64)
+    c_kv = torch.randn(5, attn.kv_lora_rank, generator=lab.gen, dtype=torch.float64)
+    h = torch.randn(5, attn.kv_a_proj_with_mqa.in_features, generator=lab.gen, dtype=torch.float64)
+
+    def logits() -> tuple[Tensor, Tensor]:
+        """The two parts (H, 7, 5) of q_h·k_h: q^C·k^C and q^R·k^R, with q = W_qb c_q, k^C = W_kc c_kv and
+        the shared k^R = W_kR h (RoPE rotates q^R and k^R by position and does not change any scaling)."""
+        q = (c_q @ attn.q_b_proj.weight.detach().double().T).view(7, H, Dn + Dr)
+        kv = (c_kv @ attn.kv_b_proj.weight.detach().double().T).view(5, H, -1)
+        k_r = h @ attn.kv_a_proj_with_mqa.weight.detach().double()[-Dr:].T      # (5, Dr)
+        return (torch.einsum("thd,shd->hts", q[..., :Dn], kv[..., :Dn]),
+                torch.einsum("thd,sd->hts", q[..., Dn:], k_r))
+
+    nope, rope = logits()
+    old = nope + rope
+    lab.muonclip.qk_clip_(torch.nn.Sequential(attn), tau)
+    gamma = torch.where(S > tau, tau / S, torch.ones_like(S)).double()
+    g = gamma[:, None, None]
+    # fp32 weights rescaled in fp32: each logit moves by a few fp32 roundings of its largest terms
+    expect_close(sum(logits()), g * old, f"logits of {H} heads after qk_clip_ (τ = {tau:.1f}, γ = "
+                 f"{[round(v, 3) for v in gamma.tolist()]})", atol=1e-5 * old.abs().max().item(), rtol=1e-5,
+                 mistakes={QK_ALL_HEADS: gamma.min() * old, QK_QR_ROOT: g * nope + g.sqrt() * rope})
+
+
+register(Exercise(
+    name="qk_clip", file="muonclip.py", concept="QK-Clip per head on MLA", level="core", minutes=25,
+    against="fp64 rows per head; fp64 logits",
+    statement="""\
+Rescale the query/key weights of one MLA layer per head so that every logit of head h becomes γ_h
+times what it was (Kimi K2 arXiv 2507.20534 §2.1, QK-Clip, Algorithm 1; γ_h = min(1, τ/S_max,h) is
+given, exactly 1.0 for heads at or under τ, which must stay bit-identical). A head's logit is
+q^C·k^C + q^R·k^R, and k^R is ONE rope key shared by all heads, so:
+    q^C rows × sqrt(γ_h),  k^C rows × sqrt(γ_h),  q^R rows × γ_h,  k^R untouched, v rows untouched.
+Row layouts (nn.Linear weights (out, in), in place, under no_grad already):
+    q_b_proj.weight, or q_proj.weight when attn.q_lora_rank is None: (H·(Dn+Dr), in), per head
+        [Dn rows of q^C | Dr rows of q^R]
+    kv_b_proj.weight: (H·(Dn+Dv), Ckv), per head [Dn rows of k^C | Dv rows of v]
+    kv_a_proj_with_mqa.weight: (Ckv+Dr, D), its last Dr rows make k^R (leave it)
+In scope: attn (attention.MLA: .num_heads H, .qk_nope_head_dim Dn, .qk_rope_head_dim Dr,
+.q_lora_rank, the projections above); gamma (H,) fp32; torch. Return nothing.""",
+    hints=("w.view(H, Dn + Dr, w.size(-1)) gives a per-head view of the rows; multiplying a slice of a view "
+           "in place (mul_) changes the weight itself.",
+           "gamma[:, None, None] broadcasts one factor per head over that head's rows and columns.",
+           "Why γ on q^R alone: k^R is the same vector for every head, so scaling it by one head's factor "
+           "would change the logits of all the others."),
+    checks=(check_qk_clip_rows, check_qk_clip_plain_q, check_qk_clip_logits),
+    mistakes=(
+        Mistake(QK_QR_ROOT, (("qh[:, Dn:].mul_(gamma.to(q.dtype)[:, None, None])",
+                              "qh[:, Dn:].mul_(root.to(q.dtype)[:, None, None])"),)),
+        Mistake(QK_KR, (("kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])",
+                         "kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])\n"
+                         "    attn.kv_a_proj_with_mqa.weight[-Dr:].mul_(root.min())"),)),
+        Mistake(QK_ALL_HEADS, (("root = gamma.sqrt()",
+                                "gamma = gamma.min().expand(H)\n    root = gamma.sqrt()"),)),
+        Mistake(QK_V, (("kvh[:, :Dn].mul_(", "kvh.mul_("),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")

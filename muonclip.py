@@ -608,6 +608,7 @@ def qk_clip_(model: nn.Module, tau: float | None = QK_CLIP_TAU) -> dict:
 def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
     """Apply per-head gamma (H,) to the query and key rows of one MLA module, in the checkpoint's
     row layout."""
+    # exercise: qk_clip
     H, Dn, Dr = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     root = gamma.sqrt()  # (H,); sqrt(1.0) == 1.0 exactly
     q = (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight  # (H·(Dn+Dr), Cq or D)
@@ -619,3 +620,4 @@ def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
     kv = attn.kv_b_proj.weight                                              # (H·(Dn+Dv), Ckv)
     kvh = kv.view(H, -1, kv.size(-1))  # (H, Dn+Dv, Ckv); per head [k^C | v]
     kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])  # v rows untouched: values are not logits
+    # end exercise: qk_clip
