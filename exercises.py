@@ -615,9 +615,9 @@ ROUTER_MISTAKES = (ROUTER_SOFTMAX, ROUTER_BIAS_WEIGHT, ROUTER_BIAS_UNUSED, ROUTE
 
 def _router_case(lab: Lab, N: int, D: int, E: int, k: int, n_group: int = 1, topk_group: int = 1,
                  norm: bool = True, dtype: torch.dtype = torch.float32) -> tuple:
-    """A Gate of the lab with random weights and bias, random tokens, the truth and each mistake's output.
-    Tokens whose top-k or group cut (for the truth or any mistake) is closer than 1e-4 are dropped, so fp32
-    rounding cannot flip a choice."""
+    """A Gate of the lab with random weights and bias, random tokens x, and {"" for the truth, else a mistake:
+    (dense weights, scores)}. Tokens whose top-k or group cut (for the truth or any mistake) is closer than
+    1e-4 are dropped, so fp32 rounding cannot flip a choice. Returns (gate, x, outputs)."""
     scale = lab.uniform(1.5, 3.0)
     args = SimpleNamespace(num_experts_per_tok=k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
                            routed_scaling_factor=scale, n_routed_experts=E, hidden_size=D)
@@ -634,10 +634,10 @@ def _router_case(lab: Lab, N: int, D: int, E: int, k: int, n_group: int = 1, top
     outs = {m: router_truth(x, W, bias, mistake=m, **cut) for m in ("",) + ROUTER_MISTAKES}
     keep = torch.stack([o[2] for o in outs.values()]).min(0).values > 1e-4
     x = x[keep]
-    return gate, x, {m: (o[0][keep], o[1][keep]) for m, o in outs.items()}, scale
+    return gate, x, {m: (o[0][keep], o[1][keep]) for m, o in outs.items()}
 
 
-def _check_router(lab: Lab, gate, x: Tensor, outs: dict, what: str) -> None:
+def _check_router(gate, x: Tensor, outs: dict, what: str) -> None:
     N, E, k = x.shape[0], outs[""][0].shape[1], gate.top_k
     with torch.no_grad():
         got = gate(x)
@@ -662,9 +662,9 @@ def _check_router(lab: Lab, gate, x: Tensor, outs: dict, what: str) -> None:
 def check_router_random(lab: Lab) -> None:
     """chooses and weights the experts as fp64 truth, one group (K2: n_group = topk_group = 1)"""
     E = lab.randint(8, 40)
-    gate, x, outs, _ = _router_case(lab, N=lab.randint(20, 60), D=lab.randint(8, 32), E=E,
+    gate, x, outs = _router_case(lab, N=lab.randint(20, 60), D=lab.randint(8, 32), E=E,
                                     k=lab.randint(2, min(8, E - 1)))
-    _check_router(lab, gate, x, outs, f"router, E={E}, top-{gate.top_k}")
+    _check_router(gate, x, outs, f"router, E={E}, top-{gate.top_k}")
 
 
 def check_router_groups(lab: Lab) -> None:
@@ -672,17 +672,17 @@ def check_router_groups(lab: Lab) -> None:
     G = 2 * lab.randint(1, 2)
     m = lab.randint(3, 8)
     tg = lab.randint(1, G - 1)
-    gate, x, outs, _ = _router_case(lab, N=lab.randint(30, 60), D=lab.randint(8, 32), E=G * m,
+    gate, x, outs = _router_case(lab, N=lab.randint(30, 60), D=lab.randint(8, 32), E=G * m,
                                     k=lab.randint(2, min(8, tg * m - 1)), n_group=G, topk_group=tg)
-    _check_router(lab, gate, x, outs, f"router, {G} groups of {m}, keep {tg}, top-{gate.top_k}")
+    _check_router(gate, x, outs, f"router, {G} groups of {m}, keep {tg}, top-{gate.top_k}")
 
 
 def check_router_bf16_no_renorm(lab: Lab) -> None:
     """a bf16 model routes in fp32; with norm_topk_prob False the weights are scale · s"""
     E = lab.randint(8, 24)
-    gate, x, outs, _ = _router_case(lab, N=lab.randint(20, 40), D=lab.randint(8, 32), E=E,
+    gate, x, outs = _router_case(lab, N=lab.randint(20, 40), D=lab.randint(8, 32), E=E,
                                     k=lab.randint(2, min(6, E - 1)), norm=False, dtype=torch.bfloat16)
-    _check_router(lab, gate, x, outs, f"bf16 router, norm_topk_prob False, E={E}, top-{gate.top_k}")
+    _check_router(gate, x, outs, f"bf16 router, norm_topk_prob False, E={E}, top-{gate.top_k}")
 
 
 def check_router_by_hand(lab: Lab) -> None:
@@ -700,7 +700,7 @@ def check_router_by_hand(lab: Lab) -> None:
     truth = torch.tensor([[1.875, 0.0, 0.625, 0.0]], dtype=torch.float64)
     outs = {m: router_truth(x, torch.eye(4), bias, 2, scale=2.5, mistake=m)[:2] for m in ROUTER_MISTAKES}
     outs[""] = (truth, torch.tensor([[0.75, 0.5, 0.25, 0.5]], dtype=torch.float64))
-    _check_router(lab, gate, x, outs, "router on the worked example")
+    _check_router(gate, x, outs, "router on the worked example")
 
 
 register(Exercise(
