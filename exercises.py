@@ -908,7 +908,7 @@ def check_combine_gradients(lab: Lab) -> None:
 
 register(Exercise(
     name="combine", file="moe.py", concept="routed experts' weighted combine", level="intro", minutes=20,
-    against="fp64 token-by-token; fp64 gradient",
+    against="fp64 token-by-token; the MoE layer; fp64 gradient",
     statement="""\
 Each token's routed output is the weighted sum of its K experts (DeepSeek-V3 arXiv 2412.19437
 §2.1.2, eq. 12; MoE.forward then adds the shared expert with weight 1:
