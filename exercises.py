@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import inspect
@@ -58,6 +59,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import torch
@@ -1162,6 +1164,777 @@ latent: None or the cache's rows [c_kv | k_pe] (B, S, Ckv+Dr); self.kv_b_proj.we
                               ("attend(qh, latent[:, None], c_kv[:, None],",
                                "attend(qh, c_kv[:, None], c_kv[:, None],"))),
         Mistake(ABS_SCALE, (("self.softmax_scale, start, rec)", "(Ckv + Dr) ** -0.5, start, rec)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: the sigmoid router (moe.py Gate.forward)
+
+
+ROUTER_SOFTMAX = ("softmax affinities instead of sigmoid (K2 and DeepSeek-V3 score each expert on its own: "
+                  "σ(x·w_e))")
+ROUTER_BIAS_WEIGHT = ("the correction bias leaked into the gate weights (weight the chosen experts by their "
+                      "UNBIASED scores s; s + b is only for choosing)")
+ROUTER_BIAS_UNUSED = "the correction bias was not used to choose the experts (top-k of s + b, not of s)"
+ROUTER_NO_RENORM = "the chosen weights were not renormalised to sum to 1 before the scaling factor"
+ROUTER_RENORM = "the weights were renormalised although norm_topk_prob is False"
+ROUTER_NO_SCALE = "routed_scaling_factor missing (multiply the renormalised weights by it)"
+ROUTER_NO_GROUP = ("the group limit was ignored (with n_group > 1, choose the topk_group best groups first, "
+                   "a group's score being the sum of its 2 best biased scores)")
+
+
+def router_truth(x: Tensor, W: Tensor, bias: Tensor, k: int, n_group: int = 1, topk_group: int = 1,
+                 scale: float = 1.0, norm: bool = True, mistake: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """fp64, one token at a time (DeepSeek-V3 arXiv 2412.19437 §2.1.2, eq. 15-16; group-limited routing as in
+    its inference/model.py Gate): s = σ(x Wᵀ); choose the k largest s + b among the experts of the topk_group
+    groups whose 2 best s + b sum highest; w = scale · s_j / Σ_chosen s. Returns (dense (N, E) weights, zero
+    off the chosen experts; scores (N, E); margin (N,), the smallest gap a top-k or group cut had to split).
+    `mistake` (a ROUTER_* string) produces that mistake's output instead."""
+    logits = x.double() @ W.double().T                                         # (N, E)
+    scores = logits.softmax(-1) if mistake == ROUTER_SOFTMAX else logits.sigmoid()
+    N, E = scores.shape
+    size = E // n_group
+    dense, margin = torch.zeros(N, E, dtype=torch.float64), torch.full((N,), math.inf, dtype=torch.float64)
+    for n in range(N):
+        s = scores[n].tolist()
+        c = s if mistake == ROUTER_BIAS_UNUSED else [s[e] + float(bias[e]) for e in range(E)]
+        allowed = list(range(E))
+        if n_group > 1 and mistake != ROUTER_NO_GROUP:
+            group_score = [sum(sorted(c[g * size:(g + 1) * size])[-2:]) for g in range(n_group)]
+            ranked = sorted(range(n_group), key=lambda g: -group_score[g])
+            margin[n] = group_score[ranked[topk_group - 1]] - group_score[ranked[topk_group]]
+            allowed = [e for g in ranked[:topk_group] for e in range(g * size, (g + 1) * size)]
+        ranked = sorted(allowed, key=lambda e: -c[e])
+        if len(ranked) > k:
+            margin[n] = min(margin[n].item(), c[ranked[k - 1]] - c[ranked[k]])
+        chosen = ranked[:k]
+        w = [c[e] if mistake == ROUTER_BIAS_WEIGHT else s[e] for e in chosen]
+        total = sum(w) if (norm and mistake != ROUTER_NO_RENORM) or mistake == ROUTER_RENORM else 1.0
+        factor = 1.0 if mistake == ROUTER_NO_SCALE else scale
+        for e, v in zip(chosen, w):
+            dense[n, e] = factor * v / total
+    return dense, scores, margin
+
+
+ROUTER_MISTAKES = (ROUTER_SOFTMAX, ROUTER_BIAS_WEIGHT, ROUTER_BIAS_UNUSED, ROUTER_NO_RENORM, ROUTER_RENORM,
+                   ROUTER_NO_SCALE, ROUTER_NO_GROUP)
+
+
+def _router_case(lab: Lab, N: int, D: int, E: int, k: int, n_group: int = 1, topk_group: int = 1,
+                 norm: bool = True, dtype: torch.dtype = torch.float32) -> tuple:
+    """A Gate of the lab with random weights and bias, random tokens x, and {"" for the truth, else a mistake:
+    (dense weights, scores)}. Tokens whose top-k or group cut (for the truth or any mistake) is closer than
+    1e-4 are dropped, so fp32 rounding cannot flip a choice. Returns (gate, x, outputs)."""
+    scale = lab.uniform(1.5, 3.0)
+    args = SimpleNamespace(num_experts_per_tok=k, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+                           routed_scaling_factor=scale, n_routed_experts=E, hidden_size=D)
+    gate = lab.moe.Gate(args)
+    W = torch.randn(E, D, generator=lab.gen) / math.sqrt(D)
+    bias = 0.1 * torch.randn(E, generator=lab.gen)
+    x = torch.randn(N, D, generator=lab.gen).to(dtype)
+    with torch.no_grad():
+        gate.weight.copy_(W)
+        gate.e_score_correction_bias.copy_(bias)
+    gate = gate.to(dtype)
+    W = gate.weight.detach()                         # as rounded to dtype: the truth sees the same
+    cut = dict(k=k, n_group=n_group, topk_group=topk_group, scale=scale, norm=norm)
+    outs = {m: router_truth(x, W, bias, mistake=m, **cut) for m in ("",) + ROUTER_MISTAKES}
+    keep = torch.stack([o[2] for o in outs.values()]).min(0).values > 1e-4
+    x = x[keep]
+    return gate, x, {m: (o[0][keep], o[1][keep]) for m, o in outs.items()}
+
+
+def _check_router(gate, x: Tensor, outs: dict, what: str) -> None:
+    N, E, k = x.shape[0], outs[""][0].shape[1], gate.top_k
+    with torch.no_grad():
+        got = gate(x)
+    if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, Tensor) for t in got)):
+        raise CheckFailed(f"Gate.forward must return three tensors (weights, idx, scores), got {type(got)}")
+    weights, idx, scores = got
+    if weights.shape != (N, k) or idx.shape != (N, k) or scores.shape != (N, E):
+        raise CheckFailed(f"{what}: shapes weights {tuple(weights.shape)}, idx {tuple(idx.shape)}, scores "
+                          f"{tuple(scores.shape)}; expected ({N}, {k}), ({N}, {k}), ({N}, {E})")
+    if idx.dtype != torch.int64 or weights.dtype != torch.float32 or scores.dtype != torch.float32:
+        raise CheckFailed(f"{what}: dtypes weights {weights.dtype}, idx {idx.dtype}, scores {scores.dtype}; "
+                          f"expected float32, int64, float32 (route in fp32 whatever x's dtype)")
+    if bool((idx.sort(-1).values.diff(dim=-1) == 0).any()) or bool(((idx < 0) | (idx >= E)).any()):
+        raise CheckFailed(f"{what}: idx must hold {k} distinct expert ids in [0, {E}) per token")
+    expect_close(scores, outs[""][1], f"{what}: scores", atol=1e-5,
+                 mistakes={ROUTER_SOFTMAX: outs[ROUTER_SOFTMAX][1]})
+    dense = torch.zeros(N, E, dtype=torch.float64).scatter(1, idx, weights.double())
+    expect_close(dense, outs[""][0], f"{what}: weights of the chosen experts (as an (N, E) matrix, zero "
+                 f"elsewhere)", atol=1e-5, rtol=1e-5, mistakes={m: outs[m][0] for m in ROUTER_MISTAKES})
+
+
+def check_router_random(lab: Lab) -> None:
+    """chooses and weights the experts as fp64 truth, one group (K2: n_group = topk_group = 1)"""
+    E = lab.randint(8, 40)
+    gate, x, outs = _router_case(lab, N=lab.randint(20, 60), D=lab.randint(8, 32), E=E,
+                                    k=lab.randint(2, min(8, E - 1)))
+    _check_router(gate, x, outs, f"router, E={E}, top-{gate.top_k}")
+
+
+def check_router_groups(lab: Lab) -> None:
+    """group-limited top-k (DeepSeek-V3: n_group groups, keep topk_group): as fp64 truth"""
+    G = 2 * lab.randint(1, 2)
+    m = lab.randint(3, 8)
+    tg = lab.randint(1, G - 1)
+    gate, x, outs = _router_case(lab, N=lab.randint(30, 60), D=lab.randint(8, 32), E=G * m,
+                                    k=lab.randint(2, min(8, tg * m - 1)), n_group=G, topk_group=tg)
+    _check_router(gate, x, outs, f"router, {G} groups of {m}, keep {tg}, top-{gate.top_k}")
+
+
+def check_router_bf16_no_renorm(lab: Lab) -> None:
+    """a bf16 model routes in fp32; with norm_topk_prob False the weights are scale · s"""
+    E = lab.randint(8, 24)
+    gate, x, outs = _router_case(lab, N=lab.randint(20, 40), D=lab.randint(8, 32), E=E,
+                                    k=lab.randint(2, min(6, E - 1)), norm=False, dtype=torch.bfloat16)
+    _check_router(gate, x, outs, f"bf16 router, norm_topk_prob False, E={E}, top-{gate.top_k}")
+
+
+def check_router_by_hand(lab: Lab) -> None:
+    """logits (ln 3, 0, -ln 3, 0), bias (0, 0, .4, -.1), top-2, scale 2.5: weights (1.875, 0, 0.625, 0)"""
+    args = SimpleNamespace(num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=2.5, n_routed_experts=4, hidden_size=4)
+    gate = lab.moe.Gate(args)
+    bias = torch.tensor([0.0, 0.0, 0.4, -0.1])
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(4))
+        gate.e_score_correction_bias.copy_(bias)
+    x = torch.tensor([[math.log(3), 0.0, -math.log(3), 0.0]])
+    # s = (0.75, 0.5, 0.25, 0.5); s + b = (0.75, 0.5, 0.65, 0.4) chooses experts 0 and 2 (expert 2 only thanks
+    # to its bias); w = 2.5 · (0.75, 0.25) / (0.75 + 0.25) = (1.875, 0.625)
+    truth = torch.tensor([[1.875, 0.0, 0.625, 0.0]], dtype=torch.float64)
+    outs = {m: router_truth(x, torch.eye(4), bias, 2, scale=2.5, mistake=m)[:2] for m in ROUTER_MISTAKES}
+    outs[""] = (truth, torch.tensor([[0.75, 0.5, 0.25, 0.5]], dtype=torch.float64))
+    _check_router(gate, x, outs, "router on the worked example")
+
+
+register(Exercise(
+    name="router", file="moe.py", concept="sigmoid router with correction bias", level="core", minutes=30,
+    against="fp64 per-token truth; by hand",
+    statement="""\
+Route each token to K experts (DeepSeek-V3 arXiv 2412.19437 §2.1.2, eq. 15-16, and its
+inference/model.py Gate; Kimi K2 arXiv 2507.20534 §2.1 uses one group; config keys n_group,
+topk_group, norm_topk_prob, routed_scaling_factor):
+    s = σ(x W_gᵀ), in fp32 whatever x's dtype      the affinities, one sigmoid per expert
+    c = s + b                                      b: the correction bias, used ONLY to choose
+    if n_group > 1: split the E experts into n_group equal groups; a group's score is the sum
+        of its 2 largest c; keep the topk_group best groups, set c of all other experts to -inf
+    idx = top-K of c                               (best first)
+    w = s[idx] (UNBIASED), / Σ s[idx] if norm_topk_prob, then × routed_scaling_factor
+In scope: x (N, D) any float dtype; self.weight (E, D) W_g; self.e_score_correction_bias (E,)
+fp32 b; self.top_k (K), self.n_group, self.topk_group, self.norm_topk_prob,
+self.routed_scaling_factor; torch, F. Return (w (N, K) fp32, idx (N, K) int64, s (N, E) fp32).""",
+    hints=("torch.sigmoid(F.linear(x.float(), self.weight.float())) gives s in fp32; then c.topk(K, dim=-1) "
+           "gives the indices, and s.gather(1, idx) the unbiased scores of the chosen experts.",
+           "Groups: c.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(-1) scores the groups; a "
+           "boolean (N, n_group) mask of the kept ones, broadcast over the group's experts, feeds "
+           "masked_fill.",
+           "Mask with -inf, not 0.0: biased scores can be negative, so a 0.0 from a dropped group could "
+           "win."),
+    checks=(check_router_random, check_router_groups, check_router_bf16_no_renorm, check_router_by_hand),
+    mistakes=(
+        Mistake(ROUTER_SOFTMAX, (("scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))",
+                                  "scores = torch.softmax(F.linear(x.float(), self.weight.float()), -1)"),)),
+        Mistake(ROUTER_BIAS_WEIGHT, (("weights = scores.gather(1, idx)",
+                                      "weights = choice.gather(1, idx)"),)),
+        Mistake(ROUTER_NO_RENORM, (("weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)",
+                                    "weights = weights"),)),
+        Mistake(ROUTER_NO_SCALE, (("return weights * self.routed_scaling_factor, idx, scores",
+                                   "return weights, idx, scores"),)),
+        Mistake(ROUTER_NO_GROUP, (("if self.n_group > 1:", "if False:"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: combining the routed experts' outputs (moe.py moe_reference; MoE.forward adds the shared expert)
+
+COMBINE_NO_WEIGHTS = ("the routing weights were not applied (each expert's output times the token's weight "
+                      "w_k)")
+COMBINE_OVERWRITE = ("a token's row was overwritten by each of its experts (out[tok] = ...) instead of "
+                     "summing its K experts: only its highest-numbered expert counts")
+COMBINE_ROWS = ("each expert's outputs were added to rows 0..n_e-1 instead of its tokens' rows (add row j to "
+                "row tok[j], e.g. index_add_(0, tok, ...))")
+
+
+def _swiglu64(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """fp64 SwiGLU expert (DeepSeek-V3 inference/model.py Expert): down(silu(gate x) ⊙ up x), x (n, D)."""
+    x, gate, up, down = (t.detach().double() for t in (x, gate, up, down))
+    h = x @ gate.T
+    return (h * h.sigmoid() * (x @ up.T)) @ down.T
+
+
+def combine_truth(x: Tensor, weights: Tensor, idx: Tensor, experts, mistake: str = "") -> Tensor:
+    """fp64, one token and one slot at a time: out_n = Σ_k w_nk · Expert_idx[n,k](x_n) (DeepSeek-V3 arXiv
+    2412.19437 §2.1.2, eq. 12 without the shared term). `mistake` (a COMBINE_* string) gives its output."""
+    N, K = idx.shape
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    stacks = [p.detach() for p in (experts.gate_proj, experts.up_proj, experts.down_proj)]
+    for e in range(stacks[0].shape[0]):
+        toks = [n for n in range(N) for k in range(K) if idx[n, k] == e]   # ascending, as nonzero() gives
+        for j, n in enumerate(toks):
+            k = int((idx[n] == e).nonzero())
+            y = _swiglu64(x[n:n + 1], *(s[e] for s in stacks))[0]
+            w = 1.0 if mistake == COMBINE_NO_WEIGHTS else float(weights[n, k])
+            if mistake == COMBINE_OVERWRITE:
+                out[n] = w * y
+            else:
+                out[j if mistake == COMBINE_ROWS else n] += w * y
+    return out
+
+
+def _combine_mistakes(x: Tensor, weights: Tensor, idx: Tensor, experts, shared: Tensor | None = None) -> dict:
+    extra = 0 if shared is None else shared
+    return {m: combine_truth(x, weights, idx, experts, m) + extra
+            for m in (COMBINE_NO_WEIGHTS, COMBINE_OVERWRITE, COMBINE_ROWS)}
+
+
+def _routing(lab: Lab, N: int, E: int, K: int) -> tuple[Tensor, Tensor]:
+    """Random routing: K distinct experts per token, positive weights (N, K) fp32 and idx (N, K) int64."""
+    idx = torch.stack([torch.randperm(E, generator=lab.gen)[:K] for _ in range(N)])
+    weights = torch.rand(N, K, generator=lab.gen) * 2 + 0.1
+    return weights, idx
+
+
+def _experts(lab: Lab, E: int, D: int, I: int, dtype: torch.dtype = torch.float32):
+    ex = lab.moe.Experts(E, D, I)
+    with torch.no_grad():
+        for p in (ex.gate_proj, ex.up_proj):
+            p.copy_(torch.randn(p.shape, generator=lab.gen) / math.sqrt(D))
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=lab.gen) / math.sqrt(I))
+    return ex.to(dtype)
+
+
+def _moe_reference(lab: Lab, x: Tensor, weights: Tensor, idx: Tensor, experts) -> Tensor:
+    out = lab.moe.moe_reference(x, weights, idx, experts)
+    if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+        raise CheckFailed(f"moe_reference on x {tuple(x.shape)} {x.dtype} returned "
+                          f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}: "
+                          f"expected x's shape and dtype (accumulate in _acc_dtype(x), cast back at the end)")
+    return out
+
+
+def check_combine_random(lab: Lab) -> None:
+    """out_n = Σ_k w_nk · Expert_idx[n,k](x_n), as fp64 truth, for random routing"""
+    N, D, I, E = lab.randint(8, 40), lab.randint(4, 24), lab.randint(4, 24), lab.randint(3, 12)
+    K = lab.randint(2, min(4, E))
+    experts = _experts(lab, E, D, I)
+    weights, idx = _routing(lab, N, E, K)
+    x = torch.randn(N, D, generator=lab.gen)
+    with torch.no_grad():
+        out = _moe_reference(lab, x, weights, idx, experts)
+    expect_close(out, combine_truth(x, weights, idx, experts), f"moe_reference, N={N}, E={E}, K={K}",
+                 atol=1e-5, rtol=1e-4, mistakes=_combine_mistakes(x, weights, idx, experts))
+
+
+def check_combine_skewed_and_bf16(lab: Lab) -> None:
+    """experts with no token, one expert chosen by every token, K = 1; a bf16 input keeps its dtype"""
+    N, D, I, E = lab.randint(6, 20), lab.randint(4, 16), lab.randint(4, 16), lab.randint(6, 12)
+    experts = _experts(lab, E, D, I)
+    x = torch.randn(N, D, generator=lab.gen)
+    for K in (1, lab.randint(2, 3)):
+        # only experts 0..2 of E receive tokens: expert 1 in every token's first slot, then 0 and 2
+        weights, _ = _routing(lab, N, 3, K)
+        others = torch.stack([torch.tensor([0, 2])[torch.randperm(2, generator=lab.gen)] for _ in range(N)])
+        idx = torch.cat([torch.ones(N, 1, dtype=torch.int64), others[:, :K - 1]], dim=1)
+        with torch.no_grad():
+            out = _moe_reference(lab, x, weights, idx, experts)
+        expect_close(out, combine_truth(x, weights, idx, experts), f"moe_reference, K={K}, experts "
+                     f"3..{E - 1} idle", atol=1e-5, rtol=1e-4,
+                     mistakes=_combine_mistakes(x, weights, idx, experts))
+    xb, experts_b = x.bfloat16(), experts.to(torch.bfloat16)
+    with torch.no_grad():
+        out = _moe_reference(lab, xb, weights, idx, experts_b)
+    want = combine_truth(xb, weights, idx, experts_b)
+    # bf16 rounds every stage of the expert: the reference stays within 1.4% of the largest output (measured,
+    # 300 seeds); 4% of it separates the known mistakes
+    expect_close(out, want, "moe_reference on bf16 x and experts", atol=0.04 * want.abs().max().item(),
+                 mistakes=_combine_mistakes(xb, weights, idx, experts_b))
+
+
+class _FixedRouting(torch.nn.Module):
+    """Stands in for the MoE layer's Gate: the same given routing for every call."""
+
+    def __init__(self, weights: Tensor, idx: Tensor, E: int):
+        super().__init__()
+        self.weights, self.idx, self.E = weights, idx, E
+
+    def forward(self, x: Tensor):
+        return self.weights, self.idx, torch.zeros(x.shape[0], self.E)
+
+
+def check_combine_layer(lab: Lab) -> None:
+    """the whole MoE layer: y = Σ_k w_k · Expert_k(x) + Shared(x) (shared expert weight 1)"""
+    B, T, D, I = lab.randint(1, 3), lab.randint(3, 10), lab.randint(4, 16), lab.randint(4, 12)
+    E, K = lab.randint(4, 8), lab.randint(2, 3)
+    args = SimpleNamespace(num_experts_per_tok=K, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=2.5, n_routed_experts=E, hidden_size=D,
+                           moe_intermediate_size=I, n_shared_experts=1)
+    layer = lab.moe.MoE(args).eval()
+    layer.experts = _experts(lab, E, D, I)
+    se = layer.shared_experts
+    for w in (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight):
+        with torch.no_grad():
+            w.copy_(torch.randn(w.shape, generator=lab.gen) / math.sqrt(w.shape[1]))
+    weights, idx = _routing(lab, B * T, E, K)
+    layer.gate, layer.impl = _FixedRouting(weights, idx, E), "reference"
+    x = torch.randn(B, T, D, generator=lab.gen)
+    with torch.no_grad():
+        y = layer(x)
+    xf = x.reshape(-1, D)
+    shared = _swiglu64(xf, se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
+    want = (combine_truth(xf, weights, idx, layer.experts) + shared).view(B, T, D)
+    mistakes = {k: v.view(B, T, D)
+                for k, v in _combine_mistakes(xf, weights, idx, layer.experts, shared).items()}
+    expect_close(y, want, f"MoE layer on x ({B}, {T}, {D}), E={E}, K={K}", atol=1e-5, rtol=1e-4,
+                 mistakes=mistakes)
+
+
+def check_combine_gradients(lab: Lab) -> None:
+    """the routing weights get the gradient ∂L/∂w_nk = <∂L/∂out_n, Expert_idx[n,k](x_n)> (the router's)"""
+    N, D, I, E = lab.randint(6, 20), lab.randint(4, 16), lab.randint(4, 16), lab.randint(3, 8)
+    K = lab.randint(2, min(3, E))
+    experts = _experts(lab, E, D, I)
+    weights, idx = _routing(lab, N, E, K)
+    weights.requires_grad_(True)
+    x = torch.randn(N, D, generator=lab.gen)
+    g = torch.randn(N, D, generator=lab.gen)
+    out = _moe_reference(lab, x, weights, idx, experts)
+    if out.requires_grad:
+        (out * g).sum().backward()
+    stacks = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    want = torch.tensor([[float(g[n].double() @ _swiglu64(x[n:n + 1], *(s[idx[n, k]] for s in stacks))[0])
+                          for k in range(K)] for n in range(N)], dtype=torch.float64)
+    if weights.grad is None:
+        raise CheckFailed("no gradient reached the routing weights: multiply by them inside autograd's graph "
+                          "(no .item(), .detach() or Python floats); the router learns only through them")
+    expect_close(weights.grad, want, "gradient of Σ g·out with respect to the routing weights", atol=1e-4,
+                 rtol=1e-4)
+
+
+register(Exercise(
+    name="combine", file="moe.py", concept="routed experts' weighted combine", level="intro", minutes=20,
+    against="fp64 token-by-token; the MoE layer; fp64 gradient",
+    statement="""\
+Each token's routed output is the weighted sum of its K experts (DeepSeek-V3 arXiv 2412.19437
+§2.1.2, eq. 12; MoE.forward then adds the shared expert with weight 1:
+y = Σ_k w_k·Expert_k(x) + Shared(x)):
+    out_n = Σ_{k<K} weights[n, k] · Expert_{idx[n, k]}(x_n),
+    Expert_e(x) = swiglu(x, experts.gate_proj[e], experts.up_proj[e], experts.down_proj[e])
+Loop over the experts: find the (token, slot) pairs that chose expert e, run expert e once on
+those tokens' rows, and add the weighted outputs into their tokens' rows. An expert may receive no
+token. Accumulate in _acc_dtype(x) (fp32 for fp32/bf16 x, fp64 for fp64), return x's dtype, and
+keep `weights` in autograd's graph (the router learns through them).
+In scope: x (N, D); weights (N, K) fp32; idx (N, K) int64, K distinct experts per row; experts
+with .gate_proj, .up_proj (E, I, D), .down_proj (E, D, I), .num_experts; swiglu, _acc_dtype, torch.
+Return out (N, D).""",
+    hints=("(idx == e).nonzero(as_tuple=True) gives the tokens that chose expert e and the slot in which "
+           "each chose it; weights[tok, slot] is then their weights.",
+           "out.index_add_(0, tok, rows) adds row j of `rows` into row tok[j] of out."),
+    checks=(check_combine_random, check_combine_skewed_and_bf16, check_combine_layer,
+            check_combine_gradients),
+    mistakes=(
+        Mistake(COMBINE_NO_WEIGHTS, (("y.to(acc) * weights[tok, slot, None]", "y.to(acc)"),)),
+        Mistake(COMBINE_OVERWRITE, (("out.index_add_(0, tok, y.to(acc) * weights[tok, slot, None])",
+                                     "out[tok] = y.to(acc) * weights[tok, slot, None]"),)),
+        Mistake(COMBINE_ROWS, (("out.index_add_(0, tok, ",
+                                "out.index_add_(0, torch.arange(tok.numel()), "),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: Muon's update scale (muonclip.py muon_scale)
+
+MUON_ROWS = "scaled by sqrt(A), the number of rows: use the larger side, sqrt(max(A, B))"
+MUON_COLS = "scaled by sqrt(B), the number of columns: use the larger side, sqrt(max(A, B))"
+MUON_NO_RMS = "the 0.2 factor is missing (Moonlight matches AdamW's update RMS of ~0.2, not 1)"
+MUON_KELLER = ("Keller Jordan's original scale max(1, A/B)^½ (torch.optim.Muon adjust_lr_fn=\"original\"), "
+               "not Moonshot's 0.2·sqrt(max(A, B))")
+MUON_ALL_DIMS = ("the expert count E of an (E, A, B) stack was taken as a side of the matrix: every expert "
+                 "is its own A×B matrix, use the last two dims only")
+
+
+def muon_scale_truth(shape: tuple[int, ...], mistake: str = "") -> float:
+    """Moonlight arXiv 2502.16982 §2.2 (eq. 4, Lemma 1): the Muon update of an A×B matrix is rescaled by
+    0.2·sqrt(max(A, B)) so that its RMS matches AdamW's; leading dims are a batch. `mistake` gives its
+    value."""
+    A, B = shape[-2], shape[-1]
+    return {MUON_ROWS: 0.2 * math.sqrt(A), MUON_COLS: 0.2 * math.sqrt(B), MUON_NO_RMS: math.sqrt(max(A, B)),
+            MUON_KELLER: max(1.0, A / B) ** 0.5, MUON_ALL_DIMS: 0.2 * math.sqrt(max(shape))
+            }.get(mistake, 0.2 * math.sqrt(max(A, B)))
+
+
+def _muon_scale_compare(got: list, shapes: list[tuple[int, ...]], what: str, rtol: float) -> None:
+    for s, v in zip(shapes, got):
+        if not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1):
+            raise CheckFailed(f"muon_scale({s}) returned {type(v).__name__}: expected a number")
+    got_t = torch.tensor([float(v) for v in got], dtype=torch.float64)
+    def row(mistake=""):
+        return torch.tensor([muon_scale_truth(s, mistake) for s in shapes], dtype=torch.float64)
+
+    expect_close(got_t, row(), f"{what} for shapes {shapes}", atol=0.0, rtol=rtol,
+                 mistakes={m: row(m) for m in (MUON_ROWS, MUON_COLS, MUON_NO_RMS, MUON_KELLER,
+                                               MUON_ALL_DIMS)})
+
+
+def _muon_shapes(lab: Lab) -> list[tuple[int, ...]]:
+    """A tall, a wide and a square matrix, and an expert stack whose count exceeds both sides."""
+    a, b = lab.randint(4, 30), lab.randint(40, 300)
+    n = lab.randint(5, 60)
+    e, i, d = lab.randint(70, 130), lab.randint(4, 30), lab.randint(31, 64)
+    return [(b, a), (a, b), (n, n), (e, i, d)]
+
+
+def check_muon_scale_shapes(lab: Lab) -> None:
+    """equals 0.2·sqrt(max(A, B)) for tall, wide and square matrices and an (E, A, B) expert stack"""
+    shapes = _muon_shapes(lab)
+    _muon_scale_compare([lab.muonclip.muon_scale(torch.Size(s)) for s in shapes], shapes, "muon_scale",
+                        rtol=1e-9)
+
+
+def check_muon_scale_by_hand(lab: Lab) -> None:
+    """(4, 9) -> 0.6, (16, 4) -> 0.8, an (8, 100, 25) stack -> 2.0 (worked by hand)"""
+    shapes = [(4, 9), (16, 4), (8, 100, 25)]       # 0.2·√9, 0.2·√16, 0.2·√100
+    got = [lab.muonclip.muon_scale(s) for s in shapes]
+    _muon_scale_compare(got, shapes, "muon_scale", rtol=1e-9)
+    if [round(float(v), 9) for v in got] != [0.6, 0.8, 2.0]:
+        raise CheckFailed(f"muon_scale gave {got} for {shapes}; expected [0.6, 0.8, 2.0]")
+
+
+def check_muon_scale_in_the_update(lab: Lab) -> None:
+    """muon_update's result is 0.2·sqrt(max(A, B)) times the fp64 Newton-Schulz factor (fitted per matrix)"""
+    shapes = _muon_shapes(lab)[:2] + [(lab.randint(2, 4), lab.randint(40, 64), lab.randint(4, 20))]
+    fitted = []
+    for s in shapes:
+        G = torch.randn(s, generator=lab.gen)
+        update = lab.muonclip.muon_update(G, torch.zeros_like(G))
+        O = newton_schulz_truth(G)                    # the update's direction; only its scale is graded here
+        # least-squares factor per matrix, <update, O> / <O, O>: bf16 Newton-Schulz moves it by < 1% (measured
+        # over 30 seeds on such shapes)
+        fitted.append(float(((update.double() * O).sum((-2, -1)) / (O * O).sum((-2, -1))).mean()))
+    _muon_scale_compare(fitted, shapes, "the scale of muon_update's result", rtol=0.04)
+
+
+register(Exercise(
+    name="muon_scale", file="muonclip.py", concept="Muon's update-RMS scale", level="intro", minutes=10,
+    against="the formula per shape; by hand; fitted on muon_update",
+    statement="""\
+Return the factor Muon's orthogonalised update O of an A×B matrix is multiplied by, so that its RMS
+matches AdamW's and AdamW's learning rate and weight decay carry over (Moonlight arXiv 2502.16982
+§2.2, eq. 4 and Lemma 1; Kimi K2 arXiv 2507.20534 §2.1, Algorithm 1):  0.2·sqrt(max(A, B)).
+The leading dims of an (..., A, B) shape are a batch: each expert of an (E, I, D) stack is its own
+I×D matrix. MuonClip.step then applies W ← W·(1 − lr·wd) − lr·muon_scale(W.shape)·O: the
+weight decay is decoupled and uses the unscaled lr.
+In scope: shape (a tuple or torch.Size); MUON_RMS (0.2); math. Return a Python float.""",
+    hints=("O ≈ U Vᵀ has min(A, B) singular values near 1, so ‖O‖_F² ≈ min(A, B) and its RMS is "
+           "sqrt(min(A, B) / (A·B)) = 1/sqrt(max(A, B)).",
+           "shape[-2] and shape[-1] are the matrix's sides, whatever the leading dims."),
+    checks=(check_muon_scale_shapes, check_muon_scale_by_hand, check_muon_scale_in_the_update),
+    mistakes=(
+        Mistake(MUON_ROWS, (("math.sqrt(max(A, B))", "math.sqrt(A)"),)),
+        Mistake(MUON_COLS, (("math.sqrt(max(A, B))", "math.sqrt(B)"),)),
+        Mistake(MUON_NO_RMS, (("return MUON_RMS * math.sqrt(max(A, B))", "return math.sqrt(max(A, B))"),)),
+        Mistake(MUON_ALL_DIMS, (("math.sqrt(max(A, B))", "math.sqrt(max(shape))"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: the aux-loss-free routing-bias update (muonclip.py routing_bias_delta)
+
+BIAS_REVERSED = ("the sign is reversed: over-loaded experts got a larger bias (more tokens); use "
+                 "sign(mean load - load_i)")
+BIAS_RAW = "the raw difference (mean load - load_i) was used instead of its sign: every step is ±speed"
+BIAS_NO_SPEED = "the sign was not multiplied by the update speed"
+BIAS_ZERO = "an expert exactly at the mean load moved: sign(0) is 0"
+BIAS_NOT_CENTRED = "the 'moonlight' rule without subtracting the mean of the signs"
+
+
+def bias_delta_truth(load: Tensor, speed: float, rule: str = "deepseek", mistake: str = "") -> Tensor:
+    """fp64, one expert at a time: Δb_i = speed · sign(mean load - load_i) (DeepSeek-V3 arXiv 2412.19437
+    §2.1.2, "bias update speed" γ; Wang et al. arXiv 2408.15664 Algorithm 1); rule 'moonlight' (Moonlight
+    arXiv 2502.16982 App. C) subtracts the mean of those signs. `mistake` gives its output."""
+    load = [float(v) for v in load]
+    mean = sum(load) / len(load)
+    def sign(v):
+        return (v > 0) - (v < 0) if mistake != BIAS_ZERO else (1 if v >= 0 else -1)
+
+    d = [(l - mean if mistake == BIAS_REVERSED else mean - l) for l in load]
+    d = d if mistake == BIAS_RAW else [float(sign(v)) for v in d]
+    if rule == "moonlight" and mistake != BIAS_NOT_CENTRED:
+        d = [v - sum(d) / len(d) for v in d]
+    return torch.tensor(d, dtype=torch.float64) * (1.0 if mistake == BIAS_NO_SPEED else speed)
+
+
+def _bias_mistakes(load: Tensor, speed: float, rule: str) -> dict[str, Tensor]:
+    ms = [BIAS_REVERSED, BIAS_RAW, BIAS_NO_SPEED, BIAS_ZERO]
+    ms += [BIAS_NOT_CENTRED] if rule == "moonlight" else []
+    return {m: bias_delta_truth(load, speed, rule, m) for m in ms}
+
+
+def _loads(lab: Lab) -> Tensor:
+    """Token counts (E,) in pairs (m+d, m-d): the mean m is an integer, and some experts sit exactly at it."""
+    E, m = 2 * lab.randint(3, 16), lab.randint(20, 200)
+    d = torch.randint(0, m, (E // 2,), generator=lab.gen)
+    d[:2] = 0                                            # at least one pair at the mean
+    load = torch.cat([m + d, m - d])
+    return load[torch.randperm(E, generator=lab.gen)]
+
+
+def _delta(lab: Lab, load: Tensor, speed: float, rule: str) -> Tensor:
+    delta = lab.muonclip.routing_bias_delta(load, speed, rule)
+    if not isinstance(delta, Tensor) or delta.shape != load.shape or delta.dtype != torch.float32:
+        got = f"{getattr(delta, 'dtype', type(delta).__name__)} {tuple(getattr(delta, 'shape', ()))}"
+        raise CheckFailed(f"routing_bias_delta on load {tuple(load.shape)} {load.dtype} returned {got}: "
+                          f"expected fp32 of load's shape (the bias it moves is fp32)")
+    return delta
+
+
+def check_bias_update_deepseek(lab: Lab) -> None:
+    """'deepseek' rule: speed · sign(mean load - load_i), as fp64 truth, for int and float loads"""
+    speed = lab.uniform(1e-4, 1e-2)
+    for load in (_loads(lab), _loads(lab).float()):
+        expect_close(_delta(lab, load, speed, "deepseek"), bias_delta_truth(load, speed),
+                     f"routing_bias_delta(load of {load.numel()} experts ({load.dtype}), speed {speed:.2g})",
+                     atol=1e-9, rtol=1e-6, mistakes=_bias_mistakes(load, speed, "deepseek"))
+
+
+def check_bias_update_moonlight(lab: Lab) -> None:
+    """'moonlight' rule: the signs minus their mean; an unknown rule raises ValueError"""
+    speed = lab.uniform(1e-4, 1e-2)
+    load = _loads(lab)
+    load[0] += 3 * int(load.float().mean())               # one hot expert: the signs no longer sum to 0
+    expect_close(_delta(lab, load, speed, "moonlight"), bias_delta_truth(load, speed, "moonlight"),
+                 f"routing_bias_delta(rule='moonlight', speed {speed:.2g})", atol=1e-9, rtol=1e-6,
+                 mistakes=_bias_mistakes(load, speed, "moonlight"))
+    try:
+        lab.muonclip.routing_bias_delta(load, speed, "aux_loss")
+    except ValueError:
+        return
+    raise CheckFailed("routing_bias_delta(load, speed, rule='aux_loss') must raise ValueError naming the "
+                      "rules ('deepseek', 'moonlight')")
+
+
+def check_bias_update_by_hand(lab: Lab) -> None:
+    """loads (3, 1, 2, 2) -> (-1, 1, 0, 0)·speed; 'moonlight' on (5, 1, 1, 1) -> (-1.5, .5, .5, .5)·speed"""
+    load = torch.tensor([3, 1, 2, 2])
+    # mean 2: expert 0 is over-loaded (less attractive), expert 1 under-loaded, experts 2 and 3 stay
+    expect_close(_delta(lab, load, 1e-3, "deepseek"), torch.tensor([-1e-3, 1e-3, 0.0, 0.0]),
+                 "routing_bias_delta((3, 1, 2, 2), 0.001)", atol=1e-9,
+                 mistakes=_bias_mistakes(load, 1e-3, "deepseek"))
+    load = torch.tensor([5, 1, 1, 1])
+    # mean 2: signs (-1, 1, 1, 1), their mean 0.5
+    expect_close(_delta(lab, load, 1e-3, "moonlight"), torch.tensor([-1.5e-3, 0.5e-3, 0.5e-3, 0.5e-3]),
+                 "routing_bias_delta((5, 1, 1, 1), 0.001, 'moonlight')", atol=1e-9,
+                 mistakes=_bias_mistakes(load, 1e-3, "moonlight"))
+
+
+def check_bias_update_layer(lab: Lab) -> None:
+    """update_routing_bias_ moves a MoE layer's e_score_correction_bias by the rule, zeroes its load count"""
+    E, D = lab.randint(4, 12), lab.randint(4, 8)
+    args = SimpleNamespace(num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
+                           routed_scaling_factor=1.0, n_routed_experts=E, hidden_size=D,
+                           moe_intermediate_size=4, n_shared_experts=1)
+    layer = lab.moe.MoE(args)
+    before = 0.05 * torch.randn(E, generator=lab.gen)
+    load = torch.randint(0, 50, (E,), generator=lab.gen).float()
+    layer.gate.e_score_correction_bias.copy_(before)
+    layer.expert_load.copy_(load)
+    speed = lab.uniform(1e-4, 1e-2)
+    lab.muonclip.update_routing_bias_(torch.nn.Sequential(layer), speed)
+    moved = layer.gate.e_score_correction_bias - before
+    expect_close(moved, bias_delta_truth(load, speed), f"change of e_score_correction_bias ({E} experts, "
+                 f"speed {speed:.2g})", atol=1e-7, mistakes=_bias_mistakes(load, speed, "deepseek"))
+    if bool(layer.expert_load.any()):
+        raise CheckFailed("expert_load must be zero after update_routing_bias_ (it is outside your region: "
+                          "restore muonclip.py's update_routing_bias_)")
+
+
+register(Exercise(
+    name="bias_update", file="muonclip.py", concept="aux-loss-free routing-bias update", level="intro",
+    minutes=15, against="fp64 per expert; by hand; a MoE layer",
+    statement="""\
+Move each expert's routing bias towards balanced load (DeepSeek-V3 arXiv 2412.19437 §2.1.2,
+auxiliary-loss-free load balancing, "bias update speed" γ, 0.001 in §4.2; Wang et al. arXiv
+2408.15664): after a step in which expert i received load_i tokens,
+    'deepseek':   Δb_i = speed · sign(mean_j load_j − load_i)
+an over-loaded expert's bias goes down (fewer tokens choose it), an under-loaded one's goes up, an
+expert exactly at the mean stays. 'moonlight' (Moonlight arXiv 2502.16982 App. C) subtracts the
+mean of those signs: Δb_i = speed · (sign_i − mean_j sign_j). Any other rule: raise ValueError.
+In scope: load (E,) token counts, any dtype; speed (float); rule ('deepseek' or 'moonlight');
+torch. Return Δb (E,) fp32 (update_routing_bias_ adds it to the fp32 e_score_correction_bias).""",
+    hints=("torch.sign gives -1, 0 or +1 per entry, so an expert exactly at the mean does not move.",
+           "Convert load to fp32 first: bincount counts are int64, and load.mean() needs a float tensor."),
+    checks=(check_bias_update_deepseek, check_bias_update_moonlight, check_bias_update_by_hand,
+            check_bias_update_layer),
+    mistakes=(
+        Mistake(BIAS_REVERSED, (("err = load.mean() - load", "err = load - load.mean()"),)),
+        Mistake(BIAS_RAW, (("direction = torch.sign(err)", "direction = err"),)),
+        Mistake(BIAS_NOT_CENTRED, (("direction = direction - direction.mean()", "direction = direction"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: QK-Clip per head on MLA's weights (muonclip.py _scale_qk_rows_)
+
+
+QK_QR_ROOT = "q^R (the head's rope query rows) was scaled by sqrt(γ_h): it must take the whole γ_h"
+QK_KR = ("the shared rope key k^R (the last Dr rows of kv_a_proj_with_mqa) was scaled: every head uses it, "
+         "so leave it alone and give q^R the whole γ_h")
+QK_ALL_HEADS = ("every head was scaled by the layer's smallest γ (per-layer clipping): each head takes its "
+                "own γ_h, and heads at or under τ (γ_h = 1) stay unchanged")
+QK_V = "the value rows of kv_b_proj were scaled too: only k^C rows take sqrt(γ_h) (values are not logits)"
+QK_Q_ONLY = ("q^C took the whole γ_h and k^C none: the logits are right, but K2 splits it evenly, sqrt(γ_h) "
+             "on q^C and on k^C")
+
+
+def qk_clip_truth(q: Tensor, kv_b: Tensor, gamma: Tensor, H: int, Dn: int, mistake: str = "") -> tuple:
+    """fp64, one head at a time (Kimi K2 arXiv 2507.20534 §2.1, Algorithm 1, MLA case): rows of head h in q
+    ([q^C (Dn) | q^R (Dr)] per head) × sqrt(γ_h) and × γ_h; rows of k^C in kv_b ([k^C (Dn) | v (Dv)] per head)
+    × sqrt(γ_h), v rows untouched. Returns the new (q, kv_b); `mistake` gives its output."""
+    q, kv_b = q.double().clone(), kv_b.double().clone()
+    g = gamma.double().tolist()
+    if mistake == QK_ALL_HEADS:
+        g = [min(g)] * H
+    qh, kvh = q.view(H, -1, q.shape[-1]), kv_b.view(H, -1, kv_b.shape[-1])
+    for h in range(H):
+        root = math.sqrt(g[h])
+        qh[h, :Dn] *= g[h] if mistake == QK_Q_ONLY else root
+        qh[h, Dn:] *= root if mistake == QK_QR_ROOT else g[h]
+        if mistake == QK_V:
+            kvh[h] *= root
+        elif mistake != QK_Q_ONLY:
+            kvh[h, :Dn] *= root
+    return q, kv_b
+
+
+def _mla(lab: Lab, q_lora: bool):
+    """A real attention.MLA of random small sizes, its weights drawn from the check's generator."""
+    H, Dn, Dr, Dv = lab.randint(2, 6), lab.randint(2, 8), 2 * lab.randint(1, 4), lab.randint(2, 8)
+    args = dataclasses.replace(lab.config.PRESETS["tiny"](), num_attention_heads=H, qk_nope_head_dim=Dn,
+                               qk_rope_head_dim=Dr, v_head_dim=Dv, kv_lora_rank=lab.randint(4, 12),
+                               q_lora_rank=lab.randint(4, 12) if q_lora else None,
+                               hidden_size=lab.randint(8, 24))
+    attn = lab.attention.MLA(args)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=lab.gen))
+    return attn
+
+
+def _gamma(lab: Lab, H: int) -> Tensor:
+    """Per-head factors: about half the heads exactly 1 (under τ), the rest (at least one) in (0.05, 0.95)."""
+    g = 0.05 + 0.9 * torch.rand(H, generator=lab.gen)
+    g[torch.rand(H, generator=lab.gen) < 0.5] = 1.0
+    g[lab.randint(0, H - 1)] = 0.05 + 0.9 * lab.uniform(0, 1)
+    return g
+
+
+def _q_weight(attn) -> Tensor:
+    return (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight
+
+
+def _check_qk_rows(lab: Lab, attn, gamma: Tensor, what: str) -> None:
+    H, Dn = attn.num_heads, attn.qk_nope_head_dim
+    before = {n: p.detach().clone() for n, p in attn.named_parameters()}
+    qname = "q_proj.weight" if attn.q_lora_rank is None else "q_b_proj.weight"
+    outs = {m: qk_clip_truth(before[qname], before["kv_b_proj.weight"], gamma, H, Dn, m)
+            for m in ("", QK_QR_ROOT, QK_ALL_HEADS, QK_V, QK_Q_ONLY)}
+    with torch.no_grad():
+        lab.muonclip._scale_qk_rows_(attn, gamma.clone())
+    after = dict(attn.named_parameters())
+    if not torch.equal(after["kv_a_proj_with_mqa.weight"], before["kv_a_proj_with_mqa.weight"]):
+        raise CheckFailed(f"{what}: {QK_KR}")
+    expect_close(after[qname], outs[""][0], f"{what}: {qname} (per head [q^C | q^R] rows)", atol=1e-6,
+                 rtol=1e-6, mistakes={m: o[0] for m, o in outs.items() if m})
+    expect_close(after["kv_b_proj.weight"], outs[""][1], f"{what}: kv_b_proj.weight (per head [k^C | v] "
+                 f"rows)", atol=1e-6, rtol=1e-6, mistakes={m: o[1] for m, o in outs.items() if m})
+    for name in before:
+        if name not in (qname, "kv_b_proj.weight") and not torch.equal(after[name], before[name]):
+            raise CheckFailed(f"{what}: {name} changed; QK-Clip only rescales q^C, q^R and k^C rows")
+    same = gamma == 1                                                    # heads under τ: exactly as before
+    qh, qt = after[qname].view(H, -1, after[qname].shape[-1]), outs[""][0].view(H, -1, after[qname].shape[-1])
+    if not torch.equal(qh[same].double(), qt[same]):
+        raise CheckFailed(f"{what}: heads {same.nonzero().flatten().tolist()} have γ = 1 (under τ) and must "
+                          f"stay bit-identical")
+
+
+def check_qk_clip_rows(lab: Lab) -> None:
+    """K2's layout (q_lora_rank set, q_b_proj): q^C × sqrt(γ_h), q^R × γ_h, k^C × sqrt(γ_h), all else kept"""
+    attn = _mla(lab, q_lora=True)
+    _check_qk_rows(lab, attn, _gamma(lab, attn.num_heads), f"QK-Clip of {attn.num_heads} heads (q_b_proj)")
+
+
+def check_qk_clip_plain_q(lab: Lab) -> None:
+    """Moonlight's layout (q_lora_rank None: q_proj): the same rows scaled"""
+    attn = _mla(lab, q_lora=False)
+    _check_qk_rows(lab, attn, _gamma(lab, attn.num_heads), f"QK-Clip of {attn.num_heads} heads (q_proj)")
+
+
+def check_qk_clip_logits(lab: Lab) -> None:
+    """through qk_clip_: every logit of a head over τ becomes γ_h times what it was (fp64, random latents)"""
+    attn = _mla(lab, q_lora=True)
+    H, Dn, Dr = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    tau = lab.uniform(20.0, 100.0)
+    S = tau * (0.5 + 2 * torch.rand(H, generator=lab.gen))          # recorded max logits, some over τ
+    S[0] = 3 * tau
+    attn.record_max_logits = True
+    attn.max_logits.copy_(S)
+    c_q = torch.randn(7, attn.q_lora_rank, generator=lab.gen, dtype=torch.float64)
+    c_kv = torch.randn(5, attn.kv_lora_rank, generator=lab.gen, dtype=torch.float64)
+    h = torch.randn(5, attn.kv_a_proj_with_mqa.in_features, generator=lab.gen, dtype=torch.float64)
+
+    def logits() -> tuple[Tensor, Tensor]:
+        """The two parts (H, 7, 5) of q_h·k_h: q^C·k^C and q^R·k^R, with q = W_qb c_q, k^C = W_kc c_kv and
+        the shared k^R = W_kR h (RoPE rotates q^R and k^R by position and does not change any scaling)."""
+        q = (c_q @ attn.q_b_proj.weight.detach().double().T).view(7, H, Dn + Dr)
+        kv = (c_kv @ attn.kv_b_proj.weight.detach().double().T).view(5, H, -1)
+        k_r = h @ attn.kv_a_proj_with_mqa.weight.detach().double()[-Dr:].T      # (5, Dr)
+        return (torch.einsum("thd,shd->hts", q[..., :Dn], kv[..., :Dn]),
+                torch.einsum("thd,sd->hts", q[..., Dn:], k_r))
+
+    nope, rope = logits()
+    old = nope + rope
+    lab.muonclip.qk_clip_(torch.nn.Sequential(attn), tau)
+    gamma = torch.where(S > tau, tau / S, torch.ones_like(S)).double()
+    g = gamma[:, None, None]
+    # fp32 weights rescaled in fp32: each logit moves by a few fp32 roundings of its largest terms
+    expect_close(sum(logits()), g * old, f"logits of {H} heads after qk_clip_ (τ = {tau:.1f}, γ = "
+                 f"{[round(v, 3) for v in gamma.tolist()]})", atol=1e-5 * old.abs().max().item(), rtol=1e-5,
+                 mistakes={QK_ALL_HEADS: gamma.min() * old, QK_QR_ROOT: g * nope + g.sqrt() * rope})
+
+
+register(Exercise(
+    name="qk_clip", file="muonclip.py", concept="QK-Clip per head on MLA", level="core", minutes=25,
+    against="fp64 rows per head; fp64 logits",
+    statement="""\
+Rescale the query/key weights of one MLA layer per head so that every logit of head h becomes γ_h
+times what it was (Kimi K2 arXiv 2507.20534 §2.1, QK-Clip, Algorithm 1; γ_h = min(1, τ/S_max,h) is
+given, exactly 1.0 for heads at or under τ, which must stay bit-identical). A head's logit is
+q^C·k^C + q^R·k^R, and k^R is ONE rope key shared by all heads, so:
+    q^C rows × sqrt(γ_h),  k^C rows × sqrt(γ_h),  q^R rows × γ_h,  k^R untouched, v rows untouched.
+Row layouts (nn.Linear weights (out, in), in place, under no_grad already):
+    q_b_proj.weight, or q_proj.weight when attn.q_lora_rank is None: (H·(Dn+Dr), in), per head
+        [Dn rows of q^C | Dr rows of q^R]
+    kv_b_proj.weight: (H·(Dn+Dv), Ckv), per head [Dn rows of k^C | Dv rows of v]
+    kv_a_proj_with_mqa.weight: (Ckv+Dr, D), its last Dr rows make k^R (leave it)
+In scope: attn (attention.MLA: .num_heads H, .qk_nope_head_dim Dn, .qk_rope_head_dim Dr,
+.q_lora_rank, the projections above); gamma (H,) fp32; torch. Return nothing.""",
+    hints=("w.view(H, Dn + Dr, w.size(-1)) gives a per-head view of the rows; multiplying a slice of a view "
+           "in place (mul_) changes the weight itself.",
+           "gamma[:, None, None] broadcasts one factor per head over that head's rows and columns.",
+           "Why γ on q^R alone: k^R is the same vector for every head, so scaling it by one head's factor "
+           "would change the logits of all the others."),
+    checks=(check_qk_clip_rows, check_qk_clip_plain_q, check_qk_clip_logits),
+    mistakes=(
+        Mistake(QK_QR_ROOT, (("qh[:, Dn:].mul_(gamma.to(q.dtype)[:, None, None])",
+                              "qh[:, Dn:].mul_(root.to(q.dtype)[:, None, None])"),)),
+        Mistake(QK_KR, (("kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])",
+                         "kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])\n"
+                         "    attn.kv_a_proj_with_mqa.weight[-Dr:].mul_(root.min())"),)),
+        Mistake(QK_ALL_HEADS, (("root = gamma.sqrt()",
+                                "gamma = gamma.min().expand(H)\n    root = gamma.sqrt()"),)),
+        Mistake(QK_V, (("kvh[:, :Dn].mul_(", "kvh.mul_("),)),
     )))
 
 

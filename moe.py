@@ -131,6 +131,7 @@ class Gate(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, D) -> weights (N, K) fp32, idx (N, K) int64 (best first), scores (N, E) fp32
         sigmoid affinities."""
+        # exercise: router
         # fp32: bf16 rounding must not decide which experts win top-k (HF casts x and W_g to fp32
         # as well)
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, E)
@@ -153,6 +154,7 @@ class Gate(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)  # HF's epsilon
         return weights * self.routed_scaling_factor, idx, scores
+        # end exercise: router
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> Tensor:
     """The definition: each token's output is the weighted sum of its K experts.
     x (N, D), weights/idx (N, K) -> (N, D)."""
+    # exercise: combine
     # fp32 (fp64 for fp64 inputs): sums K expert outputs per token (HF)
     acc = _acc_dtype(x)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (N, D)
@@ -203,6 +206,7 @@ def moe_reference(x: Tensor, weights: Tensor, idx: Tensor, experts: Experts) -> 
         y = swiglu(x[tok], gate[e], up[e], down[e])  # (n_e, D)
         out.index_add_(0, tok, y.to(acc) * weights[tok, slot, None])
     return out.to(x.dtype)
+    # end exercise: combine
 
 
 def _grouped_mm_ok(w: Tensor) -> bool:

@@ -135,6 +135,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = NS_STEPS) -> Tensor:
 def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
     """Moonshot's update scale 0.2·sqrt(max(A, B)) for a matrix of shape (..., A, B); the same for
     every expert slice."""
+    # exercise: muon_scale
     A, B = shape[-2], shape[-1]
     # Why: an A×B matrix with min(A, B) unit singular values has RMS sqrt(1/max(A, B)), so raw Muon
     # updates get smaller as matrices grow. Multiplying by sqrt(max(A, B)) gives RMS ~1 for every
@@ -142,6 +143,7 @@ def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
     # over unchanged (Moonlight arXiv 2502.16982 §2.2, Lemma 1). Keller Jordan's max(1, A/B)^0.5 is
     # a different rule (torch.optim.Muon adjust_lr_fn="original").
     return MUON_RMS * math.sqrt(max(A, B))
+    # end exercise: muon_scale
 
 
 def muon_updates(grads: list[Tensor], momentum_buffers: list[Tensor], beta: float = 0.95,
@@ -508,6 +510,7 @@ def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Te
     which keeps sum(b) from drifting and changes no top-k choice. Which rule K2 used is UNVERIFIED
     (neither the Kimi K2 report nor its config says).
     """
+    # exercise: bias_update
     load = load.float()  # fp32: e_score_correction_bias is fp32 in the checkpoint
     # mean_load = T·K/E (DeepSeek-V3 §2.1.2); equal to load.mean() because every token is routed to
     # exactly K experts
@@ -518,6 +521,7 @@ def routing_bias_delta(load: Tensor, speed: float, rule: str = "deepseek") -> Te
     elif rule != "deepseek":
         raise ValueError(f"rule={rule!r}; use 'deepseek' or 'moonlight'")
     return speed * direction
+    # end exercise: bias_update
 
 
 @torch.no_grad()
@@ -604,6 +608,7 @@ def qk_clip_(model: nn.Module, tau: float | None = QK_CLIP_TAU) -> dict:
 def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
     """Apply per-head gamma (H,) to the query and key rows of one MLA module, in the checkpoint's
     row layout."""
+    # exercise: qk_clip
     H, Dn, Dr = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     root = gamma.sqrt()  # (H,); sqrt(1.0) == 1.0 exactly
     q = (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight  # (H·(Dn+Dr), Cq or D)
@@ -615,3 +620,4 @@ def _scale_qk_rows_(attn: nn.Module, gamma: Tensor) -> None:
     kv = attn.kv_b_proj.weight                                              # (H·(Dn+Dv), Ckv)
     kvh = kv.view(H, -1, kv.size(-1))  # (H, Dn+Dv, Ckv); per head [k^C | v]
     kvh[:, :Dn].mul_(root.to(kv.dtype)[:, None, None])  # v rows untouched: values are not logits
+    # end exercise: qk_clip

@@ -350,3 +350,28 @@ def test_mla_truth_matches_transformers_attention(kind):
     torch.testing.assert_close(ref.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
     wrong = E.mla_truth(dict(attn.state_dict()), x, theta, dims, scale, causal=False)[0]   # the test can fail
     assert (ref.double() - wrong).abs().max() > 1e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (4, 2), (2, 1)])
+def test_router_truth_matches_transformers(n_group, topk_group):
+    """exercises.router_truth routes as transformers' DeepseekV3TopkRouter (which masks with -inf)."""
+    import torch
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    gen = torch.Generator().manual_seed(fresh_seed())
+    N, D, n_exp, K, scale = 64, 24, 32, 6, 2.827
+    cfg = DeepseekV3Config(hidden_size=D, n_routed_experts=n_exp, num_experts_per_tok=K, n_group=n_group,
+                           topk_group=topk_group, norm_topk_prob=True, routed_scaling_factor=scale)
+    router = DeepseekV3TopkRouter(cfg)
+    W, bias = torch.randn(n_exp, D, generator=gen) / D ** 0.5, 0.1 * torch.randn(n_exp, generator=gen)
+    x = torch.randn(N, D, generator=gen)
+    with torch.no_grad():
+        router.weight.copy_(W)
+        router.e_score_correction_bias.copy_(bias)
+        _, weights, idx = router(x)
+    dense, scores, margin = E.router_truth(x, W, bias, K, n_group, topk_group, scale)
+    hf = torch.zeros(N, n_exp, dtype=torch.float64).scatter(1, idx, weights.double())  # HF's top-k is unsorted
+    ok = margin > 1e-4                              # fp32 may order a near-tie differently: leave those out
+    assert ok.sum() > N // 2
+    torch.testing.assert_close(hf[ok], dense[ok], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.double().matmul(W.double().T).sigmoid(), scores, atol=0, rtol=0)
