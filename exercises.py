@@ -60,7 +60,7 @@ import tempfile
 import textwrap
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -99,15 +99,10 @@ class CheckSkipped(Exception):
 
 @dataclass(frozen=True)
 class Mistake:
-    """A known wrong variant. `edits` plant it in the reference region (each `old` occurs exactly once there);
-    the check's diagnostic for it must contain `words` (default: the description itself)."""
+    """A known wrong variant: the checks' diagnostic for it contains `description`; `edits` (old -> new, each
+    `old` exactly once in the region) plant it in the reference code, for tests/test_exercises.py."""
     description: str
     edits: tuple[tuple[str, str], ...]
-    words: str = ""
-
-    @property
-    def expected(self) -> str:
-        return self.words or self.description
 
 
 @dataclass(frozen=True)
@@ -1123,7 +1118,7 @@ def cmd_run(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,show,start,check,hint,solution,grade,tour,bench}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--lab", help=f"the workspace folder (default: ${LAB_ENV}, else lab/ by this file)")
     named = argparse.ArgumentParser(add_help=False, parents=[common])
