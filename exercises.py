@@ -557,7 +557,7 @@ register(Exercise(
     against="fp64 iteration; flop count",
     statement="""\
 Approximate the orthogonal polar factor U Vᵀ of every matrix in G with 5 steps of the quintic Newton-Schulz
-iteration (Muon, K. Jordan 2024; Moonlight arXiv 2502.16982 §2.1, Algorithm 1; Kimi K2 arXiv 2507.20534 §2.1):
+iteration (Muon, K. Jordan 2024; Moonlight arXiv 2502.16982 §2.1; Kimi K2 arXiv 2507.20534 §2.1):
 X = G / (‖G‖_F + NS_EPS), then `steps` times X <- a·X + b·(X Xᵀ) X + c·(X Xᵀ)² X with (a, b, c) =
 NS_COEFFICIENTS. Iterate in bf16, on the wide side: if a matrix is tall (A > B) work on its transpose and
 transpose back, so that X Xᵀ is the smaller Gram matrix. Each matrix of a stack is its own: norms per matrix.
