@@ -25,21 +25,21 @@ importable: a function body, or a statement block inside one.
 The Exercise API: how to add an exercise (the three sections after the API are complete examples).
 1. Put the two markers around the region in the module; nothing else changes there.
 2. Write the truth here, independently of the module: an fp64 naive recomputation or hand-computed values;
-   and the output of each known mistake, computed the same way. Where transformers has the function, a test in
-   tests/test_exercises.py checks the truth against it (importing transformers takes seconds: too slow for a
-   student's check).
+   and the output of each known mistake, computed the same way. Where transformers has the function, a test
+   in tests/test_exercises.py checks the truth against it (importing transformers takes seconds: too slow for
+   a student's check).
 3. Write checks, functions `check_WHAT(lab) -> None`; the first line of the docstring says what is verified.
-   (`torch` here is imported on first use, so the command line starts fast: write `torch.Tensor`, not
-   `Tensor`, outside annotations.)
-   `lab.MODULE` is the workspace's module (`lab.attention.apply_rope`); `lab.gen` is a torch.Generator seeded
-   afresh for this check, `lab.randint(lo, hi)` and `lab.uniform(lo, hi)` draw from it. A check raises
+   `lab.MODULE` is the workspace's module (`lab.attention.apply_rope`); `lab.gen` is a torch.Generator
+   seeded afresh for this check, `lab.randint(lo, hi)` and `lab.uniform(lo, hi)` draw from it. A check raises
    `CheckFailed(message)` (`expect_close` does, naming the known mistake whose output matches) or
    `CheckSkipped(reason)`; any other exception is the student's, and is reported at the student's own line.
-4. `register(Exercise(...))` with its `Mistake`s: a description (the diagnostic must contain it) and the
-   source edits (old -> new) that plant the mistake in the reference region. tests/test_exercises.py then
-   proves, for every registered exercise, that the stub fails, the reference passes, each planted mistake (at
-   least two) fails with its diagnostic, and that the markers are intact. `python exercises.py bench` times
-   the new check.
+   `torch` here is imported on first use, so that the command line starts at once: write `torch.Tensor`,
+   not `Tensor`, outside annotations.
+4. `register(Exercise(...))` in a new section above the plumbing, with its `Mistake`s: a description (the
+   diagnostic must contain it) and the source edits (old -> new) that plant the mistake in the reference
+   region. tests/test_exercises.py then proves, for every registered exercise, that the stub fails, the
+   reference passes, each planted mistake (at least two) fails with its diagnostic, and that the markers are
+   intact. `python exercises.py bench` times the new check.
 """
 from __future__ import annotations
 
@@ -576,6 +576,10 @@ Return X, bf16, with G's shape.""",
         Mistake(NS_TALL, (("transposed = G.size(-2) > G.size(-1)", "transposed = False"),)),
         Mistake(NS_STACK_NORM, (("X.norm(dim=(-2, -1), keepdim=True)", "X.norm()"),)),
     )))
+
+
+# New exercises go above this line, one section each, in the order a reader meets them in the model. Everything
+# below is plumbing; the command line at the very bottom must run after every register().
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -325,3 +325,10 @@ def test_grade_names_files_changed_outside_the_regions(tmp_path):
     assert E.changed_outside_regions(lab) == []
     (lab / "config.py").write_text((lab / "config.py").read_text() + "\nCHEAT = 1\n")
     assert E.changed_outside_regions(lab) == ["config.py"]
+
+
+def test_the_command_line_knows_every_registered_exercise():
+    """A register() placed after the `if __name__ == "__main__"` block would be missing from the command line."""
+    out = subprocess.run([sys.executable, str(ROOT / "exercises.py"), "list"], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert all(f"\n{name} " in out for name in E.EXERCISES), out
