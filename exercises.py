@@ -578,8 +578,8 @@ Return X, bf16, with G's shape.""",
     )))
 
 
-# New exercises go above this line, one section each, in the order a reader meets them in the model. Everything
-# below is plumbing; the command line at the very bottom must run after every register().
+# New exercises go above this line, one section each, in the order a reader meets them in the model.
+# Everything below is plumbing; the command line at the very bottom must run after every register().
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -859,8 +859,8 @@ def check_all(exs: list[Exercise], lab: Path, timeout: float = DEFAULT_TIMEOUT,
                 elif time.perf_counter() - t_ready > timeout:
                     os.killpg(proc.pid, signal.SIGKILL)
                     msg = (f"stopped after {timeout:g} s: the checks of {ex.name} normally take a few "
-                           f"seconds, so your code probably loops forever (look at the loops in your region of "
-                           f"{_show(lab / ex.file)}); `--timeout S` gives it longer")
+                           f"seconds, so your code probably loops forever (look at the loops in your region "
+                           f"of {_show(lab / ex.file)}); `--timeout S` gives it longer")
                     results[ex.name] = summary(ex, failed_all(ex, msg), seed, time.perf_counter() - t0)
                     todo.pop(0)
                     break
@@ -1142,8 +1142,8 @@ def cmd_bench(a) -> None:
     rows, total = bench()
     print(_table(rows, ["exercise", "check alone (s)", "in grade (s)", "passed"]))
     print(f"\n`grade` of all {len(rows)} exercises: {total:.1f} s, one process (the first exercise pays for "
-          f"starting Python and torch). {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} (other work "
-          f"on them), torch {torch.__version__}")
+          f"starting Python and torch). {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} "
+          f"(other work on them), torch {torch.__version__}")
 
 
 def cmd_tour(a) -> None:

@@ -328,7 +328,7 @@ def test_grade_names_files_changed_outside_the_regions(tmp_path):
 
 
 def test_the_command_line_knows_every_registered_exercise():
-    """A register() placed after the `if __name__ == "__main__"` block would be missing from the command line."""
+    """A register() placed after the `if __name__ == "__main__"` block would be missing from the CLI."""
     out = subprocess.run([sys.executable, str(ROOT / "exercises.py"), "list"], capture_output=True, text=True,
                          timeout=60).stdout
     assert all(f"\n{name} " in out for name in E.EXERCISES), out
