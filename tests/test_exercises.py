@@ -47,6 +47,7 @@ def plant(lab: Path, ex: E.Exercise, mistake: E.Mistake) -> None:
     region = "".join(lines[first:end])
     for old, new in mistake.edits:
         assert region.count(old) == 1, f"{ex.name}: {mistake.description!r}: {old!r} not once in the region"
+        assert new != old
         region = region.replace(old, new)
     (lab / ex.file).write_text("".join(lines[:first]) + region + "".join(lines[end:]))
 
