@@ -1271,7 +1271,7 @@ def _check_router(gate, x: Tensor, outs: dict, what: str) -> None:
     N, E, k = x.shape[0], outs[""][0].shape[1], gate.top_k
     with torch.no_grad():
         got = gate(x)
-    if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, Tensor) for t in got)):
+    if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, torch.Tensor) for t in got)):
         raise CheckFailed(f"Gate.forward must return three tensors (weights, idx, scores), got {type(got)}")
     weights, idx, scores = got
     if weights.shape != (N, k) or idx.shape != (N, k) or scores.shape != (N, E):
@@ -1431,7 +1431,7 @@ def _experts(lab: Lab, E: int, D: int, I: int, dtype: torch.dtype = torch.float3
 
 def _moe_reference(lab: Lab, x: Tensor, weights: Tensor, idx: Tensor, experts) -> Tensor:
     out = lab.moe.moe_reference(x, weights, idx, experts)
-    if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
         raise CheckFailed(f"moe_reference on x {tuple(x.shape)} {x.dtype} returned "
                           f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}: "
                           f"expected x's shape and dtype (accumulate in _acc_dtype(x), cast back at the end)")
@@ -1590,7 +1590,7 @@ def muon_scale_truth(shape: tuple[int, ...], mistake: str = "") -> float:
 
 def _muon_scale_compare(got: list, shapes: list[tuple[int, ...]], what: str, rtol: float) -> None:
     for s, v in zip(shapes, got):
-        if not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1):
+        if not isinstance(v, (int, float)) and not (isinstance(v, torch.Tensor) and v.numel() == 1):
             raise CheckFailed(f"muon_scale({s}) returned {type(v).__name__}: expected a number")
     got_t = torch.tensor([float(v) for v in got], dtype=torch.float64)
     def row(mistake=""):
@@ -1706,7 +1706,7 @@ def _loads(lab: Lab) -> Tensor:
 
 def _delta(lab: Lab, load: Tensor, speed: float, rule: str) -> Tensor:
     delta = lab.muonclip.routing_bias_delta(load, speed, rule)
-    if not isinstance(delta, Tensor) or delta.shape != load.shape or delta.dtype != torch.float32:
+    if not isinstance(delta, torch.Tensor) or delta.shape != load.shape or delta.dtype != torch.float32:
         got = f"{getattr(delta, 'dtype', type(delta).__name__)} {tuple(getattr(delta, 'shape', ()))}"
         raise CheckFailed(f"routing_bias_delta on load {tuple(load.shape)} {load.dtype} returned {got}: "
                           f"expected fp32 of load's shape (the bias it moves is fp32)")
