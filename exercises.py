@@ -560,6 +560,440 @@ Return X, bf16, with G's shape.""",
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: a BPE merge step (tokenizer.py learn_bpe)
+
+BPE_UNWEIGHTED = ("pair counts not weighted by chunk frequency (a chunk that occurs f times contributes each of "
+                  "its pairs f times)")
+BPE_TIE = ("ties broken the other way: among equally frequent pairs the one whose first occurrence comes first "
+           "in the text must win")
+BPE_OVERLAP = ("overlapping replacement: 'aaa' with the pair (a, a) must become [aa, a], not [aa, aa] (after a "
+               "merge the scan goes on after the pair)")
+BPE_RTL = "pairs replaced right to left: 'aaa' with the pair (a, a) must become [aa, a], not [a, aa]"
+
+
+def _merge_ltr(word: list, pair: tuple, new) -> list:
+    """Left to right, non-overlapping: the textbook replacement (Sennrich et al., arXiv 1508.07909 §3.1)."""
+    out, i = [], 0
+    while i < len(word):
+        if tuple(word[i:i + 2]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _merge_overlapping(word: list, pair: tuple, new) -> list:
+    """The mistake: every position where the pair starts is merged, even one that overlaps the previous."""
+    out = []
+    for i in range(len(word)):
+        if tuple(word[i:i + 2]) == pair:
+            out.append(new)
+        elif i == 0 or tuple(word[i - 1:i + 1]) != pair:
+            out.append(word[i])
+    return out
+
+
+def _merge_rtl(word: list, pair: tuple, new) -> list:
+    """The mistake: the same scan from the right end."""
+    return _merge_ltr(word[::-1], pair[::-1], new)[::-1]
+
+
+def bpe_truth(chunks: list[tuple[str, int]], n_ranks: int, weighted: bool = True, tie: str = "first",
+              merge: Callable = _merge_ltr) -> dict[bytes, int]:
+    """Byte-level BPE recomputed from scratch at every step (Sennrich et al., arXiv 1508.07909 §3.1): ranks
+    0..255 are the bytes; then count every adjacent pair over all chunks (times the chunk's frequency), merge
+    the most frequent (ties: the earliest first occurrence; a dict filled in text order keeps that order)
+    into the next rank. A merge that spells an existing token reuses its rank. The options make the mistakes."""
+    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk, _ in chunks]
+    freqs = [f if weighted else 1 for _, f in chunks]
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < n_ranks:
+        counts: dict[tuple[bytes, bytes], int] = {}
+        for word, f in zip(words, freqs):
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + f
+        if not counts:
+            break
+        best = max(counts.values())
+        tied = [pair for pair, c in counts.items() if c == best]   # in order of first occurrence
+        pair = tied[0] if tie == "first" else tied[-1]
+        merged = pair[0] + pair[1]
+        ranks.setdefault(merged, len(ranks))
+        words = [merge(word, pair, merged) for word in words]
+    return ranks
+
+
+def _bpe_mistakes(chunks: list[tuple[str, int]], n_ranks: int) -> dict[str, dict[bytes, int]]:
+    return {BPE_UNWEIGHTED: bpe_truth(chunks, n_ranks, weighted=False),
+            BPE_TIE: bpe_truth(chunks, n_ranks, tie="last"),
+            BPE_OVERLAP: bpe_truth(chunks, n_ranks, merge=_merge_overlapping),
+            BPE_RTL: bpe_truth(chunks, n_ranks, merge=_merge_rtl)}
+
+
+def expect_same(got, want, what: str, mistakes: dict | None = None, show: Callable | None = None) -> None:
+    """Raise CheckFailed unless got == want (exact, for texts, token lists, dicts). On a mismatch every known
+    mistake whose output equals `got` is named; otherwise `show(got, want)` (default: both reprs) says where."""
+    if got == want:
+        return
+    named = [description for description, out in (mistakes or {}).items() if got == out]
+    if named:
+        raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {' — or: '.join(named)}")
+    where = show(got, want) if show else f"got {got!r:.300}, expected {want!r:.300}"
+    raise CheckFailed(f"{what}: {where}; it matches none of the known mistakes")
+
+
+def _show_ranks(got, want: dict[bytes, int]) -> str:
+    """The first rank at which two BPE vocabularies differ."""
+    if not isinstance(got, dict):
+        return f"expected a dict {{token bytes: rank}}, got {type(got).__name__}"
+    by_rank = {r: t for t, r in got.items()} if all(isinstance(r, int) for r in got.values()) else {}
+    for t, r in sorted(want.items(), key=lambda tr: tr[1]):
+        if by_rank.get(r) != t:
+            return f"{len(got)} ranks, expected {len(want)}; rank {r} is {by_rank.get(r)!r}, expected {t!r}"
+    extra = sorted(set(by_rank) - set(want.values()))
+    return f"{len(got)} ranks, expected {len(want)}; unexpected rank {extra[0]}: {by_rank[extra[0]]!r}"
+
+
+def _learn(lab: Lab, chunks: list[tuple[str, int]], n_ranks: int):
+    return lab.tokenizer.learn_bpe(dict(chunks), n_ranks)
+
+
+def check_bpe_by_hand(lab: Lab) -> None:
+    """four corpora worked by hand: chunk weights, the tie-break, overlapping pairs, the scan direction"""
+    cases = [
+        # (a, b) occurs once, (c, d) three times: "cd" wins only when the counts are weighted
+        ([("ab", 1), ("cd", 3)], 257, {b"cd": 256}),
+        # (z, w) and (x, y) both occur twice; (z, w) occurs first in the text
+        ([("zw", 2), ("xy", 2)], 257, {b"zw": 256}),
+        # aaaaa: (a, a) x4 -> [aa, aa, a]; (aa, aa) and (aa, a) tie, (aa, aa) is first -> [aaaa, a] -> aaaaa
+        ([("aaaaa", 1)], 259, {b"aa": 256, b"aaaa": 257, b"aaaaa": 258}),
+        # baaa: (a, a) x2 -> [b, aa, a]; (b, aa) and (aa, a) tie, (b, aa) is first -> baa
+        ([("baaa", 1)], 258, {b"aa": 256, b"baa": 257}),
+    ]
+    for chunks, n_ranks, merges in cases:
+        want = {bytes([b]): b for b in range(256)} | merges
+        expect_same(_learn(lab, chunks, n_ranks), want, f"learn_bpe({dict(chunks)}, n_ranks={n_ranks}) (new "
+                    f"ranks expected: {merges})", _bpe_mistakes(chunks, n_ranks), _show_ranks)
+
+
+def _random_chunks(lab: Lab) -> list[tuple[str, int]]:
+    """Distinct random words over a small alphabet (sometimes a 2- or 3-byte character), random frequencies."""
+    letters = ["a", "b", "c", "d", "é", "中", " "][:lab.randint(2, 7)]
+    chunks: dict[str, int] = {}
+    for _ in range(lab.randint(4, 16)):
+        word = "".join(letters[lab.randint(0, len(letters) - 1)] for _ in range(lab.randint(1, 9)))
+        chunks.setdefault(word, lab.randint(1, 4))
+    return list(chunks.items())
+
+
+def check_bpe_random(lab: Lab) -> None:
+    """matches BPE recomputed from scratch at every merge, on random small corpora"""
+    for _ in range(6):
+        chunks = _random_chunks(lab)
+        n_ranks = 256 + lab.randint(3, 30)
+        expect_same(_learn(lab, chunks, n_ranks), bpe_truth(chunks, n_ranks),
+                    f"learn_bpe on {len(chunks)} chunks {chunks[:3]}..., n_ranks={n_ranks}",
+                    _bpe_mistakes(chunks, n_ranks), _show_ranks)
+
+
+def check_bpe_runs_out(lab: Lab) -> None:
+    """stops when every chunk is one token (fewer ranks than asked), and n_ranks=256 gives just the bytes"""
+    chunks = _random_chunks(lab)
+    possible = len(bpe_truth(chunks, 10 ** 6))
+    n_ranks = possible + lab.randint(1, 50)
+    expect_same(_learn(lab, chunks, n_ranks), bpe_truth(chunks, n_ranks), f"learn_bpe asked for more ranks "
+                f"than the {possible} this corpus can make", _bpe_mistakes(chunks, n_ranks), _show_ranks)
+    expect_same(_learn(lab, chunks, 256), bpe_truth(chunks, 256), "learn_bpe with n_ranks=256", None,
+                _show_ranks)
+
+
+register(Exercise(
+    name="bpe_merge", file="tokenizer.py", concept="BPE merge step (byte-level trainer)", level="core",
+    minutes=35,
+    against="BPE recomputed from scratch; by hand",
+    statement="""\
+Train byte-level BPE (Sennrich et al., arXiv 1508.07909 §3.1; byte-level: GPT-2 §2.2). Ranks 0..255 are the
+single bytes in byte order (bytes([b]) -> b). Then, until there are n_ranks ranks, one merge step:
+  1. count every adjacent pair of tokens over all chunks, a chunk occurring f times counting its pairs f times;
+  2. pick the most frequent pair; ties go to the pair whose first occurrence comes first in the text (chunks
+     in the given order, then position in the chunk) — tiktoken's _educational.bpe_train picks the same;
+  3. its two tokens' bytes, concatenated, become the next rank;
+  4. replace the pair in every chunk left to right without overlapping: "aaa" with (a, a) -> [aa, a].
+Stop early when no pair is left (every chunk one token). BPE never merges across chunks.
+In scope: chunk_counts, a dict {chunk str: count} in order of first appearance; n_ranks (int >= 256);
+verbose (print progress if you like); _merge_word(word, pair, new_id) (step 4 on a list of ids).
+Return {token bytes: rank} with ranks 0..len-1.""",
+    hints=("Keep one list of token ids per distinct chunk (list(chunk.encode('utf-8'))) beside its count, and "
+           "token_bytes[id] for every id: a recount of all pairs at every step is fast enough here.",
+           "A dict filled while scanning the chunks in order remembers first occurrences: max(counts, "
+           "key=counts.get) returns the first of the tied pairs.",
+           "Replace with a while loop over the positions: on a match append the new id and skip two, else "
+           "copy one. The real trainer keeps counts incrementally (see `solution`); you need not."),
+    checks=(check_bpe_by_hand, check_bpe_random, check_bpe_runs_out),
+    mistakes=(
+        Mistake(BPE_UNWEIGHTED, (("freqs = list(chunk_counts.values())", "freqs = [1] * len(chunk_counts)"),)),
+        Mistake(BPE_TIE, (("pair = _pop_most_frequent(heap, counts, where, words)",
+                           "pair = max(counts, key=lambda p: (counts[p], min(where[p]), next(\n"
+                           "            i for i, q in enumerate(zip(words[min(where[p])], words[min(where[p])][1:]))"
+                           " if q == p)), default=None)"),)),
+        Mistake(BPE_OVERLAP, (("new_word = _merge_word(word, pair, new_id)",
+                               "new_word = [new_id if tuple(word[i:i + 2]) == pair else t for i, t in "
+                               "enumerate(word)\n                        if tuple(word[i:i + 2]) == pair or "
+                               "i == 0 or tuple(word[i - 1:i + 1]) != pair]"),)),
+        Mistake(BPE_RTL, (("new_word = _merge_word(word, pair, new_id)",
+                           "new_word = _merge_word(word[::-1], pair[::-1], new_id)[::-1]"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: rendering an assistant's tool calls in the chat template (tokenizer.py _chat_segments)
+
+RENDER_FROM_1 = "made-up call ids counted from 1: the first call of a conversation is functions.NAME:0"
+RENDER_PER_MESSAGE = ("the made-up call index restarts in every assistant message: it counts every tool call of "
+                      "the conversation so far (n_calls must grow by the number of calls)")
+RENDER_ASCII = ("dict arguments not written as the template's tojson: json.dumps with ensure_ascii=False "
+                "(non-ASCII characters stay as they are, not \\u escapes)")
+RENDER_STR_AGAIN = ("string arguments encoded again: the template prints a JSON string of arguments as it is "
+                    "(only a dict goes through tojson)")
+RENDER_NO_END = "the section is not closed: <|tool_calls_section_end|> must follow the last <|tool_call_end|>"
+RENDER_AS_TEXT = ("markers added as text, not as special tokens: encode_chat then spells <|tool_call_begin|> "
+                  "etc. with ordinary byte tokens (add(MARKER, True, sup))")
+RENDER_UNSUPERVISED = ("the tool-call section is not supervised: the loss mask must be 1 on the markers, ids "
+                       "and arguments an assistant wrote")
+K2_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."   # Kimi-K2-Instruct-0905 chat_template
+
+
+def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False, ascii_json: bool = False,
+               str_again: bool = False, section_end: bool = True, markers_special: bool = True,
+               section_supervised: bool = True) -> list[tuple[str, bool, bool]]:
+    """The conversation as Kimi-K2-Instruct-0905's chat_template.jinja lays it out (with the generation
+    prompt), written again from the template: (text, is_special, supervised) pieces, adjacent texts of the
+    same supervision joined. An assistant's tool calls (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md):
+    content, then <|tool_calls_section_begin|>, per call <|tool_call_begin|>ID<|tool_call_argument_begin|>
+    ARGS<|tool_call_end|>, then <|tool_calls_section_end|>; ID the call's id or functions.NAME:IDX, IDX
+    counting every call of the conversation from 0; ARGS a string as it is, a dict as Hugging Face's tojson
+    (json.dumps, ensure_ascii=False, keys in order). The options produce the known mistakes."""
+    pieces: list[tuple[str, bool, bool]] = []
+
+    def put(text: str, special: bool = False, sup: bool = False, in_section: bool = False) -> None:
+        special = special and (markers_special or not in_section)
+        if not special and not text:
+            return
+        if not special and pieces and not pieces[-1][1] and pieces[-1][2] == sup:
+            pieces[-1] = (pieces[-1][0] + text, False, sup)
+        else:
+            pieces.append((text, special, sup))
+
+    put("<|im_system|>", True), put("system"), put("<|im_middle|>", True), put(K2_SYSTEM)
+    put("<|im_end|>", True)
+    n_calls = 0
+    for m in messages:
+        sup = m["role"] == "assistant"
+        put({"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(m["role"], "<|im_system|>"), True)
+        put(m["role"]), put("<|im_middle|>", True)
+        if m.get("tool_calls"):
+            put(m.get("content") or "", sup=True)
+            s = sup and section_supervised
+            put("<|tool_calls_section_begin|>", True, s, True)
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call["function"]
+                index = (j if per_message else n_calls + j) + id_from
+                call_id = call.get("id") or f"functions.{fn['name']}:{index}"
+                args = fn["arguments"]
+                if not isinstance(args, str) or str_again:
+                    args = json.dumps(args, ensure_ascii=ascii_json)
+                put("<|tool_call_begin|>", True, s, True), put(call_id, sup=s)
+                put("<|tool_call_argument_begin|>", True, s, True), put(args, sup=s)
+                put("<|tool_call_end|>", True, s, True)
+            if section_end:
+                put("<|tool_calls_section_end|>", True, s, True)
+            n_calls += len(m["tool_calls"])
+        elif m["role"] == "tool":
+            put(f"## Return of {m['tool_call_id']}\n    {m['content']}")
+        else:
+            put(m["content"], sup=sup)
+        put("<|im_end|>", True, sup)
+    put("<|im_assistant|>", True), put("assistant"), put("<|im_middle|>", True)
+    return pieces
+
+
+def _render_mistakes(messages: list[dict]) -> dict[str, str]:
+    """Each known mistake's rendered text."""
+    variants = {RENDER_FROM_1: dict(id_from=1), RENDER_PER_MESSAGE: dict(per_message=True),
+                RENDER_ASCII: dict(ascii_json=True), RENDER_STR_AGAIN: dict(str_again=True),
+                RENDER_NO_END: dict(section_end=False)}
+    return {d: "".join(t for t, _, _ in chat_truth(messages, **kw)) for d, kw in variants.items()}
+
+
+def _show_text(got, want: str) -> str:
+    """Where two rendered texts first differ."""
+    if not isinstance(got, str):
+        return f"expected a str, got {type(got).__name__}"
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return (f"the text differs from character {i} on: got {got[max(0, i - 40):i + 60]!r}, expected "
+            f"{want[max(0, i - 40):i + 60]!r}")
+
+
+def _expect_rendered(lab: Lab, messages: list[dict], what: str) -> None:
+    got = lab.tokenizer.apply_chat_template(messages)
+    want = "".join(t for t, _, _ in chat_truth(messages))
+    expect_same(got, want, what, _render_mistakes(messages), _show_text)
+
+
+_NAMES = ("get_weather", "search", "db.query", "f2", "send_email", "calc.add", "x")
+_VALUES = ("Zürich", "東京 weather", "plain", 3, -1.5, True, None, [1, "ü"], {"deep": {"k": "é"}}, "")
+
+
+def _random_arguments(lab: Lab):
+    """A dict of random JSON values (keys in random order, some non-ASCII), or such a dict already written
+    as JSON text with its own spacing (kept byte for byte by the template)."""
+    keys = ["city", "q", "n", "ok", "ünits", "list"]
+    args = {keys.pop(lab.randint(0, len(keys) - 1)): _VALUES[lab.randint(0, len(_VALUES) - 1)]
+            for _ in range(lab.randint(0, 3))}
+    if lab.randint(0, 2) == 0:
+        return json.dumps(args, ensure_ascii=False, separators=((",", ":"), (" , ", " : "))[lab.randint(0, 1)])
+    return args
+
+
+def _random_conversation(lab: Lab, turns: int, ids: bool) -> list[dict]:
+    """user, then `turns` times: an assistant with 1-3 tool calls (random content) and one tool reply per call;
+    with `ids`, some calls carry their own id."""
+    messages: list[dict] = [{"role": "user", "content": "Please help, ö."}]
+    n = 0
+    for _ in range(turns):
+        calls = []
+        for _ in range(lab.randint(1, 3)):
+            call = {"type": "function", "function": {"name": _NAMES[lab.randint(0, len(_NAMES) - 1)],
+                                                     "arguments": _random_arguments(lab)}}
+            if ids and lab.randint(0, 2) == 0:
+                call["id"] = f"call_{lab.randint(0, 99999)}"
+            calls.append(call)
+        content = (None, "", "Let me look.", "Zwei Schritte:\n")[lab.randint(0, 3)]
+        messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+        for j, call in enumerate(calls):
+            call_id = call.get("id") or f"functions.{call['function']['name']}:{n + j}"
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": f'{{"result": {j}}}'})
+        n += len(calls)
+    return messages
+
+
+def check_render_by_hand(lab: Lab) -> None:
+    """two calls, a dict with non-ASCII and a JSON string, render to the text worked out by hand"""
+    messages = [
+        {"role": "user", "content": "Weather in Zürich, and the time?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich",
+                                                                                    "days": [1, 2]}}},
+            {"type": "function", "function": {"name": "get_time", "arguments": '{"tz":"CET"}'}}]},
+    ]
+    want = ("<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
+            "<|im_user|>user<|im_middle|>Weather in Zürich, and the time?<|im_end|>"
+            "<|im_assistant|>assistant<|im_middle|>Checking.<|tool_calls_section_begin|>"
+            "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            '{"city": "Zürich", "days": [1, 2]}<|tool_call_end|>'
+            '<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{"tz":"CET"}<|tool_call_end|>'
+            "<|tool_calls_section_end|><|im_end|><|im_assistant|>assistant<|im_middle|>")
+    got = lab.tokenizer.apply_chat_template(messages)
+    expect_same(got, want, "apply_chat_template of get_weather({'city': 'Zürich', ...}) and get_time('{\"tz\":"
+                "\"CET\"}')", _render_mistakes(messages), _show_text)
+
+
+def check_render_ids_across_turns(lab: Lab) -> None:
+    """ids made up for calls without one count every call of the conversation, across assistant turns"""
+    messages = _random_conversation(lab, turns=lab.randint(2, 4), ids=False)
+    n = sum(len(m.get("tool_calls") or ()) for m in messages)
+    _expect_rendered(lab, messages, f"a conversation of {n} calls in {len(messages)} messages, no ids given")
+
+
+def check_render_random(lab: Lab) -> None:
+    """random names, arguments (dicts and JSON strings), given ids and contents match the template"""
+    for _ in range(3):
+        messages = _random_conversation(lab, turns=lab.randint(1, 3), ids=True)
+        _expect_rendered(lab, messages, f"a random conversation of {len(messages)} messages")
+
+
+def check_render_tokens(lab: Lab) -> None:
+    """encode_chat: the section's markers are special ids, and the loss mask is 1 on the whole section"""
+    tok = lab.tokenizer.Tokenizer.load(ROOT / "demo" / "tiktoken.model")   # the repository's 4,096-rank file
+    messages = _random_conversation(lab, turns=lab.randint(1, 2), ids=True)
+
+    def encoded(pieces: list[tuple[str, bool, bool]]) -> tuple[list[int], list[int]]:
+        ids, mask = [], []
+        for text, special, sup in pieces:
+            piece = [tok.special_tokens[text]] if special else tok.encode(text)
+            ids += piece
+            mask += [int(sup)] * len(piece)
+        return ids, mask
+
+    def show(got, want) -> str:
+        if not (isinstance(got, tuple) and len(got) == 2):
+            return f"expected (ids, mask), got {type(got).__name__}"
+        if got[0] != want[0]:
+            i = next((k for k, (a, b) in enumerate(zip(got[0], want[0])) if a != b), len(want[0]))
+            return f"ids differ from position {i} on: got {got[0][i:i + 8]}, expected {want[0][i:i + 8]}"
+        i = next(k for k, (a, b) in enumerate(zip(got[1], want[1])) if a != b)
+        return f"the loss mask at position {i} (id {want[0][i]}) is {got[1][i]}, expected {want[1][i]}"
+
+    got = tok.encode_chat(messages)
+    got = tuple(got) if isinstance(got, (tuple, list)) else got
+    want = encoded(chat_truth(messages))
+    right = "".join(t for t, _, _ in chat_truth(messages))
+    if isinstance(got, tuple) and len(got) == 2 and got[0] != want[0]:  # a mistake in the text itself?
+        text = tok.decode(got[0])
+        for description, wrong in _render_mistakes(messages).items():
+            if text == wrong != right:
+                raise CheckFailed(f"encode_chat: wrong, and it matches a known mistake: {description}")
+    expect_same(got, want, f"encode_chat of {len(messages)} messages with tool calls",
+                {RENDER_AS_TEXT: encoded(chat_truth(messages, markers_special=False)),
+                 RENDER_UNSUPERVISED: encoded(chat_truth(messages, section_supervised=False))}, show)
+
+
+register(Exercise(
+    name="render_tool_call", file="tokenizer.py", concept="tool calls in the chat template", level="intro",
+    minutes=25,
+    against="the 0905 template written again; by hand",
+    statement="""\
+Render an assistant message that has tool_calls, as Kimi-K2-Instruct-0905's chat_template.jinja does
+(MoonshotAI/Kimi-K2 docs/tool_call_guidance.md): first its content when it is non-empty (a string), then
+  <|tool_calls_section_begin|>
+  per call: <|tool_call_begin|>ID<|tool_call_argument_begin|>ARGS<|tool_call_end|>
+  <|tool_calls_section_end|>
+ID: the call's "id", or when it has none functions.NAME:IDX, IDX counting every tool call of the conversation
+before this one from 0 (n_calls: the calls of earlier messages; make it count this message's calls too).
+ARGS: call["function"]["arguments"]; a string (JSON object text) as it is, byte for byte; a dict as the
+template's tojson, json.dumps(x, ensure_ascii=False): keys in their order, non-ASCII kept.
+In scope: m (the message dict), at (its place, for error messages), sup (True: supervised), n_calls;
+add(text, is_special=False, supervised=False) appends a segment (markers are special, everything is
+supervised=sup); SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARG_BEGIN, CALL_END; tool_call_id(name,
+index); _tojson(x, at). Raise ValueError for arguments that are neither a JSON object string nor a dict.""",
+    hints=("Walk through check_render_by_hand's expected text: every marker is one special token, the id and "
+           "the arguments are plain text between them.",
+           "The index is n_calls + j for the j-th call of this message (from 0); afterwards n_calls += "
+           "len(m['tool_calls']), so the next assistant message goes on counting.",
+           "Section 7 of the module has the pieces: _normalize_tool_calls(m['tool_calls'], at, n_calls) gives "
+           "[(id, argument text)] and _tool_call_segments(calls, sup) the section's segments."),
+    checks=(check_render_by_hand, check_render_ids_across_turns, check_render_random, check_render_tokens),
+    mistakes=(
+        Mistake(RENDER_FROM_1, (("_normalize_tool_calls(m[\"tool_calls\"], at, n_calls)",
+                                 "_normalize_tool_calls(m[\"tool_calls\"], at, n_calls + 1)"),)),
+        Mistake(RENDER_PER_MESSAGE, (("n_calls += len(calls)", "pass"),)),
+        Mistake(RENDER_ASCII, (("calls = _normalize_tool_calls(m[\"tool_calls\"], at, n_calls)",
+                                "calls = [(i, a if isinstance(c[\"function\"][\"arguments\"], str) else "
+                                "json.dumps(c[\"function\"][\"arguments\"]))\n                     for (i, a), c "
+                                "in zip(_normalize_tool_calls(m[\"tool_calls\"], at, n_calls), m[\"tool_calls\"])]"),)),
+        Mistake(RENDER_STR_AGAIN, (("calls = _normalize_tool_calls(m[\"tool_calls\"], at, n_calls)",
+                                    "calls = [(i, _tojson(c[\"function\"][\"arguments\"])) for (i, _), c\n"
+                                    "                     in zip(_normalize_tool_calls(m[\"tool_calls\"], at, n_calls), "
+                                    "m[\"tool_calls\"])]"),)),
+        Mistake(RENDER_NO_END, (("_tool_call_segments(calls, sup)", "_tool_call_segments(calls, sup)[:-1]"),)),
+        Mistake(RENDER_AS_TEXT, (("add(*seg)", "add(seg[0], False, seg[2])"),)),
+        Mistake(RENDER_UNSUPERVISED, (("add(*seg)", "add(seg[0], seg[1], False)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")
