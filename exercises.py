@@ -562,12 +562,12 @@ Return X, bf16, with G's shape.""",
 # ----------------------------------------------------------------------------------------------------------------
 # Exercise: a BPE merge step (tokenizer.py learn_bpe)
 
-BPE_UNWEIGHTED = ("pair counts not weighted by chunk frequency (a chunk that occurs f times contributes each of "
-                  "its pairs f times)")
-BPE_TIE = ("ties broken the other way: among equally frequent pairs the one whose first occurrence comes first "
-           "in the text must win")
-BPE_OVERLAP = ("overlapping replacement: 'aaa' with the pair (a, a) must become [aa, a], not [aa, aa] (after a "
-               "merge the scan goes on after the pair)")
+BPE_UNWEIGHTED = ("pair counts not weighted by chunk frequency (a chunk that occurs f times contributes each "
+                  "of its pairs f times)")
+BPE_TIE = ("ties broken the other way: among equally frequent pairs the one whose first occurrence comes "
+           "first in the text must win")
+BPE_OVERLAP = ("overlapping replacement: 'aaa' with the pair (a, a) must become [aa, a], not [aa, aa] (after "
+               "a merge the scan goes on after the pair)")
 BPE_RTL = "pairs replaced right to left: 'aaa' with the pair (a, a) must become [aa, a], not [a, aa]"
 
 
@@ -605,7 +605,8 @@ def bpe_truth(chunks: list[tuple[str, int]], n_ranks: int, weighted: bool = True
     """Byte-level BPE recomputed from scratch at every step (Sennrich et al., arXiv 1508.07909 §3.1): ranks
     0..255 are the bytes; then count every adjacent pair over all chunks (times the chunk's frequency), merge
     the most frequent (ties: the earliest first occurrence; a dict filled in text order keeps that order)
-    into the next rank. A merge that spells an existing token reuses its rank. The options make the mistakes."""
+    into the next rank. A merge that spells an existing token reuses its rank. The options make the
+    mistakes."""
     words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk, _ in chunks]
     freqs = [f if weighted else 1 for _, f in chunks]
     ranks = {bytes([b]): b for b in range(256)}
@@ -625,16 +626,31 @@ def bpe_truth(chunks: list[tuple[str, int]], n_ranks: int, weighted: bool = True
     return ranks
 
 
+def mistake_outputs(variants: dict[str, dict], run: Callable) -> dict:
+    """{description: run(**kwargs)} for each known mistake given as keyword arguments of a truth function,
+    then for every two of them made together where that differs from each alone (so a student who makes
+    two gets both named)."""
+    out = {d: run(**kw) for d, kw in variants.items()}
+    names = list(variants)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if not set(variants[a]) & set(variants[b]):
+                both = run(**variants[a], **variants[b])
+                if both != out[a] and both != out[b]:
+                    out[f"{a} — and also: {b}"] = both
+    return out
+
+
 def _bpe_mistakes(chunks: list[tuple[str, int]], n_ranks: int) -> dict[str, dict[bytes, int]]:
-    return {BPE_UNWEIGHTED: bpe_truth(chunks, n_ranks, weighted=False),
-            BPE_TIE: bpe_truth(chunks, n_ranks, tie="last"),
-            BPE_OVERLAP: bpe_truth(chunks, n_ranks, merge=_merge_overlapping),
-            BPE_RTL: bpe_truth(chunks, n_ranks, merge=_merge_rtl)}
+    variants = {BPE_UNWEIGHTED: dict(weighted=False), BPE_TIE: dict(tie="last"),
+                BPE_OVERLAP: dict(merge=_merge_overlapping), BPE_RTL: dict(merge=_merge_rtl)}
+    return mistake_outputs(variants, lambda **kw: bpe_truth(chunks, n_ranks, **kw))
 
 
 def expect_same(got, want, what: str, mistakes: dict | None = None, show: Callable | None = None) -> None:
     """Raise CheckFailed unless got == want (exact, for texts, token lists, dicts). On a mismatch every known
-    mistake whose output equals `got` is named; otherwise `show(got, want)` (default: both reprs) says where."""
+    mistake whose output equals `got` is named; otherwise `show(got, want)` (default: both reprs) says
+    where."""
     if got == want:
         return
     named = [description for description, out in (mistakes or {}).items() if got == out]
@@ -679,7 +695,7 @@ def check_bpe_by_hand(lab: Lab) -> None:
 
 
 def _random_chunks(lab: Lab) -> list[tuple[str, int]]:
-    """Distinct random words over a small alphabet (sometimes a 2- or 3-byte character), random frequencies."""
+    """Distinct random words over a small alphabet (with 2- and 3-byte characters), random frequencies."""
     letters = ["a", "b", "c", "d", "é", "中", " "][:lab.randint(2, 7)]
     chunks: dict[str, int] = {}
     for _ in range(lab.randint(4, 16)):
@@ -716,7 +732,8 @@ register(Exercise(
     statement="""\
 Train byte-level BPE (Sennrich et al., arXiv 1508.07909 §3.1; byte-level: GPT-2 §2.2). Ranks 0..255 are the
 single bytes in byte order (bytes([b]) -> b). Then, until there are n_ranks ranks, one merge step:
-  1. count every adjacent pair of tokens over all chunks, a chunk occurring f times counting its pairs f times;
+  1. count every adjacent pair of tokens over all chunks, a chunk occurring f times counting its pairs f
+     times;
   2. pick the most frequent pair; ties go to the pair whose first occurrence comes first in the text (chunks
      in the given order, then position in the chunk) — tiktoken's _educational.bpe_train picks the same;
   3. its two tokens' bytes, concatenated, become the next rank;
@@ -725,19 +742,20 @@ Stop early when no pair is left (every chunk one token). BPE never merges across
 In scope: chunk_counts, a dict {chunk str: count} in order of first appearance; n_ranks (int >= 256);
 verbose (print progress if you like); _merge_word(word, pair, new_id) (step 4 on a list of ids).
 Return {token bytes: rank} with ranks 0..len-1.""",
-    hints=("Keep one list of token ids per distinct chunk (list(chunk.encode('utf-8'))) beside its count, and "
-           "token_bytes[id] for every id: a recount of all pairs at every step is fast enough here.",
+    hints=("Keep one list of token ids per distinct chunk (list(chunk.encode('utf-8'))) beside its count, "
+           "and token_bytes[id] for every id: a recount of all pairs at every step is fast enough here.",
            "A dict filled while scanning the chunks in order remembers first occurrences: max(counts, "
            "key=counts.get) returns the first of the tied pairs.",
            "Replace with a while loop over the positions: on a match append the new id and skip two, else "
            "copy one. The real trainer keeps counts incrementally (see `solution`); you need not."),
     checks=(check_bpe_by_hand, check_bpe_random, check_bpe_runs_out),
     mistakes=(
-        Mistake(BPE_UNWEIGHTED, (("freqs = list(chunk_counts.values())", "freqs = [1] * len(chunk_counts)"),)),
+        Mistake(BPE_UNWEIGHTED, (("freqs = list(chunk_counts.values())",
+                                  "freqs = [1] * len(chunk_counts)"),)),
         Mistake(BPE_TIE, (("pair = _pop_most_frequent(heap, counts, where, words)",
                            "pair = max(counts, key=lambda p: (counts[p], min(where[p]), next(\n"
-                           "            i for i, q in enumerate(zip(words[min(where[p])], words[min(where[p])][1:]))"
-                           " if q == p)), default=None)"),)),
+                           "            i for i, q in enumerate(zip(words[min(where[p])], "
+                           "words[min(where[p])][1:])) if q == p)), default=None)"),)),
         Mistake(BPE_OVERLAP, (("new_word = _merge_word(word, pair, new_id)",
                                "new_word = [new_id if tuple(word[i:i + 2]) == pair else t for i, t in "
                                "enumerate(word)\n                        if tuple(word[i:i + 2]) == pair or "
@@ -751,8 +769,8 @@ Return {token bytes: rank} with ranks 0..len-1.""",
 # Exercise: rendering an assistant's tool calls in the chat template (tokenizer.py _chat_segments)
 
 RENDER_FROM_1 = "made-up call ids counted from 1: the first call of a conversation is functions.NAME:0"
-RENDER_PER_MESSAGE = ("the made-up call index restarts in every assistant message: it counts every tool call of "
-                      "the conversation so far (n_calls must grow by the number of calls)")
+RENDER_PER_MESSAGE = ("the made-up call index restarts in every assistant message: it counts every tool call "
+                      "of the conversation so far (n_calls must grow by the number of calls)")
 RENDER_ASCII = ("dict arguments not written as the template's tojson: json.dumps with ensure_ascii=False "
                 "(non-ASCII characters stay as they are, not \\u escapes)")
 RENDER_STR_AGAIN = ("string arguments encoded again: the template prints a JSON string of arguments as it is "
@@ -762,6 +780,7 @@ RENDER_AS_TEXT = ("markers added as text, not as special tokens: encode_chat the
                   "etc. with ordinary byte tokens (add(MARKER, True, sup))")
 RENDER_UNSUPERVISED = ("the tool-call section is not supervised: the loss mask must be 1 on the markers, ids "
                        "and arguments an assistant wrote")
+_RENDER_CALLS = 'calls = _normalize_tool_calls(m["tool_calls"], at, n_calls)'   # the line the mistakes edit
 K2_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."   # Kimi-K2-Instruct-0905 chat_template
 
 
@@ -824,7 +843,7 @@ def _render_mistakes(messages: list[dict]) -> dict[str, str]:
     variants = {RENDER_FROM_1: dict(id_from=1), RENDER_PER_MESSAGE: dict(per_message=True),
                 RENDER_ASCII: dict(ascii_json=True), RENDER_STR_AGAIN: dict(str_again=True),
                 RENDER_NO_END: dict(section_end=False)}
-    return {d: "".join(t for t, _, _ in chat_truth(messages, **kw)) for d, kw in variants.items()}
+    return mistake_outputs(variants, lambda **kw: "".join(t for t, _, _ in chat_truth(messages, **kw)))
 
 
 def _show_text(got, want: str) -> str:
@@ -853,13 +872,14 @@ def _random_arguments(lab: Lab):
     args = {keys.pop(lab.randint(0, len(keys) - 1)): _VALUES[lab.randint(0, len(_VALUES) - 1)]
             for _ in range(lab.randint(0, 3))}
     if lab.randint(0, 2) == 0:
-        return json.dumps(args, ensure_ascii=False, separators=((",", ":"), (" , ", " : "))[lab.randint(0, 1)])
+        separators = ((",", ":"), (" , ", " : "))[lab.randint(0, 1)]
+        return json.dumps(args, ensure_ascii=False, separators=separators)
     return args
 
 
 def _random_conversation(lab: Lab, turns: int, ids: bool) -> list[dict]:
-    """user, then `turns` times: an assistant with 1-3 tool calls (random content) and one tool reply per call;
-    with `ids`, some calls carry their own id."""
+    """user, then `turns` times: an assistant with 1-3 tool calls (random content) and one tool reply per
+    call; with `ids`, some calls carry their own id."""
     messages: list[dict] = [{"role": "user", "content": "Please help, ö."}]
     n = 0
     for _ in range(turns):
@@ -896,8 +916,8 @@ def check_render_by_hand(lab: Lab) -> None:
             '<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{"tz":"CET"}<|tool_call_end|>'
             "<|tool_calls_section_end|><|im_end|><|im_assistant|>assistant<|im_middle|>")
     got = lab.tokenizer.apply_chat_template(messages)
-    expect_same(got, want, "apply_chat_template of get_weather({'city': 'Zürich', ...}) and get_time('{\"tz\":"
-                "\"CET\"}')", _render_mistakes(messages), _show_text)
+    expect_same(got, want, "apply_chat_template of get_weather({'city': 'Zürich', ...}) and "
+                "get_time('{\"tz\":\"CET\"}')", _render_mistakes(messages), _show_text)
 
 
 def check_render_ids_across_turns(lab: Lab) -> None:
@@ -972,24 +992,254 @@ index); _tojson(x, at). Raise ValueError for arguments that are neither a JSON o
            "the arguments are plain text between them.",
            "The index is n_calls + j for the j-th call of this message (from 0); afterwards n_calls += "
            "len(m['tool_calls']), so the next assistant message goes on counting.",
-           "Section 7 of the module has the pieces: _normalize_tool_calls(m['tool_calls'], at, n_calls) gives "
-           "[(id, argument text)] and _tool_call_segments(calls, sup) the section's segments."),
+           "Section 7 of the module has the pieces: _normalize_tool_calls(m['tool_calls'], at, n_calls) "
+           "gives [(id, argument text)] and _tool_call_segments(calls, sup) the section's segments."),
     checks=(check_render_by_hand, check_render_ids_across_turns, check_render_random, check_render_tokens),
     mistakes=(
-        Mistake(RENDER_FROM_1, (("_normalize_tool_calls(m[\"tool_calls\"], at, n_calls)",
-                                 "_normalize_tool_calls(m[\"tool_calls\"], at, n_calls + 1)"),)),
+        Mistake(RENDER_FROM_1, ((_RENDER_CALLS, _RENDER_CALLS.replace("n_calls)", "n_calls + 1)")),)),
         Mistake(RENDER_PER_MESSAGE, (("n_calls += len(calls)", "pass"),)),
-        Mistake(RENDER_ASCII, (("calls = _normalize_tool_calls(m[\"tool_calls\"], at, n_calls)",
-                                "calls = [(i, a if isinstance(c[\"function\"][\"arguments\"], str) else "
-                                "json.dumps(c[\"function\"][\"arguments\"]))\n                     for (i, a), c "
-                                "in zip(_normalize_tool_calls(m[\"tool_calls\"], at, n_calls), m[\"tool_calls\"])]"),)),
-        Mistake(RENDER_STR_AGAIN, (("calls = _normalize_tool_calls(m[\"tool_calls\"], at, n_calls)",
-                                    "calls = [(i, _tojson(c[\"function\"][\"arguments\"])) for (i, _), c\n"
-                                    "                     in zip(_normalize_tool_calls(m[\"tool_calls\"], at, n_calls), "
-                                    "m[\"tool_calls\"])]"),)),
-        Mistake(RENDER_NO_END, (("_tool_call_segments(calls, sup)", "_tool_call_segments(calls, sup)[:-1]"),)),
+        Mistake(RENDER_ASCII, ((_RENDER_CALLS,
+                                'calls = [(i, a if isinstance(c["function"]["arguments"], str) else '
+                                'json.dumps(c["function"]["arguments"]))\n'
+                                f'                     for (i, a), c in zip({_RENDER_CALLS[8:]}, '
+                                'm["tool_calls"])]'),)),
+        Mistake(RENDER_STR_AGAIN, ((_RENDER_CALLS,
+                                    'calls = [(i, _tojson(c["function"]["arguments"]))\n'
+                                    f'                     for (i, _), c in zip({_RENDER_CALLS[8:]}, '
+                                    'm["tool_calls"])]'),)),
+        Mistake(RENDER_NO_END, (("_tool_call_segments(calls, sup)",
+                                 "_tool_call_segments(calls, sup)[:-1]"),)),
         Mistake(RENDER_AS_TEXT, (("add(*seg)", "add(seg[0], False, seg[2])"),)),
         Mistake(RENDER_UNSUPERVISED, (("add(*seg)", "add(seg[0], seg[1], False)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: parsing tool calls out of the model's text (tokenizer.py parse_tool_calls)
+
+_PARSE_CALLS = "result.calls = [_parse_call(part) for part in parts[1:]]"   # the line the mistakes edit
+PARSE_GREEDY = ("two calls swallowed into one: a greedy match ran from the first <|tool_call_begin|> to the "
+                "last <|tool_call_end|> (cut the section at every <|tool_call_begin|>, or match "
+                "non-greedily)")
+PARSE_PAST_END = ("calls after <|tool_calls_section_end|> were read too: only the first section's calls "
+                  "count; the text after it is `after`")
+PARSE_NAME = ("the name must be NAME alone: not 'functions.NAME', not 'NAME:IDX', and a dotted name "
+              "(db.query) kept whole")
+PARSE_SKIPPED = ("a broken call was skipped silently: every <|tool_call_begin|> gives a ToolCall, a broken "
+                 "one with its error (a regex over the whole section just steps over it)")
+PARSE_UNCLOSED = ("a section without <|tool_calls_section_end|> (output cut off) was ignored: parse it to "
+                  "the end of the text and add SECTION_NOT_CLOSED to errors")
+S_BEGIN, S_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+C_BEGIN, C_ARGS, C_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+
+
+def wire_truth(calls: list[tuple[str, int, str]], between: str = "") -> str:
+    """A tool-call section as K2 writes it (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md), from (name, index,
+    argument text) triples; `between` goes between the calls (whitespace, which a parser must allow)."""
+    return (S_BEGIN + between.join(f"{C_BEGIN}functions.{name}:{index}{C_ARGS}{args}{C_END}"
+                                   for name, index, args in calls) + S_END)
+
+
+def _parsed(name: str, index: int, args) -> dict:
+    """The expected fields of a well-formed call."""
+    return dict(id=f"functions.{name}:{index}", name=name, index=index, arguments=args,
+                raw_arguments=json.dumps(args, ensure_ascii=False), ok=True)
+
+
+def _parse_summary(lab: Lab, result) -> dict:
+    """A ToolCallParse as plain data: the fields a check compares."""
+    keys = ("content", "calls", "errors", "has_section", "closed", "after")
+    if not all(hasattr(result, k) for k in keys):
+        raise CheckFailed(f"parse_tool_calls returned {type(result).__name__}: expected a ToolCallParse "
+                          f"(content, calls, errors, has_section, closed, after)")
+    calls = [dict(id=c.id, name=c.name, index=c.index, arguments=c.arguments, raw_arguments=c.raw_arguments,
+                  ok=c.error is None) for c in result.calls]
+    return dict(content=result.content, has_section=result.has_section, closed=result.closed,
+                after=result.after, n_errors=len(result.errors),
+                not_closed=lab.tokenizer.SECTION_NOT_CLOSED in result.errors, calls=calls)
+
+
+def _parse_mistake(got: dict, want: dict) -> str | None:
+    """The known mistake that explains `got`, if one does."""
+    g, w = got["calls"], want["calls"]
+    gi, wi = [c["id"] for c in g], [c.get("id") for c in w]
+    rest = iter(wi)
+    if len(g) < len(w) and all(i in rest for i in gi):   # some calls are missing, the others in order
+        if all(not c["ok"] for c in w if c.get("id") not in gi):
+            return PARSE_SKIPPED
+        if len(g) == 1 and gi[0] == wi[0]:
+            return PARSE_GREEDY
+    if len(g) > len(w) and gi[:len(w)] == wi:
+        return PARSE_PAST_END
+    if want["not_closed"] and w and not g:
+        return PARSE_UNCLOSED
+    if len(g) == len(w) and any(c.get("name") and c["name"] != gc["name"] for gc, c in zip(g, w)) and all(
+            gc["name"] in (c["name"], f"functions.{c['name']}", f"{c['name']}:{c['index']}",
+                           f"functions.{c['name']}:{c['index']}", c["name"].split(".")[0])
+            for gc, c in zip(g, w) if c.get("name") and "index" in c):
+        return PARSE_NAME
+    return None
+
+
+def _expect_parse(lab: Lab, text: str, want: dict, what: str) -> None:
+    got = _parse_summary(lab, lab.tokenizer.parse_tool_calls(text))
+    # a call's expected dict lists only the fields that are fixed (a broken call has no index, ...)
+    seen = dict(got, calls=[{k: gc[k] for k in c} for gc, c in zip(got["calls"], want["calls"])])
+    if len(got["calls"]) == len(want["calls"]) and seen == want:
+        return
+    what = f"{what}, text {text[:150]!r}{'...' if len(text) > 150 else ''}"
+    mistake = _parse_mistake(got, want)
+    if mistake:
+        raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {mistake}")
+    if len(got["calls"]) != len(want["calls"]):
+        where = (f"{len(got['calls'])} calls {[c['id'] for c in got['calls']]}, expected "
+                 f"{len(want['calls'])} {[c.get('id', '?') for c in want['calls']]}")
+    else:
+        where = next(f"{k} is {seen[k]!r:.120}, expected {want[k]!r:.120}" for k in want if seen[k] != want[k]
+                     and k != "calls") if any(seen[k] != want[k] for k in want if k != "calls") else next(
+            f"call {i} {k} is {gc[k]!r:.120}, expected {c[k]!r:.120}"
+            for i, (gc, c) in enumerate(zip(seen["calls"], want["calls"])) for k in c if gc[k] != c[k])
+    raise CheckFailed(f"{what}: {where}; it matches none of the known mistakes")
+
+
+def _well_formed(content: str, calls: list[dict], after: str = "", n_errors: int = 0) -> dict:
+    return dict(content=content, has_section=True, closed=True, after=after, n_errors=n_errors,
+                not_closed=False, calls=calls)
+
+
+def check_parse_round_trip(lab: Lab) -> None:
+    """calls written in K2's wire format (random names, indices, JSON arguments) are read back exactly"""
+    contents = ("", "Let me check.", "Zwei Aufrufe:\n", "functions.fake:0 is not a call")
+    afters = ("", "", "tail text", wire_truth([("late.call", 99, "{}")]),
+              C_BEGIN + "functions.stray:7" + C_ARGS + "{}" + C_END)
+    for k in range(4):
+        index, triples, want_calls = lab.randint(0, 5), [], []
+        for _ in range(lab.randint(2 if k == 0 else 1, 4)):
+            name = _NAMES[lab.randint(0, len(_NAMES) - 1)]
+            args = _random_arguments(lab)
+            args = json.loads(args) if isinstance(args, str) else args
+            triples.append((name, index, json.dumps(args, ensure_ascii=False)))
+            want_calls.append(_parsed(name, index, args))
+            index += lab.randint(1, 2)
+        content, after = contents[lab.randint(0, 3)], afters[lab.randint(0, 4)]
+        text = content + wire_truth(triples, ("", "\n", " \n ")[lab.randint(0, 2)]) + after
+        _expect_parse(lab, text, _well_formed(content, want_calls, after), f"{len(triples)} call(s)")
+
+
+def check_parse_malformed(lab: Lab) -> None:
+    """broken calls are reported one by one, never raise, never swallow their neighbours (cases by hand)"""
+    ok_a, ok_g = _parsed("a", 0, {"x": 1}), _parsed("g", 1, {"q": 2})
+    cut = (f'Sure.{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{"x": 1}}{C_END}'
+           f'{C_BEGIN}functions.b:1{C_ARGS}{{"y": ')
+    cases = [
+        # cut off inside the second call's arguments: the first call stands, the second is an error
+        ("a section cut off", cut,
+         dict(content="Sure.", has_section=True, closed=False, after="", n_errors=1, not_closed=True,
+              calls=[ok_a, dict(id="functions.b:1", name="b", ok=False, arguments=None)])),
+        # Python's quotes are not JSON: that call is an error, the next one is fine
+        ("a call with bad JSON",
+         f"{S_BEGIN}{C_BEGIN}functions.f:0{C_ARGS}{{'q': 1}}{C_END}{C_BEGIN}functions.g:1{C_ARGS}{{\"q\": 2}}"
+         f"{C_END}{S_END}",
+         _well_formed("", [dict(id="functions.f:0", name="f", ok=False, arguments=None), ok_g])),
+        # the first call has no <|tool_call_end|>: it is an error, the dotted second one is whole
+        ("a call without its end marker",
+         f'{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{"x": 1}}{C_BEGIN}functions.db.query:1{C_ARGS}{{}}{C_END}'
+         f"{S_END}",
+         _well_formed("", [dict(id="functions.a:0", name="a", ok=False, arguments=None),
+                           _parsed("db.query", 1, {})])),
+        # arguments must be a JSON object
+        ("arguments that are a JSON list", f"{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}[1, 2]{C_END}{S_END}",
+         _well_formed("", [dict(id="functions.a:0", name="a", ok=False, arguments=None)])),
+        # no section at all: everything is content, even text that looks like a call
+        ("no section", f"Nothing to call. {C_BEGIN}functions.x:0{C_ARGS}{{}}{C_END}",
+         dict(content=f"Nothing to call. {C_BEGIN}functions.x:0{C_ARGS}{{}}{C_END}", has_section=False,
+              closed=False, after="", n_errors=0, not_closed=False, calls=[])),
+        # text inside the section before the first call is reported; the call still counts
+        ("stray text in the section",
+         f"{S_BEGIN}oops{C_BEGIN}functions.a:0{C_ARGS}{{\"x\": 1}}{C_END}{S_END}",
+         _well_formed("", [ok_a], n_errors=1)),
+        # only the first section: the second is text after it
+        ("two sections", f"A{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{\"x\": 1}}{C_END}{S_END}B"
+         + wire_truth([("g", 1, '{"q": 2}')]),
+         _well_formed("A", [ok_a], after="B" + wire_truth([("g", 1, '{"q": 2}')]))),
+    ]
+    for what, text, want in cases:
+        _expect_parse(lab, text, want, what)
+
+
+def check_parse_long_whitespace(lab: Lab) -> None:
+    """a call cut off inside thousands of blank tokens is parsed right, in time linear in the text"""
+    def cut_off(n: int) -> str:
+        return (f"{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{\"x\": 1}}{C_END}{C_BEGIN}functions.b:1{C_ARGS}"
+                + " " * n)
+
+    def seconds(text: str) -> float:
+        t0 = time.perf_counter()
+        lab.tokenizer.parse_tool_calls(text)
+        return time.perf_counter() - t0
+
+    # linear: 10x the text, ~10x the time; a backtracking regex (\s*(.*?)\s*) is cubic in the spaces.
+    # Small sizes first, so that a cubic parser fails here in seconds instead of running into the timeout.
+    n = 100 + lab.randint(0, 25)
+    small = min(seconds(cut_off(n)) for _ in range(3))
+    limit = 40 * max(small, 1e-3)
+    big = seconds(cut_off(10 * n))
+    for _ in range(2):   # a slow run may be the machine: it has to be slow three times
+        if big <= limit:
+            break
+        big = min(big, seconds(cut_off(10 * n)))
+    if big > limit:
+        raise CheckFailed(f"parsing {10 * n:,} spaces took {big / small:.0f}x as long as {n:,} "
+                          f"({big:.2f} s): "
+                          f"something backtracks over the whitespace (a regex like \\s*(.*?)\\s* over the "
+                          f"section); cut the text at the markers with find/split instead")
+    n = 20_000 + lab.randint(0, 5000)
+    _expect_parse(lab, cut_off(n), dict(content="", has_section=True, closed=False, after="", n_errors=1,
+                                        not_closed=True, calls=[_parsed("a", 0, {"x": 1}),
+                                                                dict(id="functions.b:1", name="b", ok=False,
+                                                                     arguments=None)]),
+                  f"a section cut off after {n:,} spaces")
+
+
+register(Exercise(
+    name="parse_tool_calls", file="tokenizer.py", concept="parsing tool calls from model output",
+    level="core", minutes=30,
+    against="round trips of an independent writer; broken cases by hand",
+    statement="""\
+Read K2's tool calls back out of generated text (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md; the wire
+format: content, then <|tool_calls_section_begin|>, calls <|tool_call_begin|>functions.NAME:IDX
+<|tool_call_argument_begin|>{json}<|tool_call_end|>, then <|tool_calls_section_end|>). Never raise.
+Return ToolCallParse(content, calls, errors, has_section, closed, after):
+  no <|tool_calls_section_begin|> in text: content = text, nothing else;
+  else content = the text before the first one; the section runs to the first <|tool_calls_section_end|>
+  after it (closed=True, after = the text after that end marker) or, if there is none, to the end of the
+  text (closed=False, and SECTION_NOT_CLOSED in errors); only this first section is parsed;
+  calls: one ToolCall per <|tool_call_begin|> in the section, in order; one broken call (bad JSON, no end
+  marker) is an error of its own and must not swallow the next; non-blank text before the first call is an
+  error message in errors.
+In scope: text (str); find_section(text) -> (begin, end) positions (-1 if absent); _parse_call(part) -> a
+ToolCall for the text after one <|tool_call_begin|> (name, index, arguments or error; never raises);
+SECTION_BEGIN, SECTION_END, CALL_BEGIN, SECTION_NOT_CLOSED, ToolCallParse; re.""",
+    hints=("find_section(text) gives both positions at once; the section's body is between the end of "
+           "SECTION_BEGIN and the end marker (or the end of the text).",
+           "body.split(CALL_BEGIN): element 0 is whatever came before the first call (normally empty), every "
+           "other element is one call for _parse_call.",
+           "A regex over the whole section with .* (greedy) joins calls; even .*? must not run past a broken "
+           "call's missing end marker into the next call."),
+    checks=(check_parse_round_trip, check_parse_malformed, check_parse_long_whitespace),
+    mistakes=(
+        Mistake(PARSE_GREEDY, ((_PARSE_CALLS,
+                                "result.calls = [_parse_call(p + CALL_END) for p in re.findall(\n"
+                                '        r"<\\|tool_call_begin\\|>(.*)<\\|tool_call_end\\|>", '
+                                'body, re.DOTALL)]'),)),
+        Mistake(PARSE_PAST_END, (("body = text[start + len(SECTION_BEGIN):end]",
+                                  "body = text[start + len(SECTION_BEGIN):]"),)),
+        Mistake(PARSE_NAME, ((_PARSE_CALLS, _PARSE_CALLS + "\n    for call in result.calls:\n"
+                                            '        call.name = call.id.split(":")[0] or call.name'),)),
+        Mistake(PARSE_SKIPPED, ((_PARSE_CALLS, _PARSE_CALLS.replace("]]", "] if CALL_END in part]")),)),
+        Mistake(PARSE_UNCLOSED, (("body = text[start + len(SECTION_BEGIN):]\n        "
+                                  "result.errors.append(SECTION_NOT_CLOSED)",
+                                  "return ToolCallParse(content=text)"),)),
     )))
 
 
