@@ -1073,11 +1073,13 @@ def _parse_mistake(got: dict, want: dict) -> str | None:
         return PARSE_PAST_END
     if want["not_closed"] and w and not g:
         return PARSE_UNCLOSED
-    if len(g) == len(w) and any(c.get("name") and c["name"] != gc["name"] for gc, c in zip(g, w)) and all(
-            gc["name"] in (c["name"], f"functions.{c['name']}", f"{c['name']}:{c['index']}",
-                           f"functions.{c['name']}:{c['index']}", c["name"].split(".")[0])
-            for gc, c in zip(g, w) if c.get("name") and "index" in c):
-        return PARSE_NAME
+    if len(g) == len(w):
+        wrong = [(gc["name"], c["name"], c["index"]) for gc, c in zip(g, w) if "index" in c
+                 and gc["name"] != c["name"]]
+        # 'functions.NAME', 'NAME:IDX', or the guide's id.split('.')[1], which cuts a dotted name
+        if wrong and all(got_name in (f"functions.{name}", f"{name}:{index}", f"functions.{name}:{index}",
+                                      name.split(".")[0]) for got_name, name, index in wrong):
+            return PARSE_NAME
     return None
 
 
@@ -1091,14 +1093,14 @@ def _expect_parse(lab: Lab, text: str, want: dict, what: str) -> None:
     mistake = _parse_mistake(got, want)
     if mistake:
         raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {mistake}")
+    diffs = [f"{k} is {seen[k]!r:.120}, expected {want[k]!r:.120}" for k in want
+             if k != "calls" and seen[k] != want[k]]
+    diffs += [f"call {i} {k} is {gc[k]!r:.120}, expected {c[k]!r:.120}"
+              for i, (gc, c) in enumerate(zip(seen["calls"], want["calls"])) for k in c if gc[k] != c[k]]
     if len(got["calls"]) != len(want["calls"]):
-        where = (f"{len(got['calls'])} calls {[c['id'] for c in got['calls']]}, expected "
-                 f"{len(want['calls'])} {[c.get('id', '?') for c in want['calls']]}")
-    else:
-        where = next(f"{k} is {seen[k]!r:.120}, expected {want[k]!r:.120}" for k in want if seen[k] != want[k]
-                     and k != "calls") if any(seen[k] != want[k] for k in want if k != "calls") else next(
-            f"call {i} {k} is {gc[k]!r:.120}, expected {c[k]!r:.120}"
-            for i, (gc, c) in enumerate(zip(seen["calls"], want["calls"])) for k in c if gc[k] != c[k])
+        diffs.insert(0, f"{len(got['calls'])} calls {[c['id'] for c in got['calls']]}, expected "
+                        f"{len(want['calls'])} {[c.get('id', '?') for c in want['calls']]}")
+    where = diffs[0]
     raise CheckFailed(f"{what}: {where}; it matches none of the known mistakes")
 
 
