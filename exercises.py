@@ -934,6 +934,20 @@ def check_render_random(lab: Lab) -> None:
         _expect_rendered(lab, messages, f"a random conversation of {len(messages)} messages")
 
 
+def check_render_bad_arguments(lab: Lab) -> None:
+    """arguments that are not a JSON object (Python's quotes, a list, a number) are a ValueError"""
+    for bad in ("{'city': 'Paris'}", "[1, 2]", 5):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": bad}}
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                       "tool_calls": [call]}]
+        try:
+            lab.tokenizer.apply_chat_template(messages)
+        except ValueError:
+            continue
+        raise CheckFailed(f"arguments {bad!r} were rendered without an error: raise ValueError saying what is "
+                          f"wrong (the template takes a JSON object, as a string or a dict)")
+
+
 def check_render_tokens(lab: Lab) -> None:
     """encode_chat: the section's markers are special ids, and the loss mask is 1 on the whole section"""
     tok = lab.tokenizer.Tokenizer.load(ROOT / "demo" / "tiktoken.model")   # the repository's 4,096-rank file
@@ -994,7 +1008,8 @@ index); _tojson(x, at). Raise ValueError for arguments that are neither a JSON o
            "len(m['tool_calls']), so the next assistant message goes on counting.",
            "Section 7 of the module has the pieces: _normalize_tool_calls(m['tool_calls'], at, n_calls) "
            "gives [(id, argument text)] and _tool_call_segments(calls, sup) the section's segments."),
-    checks=(check_render_by_hand, check_render_ids_across_turns, check_render_random, check_render_tokens),
+    checks=(check_render_by_hand, check_render_ids_across_turns, check_render_random, check_render_tokens,
+            check_render_bad_arguments),
     mistakes=(
         Mistake(RENDER_FROM_1, ((_RENDER_CALLS, _RENDER_CALLS.replace("n_calls)", "n_calls + 1)")),)),
         Mistake(RENDER_PER_MESSAGE, (("n_calls += len(calls)", "pass"),)),
