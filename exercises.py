@@ -944,8 +944,8 @@ def check_render_bad_arguments(lab: Lab) -> None:
             lab.tokenizer.apply_chat_template(messages)
         except ValueError:
             continue
-        raise CheckFailed(f"arguments {bad!r} were rendered without an error: raise ValueError saying what is "
-                          f"wrong (the template takes a JSON object, as a string or a dict)")
+        raise CheckFailed(f"arguments {bad!r} were rendered without an error: raise ValueError saying what "
+                          f"is wrong (the template takes a JSON object, as a string or a dict)")
 
 
 def check_render_tokens(lab: Lab) -> None:
@@ -1080,7 +1080,7 @@ def _parse_mistake(got: dict, want: dict) -> str | None:
     gi, wi = [c["id"] for c in g], [c.get("id") for c in w]
     rest = iter(wi)
     if len(g) < len(w) and all(i in rest for i in gi):   # some calls are missing, the others in order
-        if all(not c["ok"] for c in w if c.get("id") not in gi):
+        if all(c.get("ok") is False for c in w if c.get("id") not in gi):
             return PARSE_SKIPPED
         if len(g) == 1 and gi[0] == wi[0]:
             return PARSE_GREEDY
@@ -1104,7 +1104,7 @@ def _expect_parse(lab: Lab, text: str, want: dict, what: str) -> None:
     seen = dict(got, calls=[{k: gc[k] for k in c} for gc, c in zip(got["calls"], want["calls"])])
     if len(got["calls"]) == len(want["calls"]) and seen == want:
         return
-    what = f"{what}, text {text[:150]!r}{'...' if len(text) > 150 else ''}"
+    what = f"{what}, text {text[:400]!r}{'...' if len(text) > 400 else ''}"
     mistake = _parse_mistake(got, want)
     if mistake:
         raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {mistake}")
@@ -1113,8 +1113,10 @@ def _expect_parse(lab: Lab, text: str, want: dict, what: str) -> None:
     diffs += [f"call {i} {k} is {gc[k]!r:.120}, expected {c[k]!r:.120}"
               for i, (gc, c) in enumerate(zip(seen["calls"], want["calls"])) for k in c if gc[k] != c[k]]
     if len(got["calls"]) != len(want["calls"]):
-        diffs.insert(0, f"{len(got['calls'])} calls {[c['id'] for c in got['calls']]}, expected "
-                        f"{len(want['calls'])} {[c.get('id', '?') for c in want['calls']]}")
+        ids = [c.get("id") for c in want["calls"]]
+        which = ids if None not in ids else "(one per <|tool_call_begin|> in the section)"
+        diffs.insert(0, f"{len(got['calls'])} calls {[c['id'] for c in got['calls']]}, expected {len(ids)} "
+                        f"{which}")
     where = diffs[0]
     raise CheckFailed(f"{what}: {where}; it matches none of the known mistakes")
 
@@ -1184,6 +1186,28 @@ def check_parse_malformed(lab: Lab) -> None:
         _expect_parse(lab, text, want, what)
 
 
+def check_parse_marker_soup(lab: Lab) -> None:
+    """random soups of markers and text: never raises, and the section and call count follow the rules"""
+    pieces = (S_BEGIN, S_END, C_BEGIN, C_BEGIN, C_ARGS, C_END, "functions.a:0", "functions.db.q:12", "{", "}",
+              '"x"', ": ", "1", " ", "\n", "ok", "<|", "|>")
+    for _ in range(40):
+        text = "".join(pieces[lab.randint(0, len(pieces) - 1)] for _ in range(lab.randint(0, 30)))
+        # the rules, applied with str.find: content up to the first section begin, the section up to the
+        # first end after it (or the text's end), one call per <|tool_call_begin|> inside
+        begin = text.find(S_BEGIN)
+        if begin < 0:
+            want = dict(content=text, has_section=False, closed=False, after="", n_errors=0, not_closed=False,
+                        calls=[])
+        else:
+            end = text.find(S_END, begin + len(S_BEGIN))
+            body = text[begin + len(S_BEGIN):end if end >= 0 else len(text)]
+            want = dict(content=text[:begin], has_section=True, closed=end >= 0,
+                        after=text[end + len(S_END):] if end >= 0 else "",
+                        n_errors=(end < 0) + bool(body.split(C_BEGIN)[0].strip()), not_closed=end < 0,
+                        calls=[{} for _ in range(body.count(C_BEGIN))])
+        _expect_parse(lab, text, want, "random text")
+
+
 def check_parse_long_whitespace(lab: Lab) -> None:
     """a call cut off inside thousands of blank tokens is parsed right, in time linear in the text"""
     def cut_off(n: int) -> str:
@@ -1243,7 +1267,8 @@ SECTION_BEGIN, SECTION_END, CALL_BEGIN, SECTION_NOT_CLOSED, ToolCallParse; re.""
            "other element is one call for _parse_call.",
            "A regex over the whole section with .* (greedy) joins calls; even .*? must not run past a broken "
            "call's missing end marker into the next call."),
-    checks=(check_parse_round_trip, check_parse_malformed, check_parse_long_whitespace),
+    checks=(check_parse_round_trip, check_parse_malformed, check_parse_marker_soup,
+            check_parse_long_whitespace),
     mistakes=(
         Mistake(PARSE_GREEDY, ((_PARSE_CALLS,
                                 "result.calls = [_parse_call(p + CALL_END) for p in re.findall(\n"
