@@ -989,19 +989,21 @@ register(Exercise(
     minutes=25,
     against="the 0905 template written again; by hand",
     statement="""\
-Render an assistant message that has tool_calls, as Kimi-K2-Instruct-0905's chat_template.jinja does
-(MoonshotAI/Kimi-K2 docs/tool_call_guidance.md): first its content when it is non-empty (a string), then
+Render an assistant message that has tool_calls, as Kimi-K2-Instruct-0905's chat_template.jinja
+does (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md): its content when non-empty (a string), then
   <|tool_calls_section_begin|>
   per call: <|tool_call_begin|>ID<|tool_call_argument_begin|>ARGS<|tool_call_end|>
   <|tool_calls_section_end|>
-ID: the call's "id", or when it has none functions.NAME:IDX, IDX counting every tool call of the conversation
-before this one from 0 (n_calls: the calls of earlier messages; make it count this message's calls too).
-ARGS: call["function"]["arguments"]; a string (JSON object text) as it is, byte for byte; a dict as the
-template's tojson, json.dumps(x, ensure_ascii=False): keys in their order, non-ASCII kept.
-In scope: m (the message dict), at (its place, for error messages), sup (True: supervised), n_calls;
-add(text, is_special=False, supervised=False) appends a segment (markers are special, everything is
-supervised=sup); SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARG_BEGIN, CALL_END; tool_call_id(name,
-index); _tojson(x, at). Raise ValueError for arguments that are neither a JSON object string nor a dict.""",
+ID: the call's "id", or if it has none functions.NAME:IDX, IDX counting every tool call of
+the conversation before this one from 0 (n_calls counts those of earlier messages: add this
+message's). ARGS: call["function"]["arguments"]; a string (JSON object text) as it is, byte
+for byte; a dict as the template's tojson, json.dumps(x, ensure_ascii=False): keys in their
+order, non-ASCII kept. Raise ValueError for arguments that are neither a JSON object string
+nor a dict.
+In scope: m (the message dict), at (its place, for messages), sup (True: supervised), n_calls;
+add(text, is_special=False, supervised=False) appends a segment (the markers are special, all
+is supervised=sup); SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARG_BEGIN, CALL_END;
+tool_call_id(name, index); _tojson(x, at); json.""",
     hints=("Walk through check_render_by_hand's expected text: every marker is one special token, the id and "
            "the arguments are plain text between them.",
            "The index is n_calls + j for the j-th call of this message (from 0); afterwards n_calls += "
