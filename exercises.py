@@ -569,6 +569,7 @@ BPE_TIE = ("ties broken the other way: among equally frequent pairs the one whos
 BPE_OVERLAP = ("overlapping replacement: 'aaa' with the pair (a, a) must become [aa, a], not [aa, aa] (after "
                "a merge the scan goes on after the pair)")
 BPE_RTL = "pairs replaced right to left: 'aaa' with the pair (a, a) must become [aa, a], not [a, aa]"
+BPE_TIE_IDS = ("ties broken by comparing the pairs' token ids ({}), not by which occurs first in the text")
 
 
 def _merge_ltr(word: list, pair: tuple, new) -> list:
@@ -619,7 +620,9 @@ def bpe_truth(chunks: list[tuple[str, int]], n_ranks: int, weighted: bool = True
             break
         best = max(counts.values())
         tied = [pair for pair, c in counts.items() if c == best]   # in order of first occurrence
-        pair = tied[0] if tie == "first" else tied[-1]
+        ids = {p: (ranks[p[0]], ranks[p[1]]) for p in tied}
+        pair = {"first": tied[0], "last": tied[-1], "smallest": min(tied, key=ids.get),
+                "largest": max(tied, key=ids.get)}[tie]
         merged = pair[0] + pair[1]
         ranks.setdefault(merged, len(ranks))
         words = [merge(word, pair, merged) for word in words]
@@ -643,7 +646,9 @@ def mistake_outputs(variants: dict[str, dict], run: Callable) -> dict:
 
 def _bpe_mistakes(chunks: list[tuple[str, int]], n_ranks: int) -> dict[str, dict[bytes, int]]:
     variants = {BPE_UNWEIGHTED: dict(weighted=False), BPE_TIE: dict(tie="last"),
-                BPE_OVERLAP: dict(merge=_merge_overlapping), BPE_RTL: dict(merge=_merge_rtl)}
+                BPE_OVERLAP: dict(merge=_merge_overlapping), BPE_RTL: dict(merge=_merge_rtl),
+                BPE_TIE_IDS.format("the smallest won"): dict(tie="smallest"),
+                BPE_TIE_IDS.format("the largest won"): dict(tie="largest")}
     return mistake_outputs(variants, lambda **kw: bpe_truth(chunks, n_ranks, **kw))
 
 
@@ -771,6 +776,8 @@ Return {token bytes: rank} with ranks 0..len-1.""",
 RENDER_FROM_1 = "made-up call ids counted from 1: the first call of a conversation is functions.NAME:0"
 RENDER_PER_MESSAGE = ("the made-up call index restarts in every assistant message: it counts every tool call "
                       "of the conversation so far (n_calls must grow by the number of calls)")
+RENDER_PER_NAME = ("made-up call index counted per tool name: IDX counts every earlier call of the "
+                   "conversation, whatever its name")
 RENDER_ASCII = ("dict arguments not written as the template's tojson: json.dumps with ensure_ascii=False "
                 "(non-ASCII characters stay as they are, not \\u escapes)")
 RENDER_STR_AGAIN = ("string arguments encoded again: the template prints a JSON string of arguments as it is "
@@ -784,9 +791,9 @@ _RENDER_CALLS = 'calls = _normalize_tool_calls(m["tool_calls"], at, n_calls)'   
 K2_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."   # Kimi-K2-Instruct-0905 chat_template
 
 
-def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False, ascii_json: bool = False,
-               str_again: bool = False, section_end: bool = True, markers_special: bool = True,
-               section_supervised: bool = True) -> list[tuple[str, bool, bool]]:
+def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False, per_name: bool = False,
+               ascii_json: bool = False, str_again: bool = False, section_end: bool = True,
+               markers_special: bool = True, section_supervised: bool = True) -> list[tuple[str, bool, bool]]:
     """The conversation as Kimi-K2-Instruct-0905's chat_template.jinja lays it out (with the generation
     prompt), written again from the template: (text, is_special, supervised) pieces, adjacent texts of the
     same supervision joined. An assistant's tool calls (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md):
@@ -807,7 +814,7 @@ def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False
 
     put("<|im_system|>", True), put("system"), put("<|im_middle|>", True), put(K2_SYSTEM)
     put("<|im_end|>", True)
-    n_calls = 0
+    n_calls, by_name = 0, {}   # calls so far, and per tool name (for the per-name mistake)
     for m in messages:
         sup = m["role"] == "assistant"
         put({"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(m["role"], "<|im_system|>"), True)
@@ -818,7 +825,9 @@ def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False
             put("<|tool_calls_section_begin|>", True, s, True)
             for j, call in enumerate(m["tool_calls"]):
                 fn = call["function"]
-                index = (j if per_message else n_calls + j) + id_from
+                same_name = by_name.get(fn["name"], 0)
+                index = (same_name if per_name else j if per_message else n_calls + j) + id_from
+                by_name[fn["name"]] = same_name + 1
                 call_id = call.get("id") or f"functions.{fn['name']}:{index}"
                 args = fn["arguments"]
                 if not isinstance(args, str) or str_again:
@@ -841,6 +850,7 @@ def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False
 def _render_mistakes(messages: list[dict]) -> dict[str, str]:
     """Each known mistake's rendered text."""
     variants = {RENDER_FROM_1: dict(id_from=1), RENDER_PER_MESSAGE: dict(per_message=True),
+                RENDER_PER_NAME: dict(per_name=True),
                 RENDER_ASCII: dict(ascii_json=True), RENDER_STR_AGAIN: dict(str_again=True),
                 RENDER_NO_END: dict(section_end=False)}
     return mistake_outputs(variants, lambda **kw: "".join(t for t, _, _ in chat_truth(messages, **kw)))
