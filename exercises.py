@@ -1962,6 +1962,744 @@ In scope: attn (attention.MLA: .num_heads H, .qk_nope_head_dim Dn, .qk_rope_head
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exercise: a BPE merge step (tokenizer.py learn_bpe)
+
+BPE_UNWEIGHTED = ("pair counts not weighted by chunk frequency (a chunk that occurs f times contributes each "
+                  "of its pairs f times)")
+BPE_TIE = ("ties broken the other way: among equally frequent pairs the one whose first occurrence comes "
+           "first in the text must win")
+BPE_OVERLAP = ("overlapping replacement: 'aaa' with the pair (a, a) must become [aa, a], not [aa, aa] (after "
+               "a merge the scan goes on after the pair)")
+BPE_RTL = "pairs replaced right to left: 'aaa' with the pair (a, a) must become [aa, a], not [a, aa]"
+BPE_TIE_IDS = ("ties broken by comparing the pairs' token ids ({}), not by which occurs first in the text")
+
+
+def _merge_ltr(word: list, pair: tuple, new) -> list:
+    """Left to right, non-overlapping: the textbook replacement (Sennrich et al., arXiv 1508.07909 §3.1)."""
+    out, i = [], 0
+    while i < len(word):
+        if tuple(word[i:i + 2]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _merge_overlapping(word: list, pair: tuple, new) -> list:
+    """The mistake: every position where the pair starts is merged, even one that overlaps the previous."""
+    out = []
+    for i in range(len(word)):
+        if tuple(word[i:i + 2]) == pair:
+            out.append(new)
+        elif i == 0 or tuple(word[i - 1:i + 1]) != pair:
+            out.append(word[i])
+    return out
+
+
+def _merge_rtl(word: list, pair: tuple, new) -> list:
+    """The mistake: the same scan from the right end."""
+    return _merge_ltr(word[::-1], pair[::-1], new)[::-1]
+
+
+def bpe_truth(chunks: list[tuple[str, int]], n_ranks: int, weighted: bool = True, tie: str = "first",
+              merge: Callable = _merge_ltr) -> dict[bytes, int]:
+    """Byte-level BPE recomputed from scratch at every step (Sennrich et al., arXiv 1508.07909 §3.1): ranks
+    0..255 are the bytes; then count every adjacent pair over all chunks (times the chunk's frequency), merge
+    the most frequent (ties: the earliest first occurrence; a dict filled in text order keeps that order)
+    into the next rank. A merge that spells an existing token reuses its rank. The options make the
+    mistakes."""
+    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk, _ in chunks]
+    freqs = [f if weighted else 1 for _, f in chunks]
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < n_ranks:
+        counts: dict[tuple[bytes, bytes], int] = {}
+        for word, f in zip(words, freqs):
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + f
+        if not counts:
+            break
+        best = max(counts.values())
+        tied = [pair for pair, c in counts.items() if c == best]   # in order of first occurrence
+        ids = {p: (ranks[p[0]], ranks[p[1]]) for p in tied}
+        pair = {"first": tied[0], "last": tied[-1], "smallest": min(tied, key=ids.get),
+                "largest": max(tied, key=ids.get)}[tie]
+        merged = pair[0] + pair[1]
+        ranks.setdefault(merged, len(ranks))
+        words = [merge(word, pair, merged) for word in words]
+    return ranks
+
+
+def mistake_outputs(variants: dict[str, dict], run: Callable) -> dict:
+    """{description: run(**kwargs)} for each known mistake given as keyword arguments of a truth function,
+    then for every two of them made together where that differs from each alone (so a student who makes
+    two gets both named)."""
+    out = {d: run(**kw) for d, kw in variants.items()}
+    names = list(variants)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if not set(variants[a]) & set(variants[b]):
+                both = run(**variants[a], **variants[b])
+                if both != out[a] and both != out[b]:
+                    out[f"{a} — and also: {b}"] = both
+    return out
+
+
+def _bpe_mistakes(chunks: list[tuple[str, int]], n_ranks: int) -> dict[str, dict[bytes, int]]:
+    variants = {BPE_UNWEIGHTED: dict(weighted=False), BPE_TIE: dict(tie="last"),
+                BPE_OVERLAP: dict(merge=_merge_overlapping), BPE_RTL: dict(merge=_merge_rtl),
+                BPE_TIE_IDS.format("the smallest won"): dict(tie="smallest"),
+                BPE_TIE_IDS.format("the largest won"): dict(tie="largest")}
+    return mistake_outputs(variants, lambda **kw: bpe_truth(chunks, n_ranks, **kw))
+
+
+def expect_same(got, want, what: str, mistakes: dict | None = None, show: Callable | None = None) -> None:
+    """Raise CheckFailed unless got == want (exact, for texts, token lists, dicts). On a mismatch every known
+    mistake whose output equals `got` is named; otherwise `show(got, want)` (default: both reprs) says
+    where."""
+    if got == want:
+        return
+    named = [description for description, out in (mistakes or {}).items() if got == out]
+    if named:
+        raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {' — or: '.join(named)}")
+    where = show(got, want) if show else f"got {got!r:.300}, expected {want!r:.300}"
+    raise CheckFailed(f"{what}: {where}; it matches none of the known mistakes")
+
+
+def _show_ranks(got, want: dict[bytes, int]) -> str:
+    """The first rank at which two BPE vocabularies differ."""
+    if not isinstance(got, dict):
+        return f"expected a dict {{token bytes: rank}}, got {type(got).__name__}"
+    by_rank = {r: t for t, r in got.items()} if all(isinstance(r, int) for r in got.values()) else {}
+    for t, r in sorted(want.items(), key=lambda tr: tr[1]):
+        if by_rank.get(r) != t:
+            return f"{len(got)} ranks, expected {len(want)}; rank {r} is {by_rank.get(r)!r}, expected {t!r}"
+    extra = sorted(set(by_rank) - set(want.values()))
+    return f"{len(got)} ranks, expected {len(want)}; unexpected rank {extra[0]}: {by_rank[extra[0]]!r}"
+
+
+def _learn(lab: Lab, chunks: list[tuple[str, int]], n_ranks: int):
+    return lab.tokenizer.learn_bpe(dict(chunks), n_ranks)
+
+
+def check_bpe_by_hand(lab: Lab) -> None:
+    """four corpora worked by hand: chunk weights, the tie-break, overlapping pairs, the scan direction"""
+    cases = [
+        # (a, b) occurs once, (c, d) three times: "cd" wins only when the counts are weighted
+        ([("ab", 1), ("cd", 3)], 257, {b"cd": 256}),
+        # (z, w) and (x, y) both occur twice; (z, w) occurs first in the text
+        ([("zw", 2), ("xy", 2)], 257, {b"zw": 256}),
+        # aaaaa: (a, a) x4 -> [aa, aa, a]; (aa, aa) and (aa, a) tie, (aa, aa) is first -> [aaaa, a] -> aaaaa
+        ([("aaaaa", 1)], 259, {b"aa": 256, b"aaaa": 257, b"aaaaa": 258}),
+        # baaa: (a, a) x2 -> [b, aa, a]; (b, aa) and (aa, a) tie, (b, aa) is first -> baa
+        ([("baaa", 1)], 258, {b"aa": 256, b"baa": 257}),
+    ]
+    for chunks, n_ranks, merges in cases:
+        want = {bytes([b]): b for b in range(256)} | merges
+        expect_same(_learn(lab, chunks, n_ranks), want, f"learn_bpe({dict(chunks)}, n_ranks={n_ranks}) (new "
+                    f"ranks expected: {merges})", _bpe_mistakes(chunks, n_ranks), _show_ranks)
+
+
+def _random_chunks(lab: Lab) -> list[tuple[str, int]]:
+    """Distinct random words over a small alphabet (with 2- and 3-byte characters), random frequencies."""
+    letters = ["a", "b", "c", "d", "é", "中", " "][:lab.randint(2, 7)]
+    chunks: dict[str, int] = {}
+    for _ in range(lab.randint(4, 16)):
+        word = "".join(letters[lab.randint(0, len(letters) - 1)] for _ in range(lab.randint(1, 9)))
+        chunks.setdefault(word, lab.randint(1, 4))
+    return list(chunks.items())
+
+
+def check_bpe_random(lab: Lab) -> None:
+    """matches BPE recomputed from scratch at every merge, on random small corpora"""
+    for _ in range(6):
+        chunks = _random_chunks(lab)
+        n_ranks = 256 + lab.randint(3, 30)
+        expect_same(_learn(lab, chunks, n_ranks), bpe_truth(chunks, n_ranks),
+                    f"learn_bpe on {len(chunks)} chunks {chunks[:3]}..., n_ranks={n_ranks}",
+                    _bpe_mistakes(chunks, n_ranks), _show_ranks)
+
+
+def check_bpe_runs_out(lab: Lab) -> None:
+    """stops when every chunk is one token (fewer ranks than asked), and n_ranks=256 gives just the bytes"""
+    chunks = _random_chunks(lab)
+    possible = len(bpe_truth(chunks, 10 ** 6))
+    n_ranks = possible + lab.randint(1, 50)
+    expect_same(_learn(lab, chunks, n_ranks), bpe_truth(chunks, n_ranks), f"learn_bpe asked for more ranks "
+                f"than the {possible} this corpus can make", _bpe_mistakes(chunks, n_ranks), _show_ranks)
+    expect_same(_learn(lab, chunks, 256), bpe_truth(chunks, 256), "learn_bpe with n_ranks=256", None,
+                _show_ranks)
+
+
+register(Exercise(
+    name="bpe_merge", file="tokenizer.py", concept="BPE merge step (byte-level trainer)", level="core",
+    minutes=35,
+    against="BPE recomputed from scratch; by hand",
+    statement="""\
+Train byte-level BPE (Sennrich et al., arXiv 1508.07909 §3.1; byte-level: GPT-2 §2.2). Ranks 0..255 are the
+single bytes in byte order (bytes([b]) -> b). Then, until there are n_ranks ranks, one merge step:
+  1. count every adjacent pair of tokens over all chunks, a chunk occurring f times counting its pairs f
+     times;
+  2. pick the most frequent pair; ties go to the pair whose first occurrence comes first in the text (chunks
+     in the given order, then position in the chunk) — tiktoken's _educational.bpe_train picks the same;
+  3. its two tokens' bytes, concatenated, become the next rank;
+  4. replace the pair in every chunk left to right without overlapping: "aaa" with (a, a) -> [aa, a].
+Stop early when no pair is left (every chunk one token). BPE never merges across chunks.
+In scope: chunk_counts, a dict {chunk str: count} in order of first appearance; n_ranks (int >= 256);
+verbose (print progress if you like); _merge_word(word, pair, new_id) (step 4 on a list of ids).
+Return {token bytes: rank} with ranks 0..len-1.""",
+    hints=("Keep one list of token ids per distinct chunk (list(chunk.encode('utf-8'))) beside its count, "
+           "and token_bytes[id] for every id: a recount of all pairs at every step is fast enough here.",
+           "A dict filled while scanning the chunks in order remembers first occurrences: max(counts, "
+           "key=counts.get) returns the first of the tied pairs.",
+           "Replace with a while loop over the positions: on a match append the new id and skip two, else "
+           "copy one. The real trainer keeps counts incrementally (see `solution`); you need not."),
+    checks=(check_bpe_by_hand, check_bpe_random, check_bpe_runs_out),
+    mistakes=(
+        Mistake(BPE_UNWEIGHTED, (("freqs = list(chunk_counts.values())",
+                                  "freqs = [1] * len(chunk_counts)"),)),
+        Mistake(BPE_TIE, (("pair = _pop_most_frequent(heap, counts, where, words)",
+                           "pair = max(counts, key=lambda p: (counts[p], min(where[p]), next(\n"
+                           "            i for i, q in enumerate(zip(words[min(where[p])], "
+                           "words[min(where[p])][1:])) if q == p)), default=None)"),)),
+        Mistake(BPE_OVERLAP, (("new_word = _merge_word(word, pair, new_id)",
+                               "new_word = [new_id if tuple(word[i:i + 2]) == pair else t for i, t in "
+                               "enumerate(word)\n                        if tuple(word[i:i + 2]) == pair or "
+                               "i == 0 or tuple(word[i - 1:i + 1]) != pair]"),)),
+        Mistake(BPE_RTL, (("new_word = _merge_word(word, pair, new_id)",
+                           "new_word = _merge_word(word[::-1], pair[::-1], new_id)[::-1]"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: rendering an assistant's tool calls in the chat template (tokenizer.py _chat_segments)
+
+RENDER_FROM_1 = "made-up call ids counted from 1: the first call of a conversation is functions.NAME:0"
+RENDER_PER_MESSAGE = ("the made-up call index restarts in every assistant message: it counts every tool call "
+                      "of the conversation so far (n_calls must grow by the number of calls)")
+RENDER_PER_NAME = ("made-up call index counted per tool name: IDX counts every earlier call of the "
+                   "conversation, whatever its name")
+RENDER_ASCII = ("dict arguments not written as the template's tojson: json.dumps with ensure_ascii=False "
+                "(non-ASCII characters stay as they are, not \\u escapes)")
+RENDER_STR_AGAIN = ("string arguments encoded again: the template prints a JSON string of arguments as it is "
+                    "(only a dict goes through tojson)")
+RENDER_NO_END = "the section is not closed: <|tool_calls_section_end|> must follow the last <|tool_call_end|>"
+RENDER_AS_TEXT = ("markers added as text, not as special tokens: encode_chat then spells <|tool_call_begin|> "
+                  "etc. with ordinary byte tokens (add(MARKER, True, sup))")
+RENDER_UNSUPERVISED = ("the tool-call section is not supervised: the loss mask must be 1 on the markers, ids "
+                       "and arguments an assistant wrote")
+_RENDER_CALLS = 'calls = _normalize_tool_calls(m["tool_calls"], at, n_calls)'   # the line the mistakes edit
+K2_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."   # Kimi-K2-Instruct-0905 chat_template
+
+
+def chat_truth(messages: list[dict], id_from: int = 0, per_message: bool = False, per_name: bool = False,
+               ascii_json: bool = False, str_again: bool = False, section_end: bool = True,
+               markers_special: bool = True, section_supervised: bool = True) -> list[tuple[str, bool, bool]]:
+    """The conversation as Kimi-K2-Instruct-0905's chat_template.jinja lays it out (with the generation
+    prompt), written again from the template: (text, is_special, supervised) pieces, adjacent texts of the
+    same supervision joined. An assistant's tool calls (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md):
+    content, then <|tool_calls_section_begin|>, per call <|tool_call_begin|>ID<|tool_call_argument_begin|>
+    ARGS<|tool_call_end|>, then <|tool_calls_section_end|>; ID the call's id or functions.NAME:IDX, IDX
+    counting every call of the conversation from 0; ARGS a string as it is, a dict as Hugging Face's tojson
+    (json.dumps, ensure_ascii=False, keys in order). The options produce the known mistakes."""
+    pieces: list[tuple[str, bool, bool]] = []
+
+    def put(text: str, special: bool = False, sup: bool = False, in_section: bool = False) -> None:
+        special = special and (markers_special or not in_section)
+        if not special and not text:
+            return
+        if not special and pieces and not pieces[-1][1] and pieces[-1][2] == sup:
+            pieces[-1] = (pieces[-1][0] + text, False, sup)
+        else:
+            pieces.append((text, special, sup))
+
+    put("<|im_system|>", True), put("system"), put("<|im_middle|>", True), put(K2_SYSTEM)
+    put("<|im_end|>", True)
+    n_calls, by_name = 0, {}   # calls so far, and per tool name (for the per-name mistake)
+    for m in messages:
+        sup = m["role"] == "assistant"
+        put({"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(m["role"], "<|im_system|>"), True)
+        put(m["role"]), put("<|im_middle|>", True)
+        if m.get("tool_calls"):
+            put(m.get("content") or "", sup=True)
+            s = sup and section_supervised
+            put("<|tool_calls_section_begin|>", True, s, True)
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call["function"]
+                same_name = by_name.get(fn["name"], 0)
+                index = (same_name if per_name else j if per_message else n_calls + j) + id_from
+                by_name[fn["name"]] = same_name + 1
+                call_id = call.get("id") or f"functions.{fn['name']}:{index}"
+                args = fn["arguments"]
+                if not isinstance(args, str) or str_again:
+                    args = json.dumps(args, ensure_ascii=ascii_json)
+                put("<|tool_call_begin|>", True, s, True), put(call_id, sup=s)
+                put("<|tool_call_argument_begin|>", True, s, True), put(args, sup=s)
+                put("<|tool_call_end|>", True, s, True)
+            if section_end:
+                put("<|tool_calls_section_end|>", True, s, True)
+            n_calls += len(m["tool_calls"])
+        elif m["role"] == "tool":
+            put(f"## Return of {m['tool_call_id']}\n    {m['content']}")
+        else:
+            put(m["content"], sup=sup)
+        put("<|im_end|>", True, sup)
+    put("<|im_assistant|>", True), put("assistant"), put("<|im_middle|>", True)
+    return pieces
+
+
+def _render_mistakes(messages: list[dict]) -> dict[str, str]:
+    """Each known mistake's rendered text."""
+    variants = {RENDER_FROM_1: dict(id_from=1), RENDER_PER_MESSAGE: dict(per_message=True),
+                RENDER_PER_NAME: dict(per_name=True),
+                RENDER_ASCII: dict(ascii_json=True), RENDER_STR_AGAIN: dict(str_again=True),
+                RENDER_NO_END: dict(section_end=False)}
+    return mistake_outputs(variants, lambda **kw: "".join(t for t, _, _ in chat_truth(messages, **kw)))
+
+
+def _show_text(got, want: str) -> str:
+    """Where two rendered texts first differ."""
+    if not isinstance(got, str):
+        return f"expected a str, got {type(got).__name__}"
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return (f"the text differs from character {i} on: got {got[max(0, i - 40):i + 60]!r}, expected "
+            f"{want[max(0, i - 40):i + 60]!r}")
+
+
+def _expect_rendered(lab: Lab, messages: list[dict], what: str) -> None:
+    got = lab.tokenizer.apply_chat_template(messages)
+    want = "".join(t for t, _, _ in chat_truth(messages))
+    expect_same(got, want, what, _render_mistakes(messages), _show_text)
+
+
+_NAMES = ("get_weather", "search", "db.query", "f2", "send_email", "calc.add", "x")
+_VALUES = ("Zürich", "東京 weather", "plain", 3, -1.5, True, None, [1, "ü"], {"deep": {"k": "é"}}, "")
+
+
+def _random_arguments(lab: Lab):
+    """A dict of random JSON values (keys in random order, some non-ASCII), or such a dict already written
+    as JSON text with its own spacing (kept byte for byte by the template)."""
+    keys = ["city", "q", "n", "ok", "ünits", "list"]
+    args = {keys.pop(lab.randint(0, len(keys) - 1)): _VALUES[lab.randint(0, len(_VALUES) - 1)]
+            for _ in range(lab.randint(0, 3))}
+    if lab.randint(0, 2) == 0:
+        separators = ((",", ":"), (" , ", " : "))[lab.randint(0, 1)]
+        return json.dumps(args, ensure_ascii=False, separators=separators)
+    return args
+
+
+def _random_conversation(lab: Lab, turns: int, ids: bool) -> list[dict]:
+    """user, then `turns` times: an assistant with 1-3 tool calls (random content) and one tool reply per
+    call; with `ids`, some calls carry their own id."""
+    messages: list[dict] = [{"role": "user", "content": "Please help, ö."}]
+    n = 0
+    for _ in range(turns):
+        calls = []
+        for _ in range(lab.randint(1, 3)):
+            call = {"type": "function", "function": {"name": _NAMES[lab.randint(0, len(_NAMES) - 1)],
+                                                     "arguments": _random_arguments(lab)}}
+            if ids and lab.randint(0, 2) == 0:
+                call["id"] = f"call_{lab.randint(0, 99999)}"
+            calls.append(call)
+        content = (None, "", "Let me look.", "Zwei Schritte:\n")[lab.randint(0, 3)]
+        messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+        for j, call in enumerate(calls):
+            call_id = call.get("id") or f"functions.{call['function']['name']}:{n + j}"
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": f'{{"result": {j}}}'})
+        n += len(calls)
+    return messages
+
+
+def check_render_by_hand(lab: Lab) -> None:
+    """two calls, a dict with non-ASCII and a JSON string, render to the text worked out by hand"""
+    messages = [
+        {"role": "user", "content": "Weather in Zürich, and the time?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich",
+                                                                                    "days": [1, 2]}}},
+            {"type": "function", "function": {"name": "get_time", "arguments": '{"tz":"CET"}'}}]},
+    ]
+    want = ("<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
+            "<|im_user|>user<|im_middle|>Weather in Zürich, and the time?<|im_end|>"
+            "<|im_assistant|>assistant<|im_middle|>Checking.<|tool_calls_section_begin|>"
+            "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            '{"city": "Zürich", "days": [1, 2]}<|tool_call_end|>'
+            '<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{"tz":"CET"}<|tool_call_end|>'
+            "<|tool_calls_section_end|><|im_end|><|im_assistant|>assistant<|im_middle|>")
+    got = lab.tokenizer.apply_chat_template(messages)
+    expect_same(got, want, "apply_chat_template of get_weather({'city': 'Zürich', ...}) and "
+                "get_time('{\"tz\":\"CET\"}')", _render_mistakes(messages), _show_text)
+
+
+def check_render_ids_across_turns(lab: Lab) -> None:
+    """ids made up for calls without one count every call of the conversation, across assistant turns"""
+    messages = _random_conversation(lab, turns=lab.randint(2, 4), ids=False)
+    n = sum(len(m.get("tool_calls") or ()) for m in messages)
+    _expect_rendered(lab, messages, f"a conversation of {n} calls in {len(messages)} messages, no ids given")
+
+
+def check_render_random(lab: Lab) -> None:
+    """random names, arguments (dicts and JSON strings), given ids and contents match the template"""
+    for _ in range(3):
+        messages = _random_conversation(lab, turns=lab.randint(1, 3), ids=True)
+        _expect_rendered(lab, messages, f"a random conversation of {len(messages)} messages")
+
+
+def check_render_bad_arguments(lab: Lab) -> None:
+    """arguments that are not a JSON object (Python's quotes, a list, a number) are a ValueError"""
+    for bad in ("{'city': 'Paris'}", "[1, 2]", 5):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": bad}}
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                       "tool_calls": [call]}]
+        try:
+            lab.tokenizer.apply_chat_template(messages)
+        except ValueError:
+            continue
+        raise CheckFailed(f"arguments {bad!r} were rendered without an error: raise ValueError saying what "
+                          f"is wrong (the template takes a JSON object, as a string or a dict)")
+
+
+def check_render_tokens(lab: Lab) -> None:
+    """encode_chat: the section's markers are special ids, and the loss mask is 1 on the whole section"""
+    tok = lab.tokenizer.Tokenizer.load(ROOT / "demo" / "tiktoken.model")   # the repository's 4,096-rank file
+    messages = _random_conversation(lab, turns=lab.randint(1, 2), ids=True)
+
+    def encoded(pieces: list[tuple[str, bool, bool]]) -> tuple[list[int], list[int]]:
+        ids, mask = [], []
+        for text, special, sup in pieces:
+            piece = [tok.special_tokens[text]] if special else tok.encode(text)
+            ids += piece
+            mask += [int(sup)] * len(piece)
+        return ids, mask
+
+    def show(got, want) -> str:
+        if not (isinstance(got, tuple) and len(got) == 2):
+            return f"expected (ids, mask), got {type(got).__name__}"
+        if got[0] != want[0]:
+            i = next((k for k, (a, b) in enumerate(zip(got[0], want[0])) if a != b), len(want[0]))
+            return f"ids differ from position {i} on: got {got[0][i:i + 8]}, expected {want[0][i:i + 8]}"
+        i = next(k for k, (a, b) in enumerate(zip(got[1], want[1])) if a != b)
+        return f"the loss mask at position {i} (id {want[0][i]}) is {got[1][i]}, expected {want[1][i]}"
+
+    got = tok.encode_chat(messages)
+    got = tuple(got) if isinstance(got, (tuple, list)) else got
+    want = encoded(chat_truth(messages))
+    right = "".join(t for t, _, _ in chat_truth(messages))
+    if isinstance(got, tuple) and len(got) == 2 and got[0] != want[0]:  # a mistake in the text itself?
+        text = tok.decode(got[0])
+        for description, wrong in _render_mistakes(messages).items():
+            if text == wrong != right:
+                raise CheckFailed(f"encode_chat: wrong, and it matches a known mistake: {description}")
+    expect_same(got, want, f"encode_chat of {len(messages)} messages with tool calls",
+                {RENDER_AS_TEXT: encoded(chat_truth(messages, markers_special=False)),
+                 RENDER_UNSUPERVISED: encoded(chat_truth(messages, section_supervised=False))}, show)
+
+
+register(Exercise(
+    name="render_tool_call", file="tokenizer.py", concept="tool calls in the chat template", level="intro",
+    minutes=25,
+    against="the 0905 template written again; by hand",
+    statement="""\
+Render an assistant message that has tool_calls, as Kimi-K2-Instruct-0905's chat_template.jinja
+does (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md): its content when non-empty (a string), then
+  <|tool_calls_section_begin|>
+  per call: <|tool_call_begin|>ID<|tool_call_argument_begin|>ARGS<|tool_call_end|>
+  <|tool_calls_section_end|>
+ID: the call's "id", or if it has none functions.NAME:IDX, IDX counting every tool call of
+the conversation before this one from 0 (n_calls counts those of earlier messages: add this
+message's). ARGS: call["function"]["arguments"]; a string (JSON object text) as it is, byte
+for byte; a dict as the template's tojson, json.dumps(x, ensure_ascii=False): keys in their
+order, non-ASCII kept. Raise ValueError for arguments that are neither a JSON object string
+nor a dict.
+In scope: m (the message dict), at (its place, for messages), sup (True: supervised), n_calls;
+add(text, is_special=False, supervised=False) appends a segment (the markers are special, all
+is supervised=sup); SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARG_BEGIN, CALL_END;
+tool_call_id(name, index); _tojson(x, at); json.""",
+    hints=("Walk through check_render_by_hand's expected text: every marker is one special token, the id and "
+           "the arguments are plain text between them.",
+           "The index is n_calls + j for the j-th call of this message (from 0); afterwards n_calls += "
+           "len(m['tool_calls']), so the next assistant message goes on counting.",
+           "Section 7 of the module has the pieces: _normalize_tool_calls(m['tool_calls'], at, n_calls) "
+           "gives [(id, argument text)] and _tool_call_segments(calls, sup) the section's segments."),
+    checks=(check_render_by_hand, check_render_ids_across_turns, check_render_random, check_render_tokens,
+            check_render_bad_arguments),
+    mistakes=(
+        Mistake(RENDER_FROM_1, ((_RENDER_CALLS, _RENDER_CALLS.replace("n_calls)", "n_calls + 1)")),)),
+        Mistake(RENDER_PER_MESSAGE, (("n_calls += len(calls)", "pass"),)),
+        Mistake(RENDER_ASCII, ((_RENDER_CALLS,
+                                'calls = [(i, a if isinstance(c["function"]["arguments"], str) else '
+                                'json.dumps(c["function"]["arguments"]))\n'
+                                f'                     for (i, a), c in zip({_RENDER_CALLS[8:]}, '
+                                'm["tool_calls"])]'),)),
+        Mistake(RENDER_STR_AGAIN, ((_RENDER_CALLS,
+                                    'calls = [(i, _tojson(c["function"]["arguments"]))\n'
+                                    f'                     for (i, _), c in zip({_RENDER_CALLS[8:]}, '
+                                    'm["tool_calls"])]'),)),
+        Mistake(RENDER_NO_END, (("_tool_call_segments(calls, sup)",
+                                 "_tool_call_segments(calls, sup)[:-1]"),)),
+        Mistake(RENDER_AS_TEXT, (("add(*seg)", "add(seg[0], False, seg[2])"),)),
+        Mistake(RENDER_UNSUPERVISED, (("add(*seg)", "add(seg[0], seg[1], False)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise: parsing tool calls out of the model's text (tokenizer.py parse_tool_calls)
+
+_PARSE_CALLS = "result.calls = [_parse_call(part) for part in parts[1:]]"   # the line the mistakes edit
+PARSE_GREEDY = ("two calls swallowed into one: a greedy match ran from the first <|tool_call_begin|> to the "
+                "last <|tool_call_end|> (cut the section at every <|tool_call_begin|>, or match "
+                "non-greedily)")
+PARSE_PAST_END = ("calls after <|tool_calls_section_end|> were read too: only the first section's calls "
+                  "count; the text after it is `after`")
+PARSE_NAME = ("the name must be NAME alone: not 'functions.NAME', not 'NAME:IDX', and a dotted name "
+              "(db.query) kept whole")
+PARSE_SKIPPED = ("a broken call was skipped silently: every <|tool_call_begin|> gives a ToolCall, a broken "
+                 "one with its error (a regex over the whole section just steps over it)")
+PARSE_UNCLOSED = ("a section without <|tool_calls_section_end|> (output cut off) was ignored: parse it to "
+                  "the end of the text and add SECTION_NOT_CLOSED to errors")
+S_BEGIN, S_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+C_BEGIN, C_ARGS, C_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+
+
+def wire_truth(calls: list[tuple[str, int, str]], between: str = "") -> str:
+    """A tool-call section as K2 writes it (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md), from (name, index,
+    argument text) triples; `between` goes between the calls (whitespace, which a parser must allow)."""
+    return (S_BEGIN + between.join(f"{C_BEGIN}functions.{name}:{index}{C_ARGS}{args}{C_END}"
+                                   for name, index, args in calls) + S_END)
+
+
+def _parsed(name: str, index: int, args) -> dict:
+    """The expected fields of a well-formed call."""
+    return dict(id=f"functions.{name}:{index}", name=name, index=index, arguments=args,
+                raw_arguments=json.dumps(args, ensure_ascii=False), ok=True)
+
+
+def _parse_summary(lab: Lab, result) -> dict:
+    """A ToolCallParse as plain data: the fields a check compares."""
+    keys = ("content", "calls", "errors", "has_section", "closed", "after")
+    if not all(hasattr(result, k) for k in keys):
+        raise CheckFailed(f"parse_tool_calls returned {type(result).__name__}: expected a ToolCallParse "
+                          f"(content, calls, errors, has_section, closed, after)")
+    calls = [dict(id=c.id, name=c.name, index=c.index, arguments=c.arguments, raw_arguments=c.raw_arguments,
+                  ok=c.error is None) for c in result.calls]
+    return dict(content=result.content, has_section=result.has_section, closed=result.closed,
+                after=result.after, n_errors=len(result.errors),
+                not_closed=lab.tokenizer.SECTION_NOT_CLOSED in result.errors, calls=calls)
+
+
+def _parse_mistake(got: dict, want: dict) -> str | None:
+    """The known mistake that explains `got`, if one does."""
+    g, w = got["calls"], want["calls"]
+    gi, wi = [c["id"] for c in g], [c.get("id") for c in w]
+    rest = iter(wi)
+    if len(g) < len(w) and all(i in rest for i in gi):   # some calls are missing, the others in order
+        if all(c.get("ok") is False for c in w if c.get("id") not in gi):
+            return PARSE_SKIPPED
+        if len(g) == 1 and gi[0] == wi[0]:
+            return PARSE_GREEDY
+    if len(g) > len(w) and gi[:len(w)] == wi:
+        return PARSE_PAST_END
+    if want["not_closed"] and w and not g:
+        return PARSE_UNCLOSED
+    if len(g) == len(w):
+        wrong = [(gc["name"], c["name"], c["index"]) for gc, c in zip(g, w) if "index" in c
+                 and gc["name"] != c["name"]]
+        # 'functions.NAME', 'NAME:IDX', or the guide's id.split('.')[1], which cuts a dotted name
+        if wrong and all(got_name in (f"functions.{name}", f"{name}:{index}", f"functions.{name}:{index}",
+                                      name.split(".")[0]) for got_name, name, index in wrong):
+            return PARSE_NAME
+    return None
+
+
+def _expect_parse(lab: Lab, text: str, want: dict, what: str) -> None:
+    got = _parse_summary(lab, lab.tokenizer.parse_tool_calls(text))
+    # a call's expected dict lists only the fields that are fixed (a broken call has no index, ...)
+    seen = dict(got, calls=[{k: gc[k] for k in c} for gc, c in zip(got["calls"], want["calls"])])
+    if len(got["calls"]) == len(want["calls"]) and seen == want:
+        return
+    what = f"{what}, text {text[:400]!r}{'...' if len(text) > 400 else ''}"
+    mistake = _parse_mistake(got, want)
+    if mistake:
+        raise CheckFailed(f"{what}: wrong, and it matches a known mistake: {mistake}")
+    diffs = [f"{k} is {seen[k]!r:.120}, expected {want[k]!r:.120}" for k in want
+             if k != "calls" and seen[k] != want[k]]
+    diffs += [f"call {i} {k} is {gc[k]!r:.120}, expected {c[k]!r:.120}"
+              for i, (gc, c) in enumerate(zip(seen["calls"], want["calls"])) for k in c if gc[k] != c[k]]
+    if len(got["calls"]) != len(want["calls"]):
+        ids = [c.get("id") for c in want["calls"]]
+        which = ids if None not in ids else "(one per <|tool_call_begin|> in the section)"
+        diffs.insert(0, f"{len(got['calls'])} calls {[c['id'] for c in got['calls']]}, expected {len(ids)} "
+                        f"{which}")
+    where = diffs[0]
+    raise CheckFailed(f"{what}: {where}; it matches none of the known mistakes")
+
+
+def _well_formed(content: str, calls: list[dict], after: str = "", n_errors: int = 0) -> dict:
+    return dict(content=content, has_section=True, closed=True, after=after, n_errors=n_errors,
+                not_closed=False, calls=calls)
+
+
+def check_parse_round_trip(lab: Lab) -> None:
+    """calls written in K2's wire format (random names, indices, JSON arguments) are read back exactly"""
+    contents = ("", "Let me check.", "Zwei Aufrufe:\n", "functions.fake:0 is not a call")
+    afters = ("", "", "tail text", wire_truth([("late.call", 99, "{}")]),
+              C_BEGIN + "functions.stray:7" + C_ARGS + "{}" + C_END)
+    for k in range(4):
+        index, triples, want_calls = lab.randint(0, 5), [], []
+        for _ in range(lab.randint(2 if k == 0 else 1, 4)):
+            name = _NAMES[lab.randint(0, len(_NAMES) - 1)]
+            args = _random_arguments(lab)
+            args = json.loads(args) if isinstance(args, str) else args
+            triples.append((name, index, json.dumps(args, ensure_ascii=False)))
+            want_calls.append(_parsed(name, index, args))
+            index += lab.randint(1, 2)
+        content, after = contents[lab.randint(0, 3)], afters[lab.randint(0, 4)]
+        text = content + wire_truth(triples, ("", "\n", " \n ")[lab.randint(0, 2)]) + after
+        _expect_parse(lab, text, _well_formed(content, want_calls, after), f"{len(triples)} call(s)")
+
+
+def check_parse_malformed(lab: Lab) -> None:
+    """broken calls are reported one by one, never raise, never swallow their neighbours (cases by hand)"""
+    ok_a, ok_g = _parsed("a", 0, {"x": 1}), _parsed("g", 1, {"q": 2})
+    cut = (f'Sure.{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{"x": 1}}{C_END}'
+           f'{C_BEGIN}functions.b:1{C_ARGS}{{"y": ')
+    cases = [
+        # cut off inside the second call's arguments: the first call stands, the second is an error
+        ("a section cut off", cut,
+         dict(content="Sure.", has_section=True, closed=False, after="", n_errors=1, not_closed=True,
+              calls=[ok_a, dict(id="functions.b:1", name="b", ok=False, arguments=None)])),
+        # Python's quotes are not JSON: that call is an error, the next one is fine
+        ("a call with bad JSON",
+         f"{S_BEGIN}{C_BEGIN}functions.f:0{C_ARGS}{{'q': 1}}{C_END}{C_BEGIN}functions.g:1{C_ARGS}{{\"q\": 2}}"
+         f"{C_END}{S_END}",
+         _well_formed("", [dict(id="functions.f:0", name="f", ok=False, arguments=None), ok_g])),
+        # the first call has no <|tool_call_end|>: it is an error, the dotted second one is whole
+        ("a call without its end marker",
+         f'{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{"x": 1}}{C_BEGIN}functions.db.query:1{C_ARGS}{{}}{C_END}'
+         f"{S_END}",
+         _well_formed("", [dict(id="functions.a:0", name="a", ok=False, arguments=None),
+                           _parsed("db.query", 1, {})])),
+        # arguments must be a JSON object
+        ("arguments that are a JSON list", f"{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}[1, 2]{C_END}{S_END}",
+         _well_formed("", [dict(id="functions.a:0", name="a", ok=False, arguments=None)])),
+        # no section at all: everything is content, even text that looks like a call
+        ("no section", f"Nothing to call. {C_BEGIN}functions.x:0{C_ARGS}{{}}{C_END}",
+         dict(content=f"Nothing to call. {C_BEGIN}functions.x:0{C_ARGS}{{}}{C_END}", has_section=False,
+              closed=False, after="", n_errors=0, not_closed=False, calls=[])),
+        # text inside the section before the first call is reported; the call still counts
+        ("stray text in the section",
+         f"{S_BEGIN}oops{C_BEGIN}functions.a:0{C_ARGS}{{\"x\": 1}}{C_END}{S_END}",
+         _well_formed("", [ok_a], n_errors=1)),
+        # only the first section: the second is text after it
+        ("two sections", f"A{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{\"x\": 1}}{C_END}{S_END}B"
+         + wire_truth([("g", 1, '{"q": 2}')]),
+         _well_formed("A", [ok_a], after="B" + wire_truth([("g", 1, '{"q": 2}')]))),
+    ]
+    for what, text, want in cases:
+        _expect_parse(lab, text, want, what)
+
+
+def check_parse_marker_soup(lab: Lab) -> None:
+    """random soups of markers and text: never raises, and the section and call count follow the rules"""
+    pieces = (S_BEGIN, S_END, C_BEGIN, C_BEGIN, C_ARGS, C_END, "functions.a:0", "functions.db.q:12", "{", "}",
+              '"x"', ": ", "1", " ", "\n", "ok", "<|", "|>")
+    for _ in range(40):
+        text = "".join(pieces[lab.randint(0, len(pieces) - 1)] for _ in range(lab.randint(0, 30)))
+        # the rules, applied with str.find: content up to the first section begin, the section up to the
+        # first end after it (or the text's end), one call per <|tool_call_begin|> inside
+        begin = text.find(S_BEGIN)
+        if begin < 0:
+            want = dict(content=text, has_section=False, closed=False, after="", n_errors=0, not_closed=False,
+                        calls=[])
+        else:
+            end = text.find(S_END, begin + len(S_BEGIN))
+            body = text[begin + len(S_BEGIN):end if end >= 0 else len(text)]
+            want = dict(content=text[:begin], has_section=True, closed=end >= 0,
+                        after=text[end + len(S_END):] if end >= 0 else "",
+                        n_errors=(end < 0) + bool(body.split(C_BEGIN)[0].strip()), not_closed=end < 0,
+                        calls=[{} for _ in range(body.count(C_BEGIN))])
+        _expect_parse(lab, text, want, "random text")
+
+
+def check_parse_long_whitespace(lab: Lab) -> None:
+    """a call cut off inside thousands of blank tokens is parsed right, in time linear in the text"""
+    def cut_off(n: int) -> str:
+        return (f"{S_BEGIN}{C_BEGIN}functions.a:0{C_ARGS}{{\"x\": 1}}{C_END}{C_BEGIN}functions.b:1{C_ARGS}"
+                + " " * n)
+
+    def seconds(text: str) -> float:
+        t0 = time.perf_counter()
+        lab.tokenizer.parse_tool_calls(text)
+        return time.perf_counter() - t0
+
+    # linear: 10x the text, ~10x the time; a backtracking regex (\s*(.*?)\s*) is cubic in the spaces.
+    # Small sizes first, so that a cubic parser fails here in seconds instead of running into the timeout.
+    n = 100 + lab.randint(0, 25)
+    small = min(seconds(cut_off(n)) for _ in range(3))
+    limit = 40 * max(small, 1e-3)
+    big = seconds(cut_off(10 * n))
+    for _ in range(2):   # a slow run may be the machine: it has to be slow three times
+        if big <= limit:
+            break
+        big = min(big, seconds(cut_off(10 * n)))
+    if big > limit:
+        raise CheckFailed(f"parsing {10 * n:,} spaces took {big / small:.0f}x as long as {n:,} "
+                          f"({big:.2f} s): "
+                          f"something backtracks over the whitespace (a regex like \\s*(.*?)\\s* over the "
+                          f"section); cut the text at the markers with find/split instead")
+    n = 20_000 + lab.randint(0, 5000)
+    _expect_parse(lab, cut_off(n), dict(content="", has_section=True, closed=False, after="", n_errors=1,
+                                        not_closed=True, calls=[_parsed("a", 0, {"x": 1}),
+                                                                dict(id="functions.b:1", name="b", ok=False,
+                                                                     arguments=None)]),
+                  f"a section cut off after {n:,} spaces")
+
+
+register(Exercise(
+    name="parse_tool_calls", file="tokenizer.py", concept="parsing tool calls from model output",
+    level="core", minutes=30,
+    against="round trips of an independent writer; broken cases by hand",
+    statement="""\
+Read K2's tool calls back out of generated text (MoonshotAI/Kimi-K2 docs/tool_call_guidance.md; the wire
+format: content, then <|tool_calls_section_begin|>, calls <|tool_call_begin|>functions.NAME:IDX
+<|tool_call_argument_begin|>{json}<|tool_call_end|>, then <|tool_calls_section_end|>). Never raise.
+Return ToolCallParse(content, calls, errors, has_section, closed, after):
+  no <|tool_calls_section_begin|> in text: content = text, nothing else;
+  else content = the text before the first one; the section runs to the first <|tool_calls_section_end|>
+  after it (closed=True, after = the text after that end marker) or, if there is none, to the end of the
+  text (closed=False, and SECTION_NOT_CLOSED in errors); only this first section is parsed;
+  calls: one ToolCall per <|tool_call_begin|> in the section, in order; one broken call (bad JSON, no end
+  marker) is an error of its own and must not swallow the next; non-blank text before the first call is an
+  error message in errors.
+In scope: text (str); find_section(text) -> (begin, end) positions (-1 if absent); _parse_call(part) -> a
+ToolCall for the text after one <|tool_call_begin|> (name, index, arguments or error; never raises);
+SECTION_BEGIN, SECTION_END, CALL_BEGIN, SECTION_NOT_CLOSED, ToolCallParse; re.""",
+    hints=("find_section(text) gives both positions at once; the section's body is between the end of "
+           "SECTION_BEGIN and the end marker (or the end of the text).",
+           "body.split(CALL_BEGIN): element 0 is whatever came before the first call (normally empty), every "
+           "other element is one call for _parse_call.",
+           "A regex over the whole section with .* (greedy) joins calls; even .*? must not run past a broken "
+           "call's missing end marker into the next call."),
+    checks=(check_parse_round_trip, check_parse_malformed, check_parse_marker_soup,
+            check_parse_long_whitespace),
+    mistakes=(
+        Mistake(PARSE_GREEDY, ((_PARSE_CALLS,
+                                "result.calls = [_parse_call(p + CALL_END) for p in re.findall(\n"
+                                '        r"<\\|tool_call_begin\\|>(.*)<\\|tool_call_end\\|>", '
+                                'body, re.DOTALL)]'),)),
+        Mistake(PARSE_PAST_END, (("body = text[start + len(SECTION_BEGIN):end]",
+                                  "body = text[start + len(SECTION_BEGIN):]"),)),
+        Mistake(PARSE_NAME, ((_PARSE_CALLS, _PARSE_CALLS + "\n    for call in result.calls:\n"
+                                            '        call.name = call.id.split(":")[0] or call.name'),)),
+        Mistake(PARSE_SKIPPED, ((_PARSE_CALLS, _PARSE_CALLS.replace("]]", "] if CALL_END in part]")),)),
+        Mistake(PARSE_UNCLOSED, (("body = text[start + len(SECTION_BEGIN):]\n        "
+                                  "result.errors.append(SECTION_NOT_CLOSED)",
+                                  "return ToolCallParse(content=text)"),)),
+    )))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: markers and regions
 
 MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<end>end )?exercise: (?P<name>\S+)[ \t]*$")

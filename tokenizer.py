@@ -524,6 +524,7 @@ def learn_bpe(chunk_counts: Mapping[str, int], n_ranks: int,
     fewer if the text runs out of pairs first (every chunk already one token)."""
     if n_ranks < 256:
         raise ValueError(f"n_ranks={n_ranks} must be at least 256: the single bytes come first")
+    # exercise: bpe_merge
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # token ids per distinct chunk
     freqs = list(chunk_counts.values())
     # rank -> bytes; ranks 0..255 are the bytes in byte order
@@ -579,6 +580,7 @@ def learn_bpe(chunk_counts: Mapping[str, int], n_ranks: int,
             seconds = time.perf_counter() - t0
             print(f"  {len(token_bytes):6d} ranks  {seconds:6.1f}s  last {merged!r}", flush=True)
     return ranks
+    # end exercise: bpe_merge
 
 
 def train_bpe(text: str, n_ranks: int, verbose: bool = False) -> dict[bytes, int]:
@@ -817,6 +819,7 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
         header(_HEADER.get(role, IM_SYSTEM), name or role)
         sup = role == "assistant"
         if role == "assistant" and m.get("tool_calls"):  # rule 4
+            # exercise: render_tool_call
             content = m.get("content")
             # The template's `{% if message['content'] %}`: empty content of any kind ("", None,
             # []) prints nothing
@@ -828,6 +831,7 @@ def _chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappin
             n_calls += len(calls)
             for seg in _tool_call_segments(calls, sup):
                 add(*seg)
+            # end exercise: render_tool_call
         elif role == "tool":
             call_id, content = m.get("tool_call_id"), m.get("content")
             if not isinstance(call_id, str) or not call_id:
@@ -1064,6 +1068,7 @@ def parse_tool_calls(text: str) -> ToolCallParse:
     if not isinstance(text, str):
         raise TypeError(f"parse_tool_calls expects the decoded model output (a str), got "
                         f"{type(text).__name__}; decode ids with Tokenizer.decode first")
+    # exercise: parse_tool_calls
     start, end = find_section(text)
     if start < 0:
         return ToolCallParse(content=text)
@@ -1080,6 +1085,7 @@ def parse_tool_calls(text: str) -> ToolCallParse:
         result.errors.append(f"unexpected text inside the tool-call section: {stray!r}")
     result.calls = [_parse_call(part) for part in parts[1:]]
     return result
+    # end exercise: parse_tool_calls
 
 
 # --------------------------------------------------------------------------------------------------

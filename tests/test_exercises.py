@@ -150,6 +150,60 @@ def test_expect_close_names_the_matching_mistake_else_the_worst_entry():
         E.expect_close(got, want, "x", atol=1e-6, mistakes={"off by one": want + 1})
 
 
+
+def test_expect_same_names_every_matching_mistake_else_says_where():
+    E.expect_same("abc", "abc", "x")
+    with pytest.raises(E.CheckFailed, match="known mistake: one — or: two$"):
+        E.expect_same("b", "a", "x", mistakes={"one": "b", "two": "b", "three": "c"})
+    with pytest.raises(E.CheckFailed, match="got 'c', expected 'a'; it matches none of the known mistakes"):
+        E.expect_same("c", "a", "x", mistakes={"one": "b"})
+
+
+def test_bpe_truth_equals_tiktoken_educational():
+    """The bpe_merge truth against tiktoken's own readable trainer, on fresh random texts."""
+    from tiktoken._educational import bpe_train
+    import tokenizer as T
+    lab = E.Lab(ROOT, fresh_seed())
+    for _ in range(5):
+        text = "".join(" ".join(w for w, _ in E._random_chunks(lab)) + "\n" for _ in range(lab.randint(1, 4)))
+        chunks = list(T.count_chunks(text).items())
+        # tiktoken's trainer does not stop when the pairs run out: ask for at most what the text can make
+        n = min(256 + lab.randint(5, 60), len(E.bpe_truth(chunks, 10 ** 6)))
+        # tiktoken's trainer splits with regex in V0 mode, so it gets the pattern with the (?V1) prefix
+        reference = bpe_train(text, n, "(?V1)" + T.PAT_STR, visualise=None)
+        assert sorted(reference.values()) == list(range(len(reference)))  # no duplicate spelling: comparable
+        assert E.bpe_truth(chunks, n) == reference, f"seed {lab.seed}"
+
+
+def test_chat_truth_equals_the_official_template():
+    """The render_tool_call truth against Kimi-K2-Instruct-0905's chat_template.jinja as transformers renders
+    it (the template needs every id written out, so the conversation gets the ids the truth makes up)."""
+    ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+    template = (ROOT / "tests" / "data" / "k2_instruct_0905.jinja").read_text(encoding="utf-8")
+    lab = E.Lab(ROOT, fresh_seed())
+    for _ in range(6):
+        messages = E._random_conversation(lab, turns=lab.randint(1, 3), ids=True)
+        n = 0
+        for m in messages:
+            for j, call in enumerate(m.get("tool_calls") or ()):
+                call.setdefault("id", f"functions.{call['function']['name']}:{n + j}")
+            n += len(m.get("tool_calls") or ())
+        (hf,), _ = ctu.render_jinja_template(conversations=[messages], chat_template=template,
+                                             add_generation_prompt=True)
+        assert "".join(t for t, _, _ in E.chat_truth(messages)) == hf, f"seed {lab.seed}"
+
+
+def test_wire_truth_reads_back_with_the_guides_regexes():
+    """The parse_tool_calls truth's writer against the reference parser regexes of
+    MoonshotAI/Kimi-K2 docs/tool_call_guidance.md (kept verbatim in tokenizer.py)."""
+    import json
+    import tokenizer as T
+    calls = [("get_weather", 0, '{"city": "Zürich"}'), ("db.query", 3, '{"q": [1, {"a": null}]}')]
+    (section,) = T.SECTION_RE.findall("Sure." + E.wire_truth(calls, "\n") + "after")
+    found = [(m["tool_call_id"], json.loads(m["function_arguments"]))
+             for m in T.OFFICIAL_CALL_RE.finditer(section)]
+    assert found == [(f"functions.{n}:{i}", json.loads(a)) for n, i, a in calls]
+
 # ----------------------------------------------------------------------------------------------------------------
 # The command line
 
