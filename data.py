@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-import model as M
+import checkpoint
 import parallel
 import tokenizer as tk
 
@@ -155,13 +155,13 @@ def prepare_tokens(tokenizer_path: str | os.PathLike, data: Sequence[str] | None
     dtype = token_dtype(tok.n_vocab)
     arr = ids.astype(dtype)
     # the data first, then the metadata that vouches for it
-    M.write_atomically(bin_path, arr.tofile)
+    checkpoint.write_atomically(bin_path, arr.tofile)
     info = dict(n_tokens=int(arr.size), dtype=dtype.name, n_vocab=tok.n_vocab,
                 tokenizer=str(tokenizer_path), tokenizer_sha256=_sha256(tok_bytes),
                 text_sha256=text_sha256, chars=len(text),
                 corpus=label if data is None else [str(p) for p in data], max_bytes=max_bytes,
                 python=sys.version.split()[0], seconds=round(time.perf_counter() - t0, 2))
-    M.write_atomically(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
+    checkpoint.write_atomically(meta_path, lambda p: p.write_text(json.dumps(info, indent=1)))
     info.update(path=str(bin_path), cached=False)
     return np.memmap(bin_path, dtype=dtype, mode="r"), info
 

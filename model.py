@@ -48,9 +48,8 @@ from torch import Tensor, nn
 
 import checkpoint
 import parallel
-from attention import MLA, KVCache, RMSNorm, apply_rope, rope_cos_sin, rope_parameters  # noqa: F401
-# re-exported: callers and tests use model.ModelArgs, model.load_args, model.write_atomically, ...
-from checkpoint import dequantize_fp8, recover_interrupted_save, write_atomically  # noqa: F401
+from attention import MLA, KVCache, RMSNorm, rope_cos_sin, rope_parameters
+# re-exported: callers and tests use model.ModelArgs, model.load_args, model.PRESETS, ...
 from config import (PRESETS, ModelArgs, kv_cache_bytes_per_token, load_args,  # noqa: F401
                     valid_world_sizes, world_size_problems)
 from moe import MLP, MoE, pick_expert_impl

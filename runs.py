@@ -17,7 +17,7 @@ What is never lost: a new run refuses a folder that holds an unfinished run (the
 lines up to its checkpoint (continue_log) and re-checks the saved flags and state as strictly as
 the command line (read_trainer_state); Ctrl-C and SIGTERM wait until an optimizer step, a log line
 or a checkpoint is complete (defer_sigint). A kill -9, a power loss or a full disk at any moment
-of a save leaves the last complete checkpoint: model.write_atomically fsyncs before it renames,
+of a save leaves the last complete checkpoint: checkpoint.write_atomically fsyncs before it renames,
 and find_checkpoint finishes or undoes a save that was cut short before a run uses the folder.
 
 Reading order: the run folder (a new run, the lock, the log), trainer_state.json (write, find,
@@ -44,7 +44,7 @@ except ImportError:
     # Windows: no flock; two runs sharing an --out are then not detected
     fcntl = None
 
-import model as M
+import checkpoint
 import parallel
 
 STATE_VERSION = 1  # trainer_state.json format
@@ -63,7 +63,7 @@ def check_out_is_free(out: Path) -> None:
     checkpoint at the first save: the classic loss after a Ctrl-C is retyping the first command
     instead of adding --resume."""
     # a save killed between its renames leaves no ckpt/
-    M.recover_interrupted_save(out / "ckpt")
+    checkpoint.recover_interrupted_save(out / "ckpt")
     state = out / "ckpt" / "trainer_state.json"
     if not state.exists():
         return
@@ -166,13 +166,13 @@ def _rng_from_text(text: str) -> torch.Tensor:
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory for --resume/--init: PATH itself, or PATH/ckpt for a run directory
     (runtime.find_checkpoint's rule). A save that a kill interrupted is first finished or undone
-    by model.recover_interrupted_save (its docstring lists every state a kill can leave and which
-    folder is then the newest complete checkpoint), and its leftovers are deleted: train.py is
+    by checkpoint.recover_interrupted_save (its docstring lists every state a kill can leave and
+    which folder is then the newest complete checkpoint), and its leftovers are deleted: train.py is
     about to write the folder, while generate.py and serve.py only read it (runtime's lookup) and
     leave the leftovers for from_pretrained's error to name."""
     p = Path(path)
     for cand in (p, p / "ckpt"):
-        restored = M.recover_interrupted_save(cand)
+        restored = checkpoint.recover_interrupted_save(cand)
         if restored is not None:
             say(f"recovered {cand} from {restored.name}, left by a save that was interrupted "
                 "between its renames")

@@ -11,6 +11,7 @@ Run: pytest tests/test_hf_parity.py -q   (CPU, about 10 s)"""
 import pytest
 import torch
 
+import attention as A
 import model as M
 from conftest import hf_available, hf_config, random_hf_model, tiny_args
 
@@ -129,10 +130,10 @@ def test_rope_settings_match_transformers(rope_scaling, rope_theta, tmp_path):
     cfg.save_pretrained(tmp_path)
     ours = M.ModelArgs.from_json(tmp_path)
     rotary = hf_mod.DeepseekV3RotaryEmbedding(cfg)
-    inv_freq, mult = M.rope_parameters(ours)
+    inv_freq, mult = A.rope_parameters(ours)
     torch.testing.assert_close(inv_freq, rotary.inv_freq, rtol=1e-6, atol=0)
     assert abs(mult - rotary.attention_scaling) < 1e-7
-    assert abs(M.MLA(ours).softmax_scale - hf_mod.DeepseekV3Attention(cfg, 0).scaling) < 1e-7
+    assert abs(A.MLA(ours).softmax_scale - hf_mod.DeepseekV3Attention(cfg, 0).scaling) < 1e-7
 
 
 @pytest.mark.parametrize("overrides", [

@@ -7,6 +7,7 @@ Run: pytest tests/test_model.py -q   (CPU, seconds)"""
 import pytest
 import torch
 
+import attention as A
 import model as M
 from conftest import random_model, tiny_args
 
@@ -125,7 +126,7 @@ def test_bf16_logits_close_to_fp32(seed):
 def test_rope_frequencies_stay_fp32_in_a_bf16_model():
     model = random_model(tiny_args("k2")).to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
-    torch.testing.assert_close(model.inv_freq, M.rope_parameters(model.args)[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.inv_freq, A.rope_parameters(model.args)[0], rtol=0, atol=0)
 
 
 def test_intermediate_shapes_match_the_comments():
