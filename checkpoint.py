@@ -356,7 +356,7 @@ def _is_weight_file(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Crash-safe writes (checkpoints, train.py's token cache): write -> fsync -> rename -> clean up
+# Crash-safe writes (checkpoints, data.py's token cache): write -> fsync -> rename -> clean up
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
