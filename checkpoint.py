@@ -13,8 +13,8 @@ FP8 (e4m3) with one fp32 `weight_scale_inv` per 128 x 128 block; `dequantize_fp8
 floats as they are read. Writing (`save_pretrained`) gathers the split tensors to rank 0 and writes
 the usual layout through `write_atomically`: write -> fsync -> rename -> clean up, so a kill or a
 power loss at any moment leaves the old version or the complete new one (`recover_interrupted_save`
-finishes or undoes what a kill interrupted). data.py saves its token cache, and train.py its training checkpoints,
-the same way.
+finishes or undoes what a kill interrupted). data.py saves its token cache, and train.py its
+training checkpoints, the same way.
 
 References: DeepSeek-V3 README_WEIGHTS.md (FP8 blocks; the MTP layer model.layers.61.*, not loaded)
 and inference/kernel.py `weight_dequant`; the safetensors format (huggingface/safetensors);
