@@ -13,17 +13,24 @@ heads). So the data is built to make memorising useless:
 * user requests are built from templates x slots (prefix, request, suffix);
 * tools are declared in the flat and OpenAI forms, sometimes with unrelated tools beside them,
   sometimes with the argument called `location` instead of `city` (the model must read the schema);
-* tool results come in many generated shapes (key names, nesting, extra fields, plain text, the
-  basic example's {"weather": "Sunny, 25°C"}, the real tools' output), and the final answer
-  restates the result's values verbatim;
+* weather conditions in training results are arbitrary strings (1-4 words from weather words,
+  unrelated words and made-up ones, in any case, sometimes with punctuation; thousands of them),
+  temperatures negative or with decimals, so the answer is right only by copying;
+* tool results are composed at random (key names from pools in several languages or made up, in
+  snake/camel/Pascal/kebab/upper case; nesting 0-3 deep, lists, {amount, unit} objects, distractor
+  fields with numbers and strings, shuffled order, plain text; the basic example's
+  {"weather": "Sunny, 25°C"}, the real tools' output), and the final answer restates the result's
+  values verbatim;
 * no call where none is needed (greetings, identity, chit-chat, weather asked without a weather
   tool);
-* follow-up turns that depend on the previous one ("And in Paris?", "What about 3*7?").
+* follow-up turns that depend on the previous one ("And in Paris?", "What about 3*7?", also
+  the other tool's) in about half of the tool conversations.
 
 Held out, and checked disjoint by `split_overlaps()` (tests/test_chat_data.py): place names (a crc32
 split of every generated name, plus a fixed part of the real cities), expressions (crc32), request
 templates, follow-up templates, small-talk prompts, weather conditions, and result shapes (held-out
-key names, wrappers and plain-text templates). `python chat_data.py eval --ckpt demo` runs held-out
+key names, wrappers and plain-text templates; every generated training string is checked against
+them, so they stay unseen by construction). `python chat_data.py eval --ckpt demo` runs held-out
 prompts through generate + tools.run_agent (greedy) and reports each figure: right tool with
 schema-valid arguments (no call for small talk), exact arguments by kind of name, faithful answers
 for unseen result formats, exact calculator results, and follow-up turns.

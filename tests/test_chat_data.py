@@ -3,7 +3,10 @@ expression, request template, small-talk prompt, weather condition or result key
 chat_data.split_overlaps and again here by hand for names and expressions); tool results in the conversations carry
 what the real tools compute and the final answers state them; the faithfulness rule of the eval counts numbers as
 whole numbers; the basic get_weather example's cities and questions are trained on; generation is deterministic and fits the recipe's
-rows; `show` prints exactly the text --sft trains on; the CLI turns bad values into usage errors.
+rows; training weather conditions are thousands of arbitrary strings that the answers copy verbatim; training result
+formats are composed (key names, nesting, lists, distractors, plain text) and never a held-out key, key set or text
+template; a third or more of the conversations have a dependent follow-up turn; `show` prints exactly the text --sft
+trains on; the CLI turns bad values into usage errors.
 Compares against: tools.get_weather / tools.calculator called directly, hand-written regexes and key lists, the
 held-out lists, and tokenizer.encode_chat with add_generation_prompt=True (what data.ChatRows trains on).
 Run: pytest tests/test_chat_data.py -q   (CPU, a few seconds)"""
@@ -67,7 +70,8 @@ def _answer_facts(answer, city):
     for template in C.WEATHER_ANSWERS:
         head = template.split("{temp}°C", 1)[0] + "{temp}°C"
         pattern = re.escape(head).replace(re.escape("{city}"), re.escape(city))
-        pattern = pattern.replace(re.escape("{cond}"), "(?P<cond>.+)").replace(re.escape("{temp}"), r"(?P<temp>-?\d+(?:\.\d+)?)")
+        pattern = pattern.replace(re.escape("{cond}"), "(?P<cond>.+)")
+        pattern = pattern.replace(re.escape("{temp}"), r"(?P<temp>-?\d+(?:\.\d+)?)")
         if m := re.fullmatch(pattern, first, re.DOTALL):
             return m["cond"], m["temp"]
     raise AssertionError(f"no answer template matches {answer!r}")
