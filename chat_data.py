@@ -13,17 +13,24 @@ heads). So the data is built to make memorising useless:
 * user requests are built from templates x slots (prefix, request, suffix);
 * tools are declared in the flat and OpenAI forms, sometimes with unrelated tools beside them,
   sometimes with the argument called `location` instead of `city` (the model must read the schema);
-* tool results come in many generated shapes (key names, nesting, extra fields, plain text, the
-  basic example's {"weather": "Sunny, 25°C"}, the real tools' output), and the final answer
-  restates the result's values verbatim;
+* weather conditions in training results are arbitrary strings (1-4 words from weather words,
+  unrelated words and made-up ones, in any case, sometimes with punctuation; thousands of them),
+  temperatures negative or with decimals, so the answer is right only by copying;
+* tool results are composed at random (key names from pools in several languages or made up, in
+  snake/camel/Pascal/kebab/upper case; nesting 0-3 deep, lists, {amount, unit} objects, distractor
+  fields with numbers and strings, shuffled order, plain text; the basic example's
+  {"weather": "Sunny, 25°C"}, the real tools' output), and the final answer restates the result's
+  values verbatim;
 * no call where none is needed (greetings, identity, chit-chat, weather asked without a weather
   tool);
-* follow-up turns that depend on the previous one ("And in Paris?", "What about 3*7?").
+* follow-up turns that depend on the previous one ("And in Paris?", "What about 3*7?", also
+  the other tool's) in about half of the tool conversations.
 
 Held out, and checked disjoint by `split_overlaps()` (tests/test_chat_data.py): place names (a crc32
 split of every generated name, plus a fixed part of the real cities), expressions (crc32), request
 templates, follow-up templates, small-talk prompts, weather conditions, and result shapes (held-out
-key names, wrappers and plain-text templates). `python chat_data.py eval --ckpt demo` runs held-out
+key names, wrappers and plain-text templates; every generated training string is checked against
+them, so they stay unseen by construction). `python chat_data.py eval --ckpt demo` runs held-out
 prompts through generate + tools.run_agent (greedy) and reports each figure: right tool with
 schema-valid arguments (no call for small talk), exact arguments by kind of name, faithful answers
 for unseen result formats, exact calculator results, and follow-up turns.
@@ -252,6 +259,18 @@ CALC_FOLLOW_UPS, HELD_OUT_CALC_FOLLOW_UPS = _split([
     # the second is also a training weather follow-up's wording
     keep=("What about {expr}?", "And {expr}?"))
 
+# more follow-up wordings, training only (a follow-up of either tool may follow either tool's turn)
+TRAIN_WEATHER_FOLLOW_UPS = [
+    "and {city}?", "what about {city}", "And in {city} then?", "{city} too?", "Also {city}?",
+    "OK now {city}.", "And for {city}, please?", "What's it like in {city}?", "Try {city}.",
+    "And {city} please", "Same thing for {city}?", "Then {city}?", "Next one: {city}",
+    "and in {city}", "Ok and {city}", "What about the weather in {city}?",
+    "And the weather in {city}?", "Now the weather in {city}, please.", "Also, weather in {city}?"]
+TRAIN_CALC_FOLLOW_UPS = [
+    "and {expr}?", "what about {expr}", "Now try {expr}.", "{expr} then?", "And {expr} please.",
+    "Also {expr}?", "OK, {expr}?", "Next: {expr}?", "And what about {expr}?", "Then {expr}",
+    "Now calculate {expr}.", "And compute {expr}, please."]
+
 SYSTEM_PROMPTS = [None, None, "You are Kimi, an AI assistant created by Moonshot AI.",
                   "You are Kimi, an AI assistant by Moonshot AI.",
                   "You are Kimi, a helpful AI assistant.", "You are a helpful assistant.",
@@ -350,10 +369,10 @@ def _schema(name: str, description: str, arg: str, rng: random.Random) -> dict:
     return flat if rng.random() < 0.5 else {"type": "function", "function": flat}
 
 
-def declare_tools(rng: random.Random, weather: bool,
-                  calc: bool) -> tuple[list[dict], dict[str, tuple[str, str]]]:
-    """Tool schemas as a client might send them, and {"weather"/"calc": (tool name, argument
-    name)}."""
+def declare_tools(rng: random.Random, weather: bool, calc: bool,
+                  extras: bool = True) -> tuple[list[dict], dict[str, tuple[str, str]]]:
+    """Tool schemas as a client might send them (with `extras`, sometimes unrelated tools beside
+    them), and {"weather"/"calc": (tool name, argument name)}."""
     schemas, names = [], {}
     if weather:
         if rng.random() < 0.2:
@@ -367,7 +386,7 @@ def declare_tools(rng: random.Random, weather: bool,
         name = rng.choice(CALC_NAMES)
         schemas.append(_schema(name, rng.choice(CALC_DESCRIPTIONS), "expression", rng))
         names["calc"] = (name, "expression")
-    if rng.random() < 0.25:
+    if extras and rng.random() < 0.25:
         schemas += rng.sample(EXTRA_TOOLS, rng.randint(1, 2))
     rng.shuffle(schemas)
     return schemas, names
@@ -420,6 +439,204 @@ def _temperature(rng: random.Random) -> tuple[Any, str]:
     return rng.choice([f"{text}°C", f"{text} °C", f"{text}C", f"{text} degrees"]), text
 
 
+# Training results are composed at random, so that no key name, condition or layout can be
+# memorised: the answer is right only by copying. Every generated string is checked against the
+# held-out names above (`_clashes`), so the held-out shapes stay unseen by construction.
+COND_WORDS = ("rain showers sunny sun cloud clouds cloudy gusty wind windy storm storms frost icy "
+              "snow flurries sleety damp muggy sultry bright grey gray dull dark wet dry mild "
+              "cool chilly warm hot scorching misty foggy smoky dusty hazy overcast clear "
+              "clearing spells breaks bursts patches periods light heavy moderate intense "
+              "scattered isolated occasional passing thin thick low high rising falling").split()
+OTHER_WORDS = ("purple velvet copper quiet marble amber silver golden lazy restless salty sweet "
+               "glass paper orange lemon violet crimson ivory woolly soft loud sleepy wandering "
+               "distant tiny giant round square hollow electric magnetic bubbly fizzy jelly "
+               "pepper cotton iron ocean forest desert river meadow lantern feather").split()
+COND_JOINERS = (" ", " ", " ", " ", " and ", " with ", ", ", "-", " / ", " & ")
+COND_KEY_POOL = ["weather", "condition", "summary", "sky", "description", "outlook", "wx", "cond",
+                 "weather_text", "sky_cover", "situation", "phenomena", "clima", "tiempo",
+                 "wetter", "meteo", "ciel", "cielo", "himmel", "tenki", "pogoda", "kairos", "sää",
+                 "vaer", "main", "label", "weather_desc", "conditions_now", "sky_state", "look"]
+TEMP_KEY_POOL = ["temperature_c", "temperature", "temp", "degrees", "celsius", "air_temp",
+                 "temp_celsius", "t", "deg_c", "temperatura", "temperatur", "température", "ondo",
+                 "kion", "thermo", "reading_c", "air_temperature", "temp_now", "grad", "warmth",
+                 "tc", "celsius_now", "temp_value"]
+PLACE_KEY_POOL = ["city", "name", "place", "town", "locality", "ciudad", "stadt", "ville", "citta",
+                  "gorod", "city_name", "requested", "query", "q", "site", "spot", "loc_name",
+                  "for"]
+WRAPPER_POOL = ["data", "result", "current", "report", "now", "obs", "reading", "weather_data",
+                "info", "body", "content", "datos", "daten", "donnees", "live", "latest",
+                "snapshot", "output", "res", "main_block", "details", "today"]
+NUMBER_EXTRAS = ["humidity", "wind_kph", "pressure_hpa", "uv_index", "cloud_pct", "gust_kph",
+                 "station_id", "elevation_m", "population", "aqi", "rain_chance", "timestamp",
+                 "lat", "lon", "code", "version", "id", "rank", "visits", "count"]
+TEXT_EXTRAS = ["updated", "source", "provider", "station", "country", "timezone", "note", "lang",
+               "units", "icon", "region", "api", "sunrise", "sunset", "mode"]
+UNIT_KEYS = (("amount", "scale"), ("val", "units"), ("reading", "u"), ("number", "in"),
+             ("wert", "einheit"), ("valor", "unidad"), ("v", "of"))
+TEXT_LABELS_C = ("", "", "Sky: ", "Weather: ", "cond=", "Outlook ", "Wetter: ", "tiempo=", "wx ",
+                 "Summary - ")
+TEXT_LABELS_T = ("", "", "Temp: ", "temperature ", "t=", "Temperatur: ", "air ", "at ")
+TEXT_UNITS = ("°C", " °C", "C", " C", " degrees", " deg C", "º")
+TEXT_SEPS = (", ", "; ", " | ", " / ", ". ", "\n", " - ", " :: ")
+_HELD_TEXT_PATTERNS = [re.compile("(.+)".join(map(re.escape, re.split(r"\{\w+\}", t))) + "$",
+                                  re.DOTALL | re.IGNORECASE) for t in HELD_OUT_TEXT_RESULTS]
+_HELD_KEYS = set(HELD_OUT_PLACE_KEYS + HELD_OUT_COND_KEYS + HELD_OUT_TEMP_KEYS + HELD_OUT_WRAPPERS
+                 + list(HELD_OUT_EXTRAS)) | {"value", "unit"}
+
+
+def _clashes(text: str) -> bool:
+    """Whether a generated string contains a held-out condition (any case) or is a held-out key."""
+    low = text.casefold()
+    return low in _HELD_KEYS or any(c.casefold() in low for c in HELD_OUT_CONDITIONS)
+
+
+def random_condition(rng: random.Random) -> str:
+    """An arbitrary condition string: 1-4 words from weather words, unrelated words and made-up
+    pronounceable words, in varied case, sometimes with punctuation; 1 in 5 a list condition."""
+    while True:
+        if rng.random() < 0.2:
+            cond = rng.choice(CONDITIONS)
+        else:
+            words = []
+            for _ in range(rng.choice((1, 2, 2, 2, 3, 3, 4))):
+                r = rng.random()
+                pool = COND_WORDS if r < 0.5 else OTHER_WORDS if r < 0.7 else None
+                words.append(rng.choice(pool) if pool else _word(rng, 1, 3).lower())
+            cond = words[0] + "".join(rng.choice(COND_JOINERS) + w for w in words[1:])
+            case = rng.random()
+            if case < 0.25:
+                cond = cond.capitalize()
+            elif case < 0.4:
+                cond = cond.title()
+            elif case < 0.47:
+                cond = cond.upper()
+            if rng.random() < 0.12:
+                cond += rng.choice(("!", ".", "...", "?", " (!)", "~"))
+        if not _clashes(cond):
+            return cond
+
+
+def _train_temperature(rng: random.Random) -> tuple[Any, str]:
+    """Like _temperature, over a wider range: negative, one or two decimals, sometimes with a unit."""
+    t = rng.randint(-25, 42) if rng.random() < 0.8 else rng.randint(-70, 60)
+    r = rng.random()
+    text = str(t) if r < 0.65 else f"{t}.{rng.randint(1, 9)}" if r < 0.9 else \
+        f"{t}.{rng.randint(1, 99):02d}".rstrip("0")
+    number: Any = float(text) if "." in text else int(text)
+    if rng.random() < 0.7:
+        return number, text
+    return text + rng.choice(TEXT_UNITS), text
+
+
+def _key(pool: list[str], rng: random.Random, made_up: bool) -> str:
+    """A key from the pool or made up, in snake_case, camelCase, PascalCase, kebab or UPPER case;
+    never a held-out key."""
+    while True:
+        base = (_word(rng, 1, 2).lower() + ("_" + _word(rng, 1, 2).lower() if rng.random() < 0.3
+                                             else "")) if made_up else rng.choice(pool)
+        parts = base.split("_")
+        style = rng.random()
+        if style < 0.12:
+            base = parts[0] + "".join(x.capitalize() for x in parts[1:])
+        elif style < 0.18:
+            base = "".join(x.capitalize() for x in parts)
+        elif style < 0.22:
+            base = "-".join(parts)
+        elif style < 0.26:
+            base = base.upper()
+        if not _clashes(base):
+            return base
+
+
+def _distractor_text(rng: random.Random) -> str:
+    while True:
+        r = rng.random()
+        text = (f"{rng.randint(0, 23):02d}:{rng.choice(('00', '15', '30', '45'))}" if r < 0.25
+                else _word(rng, 2, 3) if r < 0.6 else rng.choice(("ok", "metric", "cached",
+                                                                    "v2", "live", "est."))
+                if r < 0.8 else f"{_word(rng, 1, 2)}-{rng.randint(1, 999)}")
+        if not _clashes(text):
+            return text
+
+
+def _distractor_number(rng: random.Random) -> Any:
+    r = rng.random()
+    if r < 0.5:
+        return rng.randint(0, 100)
+    if r < 0.75:
+        return rng.randint(100, 2_000_000)
+    return round(rng.uniform(-180, 180), rng.randint(1, 4))
+
+
+def train_weather_result(city: str, rng: random.Random,
+                         values: random.Random) -> tuple[Any, list[str]]:
+    """A training weather result in a composed shape: key names drawn from pools or made up, in
+    any case style; condition and temperature nested 0-3 deep, sometimes in lists or
+    {amount, unit} objects; distractor fields with numbers and strings; key order shuffled; or
+    plain text built from labels and separators. The key names and layout come from rng (one
+    shape per conversation), the condition, temperature and distractor values from `values`."""
+    cond = random_condition(values)
+    temp, temp_text = _train_temperature(values)
+    facts = [cond, temp_text]
+    if rng.random() < 0.2:  # plain text
+        while True:
+            c_part = rng.choice(TEXT_LABELS_C) + cond
+            unit = rng.choice(TEXT_UNITS)
+            t_part = rng.choice(TEXT_LABELS_T[2:]) + temp_text + unit
+            parts = [c_part, t_part]
+            if rng.random() < 0.5:
+                parts.append(rng.choice(("", "in ", "City: ", "@")) + city)
+            if rng.random() < 0.4:
+                parts.append(f"{rng.choice(NUMBER_EXTRAS)} {_distractor_number(values)}")
+            rng.shuffle(parts)
+            text = rng.choice(TEXT_SEPS).join(parts)
+            if not any(p.match(text) for p in _HELD_TEXT_PATTERNS):
+                return text, facts
+    depth = rng.choice((0, 0, 0, 1, 1, 2, 3))
+    n_num, n_text = rng.choice((0, 0, 1, 2, 3)), rng.choice((0, 0, 1, 2))
+    if depth >= 2:  # deep results carry fewer distractors, so that a conversation fits 768 tokens
+        n_num, n_text = min(n_num, 1), min(n_text, 1)
+    # a made-up key for a value only where no distractor of its type makes it ambiguous
+    c_key = _key(COND_KEY_POOL, rng, made_up=n_text == 0 and rng.random() < 0.25)
+    t_key = _key(TEMP_KEY_POOL, rng, made_up=n_num == 0 and rng.random() < 0.25)
+    c_val: Any = cond
+    shape = rng.random()
+    if shape < 0.12:
+        c_val = [cond]
+    elif shape < 0.22:
+        c_val = [{_key(["main", "description", "text", "desc"], rng, False): cond,
+                  _key(["id", "code"], rng, False): values.randint(100, 999)}]
+    elif shape < 0.32:
+        c_val = {_key(["text", "desc", "label", "value_text", "phrase"], rng, False): cond}
+    t_val: Any = temp
+    if rng.random() < 0.15:
+        a, u = rng.choice(UNIT_KEYS)
+        t_val = {a: float(temp_text) if "." in temp_text else int(temp_text),
+                 u: rng.choice(("C", "°C", "celsius", "metric"))}
+    fields = {c_key: c_val, t_key: t_val}
+    if rng.random() < 0.6:
+        fields[_key(PLACE_KEY_POOL, rng, made_up=rng.random() < 0.15)] = city
+    for _ in range(n_num):
+        fields[_key(NUMBER_EXTRAS, rng, False)] = _distractor_number(values)
+    for _ in range(n_text):
+        fields[_key(TEXT_EXTRAS, rng, False)] = _distractor_text(values)
+    items = list(fields.items())
+    rng.shuffle(items)
+    obj: Any = dict(items)
+    for _ in range(depth):  # nesting
+        if rng.random() < 0.15:
+            obj = [obj]
+        else:
+            key = _key(WRAPPER_POOL, rng, made_up=rng.random() < 0.2)
+            items = [(key, obj)]
+            if rng.random() < 0.4:  # siblings beside the nested part
+                items += rng.sample([("ok", True), ("units", "metric"), ("success", True)],
+                                    rng.randint(1, 2))
+                rng.shuffle(items)
+            obj = dict(items)
+    return obj, facts
+
+
 def weather_result(city: str, rng: random.Random, held_out: bool = False,
                    values: random.Random | None = None) -> tuple[Any, list[str]]:
     """A weather tool's result for `city` in a randomly generated shape, and the facts (condition,
@@ -430,6 +647,11 @@ def weather_result(city: str, rng: random.Random, held_out: bool = False,
     (default: rng): the same rng with other values gives the same shape, as one tool answers every
     call of a conversation alike."""
     vrng = values or rng
+    if not held_out:
+        if rng.random() < 0.08:  # the basic example's {"weather": "Sunny, 25°C"}
+            cond, (_, temp_text) = random_condition(vrng), _train_temperature(vrng)
+            return {"weather": f"{cond}, {temp_text}°C"}, [cond, temp_text]
+        return train_weather_result(city, rng, vrng)
     cond = vrng.choice(HELD_OUT_CONDITIONS if held_out else CONDITIONS)
     temp, temp_text = _temperature(vrng)
     facts = [cond, temp_text]
@@ -592,17 +814,20 @@ def conversations(n: int, seed: int = 0) -> list[tuple[list[dict], list[dict] | 
         msgs = _system(rng)
         city = place(rng.choice(PLACE_KINDS), rng)
         expr = expression(rng)
-        if kind < 0.62:  # tool use, one or two turns
+        if kind < 0.66:  # tool use, one or two turns
             first = "weather" if rng.random() < 0.55 else "calc"
-            # < 0.35: a follow-up on the same tool; < 0.45 the other tool; < 0.55 thanks
+            # < 0.5: a follow-up on the same tool; < 0.66 a follow-up for the other tool; < 0.74
+            # thanks
             follow = rng.random()
-            need_other = 0.35 <= follow < 0.45
+            need_other = 0.5 <= follow < 0.66
             want_weather = first == "weather" or need_other or rng.random() < 0.6
             want_calc = first == "calc" or need_other or rng.random() < 0.6
-            schemas, names = declare_tools(rng, weather=want_weather, calc=want_calc)
+            # two tool rounds and unrelated tools would not fit 768 tokens
+            schemas, names = declare_tools(rng, weather=want_weather, calc=want_calc,
+                                           extras=follow >= 0.66 or rng.random() < 0.3)
             real_weather = False
             if "weather" in names:
-                real_weather = rng.random() < 0.25 and names["weather"][1] == "city"
+                real_weather = rng.random() < 0.15 and names["weather"][1] == "city"
             turns = _Turns(rng, names, real_weather=real_weather)
             if first == "weather":
                 msgs += [{"role": "user", "content": _ask(WEATHER_ASKS, rng, city=city)},
@@ -610,26 +835,25 @@ def conversations(n: int, seed: int = 0) -> list[tuple[list[dict], list[dict] | 
             else:
                 msgs += [{"role": "user", "content": _ask(CALC_ASKS, rng, expr=expr)},
                          *turns.calc(expr)]
-            if follow < 0.35 and first == "weather":
+            second = first if follow < 0.5 else "calc" if first == "weather" else "weather"
+            if follow < 0.66 and second == "weather":
                 city2 = place(rng.choice(PLACE_KINDS), rng)
-                follow_up = rng.choice(WEATHER_FOLLOW_UPS).format(city=city2)
-                msgs += [{"role": "user", "content": follow_up}, *turns.weather(city2)]
-            elif follow < 0.35:
+                follow_up = rng.choice(WEATHER_FOLLOW_UPS + TRAIN_WEATHER_FOLLOW_UPS
+                                       if rng.random() < 0.75 else WEATHER_ASKS)
+                msgs += [{"role": "user", "content": follow_up.format(city=city2)},
+                         *turns.weather(city2)]
+            elif follow < 0.66:
                 expr2 = expression(rng)
-                follow_up = rng.choice(CALC_FOLLOW_UPS).format(expr=expr2)
-                msgs += [{"role": "user", "content": follow_up}, *turns.calc(expr2)]
-            elif need_other and first == "weather":
-                msgs += [{"role": "user", "content": _ask(CALC_ASKS, rng, expr=expr)},
-                         *turns.calc(expr)]
-            elif need_other:
-                msgs += [{"role": "user", "content": _ask(WEATHER_ASKS, rng, city=city)},
-                         *turns.weather(city)]
-            elif follow < 0.55:
+                follow_up = rng.choice(CALC_FOLLOW_UPS + TRAIN_CALC_FOLLOW_UPS
+                                       if rng.random() < 0.75 else CALC_ASKS)
+                msgs += [{"role": "user", "content": follow_up.format(expr=expr2)},
+                         *turns.calc(expr2)]
+            elif follow < 0.74:
                 asks, answers = SMALL_TALK_TRAIN[3]
                 msgs += [{"role": "user", "content": rng.choice(asks)},
                          {"role": "assistant", "content": rng.choice(answers)}]
             out.append((msgs, schemas))
-        elif kind < 0.72:  # asked for a tool that was not given: say so, call nothing
+        elif kind < 0.75:  # asked for a tool that was not given: say so, call nothing
             has_calc = rng.random() < 0.5
             schemas = []
             if has_calc or rng.random() < 0.5:
@@ -697,10 +921,19 @@ def held_out_items(n: int = 220, seed: int = 1234) -> list[dict]:
     return items
 
 
+def _text_of(content: str) -> str:
+    """A tool message's text: the string a JSON-encoded string holds, else the content itself."""
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError:
+        return content
+    return value if isinstance(value, str) else content
+
+
 def split_overlaps(n_train: int = 3000, n_eval: int = 440) -> dict[str, set]:
     """What the training conversations and the held-out items share, per thing held out (all empty
-    when the split is sound): place names, expressions, user requests' templates, weather conditions
-    and result key names."""
+    when the split is sound): place names, expressions, user requests' templates, weather conditions,
+    result key names and plain-text result templates."""
     def fill(template: str) -> re.Pattern:  # a template as a regex over the text it produced
         parts = re.split(r"\{(?:city|expr)\}", template)
         prefixes = "|".join(map(re.escape, ASK_PREFIXES))
@@ -737,6 +970,9 @@ def split_overlaps(n_train: int = 3000, n_eval: int = 440) -> dict[str, set]:
         "small talk": {p for p, _ in HELD_OUT_SMALL_TALK} & set(train_users),
         "conditions": {c for c in HELD_OUT_CONDITIONS if c in train_text},
         "result keys": {k for k in held_keys if f'"{k}"' in train_text},
+        # a training plain-text result that a held-out text template could have produced
+        "text results": {r for r in map(_text_of, train_results)
+                         if any(p.match(r) for p in _HELD_TEXT_PATTERNS)},
         "template lists": set(held_templates) & set(WEATHER_ASKS + CALC_ASKS + WEATHER_FOLLOW_UPS
                                                     + CALC_FOLLOW_UPS),
     }

@@ -3,7 +3,10 @@ expression, request template, small-talk prompt, weather condition or result key
 chat_data.split_overlaps and again here by hand for names and expressions); tool results in the conversations carry
 what the real tools compute and the final answers state them; the faithfulness rule of the eval counts numbers as
 whole numbers; the basic get_weather example's cities and questions are trained on; generation is deterministic and fits the recipe's
-rows; `show` prints exactly the text --sft trains on; the CLI turns bad values into usage errors.
+rows; training weather conditions are thousands of arbitrary strings that the answers copy verbatim; training result
+formats are composed (key names, nesting, lists, distractors, plain text) and never a held-out key, key set or text
+template; a third or more of the conversations have a dependent follow-up turn; `show` prints exactly the text --sft
+trains on; the CLI turns bad values into usage errors.
 Compares against: tools.get_weather / tools.calculator called directly, hand-written regexes and key lists, the
 held-out lists, and tokenizer.encode_chat with add_generation_prompt=True (what data.ChatRows trains on).
 Run: pytest tests/test_chat_data.py -q   (CPU, a few seconds)"""
@@ -29,7 +32,7 @@ def _calls(convs):
 
 def test_split_overlaps_is_empty_and_every_part_is_held_out():
     overlaps = C.split_overlaps()
-    assert set(overlaps) >= {"arguments", "templates", "small talk", "conditions", "result keys"}
+    assert set(overlaps) >= {"arguments", "templates", "small talk", "conditions", "result keys", "text results"}
     assert all(not v for v in overlaps.values()), {k: sorted(v)[:5] for k, v in overlaps.items() if v}
     for held in (C.HELD_OUT_CITIES, C.HELD_OUT_WEATHER_ASKS, C.HELD_OUT_CALC_ASKS, C.HELD_OUT_WEATHER_FOLLOW_UPS,
                  C.HELD_OUT_CALC_FOLLOW_UPS, C.HELD_OUT_SMALL_TALK, C.HELD_OUT_CONDITIONS, C.HELD_OUT_TEXT_RESULTS):
@@ -61,6 +64,36 @@ def _number(text):
     return re.search(r"-?\d+(?:\.\d+)?", text).group()
 
 
+def _answer_facts(answer, city):
+    """(condition, temperature) read back out of a weather answer by inverting the answer templates."""
+    first = answer.split("°C", 1)[0] + "°C"
+    for template in C.WEATHER_ANSWERS:
+        head = template.split("{temp}°C", 1)[0] + "{temp}°C"
+        pattern = re.escape(head).replace(re.escape("{city}"), re.escape(city))
+        pattern = pattern.replace(re.escape("{cond}"), "(?P<cond>.+)")
+        pattern = pattern.replace(re.escape("{temp}"), r"(?P<temp>-?\d+(?:\.\d+)?)")
+        if m := re.fullmatch(pattern, first, re.DOTALL):
+            return m["cond"], m["temp"]
+    raise AssertionError(f"no answer template matches {answer!r}")
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _leaves(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
+
+
+def _weather_calls(convs):
+    for name, args, content, answer in _calls(convs):
+        if name not in ("calculator", "calculate", "math_eval"):
+            yield args.get("city", args.get("location")), content, answer
+
+
 def test_tool_results_are_the_real_tools_and_answers_state_them():
     n = 0
     for name, args, content, answer in _calls(C.conversations(600, seed=1)):
@@ -79,31 +112,95 @@ def test_tool_results_are_the_real_tools_and_answers_state_them():
         city = args.get("city", args.get("location"))
         if isinstance(result, dict) and set(result) == {"city", "weather", "temperature_c"}:
             assert result == T.get_weather(city)  # the built-in tool's own shape carries its real values
-        leaves = []  # (key, value) of every leaf, nested or not
-
-        def walk(x, key=None):
-            if isinstance(x, dict):
-                for k, v in x.items():
-                    walk(v, k if not isinstance(v, dict) or k not in C.TEMP_KEYS else k)
-            elif isinstance(x, list):
-                for v in x:
-                    walk(v, key)
-            else:
-                leaves.append((key, x))
-        walk(result)
-        cond = [v for k, v in leaves if k in C.COND_KEYS or k == "text"] if not isinstance(result, str) else []
-        temps = [str(v) for k, v in leaves if k in C.TEMP_KEYS]
-        for c in cond:
-            if re.search(r"-?\d", str(c)):  # the basic example's "Sunny, 25°C": condition and degrees in one string
-                c, t = str(c).rsplit(", ", 1)
-                temps.append(t)
-            assert c.lower() in answer.lower(), (content, answer)
-        for t in temps:
-            assert re.search(rf"(?<![\d.]){re.escape(_number(t))}(?![\d])", answer), (content, answer)
-        if isinstance(result, str):
-            assert _number(result) in answer
         assert city in answer
+        cond, temp = _answer_facts(answer, city)
+        # the answer copies the condition verbatim (a whole string value, the text before the basic example's
+        # ", 25°C", or a span of a plain-text result) and the temperature's number
+        strings = [v for v in _leaves(result) if isinstance(v, str)]
+        assert any(v == cond or v.startswith(cond + ", ") or (isinstance(result, str) and cond in v)
+                   for v in strings), (content, answer)
+        numbers = {str(v) for v in _leaves(result) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers |= set(re.findall(r"-?\d+(?:\.\d+)?", " ".join(strings)))
+        assert temp in numbers, (content, answer)
     assert n > 400
+
+
+def test_training_conditions_are_thousands_of_arbitrary_strings_copied_exactly():
+    import random
+    drawn = {C.random_condition(random.Random(i)) for i in range(5000)}
+    assert len(drawn) > 3000
+    assert any(c.isupper() for c in drawn) and any(c.islower() for c in drawn)
+    assert any(not re.fullmatch(r"[\w ]+", c) for c in drawn)  # punctuation, joiners
+    assert {len(c.split()) for c in drawn} >= {1, 2, 3, 4}
+    held = [h.casefold() for h in C.HELD_OUT_CONDITIONS]
+    assert not [c for c in drawn if any(h in c.casefold() for h in held)]
+    convs = C.conversations(3000, seed=0)
+    conds = {_answer_facts(answer, city)[0] for city, _, answer in _weather_calls(convs)}
+    assert len(conds) > 1000  # far more than a list the model could recall
+    for i in range(300):  # the answer holds the exact condition string (same case) and temperature
+        result, facts = C.weather_result("Oslo", random.Random(i), values=random.Random(-i))
+        answer = C.weather_answer("Oslo", facts, result, random.Random(i))
+        assert facts[0] in answer and C.states(answer, facts[1]), (facts, answer)
+        assert all(C.states(json.dumps(result, ensure_ascii=False), f) for f in facts), (result, facts)
+
+
+def _keys(x):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _keys(v)
+
+
+def test_training_result_formats_are_composed_and_never_the_held_out_ones():
+    train_sets, train_keys, depths, texts = set(), set(), set(), 0
+    for _, content, _ in _weather_calls(C.conversations(3000, seed=0)):
+        try:
+            result = json.loads(content)
+        except json.JSONDecodeError:
+            result = content
+        if isinstance(result, str):
+            texts += 1
+            assert not any(re.fullmatch(p, result) for p in C._HELD_TEXT_PATTERNS), result
+            continue
+        keys = set(_keys(result))
+        train_sets.add(frozenset(keys))
+        train_keys |= keys
+        depth, x = 0, result
+        while isinstance(x, (dict, list)) and len(x) and not any(isinstance(v, str) for v in
+                                                                    (x.values() if isinstance(x, dict) else x)):
+            x = next(iter(x.values())) if isinstance(x, dict) else x[0]
+            depth += 1
+        depths.add(depth)
+    assert len(train_keys) > 500 and len(train_sets) > 500 and texts > 100
+    assert {0, 1, 2} <= depths
+    assert any("_" in k for k in train_keys) and any(re.search(r"[a-z][A-Z]", k) for k in train_keys)
+    held_keys = set(C.HELD_OUT_PLACE_KEYS + C.HELD_OUT_COND_KEYS + C.HELD_OUT_TEMP_KEYS + C.HELD_OUT_WRAPPERS) | set(
+        C.HELD_OUT_EXTRAS)
+    assert not train_keys & held_keys, sorted(train_keys & held_keys)
+    import random
+    for item in C.held_out_items(110):  # each held-out item's result shape, as eval_registry draws it
+        result, _ = C.weather_result("Oslo", random.Random(item["shape_seed"]), held_out=True)
+        if not isinstance(result, str):
+            assert frozenset(_keys(result)) not in train_sets and not set(_keys(result)) & train_keys, result
+
+
+def test_many_conversations_have_a_dependent_follow_up_turn():
+    convs = C.conversations(2000, seed=2)
+    follow, after_calc = 0, 0
+    for messages, _ in convs:
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(users) < 2 or not messages[users[1] + 1].get("tool_calls"):
+            continue
+        first = messages[users[0] + 1]["tool_calls"][0]["function"]
+        second = messages[users[1] + 1]["tool_calls"][0]["function"]
+        new_arg = next(iter(json.loads(second["arguments"]).values()))
+        assert new_arg in messages[users[1]]["content"]  # the new argument is the second turn's
+        follow += 1
+        after_calc += first["name"] in ("calculator", "calculate", "math_eval") and "weather" in second["name"]
+    assert follow > 0.3 * len(convs) and after_calc > 0.02 * len(convs), (follow, after_calc)
 
 
 def test_faithfulness_rule_counts_whole_numbers_and_ignores_case():
@@ -114,7 +211,8 @@ def test_faithfulness_rule_counts_whole_numbers_and_ignores_case():
 
 
 def test_eval_results_use_only_held_out_shapes():
-    train_keys = set(C.PLACE_KEYS + C.COND_KEYS + C.TEMP_KEYS + C.WRAPPERS) | set(C.EXTRAS)
+    train_keys = set(C.PLACE_KEYS + C.COND_KEYS + C.TEMP_KEYS + C.WRAPPERS) | set(C.EXTRAS) | set(
+        C.COND_KEY_POOL + C.TEMP_KEY_POOL + C.PLACE_KEY_POOL + C.WRAPPER_POOL + C.NUMBER_EXTRAS + C.TEXT_EXTRAS)
     for item in C.held_out_items(110):
         registry, facts = C.eval_registry(item["shape_seed"])
         for _, name, args in item["turns"]:
