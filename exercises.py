@@ -723,8 +723,8 @@ def check_yarn_random(lab: Lab) -> None:
 def check_yarn_k2(lab: Lab) -> None:
     """K2 (base 50000, L0 4096, factor 32, beta_fast = beta_slow = 1): pairs 0..19 kept, 20..31
     divided by 32"""
-    # i(1) = 64·ln(4096/2π) / (2·ln 50000) = 19.16: floor 19, ceil 20, so the ramp is a step between
-    # them
+    # i(1) = 64·ln(4096/2π) / (2·ln 50000) = 19.16: floor 19, ceil 20,
+    # so the ramp is a step between them
     k2 = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
           "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
     args = _attn_args(lab, qk_rope_head_dim=64, rope_theta=50000.0, rope_scaling=k2)
@@ -1517,8 +1517,8 @@ self.routed_scaling_factor; torch, F. Return (w (N, K) fp32, idx (N, K) int64, s
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise: combining the routed experts' outputs (moe.py moe_reference; MoE.forward adds the shared
-# expert)
+# Exercise: combining the routed experts' outputs
+# (moe.py moe_reference; MoE.forward adds the shared expert)
 
 COMBINE_NO_WEIGHTS = ("the routing weights were not applied (each expert's output times the "
                       "token's weight w_k)")
@@ -2894,10 +2894,10 @@ def check_parse_long_whitespace(lab: Lab) -> None:
         lab.tokenizer.parse_tool_calls(text)
         return time.perf_counter() - t0
 
-    # linear: 10x the text, ~10x the time; a backtracking regex (\s*(.*?)\s*) is cubic in the
-    # spaces.
-    # Small sizes first, so that a cubic parser fails here in seconds instead of running into the
-    # timeout.
+    # linear: 10x the text, ~10x the time;
+    # a backtracking regex (\s*(.*?)\s*) is cubic in the spaces.
+    # Small sizes first, so that a cubic parser fails here in seconds instead of running into
+    # the timeout.
     n = 100 + lab.randint(0, 25)
     small = min(seconds(cut_off(n)) for _ in range(3))
     limit = 40 * max(small, 1e-3)
