@@ -1394,6 +1394,7 @@ def _router_case(lab: Lab, N: int, D: int, E: int, k: int, n_group: int = 1, top
         gate.e_score_correction_bias.copy_(bias)
     gate = gate.to(dtype)
     W = gate.weight.detach()                         # as rounded to dtype: the truth sees the same
+    bias = gate.e_score_correction_bias.detach().float()      # (kept or rounded, as the Gate keeps it)
     cut = dict(k=k, n_group=n_group, topk_group=topk_group, scale=scale, norm=norm)
     outs = {m: router_truth(x, W, bias, mistake=m, **cut) for m in ("",) + ROUTER_MISTAKES}
     keep = torch.stack([o[2] for o in outs.values()]).min(0).values > 1e-4
