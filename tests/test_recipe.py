@@ -24,8 +24,10 @@ def test_recipe_runs_every_stage_and_keeps_finished_ones(files, tmp_path, monkey
     monkeypatch.setattr(recipe, "RECIPE_PRETRAIN", [
         "--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
         "--data", corpus, "--data-cache", str(files["cache"])])
+    # seq-len 2048: with byte-level tokens a conversation is several times longer than with the
+    # recipe's 4,096-rank tokenizer (the longest composed weather results reach ~1,400 bytes)
     monkeypatch.setattr(recipe, "RECIPE_SFT", [
-        "--sft", "--steps", "2", "--batch-size", "1", "--seq-len", "768",
+        "--sft", "--steps", "2", "--batch-size", "1", "--seq-len", "2048",
         "--sft-conversations", "20"])
     out = tmp_path / "recipe"
     argv = ["recipe", "--out", str(out), "--eval-items", "2", "--threads", "1"]
