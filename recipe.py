@@ -26,7 +26,7 @@ import parallel
 import runs
 import tokenizer as tk
 from runtime import add_threads_argument
-from train import Trainer, TrainingError, fmt_time, make_parser, parse_args
+from train import SFT_SEQ_LEN, Trainer, TrainingError, fmt_time, make_parser, parse_args
 
 # print() on rank 0 only, as in train.py
 say = parallel.print0
@@ -37,9 +37,8 @@ say = parallel.print0
 RECIPE_TOKENIZER = ["--vocab-size", "4096", "--max-bytes", "8000000"]
 RECIPE_PRETRAIN = ["--config", "cpu-small", "--steps", "250", "--batch-size", "8",
                    "--seq-len", "256", "--seed", "0"]
-# seq-len 768: the longest chat_data conversation (two tool rounds, extra tools declared) has about
-# 750 tokens
-RECIPE_SFT = ["--sft", "--steps", "2800", "--batch-size", "4", "--seq-len", "768",
+# seq-len: train.SFT_SEQ_LEN, which fits chat_data's conversations
+RECIPE_SFT = ["--sft", "--steps", "2800", "--batch-size", "4", "--seq-len", str(SFT_SEQ_LEN),
               "--sft-conversations", "20000", "--seed", "0", "--eval-every", "200",
               "--save-every", "200"]
 

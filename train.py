@@ -103,6 +103,9 @@ GRAD_CLIP = 1.0
 # 6.23 (max logit 177!) at the same four. 4e-3 is near Muon's best (one seed; 8e-3 is no better);
 # AdamW prefers 1e-3-2e-3: compare each at its own best (commands above).
 DEFAULT_LR = 4e-3
+# --sft's default --seq-len: the longest chat_data conversation (two tool rounds, extra tools
+# declared) has about 760 tokens with the demo tokenizer (tests/test_chat_data.py holds them to it)
+SFT_SEQ_LEN = 768
 # print() on rank 0 only: under torchrun every rank runs this file, one speaks for them all
 say = parallel.print0
 
@@ -678,9 +681,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per sequence (the training context); default 128, or 512 with "
-                        "--sft (the longest chat_data conversation is 377 tokens with the demo "
-                        "tokenizer)")
+                   help="tokens per sequence (the training context); default 128, or "
+                        f"{SFT_SEQ_LEN} with --sft (fits chat_data's conversations with the "
+                        "demo tokenizer; longer ones are dropped and counted)")
     p.add_argument("--lr", type=float, default=DEFAULT_LR,
                    help="peak learning rate (K2: 2e-4 at 67M-token batches)")
     p.add_argument("--warmup-frac", type=float, default=0.05,
@@ -743,7 +746,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
         action.default = argparse.SUPPRESS
     given = set(vars(probe.parse_args(argv)))
     if args.seq_len is None:
-        args.seq_len = 512 if args.sft else 128
+        args.seq_len = SFT_SEQ_LEN if args.sft else 128
     try:
         check_args(args)
     except ValueError as err:
